@@ -1,0 +1,357 @@
+"""Flax OPT decoder: pre-LN and post-LN (350m) variants, project_in/out, layers under scan, KV cache.
+
+Dimension letters used in shapes and einsums:
+  B batch, T query length, S key length (T without a cache, cache slots with one),
+  V vocab, E word_embed_proj_dim, D hidden, N heads, H head_dim, F ffn_dim, L layers.
+
+Parameters (`params` collection, plain arrays; layer weights stacked on a leading L axis):
+  embed_tokens/embedding [V, E]          (also the tied LM head)
+  embed_positions/embedding [P + 2, D]   (OPT's learned positions, offset 2)
+  project_in/kernel [E, D], project_out/kernel [D, E]        only when E != D
+  layers/self_attn_layer_norm/{scale,bias} [L, D]
+  layers/self_attn/{qkv_kernel [L, D, 3, N, H], qkv_bias [L, 3, N, H],
+                    out_kernel [L, N, H, D], out_bias [L, D]}         (3 = q, k, v)
+  layers/final_layer_norm/{scale,bias} [L, D]
+  layers/fc1/{kernel [L, D, F], bias [L, F]}, layers/fc2/{kernel [L, F, D], bias [L, D]}
+  final_layer_norm/{scale,bias} [D]      only for pre-LN models without `_remove_final_layer_norm`
+
+KV cache: a plain dict that prints and checkpoints like any pytree (see `init_cache`):
+  key, value     [L, B, S, N, H]  compute dtype; slot s of row b holds the token written s-th
+  valid          [B, S] bool      slot holds a real token (False: left padding or not yet written)
+  next_position  [B] int32        real tokens seen so far = position id of the next real token
+  index          [] int32         slots written so far (the same for every row)
+
+Every parameter and large activation carries logical axis names (batch, length, embed, heads,
+head_dim, mlp, vocab, layers, and act_* for activations); `opt_jax.sharding` maps them to a mesh.
+Softmax and everything reported downstream is fp32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from opt_jax.config import OPTConfig
+
+Array = jax.Array
+Cache = dict[str, Array]
+
+POSITION_OFFSET = 2  # OPT reserves embed_positions rows 0 and 1; row 1 is used by padding.
+ATTENTION_IMPLS = ("xla", "blocked", "cudnn")
+_MASK_VALUE = -1e30  # finite, so a row with no visible key (a pad query) gives no NaN.
+
+_ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes: tuple[str | None, ...],
+           dtype) -> Array:
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
+  # A no-op unless opt_jax.sharding has activated a mesh and its rules table.
+  return nn.with_logical_constraint(x, axes)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm computed in fp32, returned in the compute dtype."""
+  eps: float
+  affine: bool
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    if self.affine:
+      d = x.shape[-1]
+      y = y * _param(self, "scale", nn.initializers.ones, (d,), ("embed",), self.param_dtype)
+      y = y + _param(self, "bias", nn.initializers.zeros, (d,), ("embed",), self.param_dtype)
+    return y.astype(self.dtype)
+
+
+def attention_mask(key_valid: Array, query_slot: Array) -> Array:
+  """[B, 1, T, S] bool: key slot s is visible from query slot t if s <= t and s holds a real token.
+
+  key_valid [B, S] bool; query_slot [T] int32 (slot of each query among the keys).
+  """
+  s = jnp.arange(key_valid.shape[1], dtype=jnp.int32)
+  causal = s[None, :] <= query_slot[:, None]                       # [T, S]
+  return (causal[None, :, :] & key_valid[:, None, :])[:, None]      # [B, 1, T, S]
+
+
+def _softmax_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """q [B, T, N, H] (already scaled), k/v [B, S, N, H], mask [B, 1, T, S] -> [B, T, N, H]."""
+  scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask, scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+
+
+def _blocked_causal_attention(q: Array, k: Array, v: Array, key_valid: Array, block: int) -> Array:
+  """Causal attention without a cache, skipping key blocks above the diagonal (about half the work).
+
+  The query blocks are unrolled with static shapes: block i attends to keys [0, (i + 1) * block).
+  q [B, T, N, H], k/v [B, T, N, H], key_valid [B, T] -> [B, T, N, H].
+  """
+  t = q.shape[1]
+  outs = []
+  for start in range(0, t, block):
+    stop = min(start + block, t)
+    slots = jnp.arange(start, stop, dtype=jnp.int32)
+    mask = attention_mask(key_valid[:, :stop], slots)
+    outs.append(_softmax_attention(q[:, start:stop], k[:, :stop], v[:, :stop], mask))
+  return jnp.concatenate(outs, axis=1)
+
+
+class Attention(nn.Module):
+  config: OPTConfig
+  dtype: Any
+  param_dtype: Any
+  impl: str
+  block: int
+
+  @nn.compact
+  def __call__(self, x: Array, kv: tuple[Array, Array] | None, key_valid: Array, query_slot: Array,
+               index: Array | None) -> tuple[Array, tuple[Array, Array] | None]:
+    """x [B, T, D]; kv: this layer's cache (k, v) [B, S, N, H] or None -> ([B, T, D], new kv)."""
+    c = self.config
+    d, n, h = c.hidden_size, c.num_attention_heads, c.head_dim
+    init = nn.initializers.normal(0.02)
+    w_qkv = _param(self, "qkv_kernel", init, (d, 3, n, h), ("embed", None, "heads", "head_dim"),
+                   self.param_dtype)
+    qkv = jnp.einsum("BTD,DKNH->KBTNH", x, w_qkv.astype(self.dtype))        # [3, B, T, N, H]
+    if c.enable_bias:
+      b_qkv = _param(self, "qkv_bias", nn.initializers.zeros, (3, n, h), (None, "heads", "head_dim"),
+                     self.param_dtype)
+      qkv = qkv + b_qkv.astype(self.dtype)[:, None, None]
+    q, k, v = qkv[0] * jnp.asarray(h ** -0.5, self.dtype), qkv[1], qkv[2]
+    q = _constrain(q, ("batch", "act_length", "act_heads", "head_dim"))
+    if kv is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
+      new_kv = (k, v)
+    else:
+      new_kv = None
+    k = _constrain(k, ("batch", "act_length", "act_heads", "head_dim"))
+    v = _constrain(v, ("batch", "act_length", "act_heads", "head_dim"))
+
+    if self.impl == "blocked" and kv is None and x.shape[1] > self.block:
+      out = _blocked_causal_attention(q, k, v, key_valid, self.block)
+    elif self.impl == "cudnn":
+      mask = attention_mask(key_valid, query_slot)
+      out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
+                                         scale=1.0, implementation="cudnn")
+    else:
+      out = _softmax_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                               attention_mask(key_valid, query_slot))
+    out = _constrain(out, ("batch", "act_length", "act_heads", "head_dim"))   # [B, T, N, H]
+
+    w_out = _param(self, "out_kernel", init, (n, h, d), ("heads", "head_dim", "embed"),
+                   self.param_dtype)
+    y = jnp.einsum("BTNH,NHD->BTD", out, w_out.astype(self.dtype))
+    if c.enable_bias:
+      y = y + _param(self, "out_bias", nn.initializers.zeros, (d,), ("embed",),
+                     self.param_dtype).astype(self.dtype)
+    return y, new_kv
+
+
+class Dense(nn.Module):
+  features: int
+  axes: tuple[str | None, str | None]
+  use_bias: bool
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    w = _param(self, "kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.axes,
+               self.param_dtype)
+    y = jnp.einsum("...I,IO->...O", x, w.astype(self.dtype))
+    if self.use_bias:
+      y = y + _param(self, "bias", nn.initializers.zeros, (self.features,), self.axes[1:],
+                     self.param_dtype).astype(self.dtype)
+    return y
+
+
+class DecoderLayer(nn.Module):
+  config: OPTConfig
+  dtype: Any
+  param_dtype: Any
+  impl: str
+  block: int
+
+  @nn.compact
+  def __call__(self, x: Array, kv: tuple[Array, Array] | None, key_valid: Array,
+               query_slot: Array, index: Array | None):
+    """x [B, T, D] -> ([B, T, D], new kv). Pre-LN: x + f(LN(x)); post-LN (350m): LN(x + f(x))."""
+    c = self.config
+    norm = lambda name: LayerNorm(c.layer_norm_eps, c.layer_norm_elementwise_affine, self.dtype,
+                                  self.param_dtype, name=name)
+    dense = lambda feats, axes, name: Dense(feats, axes, c.enable_bias, self.dtype, self.param_dtype,
+                                            name=name)
+    attn_norm, mlp_norm = norm("self_attn_layer_norm"), norm("final_layer_norm")
+
+    y = attn_norm(x) if c.do_layer_norm_before else x
+    y, new_kv = Attention(c, self.dtype, self.param_dtype, self.impl, self.block, name="self_attn")(
+        y, kv, key_valid, query_slot, index)
+    x = x + y
+    if not c.do_layer_norm_before:
+      x = attn_norm(x)
+
+    y = mlp_norm(x) if c.do_layer_norm_before else x
+    y = dense(c.ffn_dim, ("embed", "mlp"), "fc1")(y)                            # [B, T, F]
+    y = _constrain(_ACTIVATIONS[c.activation_function](y), ("batch", "act_length", "act_mlp"))
+    y = dense(c.hidden_size, ("mlp", "embed"), "fc2")(y)                        # [B, T, D]
+    x = x + y
+    if not c.do_layer_norm_before:
+      x = mlp_norm(x)
+    x = _constrain(x, ("batch", "act_length", "act_embed"))
+    return x, new_kv
+
+
+class OPT(nn.Module):
+  """OPT decoder returning final hidden states [B, T, E]; the tied LM head is `logits()`.
+
+  dtype: compute dtype (fp32 on CPU, bf16 on accelerators); param_dtype: storage dtype of params.
+  attention: "xla" (plain masked softmax), "blocked" (causal blocks skipped; fastest on CPU for
+  long sequences), "cudnn" (fused kernel of jax.nn.dot_product_attention; GPU only).
+  """
+  config: OPTConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  attention: str = "xla"
+  attention_block: int = 256
+
+  @nn.compact
+  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+               cache: Cache | None = None) -> tuple[Array, Cache | None]:
+    """input_ids [B, T] int; attention_mask [B, T] (1 real token, 0 padding; default all ones).
+
+    Without a cache, returns (hidden [B, T, E], None). With a cache (see `init_cache`), the T new
+    tokens are written at slots [index, index + T) and the updated cache is returned.
+    """
+    c = self.config
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
+    b, t = input_ids.shape
+    mask = (jnp.ones((b, t), jnp.int32) if attention_mask is None
+            else attention_mask.astype(jnp.int32))
+
+    # Position ids as HF computes them from the mask: real tokens count 0, 1, 2, ...; pads get -1.
+    start = jnp.zeros((b,), jnp.int32) if cache is None else cache["next_position"]
+    positions = jnp.where(mask > 0, start[:, None] + jnp.cumsum(mask, axis=1) - 1, -1)
+
+    tokens = Embed(c.vocab_size, c.word_embed_proj_dim, ("vocab", "embed"), self.param_dtype,
+                   name="embed_tokens")(input_ids).astype(self.dtype)            # [B, T, E]
+    if c.has_projections:
+      tokens = Dense(c.hidden_size, ("embed", "embed_out"), False, self.dtype, self.param_dtype,
+                     name="project_in")(tokens)                                     # [B, T, D]
+    pos = Embed(c.max_position_embeddings + POSITION_OFFSET, c.hidden_size, (None, "embed"),
+                self.param_dtype, name="embed_positions")(positions + POSITION_OFFSET)
+    x = _constrain(tokens + pos.astype(self.dtype), ("batch", "act_length", "act_embed"))
+
+    if cache is None:
+      key_valid, query_slot, index, kv = mask > 0, jnp.arange(t, dtype=jnp.int32), None, None
+    else:
+      index = cache["index"]
+      key_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], mask > 0, index, axis=1)
+      query_slot = index + jnp.arange(t, dtype=jnp.int32)
+      kv = (cache["key"], cache["value"])
+
+    layers = nn.scan(
+        DecoderLayer,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=c.num_hidden_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(c, self.dtype, self.param_dtype, self.attention, self.attention_block, name="layers")
+    x, new_kv = layers(x, kv, key_valid, query_slot, index)
+
+    if c.final_layer_norm:
+      x = LayerNorm(c.layer_norm_eps, c.layer_norm_elementwise_affine, self.dtype, self.param_dtype,
+                    name="final_layer_norm")(x)
+    if c.has_projections:
+      x = Dense(c.word_embed_proj_dim, ("embed_out", "embed"), False, self.dtype, self.param_dtype,
+                name="project_out")(x)                                              # [B, T, E]
+
+    new_cache = None
+    if cache is not None:
+      new_cache = {"key": new_kv[0], "value": new_kv[1], "valid": key_valid,
+                   "next_position": start + mask.sum(axis=1, dtype=jnp.int32), "index": index + t}
+    return x, new_cache
+
+
+class Embed(nn.Module):
+  num: int
+  features: int
+  axes: tuple[str | None, str | None]
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, ids: Array) -> Array:
+    table = _param(self, "embedding", nn.initializers.normal(0.02), (self.num, self.features),
+                   self.axes, self.param_dtype)
+    return jnp.take(table, ids, axis=0)
+
+
+# Functional helpers ---------------------------------------------------------------------------
+
+def init_params(config: OPTConfig, seed: int = 0, param_dtype=jnp.float32) -> dict[str, Any]:
+  """Random parameters (normal(0.02) weights, zero biases, unit LN scales), plain arrays."""
+  model = OPT(config, param_dtype=param_dtype)
+  ids = jnp.zeros((1, 1), jnp.int32)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(seed), ids)
+  return nn.unbox(variables["params"])
+
+
+def logical_axes(config: OPTConfig) -> Any:
+  """Pytree matching the params, each leaf a tuple of logical axis names (no arrays allocated)."""
+  model = OPT(config)
+  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  return jax.tree.map(lambda p: tuple(p.names), boxed,
+                      is_leaf=lambda p: isinstance(p, nn.LogicallyPartitioned))
+
+
+def param_shapes(config: OPTConfig, param_dtype=jnp.float32) -> Any:
+  """Pytree of jax.ShapeDtypeStruct matching the params."""
+  model = OPT(config, param_dtype=param_dtype)
+  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  return nn.unbox(boxed)
+
+
+def lm_head(params: dict[str, Any]) -> Array:
+  """The tied LM head [V, E] (OPT ties it to the token embedding)."""
+  return params["embed_tokens"]["embedding"]
+
+
+def logits(params: dict[str, Any], hidden: Array) -> Array:
+  """hidden [B, T, E] -> logits [B, T, V] fp32. Materialises all of V: use scoring for log-probs."""
+  w = lm_head(params)
+  return jnp.einsum("BTE,VE->BTV", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+def init_cache(config: OPTConfig, batch: int, max_length: int, dtype=jnp.float32) -> Cache:
+  """An empty KV cache of `max_length` slots (see the module docstring for its layout)."""
+  shape = (config.num_hidden_layers, batch, max_length, config.num_attention_heads, config.head_dim)
+  return {
+      "key": jnp.zeros(shape, dtype),
+      "value": jnp.zeros(shape, dtype),
+      "valid": jnp.zeros((batch, max_length), bool),
+      "next_position": jnp.zeros((batch,), jnp.int32),
+      "index": jnp.zeros((), jnp.int32),
+  }

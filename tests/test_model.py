@@ -1,0 +1,84 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from opt_jax import model as M
+from opt_jax.config import OPTConfig, PRESETS
+import oracle
+
+
+@pytest.fixture(scope="module", params=sorted(oracle.TINY))
+def pair(request):
+  config = oracle.TINY[request.param]
+  hf = oracle.hf_model(config, seed=1)
+  return config, hf, oracle.params_from_hf_model(hf, config)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("impl", ["xla", "blocked"])
+def test_logits_match_hf(pair, side, impl):
+  config, hf, params = pair
+  ids, mask = oracle.padded_batch(config.vocab_size, [16, 9, 4], 16, side)
+  with torch.no_grad():
+    ref = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  hidden, _ = M.OPT(config, attention=impl, attention_block=4).apply(
+      {"params": params}, jnp.asarray(ids), jnp.asarray(mask))
+  got = np.asarray(M.logits(params, hidden))
+  real = mask.astype(bool)
+  np.testing.assert_allclose(got[real], ref[real], atol=1e-4, rtol=0)
+
+
+def test_incremental_cache_matches_full_forward(pair):
+  config, hf, params = pair
+  ids, mask = oracle.padded_batch(config.vocab_size, [12, 7], 12, "left")
+  with torch.no_grad():
+    ref = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  model = M.OPT(config)
+  cache = M.init_cache(config, batch=2, max_length=16)
+  outs = []
+  for start, stop in [(0, 5), (5, 6), (6, 9), (9, 12)]:
+    h, cache = model.apply({"params": params}, jnp.asarray(ids[:, start:stop]),
+                           jnp.asarray(mask[:, start:stop]), cache)
+    outs.append(h)
+  got = np.asarray(M.logits(params, jnp.concatenate(outs, axis=1)))
+  real = mask.astype(bool)
+  np.testing.assert_allclose(got[real], ref[real], atol=1e-4, rtol=0)
+  assert int(cache["index"]) == 12
+  np.testing.assert_array_equal(np.asarray(cache["next_position"]), mask.sum(1))
+
+
+def test_param_tree_matches_logical_axes_and_count(pair):
+  config, hf, params = pair
+  shapes = M.param_shapes(config)
+  axes = M.logical_axes(config)
+  assert jax.tree.structure(shapes) == jax.tree.structure(params)
+  for path, shape in jax.tree_util.tree_leaves_with_path(shapes):
+    leaf_axes = axes
+    for k in path:
+      leaf_axes = leaf_axes[k.key]
+    assert len(leaf_axes) == len(shape.shape), path
+  n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
+  assert n == config.num_params() == sum(p.numel() for p in hf.parameters())
+
+
+def test_presets_have_published_sizes():
+  # Parameter counts of the released OPT models (HF model cards / metaseq), tied head counted once.
+  expected = {"125m": 125.2e6, "350m": 331.2e6, "1.3b": 1.316e9, "6.7b": 6.658e9, "175b": 174.6e9}
+  for name, n in expected.items():
+    assert abs(PRESETS[name].num_params() / n - 1) < 0.01, (name, PRESETS[name].num_params())
+  c = PRESETS["350m"]
+  assert c.word_embed_proj_dim == 512 and not c.do_layer_norm_before and not c.final_layer_norm
+
+
+def test_hf_config_round_trip(tmp_path):
+  for config in list(oracle.TINY.values()) + list(PRESETS.values()):
+    path = tmp_path / "config.json"
+    config.to_json_file(path)
+    assert OPTConfig.from_json_file(path) == config
+
+
+def test_bad_config_is_named():
+  with pytest.raises(ValueError, match="not divisible by num_attention_heads"):
+    OPTConfig(hidden_size=30, num_attention_heads=4)
