@@ -1,0 +1,452 @@
+"""Checkpoint suite manifests: models x training steps -> checkpoint paths, tokens seen, FLOPs.
+
+A manifest is JSON (or YAML, by extension .yaml/.yml):
+
+  {"name": "opt",
+   "models": [{"name": "opt-125m", "params": 125239296, "tokens_per_step": 500000,
+               "aliases": ["facebook/opt-125m"],
+               "checkpoints": {"2000": "ckpt/125m/step2000", "6000": "ckpt/125m/step6000"}}]}
+
+Relative checkpoint paths resolve against the manifest's folder. Derived per checkpoint:
+  tokens seen    = step x tokens_per_step
+  training FLOPs = 6 x params x tokens seen          (forward + backward, Kaplan et al. 2020)
+
+`load_suite` validates everything and raises one `SuiteError` that lists every problem.
+`opt_suite_template` / `write_opt_template` give the OPT suite analysed by Xia et al. (2023) with
+placeholder paths that users point at their converted checkpoints.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+from typing import Any, Iterator, Mapping
+
+from opt_jax.config import PRESETS, OPTConfig
+
+_SUITE_FIELDS = ("name", "models", "description")
+_MODEL_FIELDS = ("name", "params", "tokens_per_step", "aliases", "checkpoints", "description")
+_PARAMS_TOLERANCE = 0.05  # manifest `params` may be rounded; a larger gap means a wrong checkpoint
+
+
+class SuiteError(ValueError):
+  """A manifest with problems; `problems` lists each one (file, model and key named)."""
+
+  def __init__(self, source: str, problems: list[str]):
+    self.source = source
+    self.problems = list(problems)
+    lines = "\n".join(f"  - {p}" for p in self.problems)
+    super().__init__(f"{source}: {len(self.problems)} problem(s) in suite manifest:\n{lines}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteModel:
+  """One model size of a suite.
+
+  checkpoints: step -> absolute checkpoint directory, in increasing step order.
+  params: parameter count used for FLOPs; tokens_per_step: training batch size in tokens.
+  """
+  name: str
+  params: int
+  tokens_per_step: int
+  aliases: tuple[str, ...]
+  checkpoints: dict[int, str]
+  description: str = ""
+
+  @property
+  def steps(self) -> list[int]:
+    return list(self.checkpoints)
+
+  def path(self, step: int) -> str:
+    try:
+      return self.checkpoints[step]
+    except KeyError:
+      raise KeyError(f"model {self.name!r} has no checkpoint at step {step}; "
+                     f"steps: {self.steps}") from None
+
+  def tokens(self, step: int) -> int:
+    """Training tokens seen at `step`."""
+    return int(step) * self.tokens_per_step
+
+  def flops(self, step: int) -> float:
+    """Training compute at `step` in FLOPs: 6 x params x tokens."""
+    return 6.0 * self.params * self.tokens(step)
+
+  def matches(self, name: str) -> bool:
+    """True if `name` is this model's name or one of its aliases (case-insensitive)."""
+    key = name.strip().lower()
+    return key == self.name.lower() or key in (a.lower() for a in self.aliases)
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+  """A set of model sizes, each with checkpoints at several training steps."""
+  name: str
+  models: list[SuiteModel]
+  source: str | None = None  # manifest file, when loaded from one
+  description: str = ""
+
+  def model(self, name: str) -> SuiteModel:
+    return find_model(self, name)
+
+  def checkpoints(self) -> Iterator[tuple[SuiteModel, int, str]]:
+    """(model, step, path) for every checkpoint, models in manifest order, steps increasing."""
+    for m in self.models:
+      for step, path in m.checkpoints.items():
+        yield m, step, path
+
+  def __len__(self) -> int:
+    return sum(len(m.checkpoints) for m in self.models)
+
+  def rows(self) -> list[dict[str, Any]]:
+    """One dict per checkpoint: model, step, params, tokens, flops, path (tidy-table ready)."""
+    return [{"model": m.name, "step": s, "params": m.params, "tokens": m.tokens(s),
+             "flops": m.flops(s), "path": p} for m, s, p in self.checkpoints()]
+
+  def select(self, models: list[str] | None = None) -> "Suite":
+    """The suite restricted to `models` (names or aliases), in the order given."""
+    if not models:
+      return self
+    return dataclasses.replace(self, models=[find_model(self, n) for n in models])
+
+  def to_dict(self) -> dict[str, Any]:
+    """Manifest form with absolute paths (what a run manifest records)."""
+    out: dict[str, Any] = {"name": self.name}
+    if self.description:
+      out["description"] = self.description
+    out["models"] = []
+    for m in self.models:
+      d = {"name": m.name, "params": m.params, "tokens_per_step": m.tokens_per_step,
+           "aliases": list(m.aliases), "checkpoints": {str(s): p for s, p in m.checkpoints.items()}}
+      if m.description:
+        d["description"] = m.description
+      out["models"].append(d)
+    return out
+
+
+def find_model(suite: Suite, name: str) -> SuiteModel:
+  """The model whose name or alias equals `name` (case-insensitive); KeyError naming the choices."""
+  for m in suite.models:
+    if m.matches(name):
+      return m
+  known = ", ".join(f"{m.name} (aliases: {', '.join(m.aliases) or '-'})" for m in suite.models)
+  raise KeyError(f"suite {suite.name!r} has no model named {name!r}; models: {known}")
+
+
+# Reading -------------------------------------------------------------------------------------
+
+
+class _Pairs(list):
+  """A JSON/YAML mapping kept as its (key, value) pairs, so duplicate keys can be reported."""
+
+
+def _read_manifest(path: str) -> Any:
+  with open(path) as f:
+    text = f.read()
+  if path.endswith((".yaml", ".yml")):
+    import yaml  # pylint: disable=import-outside-toplevel
+
+    class PairsLoader(yaml.SafeLoader):
+      pass
+
+    def construct_pairs(loader, node):
+      return _Pairs((loader.construct_object(k, deep=True), loader.construct_object(v, deep=True))
+                    for k, v in node.value)
+
+    PairsLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_pairs)
+    try:
+      return yaml.load(text, Loader=PairsLoader)  # noqa: S506 (SafeLoader subclass)
+    except yaml.YAMLError as e:
+      raise SuiteError(path, [f"not valid YAML: {e}"]) from None
+  try:
+    return json.loads(text, object_pairs_hook=_Pairs)
+  except json.JSONDecodeError as e:
+    raise SuiteError(path, [f"not valid JSON: {e}"]) from None
+
+
+def _as_pairs(value: Any) -> _Pairs | None:
+  if isinstance(value, _Pairs):
+    return value
+  if isinstance(value, Mapping):
+    return _Pairs(value.items())
+  return None
+
+
+def _parse_step(key: Any) -> int | None:
+  if isinstance(key, bool):
+    return None
+  if isinstance(key, int):
+    return key
+  if isinstance(key, str) and key.strip().isdigit():
+    return int(key.strip())
+  return None
+
+
+def _is_count(value: Any) -> bool:
+  """A positive whole number (int, or a float like 5e5 with no fractional part)."""
+  if isinstance(value, bool):
+    return False
+  if isinstance(value, int):
+    return value > 0
+  return isinstance(value, float) and value > 0 and value.is_integer()
+
+
+def parse_suite(data: Any, base_dir: str, *, source: str = "<suite>", check_paths: bool = True
+                ) -> Suite:
+  """Builds a Suite from a parsed manifest (dicts or `_Pairs`); raises SuiteError listing problems.
+
+  check_paths=False skips the checks that need the checkpoint directories (existence, config
+  agreement): for manifests used only for their sizes and steps, e.g. importing lm-eval results.
+  """
+  problems: list[str] = []
+  top = _as_pairs(data)
+  if top is None:
+    raise SuiteError(source, [f"the manifest must be a mapping with 'name' and 'models', got "
+                              f"{type(data).__name__}"])
+  fields: dict[str, Any] = {}
+  for k, v in top:
+    if k not in _SUITE_FIELDS:
+      problems.append(f"unknown top-level field {k!r} (expected one of {list(_SUITE_FIELDS)})")
+    elif k in fields:
+      problems.append(f"top-level field {k!r} given twice")
+    else:
+      fields[k] = v
+  name = fields.get("name")
+  if not isinstance(name, str) or not name.strip():
+    problems.append(f"'name' must be a non-empty string, got {name!r}")
+    name = os.path.splitext(os.path.basename(source))[0]
+  description = fields.get("description", "")
+  if not isinstance(description, str):
+    problems.append("'description' must be a string")
+    description = ""
+  raw_models = fields.get("models")
+  if not isinstance(raw_models, list) or not raw_models:
+    problems.append(f"'models' must be a non-empty list of models, got {raw_models!r}")
+    raw_models = []
+
+  models = []
+  for i, raw in enumerate(raw_models):
+    model = _parse_model(raw, i, base_dir, problems)
+    if model is not None:
+      models.append(model)
+
+  seen: dict[str, str] = {}
+  for m in models:
+    for n in (m.name, *m.aliases):
+      key = n.lower()
+      if key in seen and seen[key] != m.name:
+        problems.append(f"name or alias {n!r} of model {m.name!r} is also used by model "
+                        f"{seen[key]!r}")
+      elif key in seen:
+        problems.append(f"model {m.name!r}: name or alias {n!r} is listed twice")
+      seen[key] = m.name
+  if check_paths:
+    for m in models:
+      problems.extend(_check_checkpoints(m))
+  if problems:
+    raise SuiteError(source, problems)
+  return Suite(name=name, models=models, source=source, description=description)
+
+
+def _parse_model(raw: Any, index: int, base_dir: str, problems: list[str]) -> SuiteModel | None:
+  pairs = _as_pairs(raw)
+  where = f"models[{index}]"
+  if pairs is None:
+    problems.append(f"{where}: a model must be a mapping, got {type(raw).__name__}")
+    return None
+  fields: dict[str, Any] = {}
+  for k, v in pairs:
+    if k not in _MODEL_FIELDS:
+      problems.append(f"{where}: unknown field {k!r} (expected one of {list(_MODEL_FIELDS)})")
+    elif k in fields:
+      problems.append(f"{where}: field {k!r} given twice")
+    else:
+      fields[k] = v
+  ok = True
+  name = fields.get("name")
+  if not isinstance(name, str) or not name.strip():
+    problems.append(f"{where}: 'name' must be a non-empty string, got {name!r}")
+    ok = False
+  else:
+    where = f"{where} ({name})"
+  for field in ("params", "tokens_per_step"):
+    if field not in fields:
+      problems.append(f"{where}: missing {field!r} (a positive integer)")
+      ok = False
+    elif not _is_count(fields[field]):
+      problems.append(f"{where}: {field!r} must be a positive integer, got {fields[field]!r}")
+      ok = False
+  aliases = fields.get("aliases", [])
+  if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
+    problems.append(f"{where}: 'aliases' must be a list of non-empty strings, got {aliases!r}")
+    aliases, ok = [], False
+  description = fields.get("description", "")
+  if not isinstance(description, str):
+    problems.append(f"{where}: 'description' must be a string")
+    description = ""
+
+  raw_ckpts = _as_pairs(fields.get("checkpoints"))
+  checkpoints: dict[int, str] = {}
+  if raw_ckpts is None or not raw_ckpts:
+    problems.append(f"{where}: 'checkpoints' must be a non-empty mapping step -> directory, got "
+                    f"{fields.get('checkpoints')!r}")
+    ok = False
+  else:
+    first_key: dict[int, Any] = {}
+    for key, path in raw_ckpts:
+      step = _parse_step(key)
+      if step is None:
+        problems.append(f"{where}: checkpoint step {key!r} is not a non-negative integer")
+        ok = False
+        continue
+      if step in first_key:
+        problems.append(f"{where}: duplicate step {step} (keys {first_key[step]!r} and {key!r})")
+        ok = False
+        continue
+      first_key[step] = key
+      if not isinstance(path, str) or not path.strip():
+        problems.append(f"{where}: checkpoint {key!r} must map to a directory path, got {path!r}")
+        ok = False
+        continue
+      path = os.path.expanduser(path)
+      checkpoints[step] = os.path.normpath(path if os.path.isabs(path)
+                                           else os.path.join(base_dir, path))
+  if not ok:
+    return None
+  return SuiteModel(name=name.strip(), params=int(fields["params"]),
+                    tokens_per_step=int(fields["tokens_per_step"]),
+                    aliases=tuple(a.strip() for a in aliases),
+                    checkpoints=dict(sorted(checkpoints.items())), description=description)
+
+
+def _load_config(directory: str) -> OPTConfig:
+  from opt_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  return checkpoint.load_config(directory)
+
+
+def _check_checkpoints(m: SuiteModel) -> list[str]:
+  """Missing directories, configs that differ within the model, params far from the config's."""
+  problems = []
+  configs: dict[int, OPTConfig] = {}
+  for step, path in m.checkpoints.items():
+    if not os.path.isdir(path):
+      problems.append(f"model {m.name!r} step {step}: checkpoint directory {path} does not exist")
+      continue
+    try:
+      configs[step] = _load_config(path)
+    except (OSError, ValueError, KeyError) as e:
+      problems.append(f"model {m.name!r} step {step}: cannot read the checkpoint config in "
+                      f"{path}: {e}")
+  if not configs:
+    return problems
+  # The most common config is the model's; every checkpoint that differs is named.
+  counts = collections.Counter(configs.values())
+  reference, _ = counts.most_common(1)[0]
+  ref_step = next(s for s, c in configs.items() if c == reference)
+  for step, config in configs.items():
+    if config != reference:
+      diff = [f"{f.name}={getattr(config, f.name)!r} (step {ref_step}: "
+              f"{getattr(reference, f.name)!r})"
+              for f in dataclasses.fields(OPTConfig)
+              if getattr(config, f.name) != getattr(reference, f.name)]
+      problems.append(f"model {m.name!r} step {step}: config.json in {m.checkpoints[step]} "
+                      f"differs from the model's other checkpoints: {', '.join(diff)}")
+  actual = reference.num_params()
+  if abs(actual - m.params) > _PARAMS_TOLERANCE * actual:
+    problems.append(f"model {m.name!r}: manifest says params={m.params} but its checkpoints' "
+                    f"config.json has {actual} parameters (more than "
+                    f"{_PARAMS_TOLERANCE:.0%} apart: wrong checkpoints or wrong size?)")
+  return problems
+
+
+def load_suite(path: str | os.PathLike, *, check_paths: bool = True) -> Suite:
+  """Reads and validates a manifest (.json, .yaml or .yml); SuiteError lists every problem."""
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"suite manifest not found: {path}")
+  data = _read_manifest(path)
+  return parse_suite(data, os.path.dirname(path), source=path, check_paths=check_paths)
+
+
+def save_suite(suite_or_dict: Suite | dict[str, Any], path: str | os.PathLike) -> None:
+  """Writes a manifest as JSON atomically (temporary name, then rename)."""
+  path = os.fspath(path)
+  data = suite_or_dict.to_dict() if isinstance(suite_or_dict, Suite) else suite_or_dict
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=2)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+# The OPT suite of Xia et al. (2023) ----------------------------------------------------------
+#
+# Source of the steps: the analysis code released with the paper,
+# github.com/xiamengzhou/training_trajectory_analysis, utils.py (`return_checkpoint_index`,
+# commit fac1538). Intermediate OPT checkpoints were never published by metaseq (issue
+# facebookresearch/metaseq#32 asked and was closed); the authors had them from Meta, so users
+# must obtain them the same way, and the step lists below describe what the paper analysed.
+# Batch sizes in tokens: OPT paper (Zhang et al., 2022) Table 1, written as decimal millions like
+# the paper and the analysis code (get_num_tokens). metaseq's launcher
+# (metaseq/launcher/opt_job_constants.py) used binary millions (0.5 x 2^20 = 524288 tokens per
+# step for 125m), 4.9% more tokens per step; the paper's FLOPs axis used the decimal numbers.
+# 13b is 4M tokens per step (Table 1, metaseq's MODEL_SIZES and the analysis code agree; its
+# last analysed step, 70000, x 4M = 280B of the ~300B training tokens). `params` is the exact
+# count of the architecture (OPTConfig.num_params); the analysis code used rounded sizes
+# (125e6, 1.3e9, ...) for FLOPs, a < 3% difference.
+
+
+def _opt_steps() -> dict[str, list[int]]:
+  early = list(range(2000, 40000, 4000))                  # 2000, 6000, ..., 38000
+  steps = {
+      "125m": early + [s for s in range(40000, 580000, 20000) if s != 180000],
+      "1.3b": early + list(range(40000, 280000, 20000)),
+      "6.7b": early + list(range(40000, 150000, 10000)),
+      "13b": list(range(2000, 72000, 4000)),
+      "30b": list(range(2000, 72000, 4000)),
+      "175b": [s for s in range(4000, 144000, 4000) if s not in (28000, 32000, 116000)],
+  }
+  return {k: sorted(v) for k, v in steps.items()}
+
+
+OPT_TOKENS_PER_STEP = {"125m": 500_000, "1.3b": 1_000_000, "6.7b": 2_000_000,
+                       "13b": 4_000_000, "30b": 4_000_000, "175b": 2_000_000}
+
+
+def opt_suite_template(root: str = "checkpoints", sizes: list[str] | None = None
+                       ) -> dict[str, Any]:
+  """The OPT suite analysed by Xia et al. (2023) as a manifest dict.
+
+  Checkpoint paths are placeholders `{root}/opt-{size}/step{step}` (relative to the manifest's
+  folder unless `root` is absolute): convert each checkpoint there, or edit the paths.
+  sizes: subset of 125m, 1.3b, 6.7b, 13b, 30b, 175b (default all).
+  """
+  all_steps = _opt_steps()
+  sizes = list(sizes or all_steps)
+  unknown = [s for s in sizes if s not in all_steps]
+  if unknown:
+    raise KeyError(f"no OPT trajectory for size(s) {unknown}; known: {list(all_steps)}")
+  models = []
+  for size in sizes:
+    name = f"opt-{size}"
+    models.append({
+        "name": name,
+        "params": PRESETS[size].num_params(),
+        "tokens_per_step": OPT_TOKENS_PER_STEP[size],
+        "aliases": [f"facebook/opt-{size}", f"opt_{size}", size],
+        "checkpoints": {str(s): f"{root}/{name}/step{s}" for s in all_steps[size]},
+    })
+  return {"name": "opt",
+          "description": "OPT intermediate checkpoints analysed in Xia et al. (2023); steps from "
+                         "github.com/xiamengzhou/training_trajectory_analysis utils.py, batch "
+                         "sizes from Zhang et al. (2022) Table 1. Complete with local paths.",
+          "models": models}
+
+
+def write_opt_template(path: str | os.PathLike, root: str = "checkpoints",
+                       sizes: list[str] | None = None) -> str:
+  """Writes `opt_suite_template(root, sizes)` as JSON to `path`; returns the path."""
+  save_suite(opt_suite_template(root, sizes), path)
+  return os.fspath(path)
