@@ -1,0 +1,469 @@
+"""Token trajectories across model sizes: trend shares, agreement, matched perplexity, double descent.
+
+Inputs are per-token loss matrices (nats) of several models scored on one tokenised corpus
+(`ModelTrajectories`); `analyze` turns them into CSV tables, plots and summary.md. Everything here
+is numpy/pandas/scipy; plotting lives in trajectory_plots.py. Never imports JAX.
+
+Rules (each one is what a reader can recompute from the CSVs):
+
+* Trend labels: trends.classify_trends on the per-token quantity (perplexity = exp(loss) by default,
+  as in the paper; or the loss itself) for each start fraction.
+* Agreement of two sizes: over tokens valid in both, share of identical labels and Cohen's kappa
+  (kappa = (p_o - p_e) / (1 - p_e), p_e = sum_k p_a(k) p_b(k) over the three valid labels; NaN when
+  p_e == 1, i.e. both sizes put every token in the same single label).
+* Matched steps: both sizes labelled with the same start fraction of their own run.
+* Matched validation perplexity: for sizes A and B with validation perplexities P_A, P_B over their
+  checkpoints, the overlap is [lo, hi] = [max(min P_A, min P_B), min(max P_A, max P_B)]. Each size
+  keeps exactly its checkpoints with lo <= P <= hi (in step order; a non-monotone run may skip
+  checkpoints inside its span) and is labelled by trends.fit_window over those checkpoints
+  (normalised by the first kept one, OLS on log(step)). A pair with no overlap or with fewer than
+  3 checkpoints in either window is reported with NaN agreement and the reason in `note`.
+* Double descent: on the full run, the log of the quantity is smoothed with an exponential moving
+  average over checkpoints (s_0 = v_0, s_t = ema * s_{t-1} + (1 - ema) * v_t; ema = 0 is no
+  smoothing; in log space so one huge early perplexity does not dominate the average). A token
+  shows double descent when there are checkpoints i < j < k < l with
+  s_i - s_j >= d (fall), s_k - s_j >= d (rise) and s_k - s_l >= d (fall again), d = log(1 + min_rise):
+  each move changes the smoothed quantity by at least a factor 1 + min_rise. It is reported among
+  the upward tokens of each start fraction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from experiments.analysis import trends
+
+QUANTITIES = ("perplexity", "loss")
+
+
+@dataclasses.dataclass
+class ModelTrajectories:
+  """One model size scored on the corpus.
+
+  losses: [num_tokens, num_checkpoints] per-token loss -log p (nats), float32.
+  steps: [num_checkpoints] training steps, strictly increasing.
+  tokens, flops, val_ppl: [num_checkpoints] tokens seen, training FLOPs and validation perplexity
+  per checkpoint (None or NaN where unknown).
+  """
+
+  name: str
+  steps: np.ndarray
+  losses: np.ndarray
+  tokens: np.ndarray | None = None
+  flops: np.ndarray | None = None
+  val_ppl: np.ndarray | None = None
+  params: int | None = None
+
+  def column(self, name: str) -> np.ndarray:
+    """[num_checkpoints] float64 of `steps`, `tokens`, `flops` or `val_ppl`; NaN where unknown."""
+    value = getattr(self, name)
+    if value is None:
+      return np.full(len(self.steps), np.nan)
+    return np.asarray(value, dtype=np.float64)
+
+
+def check_models(models: Sequence[ModelTrajectories]) -> None:
+  """Raises ValueError naming the model at fault when the matrices cannot be compared."""
+  if not models:
+    raise ValueError("no models to analyse")
+  names = [m.name for m in models]
+  if len(set(names)) != len(names):
+    raise ValueError(f"model names must be unique, got {names}")
+  for m in models:
+    losses = np.asarray(m.losses)
+    steps = np.asarray(m.steps)
+    if losses.ndim != 2 or steps.ndim != 1 or losses.shape[1] != steps.shape[0]:
+      raise ValueError(f"model {m.name!r}: losses {losses.shape} must be [num_tokens, num_checkpoints]"
+                       f" with one column per step ({steps.shape[0]} steps)")
+    for field in ("tokens", "flops", "val_ppl"):
+      value = getattr(m, field)
+      if value is not None and np.shape(value) != steps.shape:
+        raise ValueError(f"model {m.name!r}: {field} has shape {np.shape(value)}, expected one value "
+                         f"per checkpoint {steps.shape}")
+  counts = {m.name: np.shape(m.losses)[0] for m in models}
+  if len(set(counts.values())) != 1:
+    raise ValueError(f"mismatched token counts between sizes {counts}: every size must score the "
+                     f"same corpus with the same tokenizer, context length and stride")
+  if next(iter(counts.values())) == 0:
+    raise ValueError("the loss matrices have no tokens (empty corpus?)")
+
+
+def quantity_of(losses, quantity: str) -> np.ndarray:
+  """[num_tokens, C] float64 per-token perplexity exp(loss), or the loss itself."""
+  if quantity not in QUANTITIES:
+    raise ValueError(f"quantity must be one of {QUANTITIES}, got {quantity!r}")
+  losses = np.asarray(losses, dtype=np.float64)
+  return np.exp(losses) if quantity == "perplexity" else losses
+
+
+# --- trend shares and agreement ---------------------------------------------------------------
+
+def trend_percentages(fits: Mapping[str, trends.TrendFit]) -> pd.DataFrame:
+  """Rows (model, label, count, percent) for every label; percent of all tokens, invalid included."""
+  rows = []
+  for name, fit in fits.items():
+    counts = fit.counts()
+    total = max(sum(counts.values()), 1)
+    rows += [{"model": name, "label": label, "count": c, "percent": 100.0 * c / total}
+             for label, c in counts.items()]
+  return pd.DataFrame(rows, columns=["model", "label", "count", "percent"])
+
+
+def label_agreement(codes_a, codes_b) -> dict:
+  """Agreement of two labelings of the same tokens, over tokens valid in both.
+
+  Returns {n_tokens, share_same, kappa}: Cohen's kappa over the three valid labels; NaN when no
+  token is valid in both, kappa NaN when chance agreement is 1.
+  """
+  a = np.asarray(codes_a)
+  b = np.asarray(codes_b)
+  if a.shape != b.shape:
+    raise ValueError(f"label arrays differ in shape: {a.shape} vs {b.shape}")
+  both = (a != trends.INVALID) & (b != trends.INVALID)
+  a, b = a[both].astype(np.int64), b[both].astype(np.int64)
+  n = int(a.size)
+  if n == 0:
+    return {"n_tokens": 0, "share_same": math.nan, "kappa": math.nan}
+  k = trends.INVALID  # the three valid labels are codes 0..2
+  table = np.zeros((k, k), np.int64)
+  np.add.at(table, (a, b), 1)
+  p_o = np.trace(table) / n
+  p_e = float(table.sum(1) @ table.sum(0)) / n ** 2
+  kappa = (p_o - p_e) / (1.0 - p_e) if p_e < 1.0 else math.nan
+  return {"n_tokens": n, "share_same": float(p_o), "kappa": float(kappa)}
+
+
+def pairwise_agreement(codes: Mapping[str, np.ndarray]) -> pd.DataFrame:
+  """Rows (model_a, model_b, n_tokens, share_same, kappa) for every pair of sizes."""
+  rows = [{"model_a": a, "model_b": b, **label_agreement(codes[a], codes[b])}
+          for a, b in itertools.combinations(codes, 2)]
+  return pd.DataFrame(rows, columns=["model_a", "model_b", "n_tokens", "share_same", "kappa"])
+
+
+def matched_perplexity_windows(ppl_a, ppl_b):
+  """Checkpoints of two sizes whose validation perplexity lies in the overlap of both runs.
+
+  ppl_a: [C_a], ppl_b: [C_b] validation perplexity per checkpoint (NaN entries are ignored).
+  Returns (mask_a [C_a] bool, mask_b [C_b] bool, lo, hi); masks are all False without overlap.
+  """
+  pa = np.asarray(ppl_a, dtype=np.float64)
+  pb = np.asarray(ppl_b, dtype=np.float64)
+  fa, fb = np.isfinite(pa), np.isfinite(pb)
+  if not fa.any() or not fb.any():
+    return np.zeros(pa.shape, bool), np.zeros(pb.shape, bool), math.nan, math.nan
+  lo = max(pa[fa].min(), pb[fb].min())
+  hi = min(pa[fa].max(), pb[fb].max())
+  with np.errstate(invalid="ignore"):
+    return fa & (pa >= lo) & (pa <= hi), fb & (pb >= lo) & (pb <= hi), float(lo), float(hi)
+
+
+def matched_perplexity_agreement(models: Sequence[ModelTrajectories], *, quantity: str = "perplexity",
+                                 alpha: float = 0.05) -> pd.DataFrame:
+  """Agreement of every pair of sizes, each labelled over its checkpoints in the matched window.
+
+  Rows: model_a, model_b, ppl_lo, ppl_hi, checkpoints_a, checkpoints_b (count in window),
+  steps_a, steps_b ("first-last"), n_tokens, share_same, kappa, note.
+  """
+  rows = []
+  for ma, mb in itertools.combinations(models, 2):
+    mask_a, mask_b, lo, hi = matched_perplexity_windows(ma.column("val_ppl"), mb.column("val_ppl"))
+    row = {"model_a": ma.name, "model_b": mb.name, "ppl_lo": lo, "ppl_hi": hi,
+           "checkpoints_a": int(mask_a.sum()), "checkpoints_b": int(mask_b.sum()),
+           "steps_a": _span(np.asarray(ma.steps)[mask_a]), "steps_b": _span(np.asarray(mb.steps)[mask_b]),
+           "n_tokens": 0, "share_same": math.nan, "kappa": math.nan, "note": ""}
+    if math.isnan(lo):
+      row["note"] = "validation perplexity unknown"
+    elif lo > hi:
+      row["note"] = f"no overlap: perplexity ranges do not meet ({hi:.4g} < {lo:.4g})"
+    elif mask_a.sum() < 3 or mask_b.sum() < 3:
+      row["note"] = "fewer than 3 checkpoints in a matched window"
+    else:
+      fit_a = trends.fit_window(quantity_of(np.asarray(ma.losses)[:, mask_a], quantity),
+                                np.asarray(ma.steps)[mask_a], alpha)
+      fit_b = trends.fit_window(quantity_of(np.asarray(mb.losses)[:, mask_b], quantity),
+                                np.asarray(mb.steps)[mask_b], alpha)
+      row.update(label_agreement(fit_a.codes, fit_b.codes))
+    rows.append(row)
+  columns = ["model_a", "model_b", "ppl_lo", "ppl_hi", "checkpoints_a", "checkpoints_b", "steps_a",
+             "steps_b", "n_tokens", "share_same", "kappa", "note"]
+  return pd.DataFrame(rows, columns=columns)
+
+
+def _span(steps) -> str:
+  steps = np.asarray(steps)
+  return f"{int(steps[0])}-{int(steps[-1])}" if steps.size else ""
+
+
+# --- double descent ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DoubleDescent:
+  """found: [N] bool; valley, peak: [N] checkpoint index of the rise's start and top (-1 if none);
+  rise: [N] relative rise of the smoothed quantity from valley to peak (exp(s_k - s_j) - 1; 0 if
+  none); smoothed: [N, C] EMA of log(quantity)."""
+
+  found: np.ndarray
+  valley: np.ndarray
+  peak: np.ndarray
+  rise: np.ndarray
+  smoothed: np.ndarray
+
+
+def ema_smooth(values, ema: float) -> np.ndarray:
+  """[N, C] exponential moving average along checkpoints: s_0 = v_0, s_t = ema s_{t-1} + (1-ema) v_t."""
+  if not 0.0 <= ema < 1.0:
+    raise ValueError(f"ema must be in [0, 1), got {ema}")
+  v = np.asarray(values, dtype=np.float64)
+  out = np.empty_like(v)
+  if v.shape[1]:
+    out[:, 0] = v[:, 0]
+  for t in range(1, v.shape[1]):  # a loop over checkpoints, vectorised over tokens
+    out[:, t] = ema * out[:, t - 1] + (1.0 - ema) * v[:, t]
+  return out
+
+
+def find_double_descent(values, *, ema: float = 0.5, min_rise: float = 0.1) -> DoubleDescent:
+  """Fall, rise, fall again in each token's smoothed trajectory (module docstring has the rule).
+
+  values: [N, C] per-token quantity (perplexity or loss) over the full run; rows with a non-finite
+  or non-positive value are never double descent. O(N C) with prefix/suffix extrema.
+  """
+  if min_rise <= 0:
+    raise ValueError(f"min_rise must be > 0, got {min_rise}")
+  v = np.asarray(values, dtype=np.float64)
+  if v.ndim != 2:
+    raise ValueError(f"values must be [num_tokens, num_checkpoints], got shape {v.shape}")
+  n, c = v.shape
+  ok = np.all(np.isfinite(v) & (v > 0), axis=1)                      # [N]
+  with np.errstate(divide="ignore", invalid="ignore"):
+    s = ema_smooth(np.where(ok[:, None], np.log(v), 0.0), ema)        # [N, C]
+  d = math.log1p(min_rise)
+  inf = np.full((n, 1), np.inf)
+  # prev_max[:, j] = max_{i<j} s_i; next_min[:, k] = min_{l>k} s_l (exclusive prefix/suffix).
+  prev_max = np.concatenate([-inf, np.maximum.accumulate(s, axis=1)[:, :-1]], axis=1)
+  next_min = np.concatenate([np.minimum.accumulate(s[:, ::-1], axis=1)[:, ::-1][:, 1:], inf], axis=1)
+  fell_into = prev_max - s >= d                                        # [N, C] valley candidates j
+  valleys = np.where(fell_into, s, np.inf)
+  lowest_valley = np.concatenate([inf, np.minimum.accumulate(valleys, axis=1)[:, :-1]], axis=1)
+  falls_after = s - next_min >= d                                      # [N, C] peak candidates k
+  climb = np.where(falls_after, s - lowest_valley, -np.inf)            # [N, C] rise into peak k
+  peak = np.argmax(climb, axis=1)                                      # [N]
+  best = climb[np.arange(n), peak]
+  found = ok & (best >= d)
+  before_peak = np.arange(c)[None, :] < peak[:, None]
+  valley = np.argmin(np.where(before_peak, valleys, np.inf), axis=1)
+  rise = np.where(found, np.expm1(np.where(found, best, 0.0)), 0.0)
+  return DoubleDescent(found=found, valley=np.where(found, valley, -1), peak=np.where(found, peak, -1),
+                       rise=rise, smoothed=s)
+
+
+# --- group means ------------------------------------------------------------------------------
+
+def group_mean_perplexity(losses, codes) -> tuple[np.ndarray, np.ndarray]:
+  """Mean per-token perplexity of each label group at each checkpoint.
+
+  losses: [N, C] nats; codes: [N] trend codes. Returns (means [len(LABELS), C] float64, NaN for
+  an empty group; counts [len(LABELS)] int).
+  """
+  ppl = np.exp(np.asarray(losses, dtype=np.float64))
+  codes = np.asarray(codes)
+  k = len(trends.LABELS)
+  onehot = (codes[:, None] == np.arange(k)[None, :]).astype(np.float64)   # [N, K]
+  counts = onehot.sum(0)
+  # Invalid tokens may hold non-finite values: zero them so they cannot poison other groups.
+  sums = np.einsum("nk,nc->kc", onehot, np.where(np.isfinite(ppl), ppl, 0.0))
+  with np.errstate(invalid="ignore", divide="ignore"):
+    means = sums / counts[:, None]
+  return np.where(counts[:, None] > 0, means, np.nan), counts.astype(np.int64)
+
+
+# --- the whole analysis -----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Analysis:
+  """Tables of the analysis (also written as CSV by `analyze`). fits[(model, start_fraction)]."""
+
+  percentages: pd.DataFrame
+  agreement: pd.DataFrame
+  double_descent: pd.DataFrame
+  examples: pd.DataFrame
+  group_means: pd.DataFrame
+  fits: dict
+  double_descent_tokens: dict
+  files: list
+
+
+def analyze(models: Sequence[ModelTrajectories], token_ids=None, positions=None, *, out_dir: str,
+            start_fractions: Sequence[float] = (0.1, 0.3, 0.7), alpha: float = 0.05,
+            quantity: str = "perplexity", ema: float = 0.5, min_rise: float = 0.1,
+            num_examples: int = 5, describe_token: Callable[[int], str] | None = None,
+            plots: bool = True, progress: Callable[[str], None] | None = None) -> Analysis:
+  """Runs every analysis on the models' loss matrices and writes tables, plots and summary.md.
+
+  token_ids, positions: [N] token id and position in the corpus of each row (for the CSVs).
+  describe_token(row) -> the token in its context, for double-descent examples.
+  Files in out_dir: trend_percentages.csv, agreement.csv, double_descent.csv,
+  double_descent_examples.csv, group_means.csv, token_labels_f{fraction}.csv, summary.md and
+  plots/*.png|pdf. Raises ValueError on mismatched inputs or a start fraction keeping < 3 checkpoints.
+  """
+  check_models(models)
+  num_tokens = np.shape(models[0].losses)[0]
+  token_ids = np.full(num_tokens, -1) if token_ids is None else np.asarray(token_ids)
+  positions = np.arange(num_tokens) if positions is None else np.asarray(positions)
+  if token_ids.shape != (num_tokens,) or positions.shape != (num_tokens,):
+    raise ValueError(f"token_ids {token_ids.shape} and positions {positions.shape} must have one entry "
+                     f"per token ({num_tokens})")
+  describe_token = describe_token or (lambda row: f"id {int(token_ids[row])} at {int(positions[row])}")
+  say = progress or (lambda message: None)
+  os.makedirs(out_dir, exist_ok=True)
+  files = []
+
+  values = {m.name: quantity_of(m.losses, quantity) for m in models}
+  say("double descent")
+  dd = {m.name: find_double_descent(values[m.name], ema=ema, min_rise=min_rise) for m in models}
+
+  fits, pct_rows, agree_rows, dd_rows, example_rows, mean_rows = {}, [], [], [], [], []
+  for fraction in start_fractions:
+    say(f"trends, start fraction {fraction}")
+    codes = {}
+    for m in models:
+      fit = trends.classify_trends(values[m.name], m.steps, fraction, alpha)
+      fits[(m.name, fraction)] = fit
+      codes[m.name] = fit.codes
+    pct = trend_percentages({m.name: fits[(m.name, fraction)] for m in models})
+    pct.insert(0, "start_fraction", fraction)
+    pct_rows.append(pct)
+    agree = pairwise_agreement(codes)
+    agree.insert(0, "comparison", "matched_steps")
+    agree.insert(0, "start_fraction", fraction)
+    agree_rows.append(agree)
+    for m in models:
+      fit, found = fits[(m.name, fraction)], dd[m.name]
+      upward = fit.codes == trends.UPWARD
+      hits = upward & found.found
+      dd_rows.append({"start_fraction": fraction, "model": m.name, "n_tokens": num_tokens,
+                      "n_upward": int(upward.sum()), "n_double_descent": int(hits.sum()),
+                      "fraction_of_upward": hits.sum() / upward.sum() if upward.any() else math.nan,
+                      "percent_of_all": 100.0 * hits.sum() / num_tokens})
+      for row in np.argsort(-np.where(hits, found.rise, -np.inf), kind="stable")[:min(num_examples,
+                                                                                     hits.sum())]:
+        example_rows.append({
+            "start_fraction": fraction, "model": m.name, "token_index": int(row),
+            "position": int(positions[row]), "token_id": int(token_ids[row]),
+            "relative_rise": float(found.rise[row]),
+            "valley_step": int(np.asarray(m.steps)[found.valley[row]]),
+            "peak_step": int(np.asarray(m.steps)[found.peak[row]]),
+            "context": describe_token(int(row))})
+      means, counts = group_mean_perplexity(m.losses, fit.codes)
+      for k, label in enumerate(trends.LABELS[:3]):
+        mean_rows.append(pd.DataFrame({
+            "start_fraction": fraction, "model": m.name, "label": label, "n_tokens": int(counts[k]),
+            "step": np.asarray(m.steps), "tokens": m.column("tokens"), "flops": m.column("flops"),
+            "val_ppl": m.column("val_ppl"), "mean_ppl": means[k]}))
+    token_table = pd.concat([
+        pd.DataFrame({"model": m.name, "token_index": np.arange(num_tokens), "position": positions,
+                      "token_id": token_ids}).join(fits[(m.name, fraction)].to_frame())
+        .assign(double_descent=dd[m.name].found & (fits[(m.name, fraction)].codes == trends.UPWARD))
+        for m in models], ignore_index=True)
+    files.append(write_csv(token_table, os.path.join(out_dir, f"token_labels_f{fraction:g}.csv")))
+
+  say("matched validation perplexity")
+  matched = matched_perplexity_agreement(models, quantity=quantity, alpha=alpha)
+  matched.insert(0, "comparison", "matched_ppl")
+  matched.insert(0, "start_fraction", math.nan)
+
+  result = Analysis(
+      percentages=pd.concat(pct_rows, ignore_index=True),
+      agreement=pd.concat(agree_rows + [matched], ignore_index=True),
+      double_descent=pd.DataFrame(dd_rows),
+      examples=pd.DataFrame(example_rows, columns=[
+          "start_fraction", "model", "token_index", "position", "token_id", "relative_rise",
+          "valley_step", "peak_step", "context"]),
+      group_means=pd.concat(mean_rows, ignore_index=True),
+      fits=fits, double_descent_tokens=dd, files=files)
+  for name, table in (("trend_percentages", result.percentages), ("agreement", result.agreement),
+                      ("double_descent", result.double_descent),
+                      ("double_descent_examples", result.examples),
+                      ("group_means", result.group_means)):
+    files.append(write_csv(table, os.path.join(out_dir, f"{name}.csv")))
+  if plots:
+    say("plots")
+    from experiments.analysis import trajectory_plots  # matplotlib only when plotting
+    files += trajectory_plots.plot_all(result, models, os.path.join(out_dir, "plots"))
+  files.append(write_text(summary_markdown(result, models, start_fractions=start_fractions,
+                                           alpha=alpha, quantity=quantity, ema=ema,
+                                           min_rise=min_rise),
+                          os.path.join(out_dir, "summary.md")))
+  return result
+
+
+def summary_markdown(result: Analysis, models: Sequence[ModelTrajectories], *, start_fractions,
+                     alpha: float, quantity: str, ema: float, min_rise: float) -> str:
+  """The key numbers as markdown tables."""
+  num_tokens = np.shape(models[0].losses)[0]
+  lines = [
+      "# Token trajectories", "",
+      f"{num_tokens} tokens; sizes: " + ", ".join(
+          f"{m.name} ({len(m.steps)} checkpoints, steps {int(m.steps[0])}-{int(m.steps[-1])})"
+          for m in models) + ".",
+      f"Trend of per-token {quantity}: OLS on log(step) after dividing by the first kept value, "
+      f"two-sided t-test at alpha = {alpha}. Double descent: EMA {ema}, minimum relative rise "
+      f"{min_rise}.", "",
+      "## Percentage of tokens per trend", ""]
+  pct = result.percentages.pivot_table(index=["start_fraction", "model"], columns="label",
+                                       values="percent", sort=False)
+  pct = pct[[label for label in trends.LABELS if label in pct.columns]]
+  lines += _markdown_table(pct.reset_index(), floatfmt="{:.1f}") + [""]
+  lines += ["## Agreement between sizes", "",
+            "matched_steps: same start fraction of each run; matched_ppl: checkpoints whose "
+            "validation perplexity lies in the overlap of both runs (see agreement.csv for windows).",
+            ""]
+  agree = result.agreement[["comparison", "start_fraction", "model_a", "model_b", "n_tokens",
+                            "share_same", "kappa"]]
+  lines += _markdown_table(agree, floatfmt="{:.3f}") + [""]
+  lines += ["## Double descent among upward tokens", ""]
+  lines += _markdown_table(result.double_descent[["start_fraction", "model", "n_upward",
+                                                  "n_double_descent", "fraction_of_upward"]],
+                           floatfmt="{:.3f}") + [""]
+  if len(result.examples):
+    lines += ["### Examples (token in [[ ]])", ""]
+    for _, ex in result.examples.iterrows():
+      lines.append(f"- {ex.model}, f={ex.start_fraction:g}: rise {ex.relative_rise:.2f} "
+                   f"(steps {ex.valley_step} -> {ex.peak_step}): "
+                   + str(ex.context).replace("\n", " "))
+    lines.append("")
+  return "\n".join(lines)
+
+
+def _markdown_table(frame: pd.DataFrame, floatfmt: str) -> list[str]:
+  def cell(value):
+    if isinstance(value, float):
+      return "" if math.isnan(value) else floatfmt.format(value)
+    return str(value)
+  header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+  rule = "|" + "---|" * len(frame.columns)
+  rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+  return [header, rule] + rows
+
+
+def write_csv(frame: pd.DataFrame, path: str) -> str:
+  """Writes atomically (temporary sibling, then rename); returns path."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  frame.to_csv(tmp, index=False)
+  os.replace(tmp, path)
+  return path
+
+
+def write_text(text: str, path: str) -> str:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+  return path
