@@ -22,7 +22,8 @@ KV cache: a plain dict that prints and checkpoints like any pytree (see `init_ca
   index          [] int32         slots written so far (the same for every row)
 
 Every parameter and large activation carries logical axis names (batch, length, embed, heads,
-head_dim, mlp, vocab, layers, and act_* for activations); `opt_jax.sharding` maps them to a mesh.
+head_dim, mlp, vocab, layers, and act_* for activations, e.g. act_vocab for logits);
+`opt_jax.sharding` maps them to a mesh.
 Softmax and everything reported downstream is fp32 whatever the compute dtype.
 """
 
@@ -257,6 +258,9 @@ class OPT(nn.Module):
 
     tokens = Embed(c.vocab_size, c.word_embed_proj_dim, ("vocab", "embed"), self.param_dtype,
                    name="embed_tokens")(input_ids).astype(self.dtype)            # [B, T, E]
+    # The lookup in a vocab-split table is a masked gather + sum over `model`; pin its output to
+    # the residual layout so the partitioner does not pick the table's (fsdp) layout for it.
+    tokens = _constrain(tokens, ("batch", "act_length", "act_embed"))
     if c.has_projections:
       tokens = Dense(c.hidden_size, ("embed", "embed_out"), False, self.dtype, self.param_dtype,
                      name="project_in")(tokens)                                     # [B, T, D]
@@ -306,6 +310,9 @@ class Embed(nn.Module):
   def __call__(self, ids: Array) -> Array:
     table = _param(self, "embedding", nn.initializers.normal(0.02), (self.num, self.features),
                    self.axes, self.param_dtype)
+    # Gather the features dim first if it is split (fsdp): a lookup can stay split by rows
+    # (masked gather + sum), not by features when the batch is split over the same devices.
+    table = _constrain(table, (self.axes[0], "act_embed"))
     return jnp.take(table, ids, axis=0)
 
 
@@ -342,7 +349,8 @@ def lm_head(params: dict[str, Any]) -> Array:
 def logits(params: dict[str, Any], hidden: Array) -> Array:
   """hidden [B, T, E] -> logits [B, T, V] fp32. Materialises all of V: use scoring for log-probs."""
   w = lm_head(params)
-  return jnp.einsum("BTE,VE->BTV", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+  out = jnp.einsum("BTE,VE->BTV", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+  return _constrain(out, ("batch", "act_length", "act_vocab"))   # vocab-parallel: V stays split
 
 
 def init_cache(config: OPTConfig, batch: int, max_length: int, dtype=jnp.float32) -> Cache:
