@@ -1,0 +1,191 @@
+"""Fetch BIG-bench's JSON tasks through the package index, without installing bigbench.
+
+  python -m tools.fetch_bigbench [--out=~/.cache/opt_jax/bigbench] [--version=1.0.0]
+
+Runs `pip download --no-deps --no-binary=:all: bigbench==VERSION` into OUT/downloads (pip shows
+its own progress; about 358 MB for 1.0.0; with pip >= 26 it runs pip 24.2 from its wheel, also
+fetched from the index, because newer pip refuses this sdist's metadata), then extracts only
+`bigbench/benchmark_tasks/**/task.json` into OUT/benchmark_tasks (pass that folder to
+`experiments/downstream_icl.py --bigbench_dir`). The tasks are written under a temporary name and
+renamed into place with a FETCHED.json record, so an interrupted run leaves nothing that looks
+complete; a second run finds the record and does nothing. The package is never installed (its
+dependencies do not install on current Python); nothing is imported from it.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import json
+import os
+import posixpath
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Sequence
+
+from absl import app, flags
+from tqdm import tqdm
+
+TASKS_DIR = "benchmark_tasks"
+RECORD = "FETCHED.json"
+_MARKER = "bigbench/benchmark_tasks/"
+OLD_PIP = "24.2"  # the newest pip line known to save the bigbench sdist; see _pip_download_command
+
+
+def default_cache_dir() -> str:
+  """$XDG_CACHE_HOME/opt_jax/bigbench (~/.cache/opt_jax/bigbench); tasks land in its
+  benchmark_tasks/ folder."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "opt_jax", "bigbench")
+
+
+def _task_relpath(member_name: str) -> str | None:
+  """'bigbench-1.0.0/bigbench/benchmark_tasks/a/b/task.json' -> 'a/b/task.json'; None for any other
+  file or for a path that could escape the destination."""
+  name = member_name.replace("\\", "/")
+  i = name.find(_MARKER)
+  if i < 0 or posixpath.basename(name) != "task.json":
+    return None
+  rel = name[i + len(_MARKER):]
+  parts = rel.split("/")
+  if rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or len(parts) < 2:
+    return None
+  return rel
+
+
+def _archive_entries(path: str):
+  """(relative task path, open binary file) for each task.json in a .tar.gz / .zip sdist."""
+  if zipfile.is_zipfile(path):
+    with zipfile.ZipFile(path) as z:
+      for info in z.infolist():
+        rel = None if info.is_dir() else _task_relpath(info.filename)
+        if rel:
+          with z.open(info) as f:
+            yield rel, f
+    return
+  with tarfile.open(path, "r:*") as tar:
+    for member in tar:  # streams: the archive is read once
+      rel = _task_relpath(member.name) if member.isfile() else None
+      if rel:
+        yield rel, tar.extractfile(member)
+
+
+def extract_tasks(sdist: str, out_dir: str, *, version: str | None = None,
+                  progress: bool = True) -> int:
+  """Extract every benchmark_tasks/**/task.json of `sdist` into OUT_DIR/benchmark_tasks.
+
+  Atomic: written under a temporary sibling and renamed; an existing complete folder is replaced.
+  Returns the number of files extracted. Raises ValueError when the archive holds none.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  final = os.path.join(out_dir, TASKS_DIR)
+  tmp = tempfile.mkdtemp(prefix=f".{TASKS_DIR}.tmp-", dir=out_dir)
+  try:
+    n = 0
+    bar = tqdm(desc="extracting task.json", unit=" files", disable=not progress)
+    for rel, f in _archive_entries(sdist):
+      dest = os.path.join(tmp, *rel.split("/"))
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      with open(dest, "wb") as out:
+        shutil.copyfileobj(f, out)
+      n += 1
+      bar.update(1)
+    bar.close()
+    if n == 0:
+      raise ValueError(f"{sdist}: no bigbench/benchmark_tasks/**/task.json inside; is this the "
+                       f"bigbench source distribution?")
+    with open(os.path.join(tmp, RECORD), "w") as f:
+      json.dump({"source": os.path.basename(sdist), "version": version, "task_files": n}, f,
+                indent=1)
+    if os.path.exists(final):
+      old = final + ".old"
+      shutil.rmtree(old, ignore_errors=True)
+      os.rename(final, old)
+      os.rename(tmp, final)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, final)
+    return n
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _find_sdist(download_dir: str, version: str) -> str | None:
+  found = [p for ext in ("tar.gz", "zip")
+           for p in glob.glob(os.path.join(download_dir, f"bigbench-{version}.{ext}"))]
+  return found[0] if found else None
+
+
+def _pip_download_command(downloads: str) -> list[str]:
+  """`python -m pip download`, or, from pip 26 on, pip OLD_PIP run from its wheel.
+
+  Even with --no-deps, pip >= 26 prepares the sdist's metadata and rejects it because bigbench
+  declares a direct-URL dependency (bleurt @ file://...): "Distributions from PyPI cannot declare
+  direct URL dependencies", and the archive is never saved. pip 24.2 saves it. A pip wheel runs
+  as `python pip-X.whl/pip ...` without being installed; it comes from the package index too.
+  """
+  current = [sys.executable, "-m", "pip", "download"]
+  try:
+    major = int(importlib.metadata.version("pip").split(".")[0])
+  except (importlib.metadata.PackageNotFoundError, ValueError):
+    major = 0
+  if major < 26:
+    return current
+  wheel = os.path.join(downloads, f"pip-{OLD_PIP}-py3-none-any.whl")
+  if not os.path.isfile(wheel):
+    cmd = current + ["--no-deps", f"pip=={OLD_PIP}", "-d", downloads]
+    print("running:", " ".join(cmd))
+    subprocess.run(cmd, check=True)
+  return [sys.executable, os.path.join(wheel, "pip"), "download"]
+
+
+def fetch(out_dir: str | None = None, version: str = "1.0.0", *,
+          pip_command: Sequence[str] | None = None, progress: bool = True) -> str:
+  """Make OUT_DIR/benchmark_tasks hold the task.json files of bigbench==VERSION; returns its path.
+
+  Does nothing when a previous run completed (FETCHED.json present with the same version).
+  pip_command: the `pip download` command to run (default: see _pip_download_command); the
+  options, the package spec and `-d DIR` are appended.
+  """
+  out_dir = os.path.abspath(os.path.expanduser(out_dir or default_cache_dir()))
+  final = os.path.join(out_dir, TASKS_DIR)
+  record = os.path.join(final, RECORD)
+  if os.path.isfile(record):
+    with open(record) as f:
+      if json.load(f).get("version") == version:
+        print(f"BIG-bench {version} tasks already in {final}")
+        return final
+  downloads = os.path.join(out_dir, "downloads")
+  os.makedirs(downloads, exist_ok=True)
+  sdist = _find_sdist(downloads, version)
+  if sdist is None:
+    cmd = list(pip_command or _pip_download_command(downloads))
+    cmd += ["--no-deps", "--no-binary=:all:", f"bigbench=={version}", "-d", downloads]
+    print("running:", " ".join(cmd))
+    res = subprocess.run(cmd)
+    sdist = _find_sdist(downloads, version)
+    if sdist is None:
+      raise RuntimeError(f"`{' '.join(cmd)}` (exit status {res.returncode}) left no "
+                         f"bigbench-{version}.tar.gz in {downloads}")
+  n = extract_tasks(sdist, out_dir, version=version, progress=progress)
+  print(f"extracted {n} task.json files of bigbench {version} into {final}")
+  return final
+
+
+_OUT = flags.DEFINE_string("out", None, "cache folder (default: $XDG_CACHE_HOME/opt_jax/bigbench);"
+                           " the tasks land in OUT/benchmark_tasks")
+_VERSION = flags.DEFINE_string("version", "1.0.0", "bigbench version on the package index")
+
+
+def main(argv):
+  del argv
+  fetch(_OUT.value, _VERSION.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
