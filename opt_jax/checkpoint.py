@@ -15,11 +15,12 @@ Saving is synchronous and meant for one process (conversion); restoring works on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -69,41 +70,68 @@ def _dtype_name(params: Any) -> str:
 
 
 def save(directory: str | os.PathLike, params: Any, config: OPTConfig, *,
-         tokenizer_files: Iterable[str | os.PathLike] = (), extra: Mapping[str, Any] | None = None,
+         tokenizer_files: Iterable[str | os.PathLike | tuple[str | os.PathLike, str]] = (),
+         extra: Mapping[str, Any] | None = None,
          overwrite: bool = False) -> None:
   """Writes an opt_jax checkpoint atomically.
 
   params: pytree of numpy or jax arrays with the layout of `opt_jax.model` for `config` (checked
-    before anything is written). tokenizer_files: paths copied into the checkpoint by base name.
+    before anything is written). tokenizer_files: paths copied into the checkpoint by base name,
+    or (path, name) pairs to store a file under another name.
   extra: JSON-serialisable entries added to opt_jax.json (e.g. the source of a conversion).
   overwrite: replace an existing directory; otherwise an existing `directory` is an error.
   """
   directory = os.path.abspath(os.fspath(directory))
   if os.path.lexists(directory) and not overwrite:
     raise FileExistsError(f"{directory} already exists; pass overwrite=True to replace it")
-  tokenizer_files = [os.fspath(f) for f in tokenizer_files]
-  for f in tokenizer_files:
-    if not os.path.isfile(f):
-      raise FileNotFoundError(f"tokenizer file not found: {f}")
+  tokenizer_files = file_pairs(tokenizer_files)
   _check_params_match_config(params, config)
   metadata = {"format": FORMAT_VERSION, "dtype": _dtype_name(params),
               "num_params": int(sum(np.size(a) for a in jax.tree.leaves(params)))}
   metadata.update(extra or {})
   json.dumps(metadata)  # Fail before writing if `extra` is not JSON.
 
-  parent, name = os.path.split(directory)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-  try:
+  with atomic_directory(directory, overwrite=overwrite) as tmp:
     save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES), params)
     with _checkpointer() as ckptr:
       ckptr.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.StandardSave(params, save_args))
     config.to_json_file(os.path.join(tmp, CONFIG_FILE))
-    for f in tokenizer_files:
-      shutil.copyfile(f, os.path.join(tmp, os.path.basename(f)))
+    copy_files(tokenizer_files, tmp)
     with open(os.path.join(tmp, METADATA_FILE), "w") as f:
       json.dump(metadata, f, indent=2, sort_keys=True)
       f.write("\n")
+
+
+def file_pairs(files: Iterable[str | os.PathLike | tuple[str | os.PathLike, str]]
+                ) -> list[tuple[str, str]]:
+  """(source path, name in the output) for each entry: a path keeps its base name."""
+  pairs = []
+  for f in files:
+    src, name = (f if isinstance(f, tuple) else (f, os.path.basename(os.fspath(f))))
+    src = os.fspath(src)
+    if not os.path.isfile(src):
+      raise FileNotFoundError(f"tokenizer file not found: {src}")
+    pairs.append((src, name))
+  return pairs
+
+
+def copy_files(files: Iterable[tuple[str, str]], directory: str) -> None:
+  for src, name in files:
+    shutil.copyfile(src, os.path.join(directory, name))
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | os.PathLike, *, overwrite: bool = False) -> Iterator[str]:
+  """Yields a hidden temporary sibling of `directory` to fill; renames it to `directory` when the
+  block completes, removes it when the block raises (so a failure leaves nothing behind)."""
+  directory = os.path.abspath(os.fspath(directory))
+  if os.path.lexists(directory) and not overwrite:
+    raise FileExistsError(f"{directory} already exists; pass overwrite=True to replace it")
+  parent, name = os.path.split(directory)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+  try:
+    yield tmp
     _move_into_place(tmp, directory)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

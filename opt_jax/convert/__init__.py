@@ -1,0 +1,153 @@
+"""Checkpoint conversion: HF (safetensors / .bin) and metaseq (.pt) files <-> opt_jax params.
+
+  hf_keys   the HF state-dict <-> params pytree mapping (pure numpy)
+  hf        read HF checkpoints tensor by tensor; write HF safetensors
+  metaseq   read metaseq consolidated files and Megatron model-parallel parts
+  convert   one call from any input format to an opt_jax checkpoint or HF safetensors
+            (what `python -m tools.convert_checkpoint` runs)
+
+Submodules import lazily so that `from opt_jax.convert import hf_keys` stays light.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+INPUT_FORMATS = ("auto", "hf", "metaseq", "opt_jax")
+OUTPUT_FORMATS = ("opt_jax", "hf")
+DTYPES = ("float32", "bfloat16", "float16")
+HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                      "special_tokens_map.json")
+_HF_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+
+
+def __getattr__(name: str) -> Any:
+  if name == "ConversionError":
+    from opt_jax.convert.hf import ConversionError
+    return ConversionError
+  raise AttributeError(name)
+
+
+def parse_dtype(dtype: Any) -> np.dtype | None:
+  """None, a numpy/jax dtype, or one of DTYPES -> numpy dtype (bfloat16 via ml_dtypes)."""
+  if dtype is None:
+    return None
+  if isinstance(dtype, str) and dtype not in DTYPES:
+    from opt_jax.convert.hf import ConversionError
+    raise ConversionError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+  import ml_dtypes
+  return np.dtype(ml_dtypes.bfloat16) if str(dtype) == "bfloat16" else np.dtype(dtype)
+
+
+def detect_format(path: str | os.PathLike) -> str:
+  """'opt_jax', 'hf' or 'metaseq' from what `path` holds; ConversionError when none fits."""
+  from opt_jax import checkpoint
+  from opt_jax.convert.hf import WEIGHT_FILES, ConversionError
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.exists(path):
+    raise ConversionError(f"{path}: no such file or directory")
+  if os.path.isdir(path):
+    if checkpoint.is_checkpoint(path):
+      return "opt_jax"
+    if any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES):
+      return "hf"
+    if glob.glob(os.path.join(glob.escape(path), "*.pt")):
+      return "metaseq"
+  elif path.endswith(_HF_SUFFIXES):
+    return "hf"
+  elif path.endswith(".pt"):
+    return "metaseq"
+  raise ConversionError(
+      f"{path}: unknown checkpoint format; expected an HF checkpoint (config.json + "
+      f"{' | '.join(WEIGHT_FILES)}), metaseq .pt file(s) (consolidated or *model_part-N.pt), or "
+      "an opt_jax checkpoint directory")
+
+
+def _tokenizer_files(directory: str, input_format: str, scratch: str) -> list[tuple[str, str]]:
+  """(path, name) of the tokenizer files to store with the output."""
+  present = [f for f in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(directory, f))]
+  if present or input_format != "metaseq":
+    return [(os.path.join(directory, f), f) for f in present]
+  # metaseq ships GPT-2's vocab with GPT-2 ids plus fairseq's dict.txt mapping them to model ids.
+  vocab, merges, dict_txt = (os.path.join(directory, f)
+                             for f in ("gpt2-vocab.json", "gpt2-merges.txt", "dict.txt"))
+  if not (os.path.isfile(vocab) and os.path.isfile(merges)):
+    return []
+  if not os.path.isfile(dict_txt):
+    logging.warning("%s: gpt2-vocab.json without dict.txt: GPT-2 ids are not the model's ids, so "
+                    "no tokenizer is stored", directory)
+    return []
+  import json
+  from opt_jax.convert import metaseq
+  out = os.path.join(scratch, "vocab.json")
+  with open(out, "w") as f:
+    json.dump(metaseq.opt_vocab(vocab, dict_txt), f, ensure_ascii=False)
+  return [(out, "vocab.json"), (merges, "merges.txt")]
+
+
+def convert(input_path: str | os.PathLike, output: str | os.PathLike, *,
+            input_format: str = "auto", output_format: str = "opt_jax", dtype: Any = None,
+            config_path: str | None = None, overwrite: bool = False, progress: bool = False,
+            max_shard_bytes: int | None = None) -> str:
+  """Converts a checkpoint; returns the absolute output directory.
+
+  input_format: 'hf' | 'metaseq' | 'opt_jax' | 'auto' (detected from the files).
+  output_format: 'opt_jax' (orbax params + config.json + tokenizer, see opt_jax.checkpoint) or
+    'hf' (config.json + safetensors that OPTForCausalLM.from_pretrained loads).
+  dtype: 'float32' | 'bfloat16' | 'float16' (or a dtype) to cast to; None keeps the stored one.
+  config_path: metaseq only: an HF-style config.json instead of the inferred config.
+  max_shard_bytes: hf output only: largest safetensors shard.
+  Tokenizer files found beside the input are stored with the output. The output is written under
+  a temporary name and renamed when complete; on any error nothing is left behind.
+  """
+  from opt_jax import checkpoint
+  from opt_jax.convert import hf, metaseq
+  from opt_jax.convert.hf import ConversionError
+
+  if input_format not in INPUT_FORMATS:
+    raise ConversionError(f"unknown input format {input_format!r}; expected one of "
+                          f"{', '.join(INPUT_FORMATS)}")
+  if output_format not in OUTPUT_FORMATS:
+    raise ConversionError(f"unknown output format {output_format!r}; expected one of "
+                          f"{', '.join(OUTPUT_FORMATS)}")
+  np_dtype = parse_dtype(dtype)
+  input_path = os.path.abspath(os.fspath(input_path))
+  output = os.path.abspath(os.fspath(output))
+  if output == input_path:
+    raise ConversionError(f"{output}: the output must differ from the input")
+  if os.path.lexists(output) and not overwrite:
+    raise FileExistsError(f"{output} already exists; pass overwrite=True (--overwrite) to "
+                          "replace it")
+  fmt = detect_format(input_path) if input_format == "auto" else input_format
+  if config_path is not None and fmt != "metaseq":
+    raise ConversionError(f"a config file is only used for metaseq input, not {fmt}")
+  if not os.path.exists(input_path):
+    raise ConversionError(f"{input_path}: no such file or directory")
+
+  if fmt == "hf":
+    params, config = hf.read_hf(input_path, dtype=np_dtype, progress=progress)
+  elif fmt == "metaseq":
+    params, config = metaseq.read_metaseq(input_path, config_path=config_path, dtype=np_dtype,
+                                          progress=progress)
+  else:
+    if not checkpoint.is_checkpoint(input_path):
+      checkpoint.restore(input_path)  # raises the error that says what is missing
+    params, config = checkpoint.restore(input_path, dtype=np_dtype), checkpoint.load_config(input_path)
+  directory = input_path if os.path.isdir(input_path) else os.path.dirname(input_path)
+
+  with tempfile.TemporaryDirectory() as scratch:
+    tokenizer = _tokenizer_files(directory, fmt, scratch)
+    if output_format == "opt_jax":
+      checkpoint.save(output, params, config, tokenizer_files=tokenizer, overwrite=overwrite,
+                      extra={"converted_from": input_path, "source_format": fmt})
+    else:
+      hf.write_hf(output, params, config, tokenizer_files=tokenizer, overwrite=overwrite,
+                  progress=progress,
+                  max_shard_bytes=max_shard_bytes or hf.DEFAULT_MAX_SHARD_BYTES)
+  return output

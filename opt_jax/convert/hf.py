@@ -1,0 +1,436 @@
+"""HF OPT checkpoints <-> opt_jax params.
+
+Reading: a directory (or a weights file inside one) with config.json and the weights as
+  model.safetensors | model.safetensors.index.json + shards | pytorch_model.bin (+ .index.json),
+with tensors named `model.decoder.*` (OPTForCausalLM) or `decoder.*` (OPTModel). A stored
+`lm_head.weight` must equal the token embedding: opt_jax ties the head. Tensors are read one at a
+time and written into the stacked params arrays, so peak memory is the params plus one tensor.
+
+Safetensors files are read with positioned reads of the byte ranges their header names rather
+than through the `safetensors` library: its numpy backend cannot return bfloat16, and its memory
+map would count the whole input file as resident. .bin files need PyTorch and are loaded with
+`weights_only=True` (memory-mapped when the file is in the zip format).
+
+Writing: `write_hf` streams config.json + model.safetensors (or numbered shards and
+model.safetensors.index.json) that transformers' OPTForCausalLM.from_pretrained loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+import ml_dtypes
+import numpy as np
+import tqdm
+
+from opt_jax import checkpoint
+from opt_jax.config import OPTConfig
+from opt_jax.convert import hf_keys
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_BIN = "pytorch_model.bin"
+TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_FILES = (SAFETENSORS_INDEX, SAFETENSORS, TORCH_BIN_INDEX, TORCH_BIN)  # preference order
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size="5GB"
+
+_ST_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_MAX_HEADER_BYTES = 100 << 20
+
+
+class ConversionError(ValueError):
+  """Bad conversion input. The message names the file and tensor at fault and what was expected."""
+
+
+class TensorSource(Protocol):
+  """Named tensors spread over one or more files, read one at a time."""
+  description: str                        # the checkpoint, for messages
+
+  def names(self) -> list[str]: ...
+  def shape(self, name: str) -> tuple[int, ...]: ...
+  def where(self, name: str) -> str: ...  # the file(s) holding `name`, for messages
+  def read(self, name: str) -> np.ndarray: ...
+
+
+# Safetensors --------------------------------------------------------------------------------
+
+class SafetensorsFile:
+  """One .safetensors file: u64 little-endian header length N, N bytes of JSON
+  {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the data
+  (offsets relative to its start). The header is validated on open, including that every tensor's
+  bytes lie inside the file, so a truncated file fails before anything is converted."""
+
+  def __init__(self, path: str):
+    self.path = path
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+      head = f.read(8)
+      n = int.from_bytes(head, "little") if len(head) == 8 else -1
+      if n < 2 or n > min(size - 8, _MAX_HEADER_BYTES):
+        raise ConversionError(f"{path}: not a valid safetensors file (header length field {n}, "
+                              f"file size {size} bytes): the file is truncated or corrupt")
+      try:
+        header = json.loads(f.read(n))
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+      raise ConversionError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    self._data_start = 8 + n
+    self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
+    data_size = size - self._data_start
+    for name, e in header.items():
+      try:
+        dtype = _ST_DTYPES[e["dtype"]]
+        shape = tuple(int(d) for d in e["shape"])
+        begin, end = (int(o) for o in e["data_offsets"])
+      except (KeyError, TypeError, ValueError):
+        raise ConversionError(f"{path}: tensor {name}: corrupt or unsupported header entry "
+                              f"{str(e)[:200]}") from None
+      if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
+        raise ConversionError(f"{path}: tensor {name}: header byte range {begin}..{end} does not "
+                              f"fit shape {shape} of {e['dtype']}: the file is corrupt")
+      if end > data_size:
+        raise ConversionError(f"{path}: tensor {name} needs bytes {begin}..{end} of the data but "
+                              f"the file holds only {data_size}: the file is truncated")
+      self._entries[name] = (dtype, shape, self._data_start + begin)
+
+  def names(self) -> list[str]:
+    return list(self._entries)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self._entries[name][1]
+
+  def read(self, name: str) -> np.ndarray:
+    dtype, shape, offset = self._entries[name]
+    out = np.empty(shape, dtype)
+    with open(self.path, "rb") as f:
+      f.seek(offset)
+      got = f.readinto(out.reshape(-1).view(np.uint8))
+    if got != out.nbytes:
+      raise ConversionError(f"{self.path}: tensor {name}: read {got} of {out.nbytes} bytes: the "
+                            "file is truncated")
+    return out
+
+
+def _safetensors_header(entries: list[tuple[str, tuple[int, ...], np.dtype]]) -> bytes:
+  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+  offset = 0
+  for name, shape, dtype in entries:
+    nbytes = math.prod(shape) * dtype.itemsize
+    header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape),
+                    "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  return blob + b" " * (-len(blob) % 8)  # data starts 8-byte aligned
+
+
+# PyTorch .bin -------------------------------------------------------------------------------
+
+def import_torch(path: str):
+  try:
+    import torch
+  except ImportError:
+    raise ConversionError(f"{path}: reading PyTorch files needs torch (pip install "
+                          "'opt_jax[torch]'); safetensors checkpoints do not") from None
+  return torch
+
+
+def torch_to_numpy(t) -> np.ndarray:
+  """A numpy copy of a CPU tensor (bfloat16 through its bits: numpy has no bfloat16)."""
+  torch = import_torch("")
+  t = t.detach()
+  if t.dtype == torch.bfloat16:
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+  return t.numpy().copy()
+
+
+def torch_load(path: str, **kwargs) -> Any:
+  """torch.load on CPU, memory-mapped when the file is in the zip format."""
+  torch = import_torch(path)
+  try:
+    try:
+      return torch.load(path, map_location="cpu", mmap=True, **kwargs)
+    except RuntimeError as e:
+      if "mmap" not in str(e) and "zip" not in str(e):
+        raise
+      return torch.load(path, map_location="cpu", **kwargs)  # legacy (non-zip) format
+  except Exception as e:
+    raise ConversionError(f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: "
+                          f"{str(e)[:300]}): the file is truncated, corrupt or not a state dict"
+                          ) from None
+
+
+class TorchStateDictFile:
+  """One pytorch_model.bin: a flat {name: tensor} dict, loaded with weights_only=True."""
+
+  def __init__(self, path: str):
+    self.path = path
+    state = torch_load(path, weights_only=True)
+    if not isinstance(state, Mapping):
+      raise ConversionError(f"{path}: expected a state dict {{name: tensor}}, got "
+                            f"{type(state).__name__}")
+    torch = import_torch(path)
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+      raise ConversionError(f"{path}: entry {bad[0]!r} is not a tensor; expected a state dict")
+    self._state = state
+
+  def names(self) -> list[str]:
+    return list(self._state)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._state[name].shape)
+
+  def read(self, name: str) -> np.ndarray:
+    return torch_to_numpy(self._state[name])
+
+
+# A checkpoint of several files ----------------------------------------------------------------
+
+class FileSetSource:
+  """The union of the tensors of several files (shards); a name held twice is an error."""
+
+  def __init__(self, description: str, files: list[Any]):
+    self.description = description
+    self._file_of: dict[str, Any] = {}
+    for f in files:
+      for name in f.names():
+        if name in self._file_of:
+          raise ConversionError(f"tensor {name} is stored twice: in {self._file_of[name].path} "
+                                f"and {f.path}")
+        self._file_of[name] = f
+
+  def names(self) -> list[str]:
+    return list(self._file_of)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self._file_of[name].shape(name)
+
+  def where(self, name: str) -> str:
+    return self._file_of[name].path
+
+  def read(self, name: str) -> np.ndarray:
+    return self._file_of[name].read(name)
+
+
+def _open_index(index_path: str, open_file: Callable[[str], Any]) -> FileSetSource:
+  try:
+    with open(index_path) as f:
+      weight_map = json.load(f)["weight_map"]
+    assert isinstance(weight_map, dict)
+  except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as e:
+    raise ConversionError(f"{index_path}: expected JSON with a \"weight_map\" object "
+                          f"{{tensor: file}} ({type(e).__name__}: {e})") from None
+  directory = os.path.dirname(index_path)
+  files = []
+  for shard in sorted(set(weight_map.values())):
+    path = os.path.join(directory, shard)
+    if not os.path.isfile(path):
+      example = next(k for k, v in weight_map.items() if v == shard)
+      raise ConversionError(f"{index_path}: shard {shard} (holding e.g. {example}) not found at "
+                            f"{path}")
+    files.append(open_file(path))
+  source = FileSetSource(index_path, files)
+  for name, shard in weight_map.items():
+    if name not in source.names():
+      raise ConversionError(f"{index_path}: lists tensor {name} in {shard}, but that file has no "
+                            "such tensor")
+    if os.path.basename(source.where(name)) != shard:
+      raise ConversionError(f"{index_path}: lists tensor {name} in {shard}, but it is in "
+                            f"{source.where(name)}")
+  return source
+
+
+def resolve(path: str | os.PathLike) -> tuple[str, str]:
+  """(directory, weights file) of an HF checkpoint given as a directory or one of its files."""
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.exists(path):
+    raise ConversionError(f"{path}: no such file or directory")
+  if os.path.isfile(path):
+    if not path.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json")):
+      raise ConversionError(f"{path}: unknown weights format; expected .safetensors, .bin or a "
+                            ".index.json of either")
+    return os.path.dirname(path), path
+  for name in WEIGHT_FILES:
+    if os.path.isfile(os.path.join(path, name)):
+      return path, os.path.join(path, name)
+  raise ConversionError(f"{path}: no HF weights found; expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def open_weights(weights: str) -> FileSetSource:
+  """The tensors of an HF weights file (.safetensors, .bin, or either's .index.json)."""
+  name = os.path.basename(weights)
+  if name.endswith(".safetensors.index.json"):
+    return _open_index(weights, SafetensorsFile)
+  if name.endswith(".bin.index.json"):
+    return _open_index(weights, TorchStateDictFile)
+  if name.endswith(".safetensors"):
+    return FileSetSource(weights, [SafetensorsFile(weights)])
+  if name.endswith((".bin", ".pt", ".pth")):
+    return FileSetSource(weights, [TorchStateDictFile(weights)])
+  raise ConversionError(f"{weights}: unknown weights format; expected .safetensors, .bin or a "
+                        ".index.json of either")
+
+
+# Building params ----------------------------------------------------------------------------
+
+def params_from_source(source: TensorSource, config: OPTConfig, *, prefix: str = "",
+                       ignore: Iterable[str] = (), dtype: Any = None, progress: bool = False,
+                       config_source: str = "the config") -> dict[str, Any]:
+  """Validates `source` against `config`, then builds the params pytree tensor by tensor.
+
+  Tensor names in `source` are `prefix` + the HF decoder names of `hf_keys`; names in `ignore`
+  are skipped. Raises ConversionError naming the file and tensor for a missing tensor, an
+  unexpected one, or a shape that differs from what `config` implies; nothing is read before the
+  whole checkpoint has been validated.
+  """
+  expected = hf_keys.expected_shapes(config)
+  ignore = set(ignore)
+  names = [n for n in source.names() if n not in ignore]
+  present = set(names)
+  missing = [prefix + k for k in expected if prefix + k not in present]
+  if missing:
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    raise ConversionError(f"{source.description}: missing tensor {missing[0]}{more}, needed by "
+                          f"{config_source}")
+  unexpected = [n for n in names if not n.startswith(prefix) or n[len(prefix):] not in expected]
+  if unexpected:
+    more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+    raise ConversionError(f"{source.where(unexpected[0])}: unexpected tensor {unexpected[0]}{more};"
+                          f" {config_source} describes no such OPT parameter")
+  for key, shape in expected.items():
+    got = tuple(source.shape(prefix + key))
+    if got != shape:
+      raise ConversionError(f"{source.where(prefix + key)}: tensor {prefix + key} has shape "
+                            f"{got}, {config_source} implies {shape}")
+
+  bar = tqdm.tqdm(total=len(expected), unit="tensor", desc="converting", disable=not progress,
+                  dynamic_ncols=True)
+
+  def get(key: str) -> np.ndarray:
+    name = prefix + key
+    try:
+      array = source.read(name)
+    except ConversionError:
+      raise
+    except Exception as e:
+      raise ConversionError(f"{source.where(name)}: cannot read tensor {name} "
+                            f"({type(e).__name__}: {e})") from None
+    bar.update()
+    return array
+
+  with bar:
+    return hf_keys.params_from_hf(get, config, dtype=dtype)
+
+
+def _layout_prefix(source: TensorSource) -> str:
+  names = source.names()
+  layouts = [p for p in hf_keys.PREFIXES if any(n.startswith(p) for n in names)]
+  if len(layouts) > 1:
+    raise ConversionError(f"{source.description}: mixes model.decoder.* and decoder.* tensor "
+                          "names; expected one layout")
+  if not layouts:
+    raise ConversionError(f"{source.description}: no tensor named model.decoder.* or decoder.*; "
+                          f"not an OPT checkpoint (first names: {names[:3]})")
+  return layouts[0]
+
+
+def read_hf(path: str | os.PathLike, *, dtype: Any = None, progress: bool = False
+            ) -> tuple[dict[str, Any], OPTConfig]:
+  """Reads an HF OPT checkpoint (directory or weights file with config.json beside it).
+
+  dtype: cast every tensor (None keeps the stored dtype). Returns (params, config).
+  """
+  directory, weights = resolve(path)
+  config_path = os.path.join(directory, "config.json")
+  if not os.path.isfile(config_path):
+    raise ConversionError(f"{config_path} not found: an HF checkpoint needs its config.json "
+                          f"beside {os.path.basename(weights)}")
+  try:
+    config = OPTConfig.from_json_file(config_path)
+  except ValueError as e:
+    raise ConversionError(str(e)) from None
+  source = open_weights(weights)
+  prefix = _layout_prefix(source)
+  params = params_from_source(source, config, prefix=prefix, ignore=[hf_keys.LM_HEAD],
+                              dtype=dtype, progress=progress, config_source=config_path)
+  if hf_keys.LM_HEAD in source.names():
+    _check_tied_head(source, prefix + "embed_tokens.weight")
+  return params, config
+
+
+def _check_tied_head(source: TensorSource, embed_name: str) -> None:
+  head, embed = source.read(hf_keys.LM_HEAD), source.read(embed_name)
+  if head.shape != embed.shape or not np.array_equal(head, embed):
+    diff = (float(np.max(np.abs(head.astype(np.float32) - embed.astype(np.float32))))
+            if head.shape == embed.shape else f"shape {head.shape} vs {embed.shape}")
+    raise ConversionError(
+        f"{source.where(hf_keys.LM_HEAD)}: tensor {hf_keys.LM_HEAD} differs from {embed_name} "
+        f"(max abs difference {diff}); opt_jax ties the LM head to the token embedding and "
+        "cannot represent an untied head")
+
+
+# Writing ------------------------------------------------------------------------------------
+
+def write_hf(directory: str | os.PathLike, params: Mapping[str, Any], config: OPTConfig, *,
+             dtype: Any = None, tokenizer_files: Iterable[Any] = (),
+             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+             progress: bool = False) -> list[str]:
+  """Writes an HF OPTForCausalLM checkpoint: config.json + model.safetensors, or numbered shards
+  of at most `max_shard_bytes` + model.safetensors.index.json when larger; tensors are named
+  model.decoder.* and the tied LM head is left out (HF re-ties it). Atomic like
+  `checkpoint.save`. dtype: cast while writing. Returns the weight file names."""
+  cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype, copy=False))
+  # Pass 1: names, shapes and dtypes (cheap: hf_from_params yields views) to plan the shards.
+  entries = [(name, tuple(a.shape), np.dtype(cast(a).dtype))
+             for name, a in hf_keys.hf_from_params(params, config)]
+  shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
+  size = 0
+  for e in entries:
+    nbytes = math.prod(e[1]) * e[2].itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(e)
+    size += nbytes
+  names = ([SAFETENSORS] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  shard_of = {e[0]: i for i, shard in enumerate(shards) for e in shard}
+  tokenizer_files = checkpoint.file_pairs(tokenizer_files)
+
+  with checkpoint.atomic_directory(directory, overwrite=overwrite) as tmp:
+    files = [None] * len(shards)
+    try:
+      # Pass 2: tensors come in the planned order, so each shard is written front to back.
+      for name, array in tqdm.tqdm(hf_keys.hf_from_params(params, config), total=len(entries),
+                                   unit="tensor", desc="writing", disable=not progress,
+                                   dynamic_ncols=True):
+        i = shard_of[name]
+        if files[i] is None:
+          files[i] = open(os.path.join(tmp, names[i]), "wb")
+          header = _safetensors_header(shards[i])
+          files[i].write(len(header).to_bytes(8, "little") + header)
+        files[i].write(np.ascontiguousarray(cast(np.asarray(array))).reshape(-1).view(np.uint8))
+    finally:
+      for f in files:
+        if f is not None:
+          f.close()
+    if len(shards) > 1:
+      total = sum(math.prod(e[1]) * e[2].itemsize for e in entries)
+      index = {"metadata": {"total_size": total},
+               "weight_map": {e[0]: names[shard_of[e[0]]] for e in entries}}
+      with open(os.path.join(tmp, SAFETENSORS_INDEX), "w") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+    config.to_json_file(os.path.join(tmp, "config.json"))
+    checkpoint.copy_files(tokenizer_files, tmp)
+  return names
