@@ -226,14 +226,14 @@ def parse_suite(data: Any, base_dir: str, *, source: str = "<suite>", check_path
     problems.append(f"'models' must be a non-empty list of models, got {raw_models!r}")
     raw_models = []
 
-  models = []
-  for i, raw in enumerate(raw_models):
-    model = _parse_model(raw, i, base_dir, problems)
-    if model is not None:
-      models.append(model)
+  # Models with problems are still parsed as far as possible, so that their checkpoint paths are
+  # checked too and one run of the validation reports everything.
+  parsed = [_parse_model(raw, i, base_dir, problems) for i, raw in enumerate(raw_models)]
+  models = [m for m, ok in parsed if ok]
+  checked = [m for m, _ in parsed if m is not None]
 
   seen: dict[str, str] = {}
-  for m in models:
+  for m in checked:
     for n in (m.name, *m.aliases):
       key = n.lower()
       if key in seen and seen[key] != m.name:
@@ -243,34 +243,38 @@ def parse_suite(data: Any, base_dir: str, *, source: str = "<suite>", check_path
         problems.append(f"model {m.name!r}: name or alias {n!r} is listed twice")
       seen[key] = m.name
   if check_paths:
-    for m in models:
+    for m in checked:
       problems.extend(_check_checkpoints(m))
   if problems:
     raise SuiteError(source, problems)
   return Suite(name=name, models=models, source=source, description=description)
 
 
-def _parse_model(raw: Any, index: int, base_dir: str, problems: list[str]) -> SuiteModel | None:
+def _parse_model(raw: Any, index: int, base_dir: str, problems: list[str]
+                 ) -> tuple[SuiteModel | None, bool]:
+  """(model, ok): with problems, a partial model (params 0 where invalid) for the path checks."""
   pairs = _as_pairs(raw)
   where = f"models[{index}]"
   if pairs is None:
     problems.append(f"{where}: a model must be a mapping, got {type(raw).__name__}")
-    return None
+    return None, False
   fields: dict[str, Any] = {}
+  field_problems = []
   for k, v in pairs:
     if k not in _MODEL_FIELDS:
-      problems.append(f"{where}: unknown field {k!r} (expected one of {list(_MODEL_FIELDS)})")
+      field_problems.append(f"unknown field {k!r} (expected one of {list(_MODEL_FIELDS)})")
     elif k in fields:
-      problems.append(f"{where}: field {k!r} given twice")
+      field_problems.append(f"field {k!r} given twice")
     else:
       fields[k] = v
-  ok = True
+  ok = not field_problems
   name = fields.get("name")
   if not isinstance(name, str) or not name.strip():
     problems.append(f"{where}: 'name' must be a non-empty string, got {name!r}")
-    ok = False
+    name, ok = where, False
   else:
     where = f"{where} ({name})"
+  problems.extend(f"{where}: {p}" for p in field_problems)
   for field in ("params", "tokens_per_step"):
     if field not in fields:
       problems.append(f"{where}: missing {field!r} (a positive integer)")
@@ -313,12 +317,12 @@ def _parse_model(raw: Any, index: int, base_dir: str, problems: list[str]) -> Su
       path = os.path.expanduser(path)
       checkpoints[step] = os.path.normpath(path if os.path.isabs(path)
                                            else os.path.join(base_dir, path))
-  if not ok:
-    return None
-  return SuiteModel(name=name.strip(), params=int(fields["params"]),
-                    tokens_per_step=int(fields["tokens_per_step"]),
-                    aliases=tuple(a.strip() for a in aliases),
-                    checkpoints=dict(sorted(checkpoints.items())), description=description)
+  count = lambda f: int(fields[f]) if _is_count(fields.get(f)) else 0
+  model = SuiteModel(name=name.strip(), params=count("params"),
+                     tokens_per_step=count("tokens_per_step"),
+                     aliases=tuple(a.strip() for a in aliases),
+                     checkpoints=dict(sorted(checkpoints.items())), description=description)
+  return model, ok
 
 
 def _load_config(directory: str) -> OPTConfig:
@@ -354,7 +358,7 @@ def _check_checkpoints(m: SuiteModel) -> list[str]:
       problems.append(f"model {m.name!r} step {step}: config.json in {m.checkpoints[step]} "
                       f"differs from the model's other checkpoints: {', '.join(diff)}")
   actual = reference.num_params()
-  if abs(actual - m.params) > _PARAMS_TOLERANCE * actual:
+  if m.params > 0 and abs(actual - m.params) > _PARAMS_TOLERANCE * actual:
     problems.append(f"model {m.name!r}: manifest says params={m.params} but its checkpoints' "
                     f"config.json has {actual} parameters (more than "
                     f"{_PARAMS_TOLERANCE:.0%} apart: wrong checkpoints or wrong size?)")
