@@ -83,4 +83,19 @@ def random_params(config: OPTConfig, seed: int, std: float = 0.3):
   def draw(path, shape):
     z = rng.standard_normal(shape.shape).astype(np.float32)
     return 1.0 + 0.1 * z if "scale" in jax.tree_util.keystr(path) else std * z
-  return jax.tree_util.tree_map_with_path(draw, param_shapes(config))
+  if config not in _SHAPES:
+    _SHAPES[config] = param_shapes(config)
+  return jax.tree_util.tree_map_with_path(draw, _SHAPES[config])
+
+
+_SHAPES: dict = {}
+
+
+def param_summary(params) -> dict[str, np.ndarray]:
+  """A cheap deterministic evaluation (no compilation): float64 sum and norm of every array."""
+  import jax  # pylint: disable=import-outside-toplevel
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  arrays = [np.asarray(a, np.float64) for _, a in leaves]
+  return {"sums": np.array([a.sum() for a in arrays]),
+          "norms": np.array([np.sqrt((a * a).sum()) for a in arrays]),
+          "paths": np.array([jax.tree_util.keystr(p) for p, _ in leaves])}
