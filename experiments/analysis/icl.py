@@ -1,0 +1,441 @@
+"""In-context learning metrics and what predicts them: pure numpy/pandas/scipy (no JAX).
+
+Per (model, step, task), from each option's summed log-prob (nats), token count and character count:
+  accuracy              the option with the highest summed log-prob has the top target score
+  accuracy_norm         the same with log-prob / characters of the continuation as scored (the
+                        harness's acc_norm convention, tokenizer independent; the characters include
+                        the leading whitespace the boundary convention moves into the continuation)
+  correct_option_ppl    exp(mean over examples of the correct option's per-token NLL)
+  incorrect_option_ppl  exp(mean over examples of the mean per-token NLL of the other options)
+                        (both are geometric means of per-option perplexities: robust to the odd huge
+                        one)
+  random_baseline       mean over examples of 1 / (number of options)
+
+The table `icl_results.csv` (one row per model, step, task) has the columns RESULT_COLUMNS. Another
+source (lm-evaluation-harness files, another framework) can feed the same analysis with a CSV of
+those columns: model, step, params, tokens, flops, validation_ppl, task and accuracy are required;
+n, accuracy_norm, correct_option_ppl, incorrect_option_ppl and random_baseline may be empty (NaN),
+which skips what needs them (above-random accuracy needs random_baseline).
+
+Across checkpoints (`mean_accuracy`, `correlations`): mean accuracy over the tasks every checkpoint
+has, raw and above random (accuracy - random_baseline, averaged over tasks), against
+x in (validation_ppl, flops, params), pooled over every size and step: Spearman's rho (scipy) and
+the R^2 of the least-squares line accuracy = a + b log(x). Rows whose x is missing or not positive
+(FLOPs at step 0) are left out of that x's statistics; n says how many remained. Above-random
+accuracy differs from raw accuracy by a constant when every checkpoint has the same tasks, so its
+rho and R^2 are the same; both are reported.
+
+Per task (`task_scaling`), following the BIG-bench paper (Srivastava et al. 2022, appendix on
+linearity and breakthroughness), for scores y_1..y_n ordered by scale (here: by decreasing
+validation perplexity, optionally averaged within `n_bins` quantile bins of log perplexity):
+  I(y) = sign(argmax_i y_i - argmin_i y_i) * (max_i y_i - min_i y_i)     overall improvement
+  L(y) = I(y) / sqrt(mean_i (y_{i+1} - y_i)^2)                          linearity
+  B(y) = I(y) / sqrt(median_i (y_{i+1} - y_i)^2)                        breakthroughness
+L is largest when the improvement is spread evenly over the steps, B when it comes in a few jumps
+(a median of zero with I > 0 gives B = inf). Flat curves (I = 0) get 0 for both. For tasks scored
+at the same points, dividing by the root of the sum instead of the mean (another reading of the
+appendix) only rescales L by sqrt(n - 1) and leaves the ranking of tasks unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+
+RESULT_COLUMNS = ("model", "step", "params", "tokens", "flops", "validation_ppl", "task", "n",
+                  "accuracy", "accuracy_norm", "correct_option_ppl", "incorrect_option_ppl",
+                  "random_baseline")
+REQUIRED_COLUMNS = ("model", "step", "params", "tokens", "flops", "validation_ppl", "task",
+                    "accuracy")
+X_COLUMNS = ("validation_ppl", "flops", "params")
+CHECKPOINT_COLUMNS = ("model", "step", "params", "tokens", "flops", "validation_ppl")
+
+
+# Per-task metrics -------------------------------------------------------------------------------
+
+def random_baseline(option_counts: Sequence[int]) -> float:
+  """Expected accuracy of a uniform random guess: mean over examples of 1 / options."""
+  counts = np.asarray(option_counts, dtype=np.float64)
+  if counts.size == 0 or not (counts >= 1).all():
+    raise ValueError(f"option counts must be at least 1, got {list(counts[:5])}")
+  return float(np.mean(1.0 / counts))
+
+
+def task_metrics(logprobs: Sequence[Sequence[float]], n_tokens: Sequence[Sequence[int]],
+                 n_chars: Sequence[Sequence[int]], scores: Sequence[Sequence[float]]
+                 ) -> dict[str, float]:
+  """Metrics of one task from per-example, per-option arrays (ragged: options vary).
+
+  logprobs: summed log p(option | prompt) in nats; n_tokens, n_chars: the option's length in
+  tokens and characters as scored; scores: target scores (the correct options have the maximum).
+  Returns n, accuracy, accuracy_norm, correct_option_ppl, incorrect_option_ppl, random_baseline.
+  Ties in log-prob go to the first option (numpy argmax).
+  """
+  n = len(logprobs)
+  if n == 0:
+    raise ValueError("task_metrics needs at least one example")
+  hit, hit_norm, nll_c, nll_i = [], [], [], []
+  for e, (lp, nt, nc, sc) in enumerate(zip(logprobs, n_tokens, n_chars, scores)):
+    lp, nt, nc, sc = (np.asarray(a, np.float64) for a in (lp, nt, nc, sc))
+    if not (lp.shape == nt.shape == nc.shape == sc.shape) or lp.size < 2:
+      raise ValueError(f"example {e}: expected the same number (>= 2) of log-probs, token counts, "
+                       f"character counts and scores, got {lp.size}, {nt.size}, {nc.size}, "
+                       f"{sc.size}")
+    if (nt < 1).any() or (nc < 1).any():
+      raise ValueError(f"example {e}: every option needs at least one token and one character")
+    top = sc == sc.max()
+    hit.append(top[np.argmax(lp)])
+    hit_norm.append(top[np.argmax(lp / nc)])
+    per_token = -lp / nt
+    c = int(np.argmax(sc))
+    nll_c.append(per_token[c])
+    nll_i.append(np.delete(per_token, c).mean())
+  return {"n": n, "accuracy": float(np.mean(hit)), "accuracy_norm": float(np.mean(hit_norm)),
+          "correct_option_ppl": float(np.exp(np.mean(nll_c))),
+          "incorrect_option_ppl": float(np.exp(np.mean(nll_i))),
+          "random_baseline": random_baseline([len(s) for s in scores])}
+
+
+# Reading and checking result tables -------------------------------------------------------------
+
+def check_results(df: pd.DataFrame, source: str = "results") -> pd.DataFrame:
+  """`df` with every RESULT_COLUMNS column (missing optional ones added as NaN), typed.
+
+  Raises ValueError naming the source and what is wrong: missing required columns, duplicate
+  (model, step, task) rows, non-numeric values.
+  """
+  missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+  if missing:
+    raise ValueError(f"{source}: missing column(s) {missing}; required: {list(REQUIRED_COLUMNS)}")
+  df = df.copy()
+  for c in RESULT_COLUMNS:
+    if c not in df.columns:
+      df[c] = np.nan
+  for c in RESULT_COLUMNS:
+    if c in ("model", "task"):
+      df[c] = df[c].astype(str)
+      continue
+    try:
+      df[c] = pd.to_numeric(df[c])
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{source}: column {c!r} must be numeric ({e})") from e
+  df["step"] = df["step"].astype(np.int64)
+  dup = df.duplicated(["model", "step", "task"], keep=False)
+  if dup.any():
+    first = df[dup].iloc[0]
+    raise ValueError(f"{source}: {int(dup.sum())} rows repeat a (model, step, task), e.g. "
+                     f"({first['model']}, {first['step']}, {first['task']})")
+  extra = [c for c in df.columns if c not in RESULT_COLUMNS]
+  return df[list(RESULT_COLUMNS) + extra].sort_values(["model", "step", "task"],
+                                                      ignore_index=True)
+
+
+def read_results(path: str) -> pd.DataFrame:
+  return check_results(pd.read_csv(path), path)
+
+
+# Across checkpoints -----------------------------------------------------------------------------
+
+def common_tasks(results: pd.DataFrame) -> list[str]:
+  """Tasks with a non-missing accuracy at every (model, step)."""
+  ok = results.dropna(subset=["accuracy"])
+  n_ckpt = results.groupby(["model", "step"]).ngroups
+  counts = ok.groupby("task")[["model", "step"]].apply(lambda g: len(g.drop_duplicates()))
+  return sorted(counts.index[counts == n_ckpt])
+
+
+def mean_accuracy(results: pd.DataFrame, tasks: Sequence[str] | None = None) -> pd.DataFrame:
+  """One row per (model, step): CHECKPOINT_COLUMNS, n_tasks, accuracy, accuracy_norm,
+  accuracy_above_random (mean over `tasks`, default `common_tasks`), correct_option_ppl and
+  incorrect_option_ppl (geometric means over tasks)."""
+  tasks = common_tasks(results) if tasks is None else list(tasks)
+  if not tasks:
+    raise ValueError("no task has an accuracy at every checkpoint; nothing to average")
+  df = results[results["task"].isin(tasks)].copy()
+  df["accuracy_above_random"] = df["accuracy"] - df["random_baseline"]
+  for c in ("correct_option_ppl", "incorrect_option_ppl"):
+    df["log_" + c] = np.log(df[c])
+  g = df.groupby(["model", "step"], sort=True)
+  out = g[list(CHECKPOINT_COLUMNS[2:])].first()
+  out["n_tasks"] = g["task"].nunique()
+  for c in ("accuracy", "accuracy_norm", "accuracy_above_random"):
+    out[c] = g[c].mean()
+  for c in ("correct_option_ppl", "incorrect_option_ppl"):
+    out[c] = np.exp(g["log_" + c].mean())
+  return out.reset_index()
+
+
+@dataclasses.dataclass(frozen=True)
+class LogFit:
+  """y = intercept + slope * log(x) by least squares; r2 = 1 - SS_res / SS_tot."""
+  slope: float
+  intercept: float
+  r2: float
+  n: int
+
+
+def log_fit(x: Sequence[float], y: Sequence[float]) -> LogFit:
+  lx, y = np.log(np.asarray(x, np.float64)), np.asarray(y, np.float64)
+  if lx.size < 3 or np.ptp(lx) == 0:
+    return LogFit(np.nan, np.nan, np.nan, int(lx.size))
+  slope, intercept = np.polyfit(lx, y, 1)
+  resid = y - (intercept + slope * lx)
+  ss_tot = np.sum((y - y.mean()) ** 2)
+  r2 = 1.0 - np.sum(resid ** 2) / ss_tot if ss_tot > 0 else np.nan
+  return LogFit(float(slope), float(intercept), float(r2), int(lx.size))
+
+
+def correlations(means: pd.DataFrame, y: str = "accuracy",
+                 xs: Sequence[str] = X_COLUMNS) -> pd.DataFrame:
+  """Columns x, spearman, r2, n, spearman_p, slope, intercept, y: one row per x, pooled over all
+  sizes and steps; rows with a missing or non-positive x or a missing y are left out."""
+  rows = []
+  for x in xs:
+    d = means[[x, y]].replace([np.inf, -np.inf], np.nan).dropna()
+    d = d[d[x] > 0]
+    fit = log_fit(d[x], d[y])
+    if len(d) >= 3 and d[x].nunique() > 1 and d[y].nunique() > 1:
+      rho, p = scipy.stats.spearmanr(d[x], d[y])
+    else:
+      rho, p = np.nan, np.nan
+    rows.append({"x": x, "spearman": float(rho), "r2": fit.r2, "n": len(d),
+                 "spearman_p": float(p), "slope": fit.slope, "intercept": fit.intercept, "y": y})
+  return pd.DataFrame(rows)
+
+
+def residuals_by_model(means: pd.DataFrame, x: str = "validation_ppl", y: str = "accuracy"
+                       ) -> pd.DataFrame:
+  """Per model: mean and max |residual| of y around the pooled fit y = a + b log(x).
+
+  If x predicts y independently of size (the paper's claim for perplexity), every model's mean
+  residual is near 0; a size effect at equal x shows up as residuals of opposite signs."""
+  d = means.replace([np.inf, -np.inf], np.nan).dropna(subset=[x, y])
+  d = d[d[x] > 0]
+  fit = log_fit(d[x], d[y])
+  r = d[y] - (fit.intercept + fit.slope * np.log(d[x]))
+  out = pd.DataFrame({"model": d["model"], "residual": r})
+  g = out.groupby("model")["residual"]
+  return pd.DataFrame({"mean_residual": g.mean(), "max_abs_residual": g.apply(
+      lambda s: s.abs().max()), "n": g.size()}).reset_index()
+
+
+# Per task: trajectories, linearity, breakthroughness -------------------------------------------
+
+def improvement(y: Sequence[float]) -> float:
+  """I(y) = sign(argmax y - argmin y) * (max y - min y)."""
+  y = np.asarray(y, np.float64)
+  if y.size < 2:
+    return 0.0
+  return float(np.sign(int(np.argmax(y)) - int(np.argmin(y))) * (y.max() - y.min()))
+
+
+def _ratio(i: float, denom: float) -> float:
+  if i == 0:
+    return 0.0
+  return float(np.sign(i) * np.inf) if denom == 0 else float(i / denom)
+
+
+def linearity(y: Sequence[float]) -> float:
+  """L(y) = I(y) / sqrt(mean((y[i+1] - y[i])^2)); 0 for a flat curve."""
+  d = np.diff(np.asarray(y, np.float64))
+  return 0.0 if d.size == 0 else _ratio(improvement(y), float(np.sqrt(np.mean(d ** 2))))
+
+
+def breakthroughness(y: Sequence[float]) -> float:
+  """B(y) = I(y) / sqrt(median((y[i+1] - y[i])^2)); 0 for a flat curve, inf when the median
+  step is 0 but the curve improves."""
+  d = np.diff(np.asarray(y, np.float64))
+  return 0.0 if d.size == 0 else _ratio(improvement(y), float(np.sqrt(np.median(d ** 2))))
+
+
+def ordered_scores(df: pd.DataFrame, y: str = "accuracy", x: str = "validation_ppl",
+                   n_bins: int | None = None) -> np.ndarray:
+  """y ordered from the worst to the best language model (decreasing validation perplexity;
+  increasing x for flops or params). With n_bins, y is averaged within n_bins equal-count bins
+  of that order (fewer when there are fewer points)."""
+  d = df[[x, y]].dropna()
+  ascending = x != "validation_ppl"
+  d = d.sort_values(x, ascending=ascending, kind="stable")
+  values = d[y].to_numpy(np.float64)
+  if n_bins and len(values) > n_bins:
+    values = np.array([b.mean() for b in np.array_split(values, n_bins)])
+  return values
+
+
+def task_scaling(results: pd.DataFrame, y: str = "accuracy", x: str = "validation_ppl",
+                 n_bins: int | None = 10) -> pd.DataFrame:
+  """Per task: improvement, linearity, breakthroughness (of `ordered_scores`), n_points, and the
+  first / last binned score; sorted by task."""
+  rows = []
+  for task, d in results.groupby("task", sort=True):
+    v = ordered_scores(d, y, x, n_bins)
+    rows.append({"task": task, "improvement": improvement(v), "linearity": linearity(v),
+                 "breakthroughness": breakthroughness(v), "n_points": len(v),
+                 "first": float(v[0]) if len(v) else np.nan,
+                 "last": float(v[-1]) if len(v) else np.nan})
+  return pd.DataFrame(rows)
+
+
+def top_tasks(scaling: pd.DataFrame, by: str, k: int = 5) -> list[str]:
+  """The k tasks with the largest `by` (linearity or breakthroughness); ties by task name."""
+  d = scaling.sort_values([by, "task"], ascending=[False, True], kind="stable")
+  return list(d["task"].head(k))
+
+
+# lm-evaluation-harness result files -------------------------------------------------------------
+
+PPL_METRICS = ("perplexity", "ppl", "word_perplexity", "token_perplexity", "byte_perplexity")
+
+
+def _metric(task_results: Mapping[str, Any], metric: str) -> float | None:
+  """`metric` from one task's results: 'acc' (harness <= 0.3) or 'acc,<filter>' (>= 0.4, 'none'
+  filter preferred)."""
+  if metric in task_results:
+    return task_results[metric]
+  keyed = sorted(k for k in task_results if k.split(",")[0] == metric)
+  if not keyed:
+    return None
+  return task_results[f"{metric},none"] if f"{metric},none" in keyed else task_results[keyed[0]]
+
+
+def _model_args(config: Mapping[str, Any]) -> dict[str, str]:
+  args = config.get("model_args", "") if isinstance(config, Mapping) else ""
+  if isinstance(args, Mapping):
+    return {str(k): str(v) for k, v in args.items()}
+  out = {}
+  for part in str(args or "").split(","):
+    if "=" in part:
+      k, v = part.split("=", 1)
+      out[k.strip()] = v.strip()
+  return out
+
+
+def _name_in(name: str, text: str) -> bool:
+  """`name` occurs in `text` delimited by non-alphanumerics (opt-1.3b is not inside opt-13b)."""
+  pattern = r"(?<![0-9a-z.])" + re.escape(name.lower()) + r"(?![0-9a-z])"
+  return re.search(pattern, text.lower()) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+  """What the import needs from a suite model (opt_jax.suite.SuiteModel has these fields)."""
+  name: str
+  params: int
+  tokens_per_step: int
+  aliases: tuple[str, ...] = ()
+
+
+def _match_model(models: Sequence[Any], pretrained: str | None, relpath: str) -> tuple[Any, str]:
+  if pretrained:
+    for m in models:
+      if pretrained.lower() in (n.lower() for n in (m.name, *m.aliases)):
+        return m, ""
+  text = relpath.replace("__", "/")
+  hits = [(len(n), m) for m in models for n in (m.name, *m.aliases) if _name_in(n, text)]
+  if not hits:
+    return None, (f"no manifest model's name or alias equals pretrained={pretrained!r} or appears "
+                  f"in the file name")
+  best = max(h[0] for h in hits)
+  winners = {m.name for length, m in hits if length == best}
+  if len(winners) > 1:
+    return None, f"the file name matches several models equally: {sorted(winners)}"
+  return next(m for length, m in hits if length == best), ""
+
+
+def _step(model_args: Mapping[str, str], relpath: str) -> int | None:
+  m = re.fullmatch(r"(?:global_)?step[_-]?(\d+)", model_args.get("revision", "").strip())
+  if m:
+    return int(m.group(1))
+  found = re.findall(r"(?<![a-z])step[_-]?(\d+)", relpath.lower())
+  return int(found[-1]) if found else None
+
+
+def import_lm_eval(results_dir: str, models: Sequence[Any], tasks: Sequence[str],
+                   metric: str = "acc", ppl_task: str = "lambada_openai",
+                   ppl_metric: str | None = None) -> tuple[pd.DataFrame, list[str]]:
+  """Rows of RESULT_COLUMNS from a folder of lm-evaluation-harness result files (*.json with
+  `results` and `config`, searched recursively; one file per checkpoint).
+
+  models: objects with name, aliases, params, tokens_per_step (suite models). A file belongs to
+  the model whose name or alias equals `pretrained=` in config.model_args, else whose name or
+  alias appears in the file's path under results_dir (lm-eval's "org__name" folders read as
+  "org/name"); its step is `revision=stepN`, else the last "stepN" in that path.
+  accuracy = `metric`; accuracy_norm = `metric`_norm when present; validation_ppl = ppl_task's
+  ppl_metric (default: the first of PPL_METRICS present). n is lm-eval's n-samples when recorded.
+  Option perplexities and random baselines are unknown (NaN).
+
+  Returns (rows, problems): a file that cannot be attributed, a missing task or metric is listed
+  in problems and skipped. Raises ValueError when no row results, or two files give the same
+  (model, step).
+  """
+  files = sorted(os.path.join(d, f) for d, _, fs in os.walk(results_dir) for f in fs
+                 if f.endswith(".json"))
+  if not files:
+    raise ValueError(f"{results_dir}: no .json result files")
+  rows, problems, seen = [], [], {}
+  for path in files:
+    rel = os.path.relpath(path, results_dir)
+    try:
+      with open(path) as f:
+        data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      problems.append(f"{rel}: not readable JSON ({e})")
+      continue
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+      problems.append(f"{rel}: no 'results' object; not an lm-evaluation-harness result file")
+      continue
+    args = _model_args(data.get("config", {}))
+    model, why = _match_model(models, args.get("pretrained"), rel)
+    if model is None:
+      problems.append(f"{rel}: {why}")
+      continue
+    step = _step(args, rel)
+    if step is None:
+      problems.append(f"{rel}: no step: revision={args.get('revision')!r} is not stepN and the "
+                      f"file name has no stepN")
+      continue
+    if (model.name, step) in seen:
+      raise ValueError(f"{results_dir}: {seen[(model.name, step)]} and {rel} are both "
+                       f"{model.name} step {step}")
+    seen[(model.name, step)] = rel
+    results = data["results"]
+    ppl = np.nan
+    if ppl_task in results:
+      names = [ppl_metric] if ppl_metric else PPL_METRICS
+      vals = [v for v in (_metric(results[ppl_task], n) for n in names) if v is not None]
+      if vals:
+        ppl = float(vals[0])
+      else:
+        problems.append(f"{rel}: task {ppl_task!r} has none of the metrics {list(names)}")
+    else:
+      problems.append(f"{rel}: no results for the perplexity task {ppl_task!r}")
+    n_samples = data.get("n-samples", {})
+    tokens = step * model.tokens_per_step
+    for task in tasks:
+      if task not in results:
+        problems.append(f"{rel}: no results for task {task!r}")
+        continue
+      acc = _metric(results[task], metric)
+      if acc is None:
+        problems.append(f"{rel}: task {task!r} has no metric {metric!r} (has: "
+                        f"{sorted(results[task])})")
+        continue
+      norm = _metric(results[task], metric + "_norm")
+      ns = n_samples.get(task, {}) if isinstance(n_samples, dict) else {}
+      rows.append({"model": model.name, "step": step, "params": model.params, "tokens": tokens,
+                   "flops": 6.0 * model.params * tokens, "validation_ppl": ppl, "task": task,
+                   "n": ns.get("effective", np.nan) if isinstance(ns, dict) else np.nan,
+                   "accuracy": float(acc), "accuracy_norm": np.nan if norm is None else float(norm),
+                   "correct_option_ppl": np.nan, "incorrect_option_ppl": np.nan,
+                   "random_baseline": np.nan})
+  if not rows:
+    raise ValueError(f"{results_dir}: no usable results; problems:\n  " + "\n  ".join(problems))
+  return check_results(pd.DataFrame(rows), results_dir), problems

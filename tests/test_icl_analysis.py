@@ -1,0 +1,215 @@
+"""ICL metrics and analysis against independent math: scipy, statsmodels OLS, hand computation."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+import statsmodels.api as sm
+
+from experiments.analysis import icl
+
+
+# --- per-task metrics ----------------------------------------------------------------------------
+
+def test_task_metrics_by_hand():
+  # Example 0: option 1 wins on summed log-prob, option 0 (correct) wins per character.
+  # Example 1: 3 options, correct option 2 wins both ways.
+  lp = [[-6.0, -4.0], [-9.0, -8.0, -1.0]]
+  ntok = [[3, 1], [2, 4, 1]]
+  nch = [[12, 2], [5, 9, 3]]
+  scores = [[1, 0], [0, 0, 1]]
+  m = icl.task_metrics(lp, ntok, nch, scores)
+  assert m["n"] == 2
+  assert m["accuracy"] == 0.5          # ex0 wrong (-4 > -6), ex1 right
+  assert m["accuracy_norm"] == 1.0     # ex0: -6/12 = -0.5 > -4/2 = -2
+  # correct options: per-token NLL 6/3 = 2 and 1/1 = 1 -> exp(mean) = exp(1.5)
+  assert m["correct_option_ppl"] == pytest.approx(np.exp(1.5))
+  # incorrect: ex0 4/1 = 4; ex1 mean(9/2, 8/4) = 3.25 -> exp(mean(4, 3.25))
+  assert m["incorrect_option_ppl"] == pytest.approx(np.exp((4 + 3.25) / 2))
+  assert m["random_baseline"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+
+
+def test_task_metrics_counts_any_top_scored_option_and_rejects_bad_shapes():
+  m = icl.task_metrics([[-1.0, -2.0, -3.0]], [[1, 1, 1]], [[1, 1, 1]], [[0.5, 1, 0.5]])
+  assert m["accuracy"] == 0.0  # picked a half-credit option; only the top score counts
+  m = icl.task_metrics([[-2.0, -1.0, -3.0]], [[1, 1, 1]], [[1, 1, 1]], [[0.5, 1, 0.5]])
+  assert m["accuracy"] == 1.0
+  with pytest.raises(ValueError, match="example 0"):
+    icl.task_metrics([[-1.0, -2.0]], [[1]], [[1, 1]], [[1, 0]])
+  with pytest.raises(ValueError, match="at least one token"):
+    icl.task_metrics([[-1.0, -2.0]], [[0, 1]], [[1, 1]], [[1, 0]])
+
+
+# --- correlations ---------------------------------------------------------------------------------
+
+def _synthetic_results(seed=0):
+  """3 sizes x 5 steps x 4 tasks; accuracy driven by perplexity plus noise."""
+  rng = np.random.RandomState(seed)
+  rows = []
+  for mi, (model, params) in enumerate((("s", 1e6), ("m", 4e6), ("l", 1.6e7))):
+    for si, step in enumerate((0, 100, 200, 400, 800)):
+      tokens = step * 1000
+      ppl = 300.0 / (1 + si) / (1 + mi) + 20
+      for ti, task in enumerate(("t0", "t1", "t2", "t3")):
+        rb = 1 / (2 + ti)
+        acc = rb + 0.3 * (1 - np.log(ppl) / np.log(400)) + 0.02 * rng.randn()
+        rows.append({"model": model, "step": step, "params": params, "tokens": tokens,
+                     "flops": 6 * params * tokens, "validation_ppl": ppl, "task": task, "n": 50,
+                     "accuracy": acc, "accuracy_norm": acc - 0.01,
+                     "correct_option_ppl": ppl * 0.8, "incorrect_option_ppl": ppl * 1.2,
+                     "random_baseline": rb})
+  return icl.check_results(pd.DataFrame(rows))
+
+
+def test_correlations_match_scipy_and_statsmodels():
+  means = icl.mean_accuracy(_synthetic_results())
+  assert len(means) == 15 and (means["n_tasks"] == 4).all()
+  corr = icl.correlations(means, "accuracy")
+  assert list(corr.columns[:4]) == ["x", "spearman", "r2", "n"]
+  assert list(corr["x"]) == ["validation_ppl", "flops", "params"]
+  for _, row in corr.iterrows():
+    d = means[means[row["x"]] > 0]            # flops are 0 at step 0: left out of that fit
+    assert row["n"] == len(d)
+    rho = scipy.stats.spearmanr(d[row["x"]], d["accuracy"]).statistic
+    assert row["spearman"] == pytest.approx(rho, abs=1e-12)
+    ols = sm.OLS(d["accuracy"].to_numpy(), sm.add_constant(np.log(d[row["x"]].to_numpy()))).fit()
+    assert row["r2"] == pytest.approx(ols.rsquared, abs=1e-10)
+    assert row["slope"] == pytest.approx(ols.params[1], abs=1e-10)
+  assert corr.set_index("x").loc["flops", "n"] == 12
+  assert corr.set_index("x").loc["validation_ppl", "spearman"] < -0.9
+
+
+def test_above_random_is_a_constant_shift_with_the_same_statistics():
+  means = icl.mean_accuracy(_synthetic_results())
+  shift = means["accuracy"] - means["accuracy_above_random"]
+  assert np.allclose(shift, np.mean([1 / 2, 1 / 3, 1 / 4, 1 / 5]))
+  a = icl.correlations(means, "accuracy")
+  b = icl.correlations(means, "accuracy_above_random")
+  assert np.allclose(a[["spearman", "r2"]], b[["spearman", "r2"]])
+
+
+def test_mean_accuracy_uses_only_tasks_every_checkpoint_has():
+  df = _synthetic_results()
+  df = df[~((df["task"] == "t3") & (df["model"] == "s") & (df["step"] == 100))]
+  assert icl.common_tasks(df) == ["t0", "t1", "t2"]
+  means = icl.mean_accuracy(df)
+  assert (means["n_tasks"] == 3).all()
+  row = means[(means["model"] == "l") & (means["step"] == 800)].iloc[0]
+  sub = df[(df["model"] == "l") & (df["step"] == 800) & (df["task"] != "t3")]
+  assert row["accuracy"] == pytest.approx(sub["accuracy"].mean())
+  assert row["correct_option_ppl"] == pytest.approx(np.exp(np.log(sub["correct_option_ppl"]).mean()))
+
+
+def test_residuals_by_model_are_zero_when_x_explains_y_exactly():
+  means = pd.DataFrame({"model": ["a"] * 3 + ["b"] * 3,
+                        "validation_ppl": [100, 50, 25, 80, 40, 20],
+                        "accuracy": 1 - 0.1 * np.log([100, 50, 25, 80, 40, 20])})
+  r = icl.residuals_by_model(means)
+  assert np.allclose(r["mean_residual"], 0, atol=1e-12)
+  shifted = means.assign(accuracy=means["accuracy"] + np.where(means["model"] == "b", 0.05, 0))
+  r = icl.residuals_by_model(shifted).set_index("model")
+  assert r.loc["a", "mean_residual"] < 0 < r.loc["b", "mean_residual"]
+
+
+def test_check_results_names_the_problem():
+  df = _synthetic_results()
+  with pytest.raises(ValueError, match=r"missing column\(s\) \['validation_ppl'\]"):
+    icl.check_results(df.drop(columns=["validation_ppl"]), "x.csv")
+  with pytest.raises(ValueError, match="repeat a"):
+    icl.check_results(pd.concat([df, df.head(1)]), "x.csv")
+  slim = icl.check_results(df[list(icl.REQUIRED_COLUMNS)], "x.csv")
+  assert slim["random_baseline"].isna().all() and list(slim.columns) == list(icl.RESULT_COLUMNS)
+
+
+# --- linearity and breakthroughness ---------------------------------------------------------------
+
+def test_linearity_and_breakthroughness_by_hand():
+  lin = [0.0, 0.1, 0.2, 0.3, 0.4]           # diffs 0.1 x4: I = 0.4, RMS = 0.1, median sq = 0.01
+  assert icl.improvement(lin) == pytest.approx(0.4)
+  assert icl.linearity(lin) == pytest.approx(4.0)
+  assert icl.breakthroughness(lin) == pytest.approx(4.0)
+  jump = [0.0, 0.0, 0.01, 0.0, 0.4]          # diffs 0, .01, -.01, .4
+  i = 0.4
+  assert icl.improvement(jump) == pytest.approx(i)
+  assert icl.linearity(jump) == pytest.approx(i / np.sqrt((0 + 1e-4 + 1e-4 + 0.16) / 4))
+  assert icl.breakthroughness(jump) == pytest.approx(i / np.sqrt(np.median([0, 1e-4, 1e-4, 0.16])))
+  assert icl.breakthroughness(jump) > icl.breakthroughness(lin) > icl.linearity(jump)
+  down = [0.4, 0.3, 0.1]                      # argmax before argmin: negative improvement
+  assert icl.improvement(down) == pytest.approx(-0.3)
+  assert icl.linearity(down) < 0
+  assert icl.linearity([0.2, 0.2, 0.2]) == icl.breakthroughness([0.2, 0.2, 0.2]) == 0.0
+  assert icl.breakthroughness([0, 0, 0, 1.0]) == np.inf
+
+
+def test_task_scaling_orders_by_decreasing_perplexity_and_bins():
+  df = pd.DataFrame({"task": "t", "validation_ppl": [10, 40, 20, 30, 50, 60],
+                     "accuracy": [0.9, 0.3, 0.7, 0.5, 0.2, 0.1]})
+  assert icl.ordered_scores(df).tolist() == [0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
+  assert np.allclose(icl.ordered_scores(df, n_bins=3), [0.15, 0.4, 0.8])
+  df2 = df.assign(task="u", accuracy=[0.6, 0.1, 0.1, 0.1, 0.1, 0.1])  # jumps at ppl 10 (last)
+  s = icl.task_scaling(pd.concat([df, df2]), n_bins=None).set_index("task")
+  assert s.loc["t", "linearity"] == pytest.approx(icl.linearity([0.1, 0.2, 0.3, 0.5, 0.7, 0.9]))
+  assert s.loc["u", "breakthroughness"] == np.inf
+  assert icl.top_tasks(s.reset_index(), "linearity", 1) == ["t"]
+  assert icl.top_tasks(s.reset_index(), "breakthroughness", 1) == ["u"]
+
+
+# --- lm-evaluation-harness import ----------------------------------------------------------------
+
+MODELS = [icl.ModelInfo("opt-125m", 125_000_000, 500_000, ("facebook/opt-125m",)),
+          icl.ModelInfo("opt-1.3b", 1_300_000_000, 1_000_000, ("facebook/opt-1.3b",)),
+          icl.ModelInfo("opt-13b", 13_000_000_000, 2_000_000, ("facebook/opt-13b",))]
+
+
+def _write(path, results, model_args, n_samples=None):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  data = {"results": results, "config": {"model": "hf", "model_args": model_args}}
+  if n_samples:
+    data["n-samples"] = n_samples
+  with open(path, "w") as f:
+    json.dump(data, f)
+
+
+def test_import_lm_eval_files(tmp_path):
+  d = str(tmp_path)
+  # harness >= 0.4 keys ("acc,none"), model by pretrained= and step by revision=
+  _write(os.path.join(d, "facebook__opt-125m", "results_2024.json"),
+         {"hellaswag": {"acc,none": 0.3, "acc_norm,none": 0.31, "acc_stderr,none": 0.01},
+          "piqa": {"acc,none": 0.6},
+          "lambada_openai": {"perplexity,none": 40.0, "acc,none": 0.3}},
+         "pretrained=facebook/opt-125m,revision=step2000,dtype=float16",
+         {"hellaswag": {"original": 100, "effective": 100}})
+  # harness 0.3 keys, a dict model_args with a local path; model and step from the file name
+  _write(os.path.join(d, "opt-13b_step4000.json"),
+         {"hellaswag": {"acc": 0.5, "acc_norm": 0.52}, "piqa": {"acc": 0.7},
+          "lambada_openai": {"ppl": 9.0}},
+         {"pretrained": "/ckpt/x", "dtype": "float16"})
+  # opt-1.3b must not be mistaken for opt-13b; this one lacks piqa
+  _write(os.path.join(d, "opt-1.3b_step1000.json"),
+         {"hellaswag": {"acc": 0.4}, "lambada_openai": {"ppl": 20.0}}, "pretrained=/ckpt/y")
+  _write(os.path.join(d, "unknown_step5.json"), {"hellaswag": {"acc": 0.1}}, "pretrained=gpt2")
+  rows, problems = icl.import_lm_eval(d, MODELS, ["hellaswag", "piqa"])
+  got = {(r.model, r.step, r.task): r for r in rows.itertuples()}
+  assert sorted(got) == [("opt-1.3b", 1000, "hellaswag"), ("opt-125m", 2000, "hellaswag"),
+                         ("opt-125m", 2000, "piqa"), ("opt-13b", 4000, "hellaswag"),
+                         ("opt-13b", 4000, "piqa")]
+  r = got[("opt-125m", 2000, "hellaswag")]
+  assert (r.accuracy, r.accuracy_norm, r.validation_ppl, r.n) == (0.3, 0.31, 40.0, 100)
+  assert r.tokens == 2000 * 500_000 and r.flops == 6.0 * 125_000_000 * 2000 * 500_000
+  r = got[("opt-13b", 4000, "piqa")]
+  assert (r.accuracy, r.validation_ppl, r.params) == (0.7, 9.0, 13_000_000_000)
+  assert np.isnan(r.accuracy_norm) and np.isnan(r.random_baseline)
+  assert got[("opt-1.3b", 1000, "hellaswag")].params == 1_300_000_000
+  assert any("opt-1.3b_step1000.json" in p and "'piqa'" in p for p in problems)
+  assert any("unknown_step5.json" in p and "pretrained='gpt2'" in p for p in problems)
+
+
+def test_import_lm_eval_refuses_two_files_for_one_checkpoint(tmp_path):
+  for name in ("a", "b"):
+    _write(os.path.join(str(tmp_path), f"{name}.json"), {"hellaswag": {"acc": 0.1}},
+           "pretrained=facebook/opt-125m,revision=step10")
+  with pytest.raises(ValueError, match="both opt-125m step 10"):
+    icl.import_lm_eval(str(tmp_path), MODELS, ["hellaswag"])
