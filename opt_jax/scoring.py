@@ -1,0 +1,521 @@
+"""Exact per-token log-probabilities and lm-evaluation-harness style requests over them.
+
+Two layers:
+  * `token_logprobs` (and `target_logprobs` under it): one jitted forward pass over a padded
+    [B, T] batch, then a chunked logsumexp over the vocabulary: the LM head is applied one vocab
+    chunk at a time inside a `lax.fori_loop` with a running max / sum / argmax in fp32, so the
+    largest temporary is [B, T, vocab_chunk], never [B, T, V].
+  * `Scorer`: requests -> rows -> bucketed batches -> the jitted functions -> per-request results.
+    Rows are sorted by length and padded to power-of-two lengths and a fixed batch size, so a long
+    run compiles a handful of programs; parameters are arguments, so `set_params` with another
+    checkpoint of the same size compiles nothing.
+
+Conventions (lm-evaluation-harness, `lm_eval/api/model.py` and `lm_eval/utils.py`):
+  * loglikelihood(context, continuation): trailing spaces of the context move to the front of the
+    continuation; context + continuation is encoded as one string and the continuation is the
+    tokens after the context's own tokens. Every encoding starts with `</s>` (OPT's convention;
+    the harness adds it only for an empty context unless add_bos_token=True). The input is the
+    last max_length tokens of (context + continuation)[:-1]; the result is the sum of the
+    continuation's log-probs (nats) and whether every continuation token is the argmax.
+  * loglikelihood_rolling: windows of `get_rolling_token_windows` with max_seq_len =
+    context_length and context_len = context_length - stride + 1: every token after the leading
+    `</s>` is scored exactly once, the first window conditions on `</s>` alone, and each later
+    window predicts `stride` new tokens conditioned on the context_length - stride tokens before.
+  * Several continuations of one context (multiple choice): with share_prefix=True the context
+    goes through the model once (KV cache), then every continuation is scored against the cached
+    prefix (the cache rows repeated per continuation). Same numbers as scoring independently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from tqdm.auto import tqdm
+
+from opt_jax import model as M
+from opt_jax.config import OPTConfig
+
+Array = jax.Array
+DEFAULT_VOCAB_CHUNK = 8192
+
+
+# Log-probs of targets -------------------------------------------------------------------------
+
+def vocab_chunks(vocab_size: int, vocab_chunk: int, shards: int = 1) -> tuple[int, int]:
+  """(n_chunks, rows per chunk C) with n_chunks * C >= vocab_size and C close to vocab_chunk.
+
+  Prefers an exact split (no padded rows): a divisor n of vocab_size with C = vocab_size / n
+  within 2x of vocab_chunk and divisible by `shards` (the vocab-parallel split of the head, so
+  each chunk stays split evenly over the devices that hold the vocabulary).
+  """
+  target = max(1, min(vocab_chunk, vocab_size))
+  exact = [n for n in range(1, vocab_size + 1)
+           if vocab_size % n == 0 and (vocab_size // n) % shards == 0
+           and target / 2 <= vocab_size // n <= 2 * target]
+  if exact:
+    n = min(exact, key=lambda n: abs(math.log(vocab_size / n / target)))
+    return n, vocab_size // n
+  n = -(-vocab_size // target)
+  c = -(-vocab_size // n)
+  c = -(-c // shards) * shards
+  return n, c
+
+
+def head_logprobs(head: Array, hidden: Array, targets: Array,
+                  vocab_chunk: int = DEFAULT_VOCAB_CHUNK, vocab_shards: int = 1
+                  ) -> tuple[Array, Array]:
+  """log p(targets) under softmax(hidden @ head.T), without materialising [B, T, V].
+
+  head [V, E] (the tied LM head, any dtype); hidden [B, T, E] (compute dtype); targets [B, T] int.
+  Returns (logprobs [B, T] fp32 nats, is_greedy [B, T] bool: target is the argmax, first index
+  winning ties like torch/numpy argmax).
+
+  Chunk i holds the strided rows {c * n_chunks + i}: a [V, E] head split contiguously over devices
+  (vocab-parallel) reshapes to [C, n_chunks, E] with C split the same way, so each chunk's logits
+  stay split and only the [B, T] running statistics cross devices.
+  """
+  v, e = head.shape
+  n_chunks, c = vocab_chunks(v, vocab_chunk, vocab_shards)
+  if n_chunks * c != v:
+    head = jnp.pad(head, ((0, n_chunks * c - v), (0, 0)))
+  head = head.reshape(c, n_chunks, e)                                          # [C, n, E]
+  targets = targets.astype(jnp.int32)
+  t_chunk, t_row = targets % n_chunks, targets // n_chunks                     # [B, T]
+  row_ids = jnp.arange(c, dtype=jnp.int32) * n_chunks                          # [C]
+  shape = targets.shape
+
+  def body(i, carry):
+    run_max, run_sum, target_logit, best, best_id = carry
+    w = jax.lax.dynamic_index_in_dim(head, i, axis=1, keepdims=False)           # [C, E]
+    logits = jnp.einsum("BTE,CE->BTC", hidden, w.astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)                    # [B, T, C] fp32
+    logits = nn.with_logical_constraint(logits, ("batch", "act_length", "act_vocab"))
+    ids = row_ids + i                                                          # [C] vocab ids
+    if n_chunks * c != v:
+      logits = jnp.where(ids < v, logits, -jnp.inf)
+    chunk_max = logits.max(-1)
+    new_max = jnp.maximum(run_max, chunk_max)
+    run_sum = (run_sum * jnp.exp(run_max - new_max)
+               + jnp.exp(logits - new_max[..., None]).sum(-1))
+    here = jnp.take_along_axis(logits, t_row[..., None], axis=-1)[..., 0]
+    target_logit = jnp.where(t_chunk == i, here, target_logit)
+    chunk_id = jnp.argmax(logits, axis=-1).astype(jnp.int32) * n_chunks + i
+    better = (chunk_max > best) | ((chunk_max == best) & (chunk_id < best_id))
+    return (new_max, run_sum, target_logit, jnp.where(better, chunk_max, best),
+            jnp.where(better, chunk_id, best_id))
+
+  init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+          jnp.zeros(shape, jnp.float32), jnp.full(shape, -jnp.inf, jnp.float32),
+          jnp.zeros(shape, jnp.int32))
+  run_max, run_sum, target_logit, _, best_id = jax.lax.fori_loop(0, n_chunks, body, init)
+  return target_logit - (run_max + jnp.log(run_sum)), best_id == targets
+
+
+def target_logprobs(params: Any, input_ids: Array, attention_mask: Array, targets: Array, *,
+                    config: OPTConfig, dtype=jnp.float32, attention: str = "xla",
+                    attention_block: int = 256, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+                    vocab_shards: int = 1) -> tuple[Array, Array]:
+  """log p(targets[:, t] | input_ids[:, :t + 1]) for every t: the harness's (input, target) form.
+
+  input_ids, attention_mask (1 real, 0 pad), targets: [B, T]. Returns (logprobs [B, T] fp32 nats,
+  is_greedy [B, T] bool); entries at padded inputs are meaningless (callers select what they need).
+  """
+  hidden, _ = M.OPT(config, dtype=dtype, attention=attention, attention_block=attention_block
+                    ).apply({"params": params}, input_ids, attention_mask)      # [B, T, E]
+  return head_logprobs(M.lm_head(params), hidden, targets, vocab_chunk, vocab_shards)
+
+
+def token_logprobs(params: Any, input_ids: Array, attention_mask: Array, *, config: OPTConfig,
+                   dtype=jnp.float32, attention: str = "xla", vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+                   attention_block: int = 256) -> tuple[Array, Array]:
+  """Per-token log p(ids[:, t] | ids[:, <t]) of a right- or left-padded batch.
+
+  input_ids [B, T] int; attention_mask [B, T] (1 real token, 0 padding). Jit with
+  static_argnames=("config", "dtype", "attention", "vocab_chunk", "attention_block").
+  Returns (logprobs [B, T] fp32 nats, is_greedy [B, T] bool); both are 0/False at t = 0, at pads
+  and at a row's first real token (nothing to condition on).
+  """
+  mask = attention_mask.astype(bool)
+  targets = jnp.roll(input_ids, -1, axis=1)                                  # targets[t] = ids[t+1]
+  lp, greedy = target_logprobs(params, input_ids, attention_mask, targets, config=config,
+                               dtype=dtype, attention=attention, attention_block=attention_block,
+                               vocab_chunk=vocab_chunk)
+  scored = jnp.pad(mask[:, 1:] & mask[:, :-1], ((0, 0), (1, 0)))              # [B, T]
+  lp = jnp.pad(lp[:, :-1], ((0, 0), (1, 0)))
+  greedy = jnp.pad(greedy[:, :-1], ((0, 0), (1, 0)))
+  return jnp.where(scored, lp, 0.0), greedy & scored
+
+
+def resolve_attention(attention: str, config: OPTConfig, dtype) -> str:
+  """"auto" -> "blocked" on CPU, "cudnn" on GPU for bf16/fp16 with a supported head size, else
+  "xla"; any other value is returned as given (validated by the model)."""
+  if attention != "auto":
+    return attention
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return "blocked"
+  if (backend == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+      and config.head_dim % 8 == 0 and config.head_dim <= 128):
+    return "cudnn"
+  return "xla"
+
+
+# Request -> rows ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Row:
+  """One model input: log p(targets[-n_scored:]) given inputs, both [len] token ids."""
+  inputs: list[int]
+  targets: list[int]
+  n_scored: int
+
+
+def rolling_windows(tokens: Sequence[int], context_length: int, stride: int
+                    ) -> list[tuple[list[int], list[int], int]]:
+  """Windows (inputs, targets, n_scored) scoring each of tokens[1:] exactly once.
+
+  tokens[0] is the prefix (OPT's </s>) and is never scored. Window k predicts up to `stride` new
+  tokens (the first window: up to context_length) from at most context_length inputs; this is the
+  harness's get_rolling_token_windows + make_disjoint_window with max_seq_len = context_length
+  and context_len = context_length - stride + 1.
+  """
+  if not 1 <= stride <= context_length:
+    raise ValueError(f"stride={stride} must be between 1 and context_length={context_length}")
+  tokens = list(tokens)
+  n = len(tokens) - 1                       # tokens to score
+  windows = []
+  done = 0
+  while done < n:
+    k = min(n - done, context_length if done == 0 else stride)
+    end = done + k + 1                      # tokens[:end] are inputs + last target
+    start = max(0, end - 1 - context_length)
+    windows.append((tokens[start:end - 1], tokens[start + 1:end], k))
+    done += k
+  return windows
+
+
+def _buckets(min_bucket: int, max_length: int) -> list[int]:
+  out, b = [], min_bucket
+  while b < max_length:
+    out.append(b)
+    b *= 2
+  return out + [max_length]
+
+
+def _bucket(length: int, buckets: Sequence[int]) -> int:
+  for b in buckets:
+    if length <= b:
+      return b
+  raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
+
+
+class Scorer:
+  """lm-evaluation-harness style requests on one model size; see the module docstring.
+
+  config, params: the model (params may be host or device arrays of any float dtype).
+  tokenizer: an `opt_jax.tokenizer.Tokenizer`, needed by the string APIs only.
+  batch_size: rows per program (fixed; short batches are padded with dummy rows).
+  max_length: longest model input (default config.max_position_embeddings).
+  dtype: compute dtype; log-probs are fp32 whatever it is.
+  attention: "auto" (blocked on CPU, cudnn on GPU for bf16), "xla", "blocked", "cudnn".
+  mesh: optional opt_jax.sharding mesh: params sharded by its rules, batches over data x fsdp.
+  share_prefix: score several continuations of one context against one cached context.
+  cont_batch_size: continuation rows per program on the shared-prefix path (default batch_size).
+  min_bucket: shortest padded length; buckets are min_bucket * 2^k and max_length.
+  """
+
+  def __init__(self, config: OPTConfig, params: Any, *, tokenizer=None, batch_size: int = 8,
+               max_length: int | None = None, dtype=jnp.float32, attention: str = "auto",
+               mesh=None, share_prefix: bool = True, cont_batch_size: int | None = None,
+               min_bucket: int = 16, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+               attention_block: int = 256, progress: bool = False):
+    self.config = config
+    self.tokenizer = tokenizer
+    self.batch_size = int(batch_size)
+    self.cont_batch_size = int(cont_batch_size or batch_size)
+    self.max_length = int(max_length or config.max_position_embeddings)
+    if not 2 <= self.max_length <= config.max_position_embeddings:
+      raise ValueError(f"max_length={self.max_length} must be in [2, max_position_embeddings="
+                       f"{config.max_position_embeddings}]")
+    self.buckets = _buckets(min(min_bucket, self.max_length), self.max_length)
+    self.dtype = dtype
+    self.attention = resolve_attention(attention, config, dtype)
+    self.share_prefix = share_prefix
+    self.progress = progress
+    self.mesh = mesh
+    self.compile_counts = {"score": 0, "prefill": 0, "continuation": 0}
+    vocab_shards = 1
+    if mesh is not None:
+      from opt_jax import sharding
+      sharding.check_divisible(config, mesh, batch_size=self.batch_size)
+      sharding.check_divisible(config, mesh, batch_size=self.cont_batch_size)
+      head = sharding.named_sharding(mesh, ("vocab", "embed"))
+      vocab_shards = config.vocab_size // head.shard_shape((config.vocab_size, 1))[0]
+      self._batch_sharding = sharding.batch_sharding(mesh)
+    model = M.OPT(config, dtype=dtype, attention=self.attention, attention_block=attention_block)
+    head_kw = dict(vocab_chunk=vocab_chunk, vocab_shards=vocab_shards)
+
+    def score(params, ids, mask, targets):
+      self.compile_counts["score"] += 1
+      hidden, _ = model.apply({"params": params}, ids, mask)                    # [B, T, E]
+      return head_logprobs(M.lm_head(params), hidden, targets, **head_kw)
+
+    def prefill(params, ids, mask):
+      self.compile_counts["prefill"] += 1
+      cache = M.init_cache(config, ids.shape[0], ids.shape[1], dtype)
+      _, cache = model.apply({"params": params}, ids, mask, cache)
+      return cache
+
+    def continuation(params, cache, rows, ids, mask, targets):
+      # Each continuation row gets its context's cache row, plus ids.shape[1] empty slots.
+      self.compile_counts["continuation"] += 1
+      extra = ids.shape[1]
+      pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+      cache = {"key": pad(jnp.take(cache["key"], rows, axis=1), 2),
+               "value": pad(jnp.take(cache["value"], rows, axis=1), 2),
+               "valid": pad(jnp.take(cache["valid"], rows, axis=0), 1),
+               "next_position": jnp.take(cache["next_position"], rows, axis=0),
+               "index": cache["index"]}
+      hidden, _ = model.apply({"params": params}, ids, mask, cache)             # [B, T, E]
+      return head_logprobs(M.lm_head(params), hidden, targets, **head_kw)
+
+    self._score = jax.jit(score)
+    self._prefill = jax.jit(prefill)
+    self._continuation = jax.jit(continuation)
+    self.params = None
+    self.set_params(params)
+
+  # Parameters and bookkeeping -------------------------------------------------------------------
+
+  @property
+  def num_compilations(self) -> int:
+    """Programs traced (hence compiled) so far by this scorer; per kind in `compile_counts`."""
+    return sum(self.compile_counts.values())
+
+  def set_params(self, params: Any) -> None:
+    """Switch to another checkpoint of the same config (and dtypes): no recompilation."""
+    shapes = jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), params)
+    if self.params is not None:
+      old = jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), self.params)
+      if jax.tree.structure(old) != jax.tree.structure(shapes) or old != shapes:
+        raise ValueError("set_params: the new params differ in structure, shape or dtype from "
+                         "the scorer's; build a new Scorer for another model size or dtype")
+    if self.mesh is not None:
+      from opt_jax import sharding
+      params = sharding.shard_params(params, self.config, self.mesh)
+    else:
+      params = jax.device_put(params)
+    self.params = params
+
+  def _put(self, x: np.ndarray) -> Array:
+    if self.mesh is None:
+      return jnp.asarray(x)
+    from opt_jax import sharding
+    return sharding.put(x, self._batch_sharding if x.ndim == 2 else sharding.replicated(self.mesh))
+
+  def _host(self, x: Array) -> np.ndarray:
+    if self.mesh is None:
+      return np.asarray(x)
+    from opt_jax import sharding
+    return sharding.to_host(x)
+
+  def _call(self, fn: Callable, *args):
+    if self.mesh is None:
+      return fn(self.params, *args)
+    from opt_jax import sharding
+    with sharding.activate(self.mesh):
+      return fn(self.params, *args)
+
+  # Core batching --------------------------------------------------------------------------------
+
+  def _pack(self, rows: Sequence[_Row], batch: int, length: int, pad_id: int):
+    """Right-padded [batch, length] ids, mask, targets (dummy rows all padding)."""
+    ids = np.full((batch, length), pad_id, np.int32)
+    mask = np.zeros((batch, length), np.int32)
+    targets = np.full((batch, length), pad_id, np.int32)
+    for r, row in enumerate(rows):
+      n = len(row.inputs)
+      ids[r, :n], mask[r, :n], targets[r, :n] = row.inputs, 1, row.targets
+    return ids, mask, targets
+
+  def _run_rows(self, rows: Sequence[_Row], desc: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(logprobs [n_scored] fp32, is_greedy [n_scored] bool) of each row, in order."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].inputs))
+    batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+    out: list[Any] = [None] * len(rows)
+    pad_id = self.config.pad_token_id
+
+    def collect(batch, result):
+      lp, greedy = self._host(result[0]), self._host(result[1])
+      for r, i in enumerate(batch):
+        n, k = len(rows[i].inputs), rows[i].n_scored
+        out[i] = (lp[r, n - k:n], greedy[r, n - k:n])
+
+    pending = None
+    with tqdm(total=len(rows), desc=desc, disable=not self.progress, unit="row") as bar:
+      for batch in batches:
+        length = _bucket(len(rows[batch[0]].inputs), self.buckets)
+        arrays = self._pack([rows[i] for i in batch], self.batch_size, length, pad_id)
+        result = self._call(self._score, *map(self._put, arrays))
+        if pending is not None:              # Fetch the previous batch while this one runs.
+          collect(*pending)
+          bar.update(len(pending[0]))
+        pending = (batch, result)
+      if pending is not None:
+        collect(*pending)
+        bar.update(len(pending[0]))
+    return out
+
+  # Requests -------------------------------------------------------------------------------------
+
+  def _check_tokens(self, ids: Sequence[int], what: str) -> None:
+    v = self.config.vocab_size
+    bad = [t for t in ids if not 0 <= int(t) < v]
+    if bad:
+      raise ValueError(f"{what}: token id {bad[0]} is outside the vocabulary [0, {v})")
+
+  def loglikelihood_tokens(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]
+                           ) -> list[tuple[float, bool]]:
+    """(sum of log p(continuation | context) in nats, every continuation token greedy) per request.
+
+    context: token ids, non-empty (start it with </s> as Tokenizer.encode does); continuation:
+    1 to max_length token ids. Inputs longer than max_length lose their oldest context tokens.
+    """
+    reqs = []
+    for i, (ctx, cont) in enumerate(requests):
+      ctx, cont = [int(t) for t in ctx], [int(t) for t in cont]
+      if not ctx:
+        raise ValueError(f"request {i}: empty context; start it with </s> (id "
+                         f"{self.config.bos_token_id}) as Tokenizer.encode does")
+      if not 1 <= len(cont) <= self.max_length:
+        raise ValueError(f"request {i}: continuation has {len(cont)} tokens; expected 1 to "
+                         f"max_length={self.max_length}")
+      self._check_tokens(ctx + cont, f"request {i}")
+      reqs.append((ctx, cont))
+
+    shared: dict[tuple[int, ...], list[int]] = {}
+    if self.share_prefix:
+      for i, (ctx, cont) in enumerate(reqs):
+        shared.setdefault(tuple(ctx), []).append(i)
+      # Only contexts with several continuations that fit without truncation share a prefix.
+      shared = {c: ix for c, ix in shared.items()
+                if len(ix) > 1 and len(c) - 1 + max(len(reqs[i][1]) for i in ix) <= self.max_length}
+    in_shared = {i for ix in shared.values() for i in ix}
+
+    results: list[Any] = [None] * len(reqs)
+    plain = [i for i in range(len(reqs)) if i not in in_shared]
+    rows = []
+    for i in plain:
+      ctx, cont = reqs[i]
+      whole = (ctx + cont)[-(self.max_length + 1):]
+      rows.append(_Row(whole[:-1], whole[1:], len(cont)))
+    for i, (lp, greedy) in zip(plain, self._run_rows(rows, "loglikelihood")):
+      results[i] = (float(lp.astype(np.float64).sum()), bool(greedy.all()))
+    if shared:
+      for i, res in self._run_shared(reqs, shared).items():
+        results[i] = res
+    return results
+
+  def _run_shared(self, reqs, groups: dict[tuple[int, ...], list[int]]
+                  ) -> dict[int, tuple[float, bool]]:
+    """Prefill each context once (all but its last token), then score [last context token] +
+    continuation[:-1] -> continuation for every option against the cached context rows."""
+    pad_id = self.config.pad_token_id
+    contexts = sorted(groups, key=len, reverse=True)
+    results: dict[int, tuple[float, bool]] = {}
+    total = sum(len(ix) for ix in groups.values())
+    with tqdm(total=total, desc="loglikelihood (shared prefix)", disable=not self.progress,
+              unit="req") as bar:
+      for start in range(0, len(contexts), self.batch_size):
+        ctxs = contexts[start:start + self.batch_size]
+        prefix_len = _bucket(max(len(c) - 1 for c in ctxs) or 1, self.buckets)
+        prefix_rows = [_Row(list(c[:-1]), list(c[:-1]), 0) for c in ctxs]
+        ids, mask, _ = self._pack(prefix_rows, self.batch_size, prefix_len, pad_id)
+        cache = self._call(self._prefill, self._put(ids), self._put(mask))
+        options = [(r, i) for r, c in enumerate(ctxs) for i in groups[c]]
+        # Longest continuations first so each program's bucket is as tight as possible.
+        options.sort(key=lambda o: -len(reqs[o[1]][1]))
+        pending = []
+        for o in range(0, len(options), self.cont_batch_size):
+          chunk = options[o:o + self.cont_batch_size]
+          rows = [_Row([ctxs[r][-1]] + reqs[i][1][:-1], reqs[i][1], len(reqs[i][1]))
+                  for r, i in chunk]
+          length = _bucket(len(rows[0].inputs), self.buckets)
+          ids, mask, targets = self._pack(rows, self.cont_batch_size, length, pad_id)
+          row_index = np.zeros((self.cont_batch_size,), np.int32)
+          row_index[:len(chunk)] = [r for r, _ in chunk]
+          result = self._call(self._continuation, cache, self._put(row_index), self._put(ids),
+                              self._put(mask), self._put(targets))
+          pending.append((chunk, rows, result))
+        for chunk, rows, (lp, greedy) in pending:
+          lp, greedy = self._host(lp), self._host(greedy)
+          for k, ((_, i), row) in enumerate(zip(chunk, rows)):
+            n = len(row.inputs)
+            results[i] = (float(lp[k, :n].astype(np.float64).sum()), bool(greedy[k, :n].all()))
+          bar.update(len(chunk))
+    return results
+
+  def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+    """(sum log p(continuation | context) in nats, is_greedy) per (context, continuation) string
+    pair, with the harness's boundary convention (module docstring)."""
+    tok = self._require_tokenizer()
+    contexts, wholes = [], []
+    for i, (context, continuation) in enumerate(requests):
+      n_spaces = len(context) - len(context.rstrip())
+      if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+      contexts.append(context)
+      wholes.append(context + continuation)
+    ctx_enc = tok.encode_batch(contexts)
+    whole_enc = tok.encode_batch(wholes)
+    pairs = []
+    for i, (c, w) in enumerate(zip(ctx_enc, whole_enc)):
+      cont = w[len(c):]
+      if not cont:
+        raise ValueError(f"request {i}: continuation {requests[i][1]!r} encodes to no tokens after "
+                         f"the context {requests[i][0][-40:]!r}")
+      pairs.append((c, cont))
+    return self.loglikelihood_tokens(pairs)
+
+  def rolling_tokens(self, token_lists: Sequence[Sequence[int]], context_length: int | None = None,
+                     stride: int | None = None) -> list[np.ndarray]:
+    """Log-probs (fp32 nats) of tokens[1:] of each list, each token scored once in sliding windows
+    (see `rolling_windows`). context_length <= max_length (default max_length); stride defaults
+    to context_length (disjoint windows, the harness's loglikelihood_rolling)."""
+    context_length = int(context_length or self.max_length)
+    if not 1 <= context_length <= self.max_length:
+      raise ValueError(f"context_length={context_length} must be in [1, max_length="
+                       f"{self.max_length}]")
+    stride = int(stride or context_length)
+    rows, owners = [], []
+    for d, tokens in enumerate(token_lists):
+      tokens = [int(t) for t in tokens]
+      self._check_tokens(tokens, f"document {d}")
+      for inputs, targets, k in rolling_windows(tokens, context_length, stride):
+        rows.append(_Row(inputs, targets, k))
+        owners.append(d)
+    parts: list[list[np.ndarray]] = [[] for _ in token_lists]
+    for d, (lp, _) in zip(owners, self._run_rows(rows, "loglikelihood_rolling")):
+      parts[d].append(lp)
+    return [np.concatenate(p).astype(np.float32) if p else np.zeros((0,), np.float32)
+            for p in parts]
+
+  def loglikelihood_rolling(self, texts: Sequence[str], context_length: int | None = None,
+                            stride: int | None = None) -> list[np.ndarray]:
+    """Per-token log-probs (fp32 nats) of every token of each text after the leading </s>."""
+    tok = self._require_tokenizer()
+    return self.rolling_tokens(tok.encode_batch(list(texts)), context_length, stride)
+
+  def _require_tokenizer(self):
+    if self.tokenizer is None:
+      raise ValueError("this Scorer has no tokenizer: pass tokenizer=opt_jax.tokenizer."
+                       "load_tokenizer(DIR), or use the *_tokens methods")
+    return self.tokenizer

@@ -1,0 +1,248 @@
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from opt_jax import scoring as S
+import oracle
+
+MAX_LEN = 64  # TINY's max_position_embeddings
+
+
+@pytest.fixture(scope="module", params=sorted(oracle.TINY))
+def pair(request):
+  config = oracle.TINY[request.param]
+  hf = oracle.hf_model(config, seed=1)
+  return config, hf, oracle.params_from_hf_model(hf, config)
+
+
+@pytest.fixture(scope="module")
+def pre_ln():
+  config = oracle.TINY["pre_ln"]
+  hf = oracle.hf_model(config, seed=1)
+  return config, hf, oracle.params_from_hf_model(hf, config)
+
+
+def _hf_next_logprobs(hf, ids):
+  """[T, V] float64 log p(. | ids[:t+1]) of one unpadded row."""
+  with torch.no_grad():
+    logits = hf(torch.tensor([ids])).logits[0].double()
+  return torch.log_softmax(logits, -1).numpy()
+
+
+def _hf_request(hf, ctx, cont, max_length=MAX_LEN):
+  """The harness's _loglikelihood_tokens for one request, computed with HF."""
+  whole = (ctx + cont)[-(max_length + 1):]
+  lp = _hf_next_logprobs(hf, whole[:-1])[-len(cont):]
+  return float(lp[np.arange(len(cont)), cont].sum()), bool((lp.argmax(-1) == cont).all())
+
+
+def _hf_greedy(hf, ctx, n):
+  ids = list(ctx)
+  for _ in range(n):
+    ids.append(int(_hf_next_logprobs(hf, ids)[-1].argmax()))
+  return ids[len(ctx):]
+
+
+def _requests(config, hf, seed=0):
+  """Several contexts with 1-4 continuations each (some greedy), lengths 1..60."""
+  rng = np.random.RandomState(seed)
+  rand = lambda n: [int(t) for t in rng.randint(3, config.vocab_size, n)]
+  reqs = []
+  for n_ctx in (1, 3, 9, 20, 45):
+    ctx = [2] + rand(n_ctx - 1)
+    conts = [rand(rng.randint(1, 7)) for _ in range(rng.randint(1, 4))]
+    conts.append(_hf_greedy(hf, ctx, 3))
+    reqs += [(ctx, c) for c in conts]
+  reqs.append(([2] + rand(70), rand(5)))       # longer than max_length: oldest context dropped
+  return reqs
+
+
+# token_logprobs --------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _token_logprobs_fn(config):
+  # vocab_chunk=32 does not divide V=101: padded chunks and several loop steps are exercised.
+  return jax.jit(functools.partial(S.token_logprobs, config=config, vocab_chunk=32,
+                                   attention="blocked", attention_block=8))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_token_logprobs_match_hf(pair, side):
+  config, hf, params = pair
+  ids, mask = oracle.padded_batch(config.vocab_size, [24, 13, 5, 2], 24, side, seed=3)
+  if config == oracle.TINY["pre_ln"]:
+    # A greedy row, so that is_greedy is exercised on True as well as False.
+    ids[0] = [2] + _hf_greedy(hf, [2], 23)
+  lp, greedy = map(np.asarray, _token_logprobs_fn(config)(params, jnp.asarray(ids),
+                                                          jnp.asarray(mask)))
+  assert lp.dtype == np.float32 and lp.shape == ids.shape
+  scored = (mask[:, 1:] & mask[:, :-1]).astype(bool)
+  ref = oracle.hf_logprobs(hf, ids, mask)
+  np.testing.assert_allclose(lp[:, 1:][scored], ref[scored], atol=1e-4, rtol=0)
+  assert (lp[:, 0] == 0).all() and (lp[:, 1:][~scored] == 0).all()
+  with torch.no_grad():
+    argmax = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.argmax(-1).numpy()
+  np.testing.assert_array_equal(greedy[:, 1:], scored & (argmax[:, :-1] == ids[:, 1:]))
+  if config == oracle.TINY["pre_ln"]:
+    assert greedy[0, 1:].all()
+
+
+def _avals(jaxpr):
+  for eqn in jaxpr.eqns:
+    for v in eqn.outvars:
+      yield v.aval
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (list, tuple)) else [p]):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          yield from _avals(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          yield from _avals(sub)
+
+
+def test_no_batch_length_vocab_array_is_built(pre_ln):
+  config, _, params = pre_ln
+  b, t, v = 3, 16, config.vocab_size
+  fn = functools.partial(S.token_logprobs, config=config, vocab_chunk=32)
+  jaxpr = jax.make_jaxpr(fn)(params, jnp.zeros((b, t), jnp.int32), jnp.ones((b, t), jnp.int32))
+  shapes = [tuple(a.shape) for a in _avals(jaxpr.jaxpr) if hasattr(a, "shape")]
+  assert (b, t, 26) in shapes                       # the [B, T, chunk] logits of one chunk
+  assert not [s for s in shapes if len(s) >= 2 and s[-1] >= v and b * t in (s[0], s[0] * s[1])]
+
+
+def test_vocab_chunks_prefer_exact_splits():
+  assert S.vocab_chunks(50272, 8192) == (8, 6284)
+  assert S.vocab_chunks(50272, 8192, shards=8) == (4, 12568)
+  n, c = S.vocab_chunks(101, 32)
+  assert n * c >= 101 and c <= 64
+
+
+# Requests --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def scorers(pre_ln):
+  config, _, params = pre_ln
+  kw = dict(max_length=MAX_LEN, batch_size=4, min_bucket=16, vocab_chunk=48, attention_block=16)
+  return (S.Scorer(config, params, share_prefix=False, **kw),
+          S.Scorer(config, params, share_prefix=True, cont_batch_size=4, **kw))
+
+
+def test_loglikelihood_matches_hf_sums_and_greedy(pre_ln, scorers):
+  config, hf, _ = pre_ln
+  reqs = _requests(config, hf)
+  want = [_hf_request(hf, c, x) for c, x in reqs]
+  assert sum(g for _, g in want) >= 5              # the greedy continuations are there
+  for scorer in scorers:
+    got = scorer.loglikelihood_tokens(reqs)
+    np.testing.assert_allclose([s for s, _ in got], [s for s, _ in want], atol=1e-4, rtol=0)
+    assert [g for _, g in got] == [g for _, g in want]
+
+
+@pytest.mark.parametrize("name", ["pre_ln", "post_ln_350m"])
+def test_shared_prefix_equals_independent_scoring(name, scorers):
+  config = oracle.TINY[name]
+  if name == "pre_ln":
+    indep_scorer, shared_scorer = scorers
+    hf = oracle.hf_model(config, seed=1)
+    reqs = _requests(config, hf, seed=1)
+  else:  # The cache path through project_in/out and post-LN, on one bucket to compile little.
+    hf = oracle.hf_model(config, seed=2)
+    params = oracle.params_from_hf_model(hf, config)
+    kw = dict(max_length=MAX_LEN, batch_size=2, min_bucket=16)
+    indep_scorer = S.Scorer(config, params, share_prefix=False, **kw)
+    shared_scorer = S.Scorer(config, params, share_prefix=True, cont_batch_size=3, **kw)
+    reqs = [r for r in _requests(config, hf, seed=1) if len(r[0]) < 16]
+  indep = indep_scorer.loglikelihood_tokens(reqs)
+  shared = shared_scorer.loglikelihood_tokens(reqs)
+  np.testing.assert_allclose([s for s, _ in shared], [s for s, _ in indep], atol=1e-4, rtol=0)
+  assert [g for _, g in shared] == [g for _, g in indep]
+  assert shared_scorer.compile_counts["prefill"] > 0         # the cached path really ran
+  assert indep_scorer.compile_counts["prefill"] == 0
+
+
+def test_compilations_bounded_and_set_params_reuses_programs(pre_ln, scorers):
+  config, hf, params = pre_ln
+  scorer = scorers[0]                              # share_prefix=False: only `score` programs
+  rng = np.random.RandomState(5)
+  rand = lambda lo, hi: [int(t) for t in rng.randint(3, 100, rng.randint(lo, hi))]
+  reqs = [([2] + rand(0, 50), rand(1, 10)) for _ in range(60)]
+  scorer.loglikelihood_tokens(reqs)
+  assert scorer.buckets == [16, 32, 64]
+  assert scorer.num_compilations == 3              # one program per bucket, whatever the lengths
+  scorer.loglikelihood_tokens(reqs[::-1][:17])
+  other = oracle.hf_model(config, seed=7)
+  try:
+    scorer.set_params(oracle.params_from_hf_model(other, config))
+    got = scorer.loglikelihood_tokens(reqs[:9])
+  finally:
+    scorer.set_params(params)
+  assert scorer.num_compilations == 3
+  np.testing.assert_allclose([s for s, _ in got], [_hf_request(other, c, x)[0] for c, x in reqs[:9]],
+                             atol=1e-4, rtol=0)
+  with pytest.raises(ValueError, match="differ in structure, shape or dtype"):
+    scorer.set_params(jax.tree.map(lambda a: a.astype(jnp.bfloat16), params))
+
+
+def test_request_errors_name_the_request(scorers):
+  scorer = scorers[0]
+  with pytest.raises(ValueError, match="request 1: empty context"):
+    scorer.loglikelihood_tokens([([2], [5]), ([], [5])])
+  with pytest.raises(ValueError, match="request 0: continuation has 0 tokens"):
+    scorer.loglikelihood_tokens([([2], [])])
+  with pytest.raises(ValueError, match="request 0: token id 101 is outside"):
+    scorer.loglikelihood_tokens([([2], [101])])
+  with pytest.raises(ValueError, match="no tokenizer"):
+    scorer.loglikelihood([("a", "b")])
+
+
+# Rolling windows -------------------------------------------------------------------------------
+
+def _hf_rolling_per_token(hf, tokens, context_length, stride):
+  """Token j's log-prob given exactly the tokens its window shows it, one HF call per token.
+
+  Token j (1 <= j < len) is predicted by the first window when j <= context_length; otherwise by
+  window w = ceil((j - context_length) / stride), which ends at e = min(context_length + w *
+  stride, n) and shows the context_length tokens before e (harness window semantics).
+  """
+  n = len(tokens) - 1
+  out = []
+  for j in range(1, n + 1):
+    if j <= context_length:
+      start = 0
+    else:
+      w = -(-(j - context_length) // stride)
+      e = min(context_length + w * stride, n)
+      start = e - context_length
+    out.append(_hf_next_logprobs(hf, tokens[start:j])[-1][tokens[j]])
+  return np.asarray(out)
+
+
+@pytest.mark.parametrize("stride", [16, 6])
+def test_rolling_3_5_windows_matches_hf_each_token_once(pre_ln, scorers, stride):
+  config, hf, _ = pre_ln
+  rng = np.random.RandomState(11)
+  doc = [2] + [int(t) for t in rng.randint(3, config.vocab_size, 56)]   # 3.5 windows of 16
+  short = [2] + [int(t) for t in rng.randint(3, config.vocab_size, 5)]
+  scorer = scorers[0]
+  got = scorer.rolling_tokens([doc, short, [2]], context_length=16, stride=stride)
+  assert [len(g) for g in got] == [56, 5, 0]         # every token after </s> exactly once
+  np.testing.assert_allclose(got[0], _hf_rolling_per_token(hf, doc, 16, stride), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(got[1], _hf_rolling_per_token(hf, short, 16, stride), atol=1e-4,
+                             rtol=0)
+
+
+def test_rolling_windows_cover_each_token_once():
+  tokens = list(range(100, 158))
+  for stride in (1, 5, 16):
+    wins = S.rolling_windows(tokens, 16, stride)
+    scored = [t for inp, tgt, k in wins for t in tgt[-k:]]
+    assert scored == tokens[1:]
+    for inp, tgt, k in wins:
+      assert len(inp) == len(tgt) <= 16 and inp[1:] == tgt[:-1]
+      assert tokens.index(tgt[0]) == tokens.index(inp[0]) + 1
+  with pytest.raises(ValueError, match="stride=17"):
+    S.rolling_windows(tokens, 16, 17)
