@@ -1,0 +1,85 @@
+"""Plots of validation perplexity against training steps and FLOPs (pandas + matplotlib only).
+
+Input: the tidy table of experiments/validation_ppl.py (columns model, step, params, tokens,
+flops, corpus, nll, ppl). One panel per corpus, one line per model size (ordered by parameter
+count), log-log axes. Figures are built with matplotlib's object API (no pyplot state) and each
+file is written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+X_AXES = {"steps": ("step", "training steps"), "flops": ("flops", "training FLOPs")}
+
+
+def _save(fig: Figure, path: str) -> None:
+  fmt = os.path.splitext(path)[1].lstrip(".")
+  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+  fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
+  os.replace(tmp, path)
+
+
+def model_order(df: pd.DataFrame) -> list[str]:
+  """Model names from smallest to largest parameter count."""
+  sizes = df.groupby("model")["params"].first().sort_values(kind="stable")
+  return list(sizes.index)
+
+
+def plot_ppl(df: pd.DataFrame, x: str = "steps", corpora: Sequence[str] | None = None,
+             title: str | None = None) -> Figure:
+  """Perplexity against `x` ("steps" or "flops"), one panel per corpus, one line per model."""
+  if x not in X_AXES:
+    raise ValueError(f"x={x!r}: expected one of {list(X_AXES)}")
+  missing = [c for c in ("model", "step", "params", "flops", "corpus", "ppl") if c not in df]
+  if missing:
+    raise ValueError(f"the perplexity table lacks column(s) {missing}")
+  if df.empty:
+    raise ValueError("the perplexity table is empty: nothing to plot")
+  column, label = X_AXES[x]
+  corpora = list(corpora or dict.fromkeys(df["corpus"]))
+  ncols = min(3, len(corpora))
+  nrows = math.ceil(len(corpora) / ncols)
+  fig = Figure(figsize=(4.2 * ncols, 3.4 * nrows), layout="constrained")
+  axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+  models = model_order(df)
+  colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
+  for ax, corpus in zip(axes, corpora):
+    sub = df[df["corpus"] == corpus]
+    for m in models:
+      line = sub[sub["model"] == m].sort_values(column)
+      # Step 0 (or 0 FLOPs) has no place on a log axis.
+      line = line[line[column] > 0]
+      if not line.empty:
+        ax.plot(line[column], line["ppl"], marker="o", markersize=3, color=colors[m], label=m)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(label)
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(corpus if len(corpora) > 1 or not title else title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+  for ax in axes[len(corpora):]:
+    ax.set_visible(False)
+  axes[0].legend(fontsize=8, title="model")
+  if title and len(corpora) > 1:
+    fig.suptitle(title)
+  return fig
+
+
+def plot_validation_ppl(df: pd.DataFrame, out_dir: str, prefix: str = "validation_ppl"
+                        ) -> list[str]:
+  """Writes {prefix}_vs_steps and {prefix}_vs_flops as PNG and PDF; returns the paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  for x in X_AXES:
+    fig = plot_ppl(df, x)
+    for ext in ("png", "pdf"):
+      path = os.path.join(out_dir, f"{prefix}_vs_{x}.{ext}")
+      _save(fig, path)
+      paths.append(path)
+  return paths

@@ -1,0 +1,155 @@
+"""experiments/validation_ppl.py: token-weighted perplexity per checkpoint and corpus vs HF."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import transformers
+
+import _suite_util as U
+from experiments import validation_ppl as V
+from oracle import hf_logprobs
+from opt_jax import checkpoint, suite
+from opt_jax.convert import hf_keys
+from opt_jax.tokenizer import load_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("vppl")
+  s = suite.load_suite(U.make_suite(str(root)))
+  book = root / "book.txt"
+  book.write_text(U.CORPUS[0] + "\nThe end.\n")
+  web = root / "web.jsonl"
+  web.write_text("\n".join([json.dumps({"text": U.CORPUS[2]}), json.dumps(U.CORPUS[3]), "",
+                            json.dumps({"text": ""}), json.dumps({"text": U.CORPUS[4]})]) + "\n")
+  out = root / "out"
+  # One window per document (context 64 = max_position_embeddings) so HF scores each in one pass.
+  df = V.compute_validation_ppl(s, [str(book), str(web)], str(out), context_length=64,
+                                batch_size=4, progress=False)
+  return s, [str(book), str(web)], out, df
+
+
+def _hf_model(params, config):
+  model = transformers.OPTForCausalLM(transformers.OPTConfig(**config.to_hf_dict())).eval()
+  state = {k: torch.from_numpy(np.array(v)) for k, v in
+           hf_keys.hf_from_params(params, config)}
+  missing, unexpected = model.load_state_dict(state, strict=False)
+  assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+  model.tie_weights()
+  return model
+
+
+def test_perplexity_matches_hf_oracle(setup):
+  s, _, out, df = setup
+  docs = {"book": [U.CORPUS[0] + "\nThe end.\n"],
+          "web": [U.CORPUS[2], U.CORPUS[3], U.CORPUS[4]]}
+  assert list(df.columns) == V.COLUMNS
+  assert len(df) == 8 * 3 and set(df["corpus"]) == {"book", "web", "all"}
+  on_disk = pd.read_csv(out / V.CSV_NAME)
+  assert list(on_disk.columns) == V.COLUMNS and len(on_disk) == len(df)
+  for name, step in (("tiny-a", 20), ("tiny-b", 40)):
+    m = s.model(name)
+    config = checkpoint.load_config(m.path(step))
+    hf = _hf_model(checkpoint.restore(m.path(step)), config)
+    tok = load_tokenizer(m.path(step))
+    sums, counts = {}, {}
+    for corpus, texts in docs.items():
+      nll, n = 0.0, 0
+      for text in texts:
+        ids = np.array([tok.encode(text)])
+        assert ids.shape[1] <= 64
+        nll -= hf_logprobs(hf, ids, np.ones_like(ids)).sum()
+        n += ids.shape[1] - 1                    # every token after the leading </s>
+      sums[corpus], counts[corpus] = nll, n
+    sums["all"], counts["all"] = sum(sums.values()), sum(counts.values())
+    for corpus in ("book", "web", "all"):
+      row = df[(df.model == name) & (df.step == step) & (df.corpus == corpus)].iloc[0]
+      assert row["num_tokens"] == counts[corpus]
+      np.testing.assert_allclose(row["nll"], sums[corpus] / counts[corpus], rtol=2e-5)
+      np.testing.assert_allclose(row["ppl"], math.exp(row["nll"]), rtol=1e-6)
+      assert row["tokens"] == step * U.TOKENS_PER_STEP
+      assert row["flops"] == 6.0 * m.params * step * U.TOKENS_PER_STEP
+  for x in ("steps", "flops"):
+    with open(out / f"validation_ppl_vs_{x}.png", "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(out / f"validation_ppl_vs_{x}.pdf", "rb") as f:
+      assert f.read(5) == b"%PDF-"
+
+
+def _last_run(out):
+  runs = sorted(os.listdir(out / "runs"), key=lambda n: os.path.getmtime(out / "runs" / n))
+  with open(out / "runs" / runs[-1]) as f:
+    return json.load(f)
+
+
+def test_rerun_scores_nothing_and_new_windows_score_again(setup):
+  s, corpora, out, first = setup
+  again = V.compute_validation_ppl(s, corpora, str(out), context_length=64, batch_size=4,
+                                   progress=False, plots=False)
+  assert _last_run(out)["evaluated"] == 0
+  pd.testing.assert_frame_equal(again, first)
+  # Other windows are other numbers: a new key space, every checkpoint scored again.
+  slid = V.compute_validation_ppl(s, corpora, str(out / "slid"), context_length=16, stride=8,
+                                  batch_size=4, progress=False, plots=False)
+  assert _last_run(out / "slid")["evaluated"] == 8
+  # Each token is still scored exactly once; with at most 15 tokens of context the values move.
+  np.testing.assert_array_equal(slid["num_tokens"], first["num_tokens"])
+  assert np.abs(slid["nll"].to_numpy() - first["nll"].to_numpy()).max() > 1e-3
+
+
+def test_read_validation_ppl_for_other_experiments(setup):
+  _, _, out, df = setup
+  pooled = V.read_validation_ppl(out)
+  assert len(pooled) == 8
+  row = df[(df.model == "tiny-b") & (df.step == 30) & (df.corpus == "all")].iloc[0]
+  np.testing.assert_allclose(pooled[("tiny-b", 30)], row["ppl"], rtol=1e-7)
+  assert V.read_validation_ppl(out / V.CSV_NAME, corpus="book")[("tiny-a", 10)] == pytest.approx(
+      df[(df.model == "tiny-a") & (df.step == 10) & (df.corpus == "book")]["ppl"].iloc[0])
+  with pytest.raises(ValueError, match="no corpus 'wiki'"):
+    V.read_validation_ppl(out, corpus="wiki")
+
+
+def test_binary_runs_and_resumes(setup):
+  s, corpora, out, _ = setup
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.validation_ppl", f"--suite={s.source}",
+       f"--corpus={','.join(corpora)}", f"--out={out}", "--context_length=64", "--batch_size=4"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "wrote" in proc.stdout and "tiny-b" in proc.stdout
+  run = _last_run(out)
+  assert run["evaluated"] == 0 and run["run_info"]["context_length"] == 64
+
+
+def test_bad_corpora_are_named(tmp_path):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("  \n")
+  with pytest.raises(ValueError, match="empty.txt: the corpus has no non-empty document"):
+    V.load_corpus(empty)
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"text": "fine"}\n{"title": "no text"}\n')
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON string or an object"):
+    V.load_corpus(bad)
+  broken = tmp_path / "broken.jsonl"
+  broken.write_text('{"text": \n')
+  with pytest.raises(ValueError, match=r"broken.jsonl:1: not valid JSON"):
+    V.load_corpus(broken)
+  with pytest.raises(ValueError, match="unknown corpus format"):
+    V.load_corpus(tmp_path / "x.csv") if (tmp_path / "x.csv").write_text("a") else None
+  with pytest.raises(FileNotFoundError, match="corpus file not found"):
+    V.load_corpus(tmp_path / "absent.txt")
+  (tmp_path / "d").mkdir()
+  (tmp_path / "d" / "all.txt").write_text("x")
+  (tmp_path / "all.txt").write_text("y")
+  assert [c.name for c in V.load_corpora([tmp_path / "d" / "all.txt", tmp_path / "all.txt"])] == [
+      "all_2", "all_3"]
