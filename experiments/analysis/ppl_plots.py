@@ -63,6 +63,9 @@ def plot_ppl(df: pd.DataFrame, x: str = "steps", corpora: Sequence[str] | None =
     ax.set_ylabel("validation perplexity")
     ax.set_title(corpus if len(corpora) > 1 or not title else title, fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
+    # Narrow ranges get labelled minor ticks: keep them small and slanted so they never overlap.
+    ax.tick_params(axis="both", which="both", labelsize=7)
+    ax.tick_params(axis="x", which="both", labelrotation=30)
   for ax in axes[len(corpora):]:
     ax.set_visible(False)
   axes[0].legend(fontsize=8, title="model")
