@@ -519,3 +519,82 @@ class Scorer:
       raise ValueError("this Scorer has no tokenizer: pass tokenizer=opt_jax.tokenizer."
                        "load_tokenizer(DIR), or use the *_tokens methods")
     return self.tokenizer
+
+
+# Files ----------------------------------------------------------------------------------------
+
+def read_documents(path: str) -> list[str]:
+  """Documents of a .txt file (the whole file is one document) or a .jsonl file (one JSON object
+  per non-blank line, its "text" field a string)."""
+  import json
+  import os
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in (".txt", ".jsonl"):
+    raise ValueError(f"{path}: expected a .txt or .jsonl file")
+  with open(path, encoding="utf-8") as f:
+    if ext == ".txt":
+      return [f.read()]
+    docs = []
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+      if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise ValueError(f"{path}:{n}: expected an object with a string \"text\" field")
+      docs.append(record["text"])
+  return docs
+
+
+def score_text_file(checkpoint_dir: str, input_path: str, output_path: str, *,
+                    context_length: int | None = None, stride: int | None = None,
+                    batch_size: int = 8, dtype: str = "float32", attention: str = "auto",
+                    progress: bool = True) -> dict[str, float]:
+  """Scores every document of `input_path` (see `read_documents`) with the checkpoint.
+
+  Writes `output_path` (JSONL, atomically: temporary name, then rename), one line per document:
+    {"doc": i, "num_tokens": n, "nll": -sum(logprobs), "token_ids": [n ids], "tokens": [n strings],
+     "logprobs": [n floats]}
+  over the n tokens after the leading </s>, log-probs in nats, each token scored once in sliding
+  windows (`Scorer.rolling_tokens`). Returns {"nll", "num_tokens", "perplexity", "documents"}:
+  totals over all documents (perplexity = exp(nll / num_tokens)).
+  """
+  import json
+  import os
+  import tempfile
+
+  from opt_jax import checkpoint
+  from opt_jax.tokenizer import load_tokenizer
+
+  docs = read_documents(input_path)
+  config = checkpoint.load_config(checkpoint_dir)
+  tok = load_tokenizer(checkpoint_dir)
+  compute = jnp.dtype(dtype)
+  params = checkpoint.restore(checkpoint_dir, dtype=compute)
+  scorer = Scorer(config, params, tokenizer=tok, batch_size=batch_size, dtype=compute,
+                  attention=attention, progress=progress)
+  token_lists = tok.encode_batch(docs)
+  logprobs = scorer.rolling_tokens(token_lists, context_length, stride)
+
+  out_dir = os.path.dirname(os.path.abspath(output_path))
+  os.makedirs(out_dir, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output_path)}.tmp-", dir=out_dir)
+  total_nll, total_tokens = 0.0, 0
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      for i, (ids, lp) in enumerate(zip(token_lists, logprobs)):
+        nll = -float(lp.astype(np.float64).sum())
+        total_nll += nll
+        total_tokens += len(lp)
+        f.write(json.dumps({"doc": i, "num_tokens": len(lp), "nll": nll, "token_ids": ids[1:],
+                            "tokens": tok.tokens(ids[1:]), "logprobs": lp.tolist()},
+                           ensure_ascii=False) + "\n")
+    os.replace(tmp, output_path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  ppl = math.exp(total_nll / total_tokens) if total_tokens else float("nan")
+  return {"nll": total_nll, "num_tokens": total_tokens, "perplexity": ppl, "documents": len(docs)}

@@ -246,3 +246,61 @@ def test_rolling_windows_cover_each_token_once():
       assert tokens.index(tgt[0]) == tokens.index(inp[0]) + 1
   with pytest.raises(ValueError, match="stride=17"):
     S.rolling_windows(tokens, 16, 17)
+
+
+# tools/score_text ------------------------------------------------------------------------------
+
+def test_score_text_end_to_end_matches_hf(tmp_path, capsys):
+  from absl import flags
+  from opt_jax import checkpoint
+  from opt_jax.config import OPTConfig
+  from opt_jax.tokenizer import load_tokenizer
+  from test_tokenizer import _train_bpe
+  from tools import score_text
+
+  config = OPTConfig(vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     ffn_dim=64, max_position_embeddings=32)
+  hf = oracle.hf_model(config, seed=3)
+  _train_bpe().save(str(tmp_path / "tokenizer.json"))
+  ckpt = tmp_path / "ckpt"
+  checkpoint.save(ckpt, oracle.params_from_hf_model(hf, config), config,
+                  tokenizer_files=[tmp_path / "tokenizer.json"])
+  texts = ["Zebras vex 17 jumping wizards; 9 quirky gnomes fly back, 0 to 42 km.",
+           "Perplexity predicts behaviour."]
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+  out = tmp_path / "out.jsonl"
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["score_text", f"--checkpoint={ckpt}", f"--input={tmp_path / 'in.jsonl'}",
+               f"--output={out}", "--context_length=16", "--stride=6", "--batch_size=2"])
+  score_text.main([])
+  printed = capsys.readouterr().out
+
+  tok = load_tokenizer(ckpt)
+  records = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r["doc"] for r in records] == [0, 1]
+  assert len(tok.encode(texts[0])) > 30                   # several windows of 16
+  total_nll, total_n = 0.0, 0
+  for text, r in zip(texts, records):
+    ids = tok.encode(text)
+    assert r["token_ids"] == ids[1:] and r["num_tokens"] == len(ids) - 1
+    assert "".join(r["tokens"]) == text
+    want = _hf_rolling_per_token(hf, ids, 16, 6)
+    np.testing.assert_allclose(r["logprobs"], want, atol=1e-4, rtol=0)
+    total_nll -= want.sum()
+    total_n += len(want)
+  assert f"tokens {total_n} " in printed
+  assert f"perplexity {np.exp(total_nll / total_n):.4f}" in printed
+  assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # no temp left
+
+
+def test_read_documents_formats_and_errors(tmp_path):
+  (tmp_path / "a.txt").write_text("line one\nline two\n")
+  assert S.read_documents(str(tmp_path / "a.txt")) == ["line one\nline two\n"]
+  (tmp_path / "b.jsonl").write_text('{"text": "x"}\n\n{"text": "y"}\n{"txt": 1}\n')
+  with pytest.raises(ValueError, match=r"b\.jsonl:4: expected an object with a string \"text\""):
+    S.read_documents(str(tmp_path / "b.jsonl"))
+  (tmp_path / "c.jsonl").write_text('{"text": "x"}\n{oops\n')
+  with pytest.raises(ValueError, match=r"c\.jsonl:2: not valid JSON"):
+    S.read_documents(str(tmp_path / "c.jsonl"))
+  with pytest.raises(ValueError, match=r"d\.csv: expected a \.txt or \.jsonl"):
+    S.read_documents(str(tmp_path / "d.csv"))
