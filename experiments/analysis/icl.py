@@ -128,14 +128,16 @@ def check_results(df: pd.DataFrame, source: str = "results") -> pd.DataFrame:
     except (ValueError, TypeError) as e:
       raise ValueError(f"{source}: column {c!r} must be numeric ({e})") from e
   df["step"] = df["step"].astype(np.int64)
-  dup = df.duplicated(["model", "step", "task"], keep=False)
+  # Extra key columns (k_shot) tell apart rows of several settings in one table.
+  key = ["model", "step", "task"] + [c for c in ("k_shot",) if c in df.columns]
+  dup = df.duplicated(key, keep=False)
   if dup.any():
     first = df[dup].iloc[0]
-    raise ValueError(f"{source}: {int(dup.sum())} rows repeat a (model, step, task), e.g. "
-                     f"({first['model']}, {first['step']}, {first['task']})")
+    raise ValueError(f"{source}: {int(dup.sum())} rows repeat a ({', '.join(key)}), e.g. "
+                     f"({', '.join(str(first[k]) for k in key)})")
   extra = [c for c in df.columns if c not in RESULT_COLUMNS]
-  return df[list(RESULT_COLUMNS) + extra].sort_values(["model", "step", "task"],
-                                                      ignore_index=True)
+  return df[list(RESULT_COLUMNS) + extra].sort_values(key[-1:] + key[:-1] if len(key) > 3
+                                                      else key, ignore_index=True)
 
 
 def read_results(path: str) -> pd.DataFrame:
@@ -182,9 +184,16 @@ class LogFit:
   n: int
 
 
+def _constant(v: np.ndarray) -> bool:
+  """All equal up to float rounding (rho and R^2 are undefined, not 0)."""
+  return v.size == 0 or bool(np.ptp(v) <= 1e-9 * max(1.0, float(np.abs(v).max())))
+
+
 def log_fit(x: Sequence[float], y: Sequence[float]) -> LogFit:
+  """Least-squares fit of y on log(x); NaN slope/R^2 with fewer than 3 points or a constant x
+  or y."""
   lx, y = np.log(np.asarray(x, np.float64)), np.asarray(y, np.float64)
-  if lx.size < 3 or np.ptp(lx) == 0:
+  if lx.size < 3 or _constant(lx) or _constant(y):
     return LogFit(np.nan, np.nan, np.nan, int(lx.size))
   slope, intercept = np.polyfit(lx, y, 1)
   resid = y - (intercept + slope * lx)
@@ -202,7 +211,8 @@ def correlations(means: pd.DataFrame, y: str = "accuracy",
     d = means[[x, y]].replace([np.inf, -np.inf], np.nan).dropna()
     d = d[d[x] > 0]
     fit = log_fit(d[x], d[y])
-    if len(d) >= 3 and d[x].nunique() > 1 and d[y].nunique() > 1:
+    if len(d) >= 3 and not _constant(d[x].to_numpy(np.float64)) and not _constant(
+        d[y].to_numpy(np.float64)):
       rho, p = scipy.stats.spearmanr(d[x], d[y])
     else:
       rho, p = np.nan, np.nan
@@ -439,3 +449,158 @@ def import_lm_eval(results_dir: str, models: Sequence[Any], tasks: Sequence[str]
   if not rows:
     raise ValueError(f"{results_dir}: no usable results; problems:\n  " + "\n  ".join(problems))
   return check_results(pd.DataFrame(rows), results_dir), problems
+
+
+# The whole analysis and its report ---------------------------------------------------------------
+
+ACCURACY_YS = ("accuracy", "accuracy_above_random", "accuracy_norm")
+
+
+@dataclasses.dataclass
+class Analysis:
+  """Everything the report and plots need; each table is also written as CSV by `write_tables`.
+
+  means: mean_accuracy(); correlations: y = accuracy rows (the correlations.csv of the issue);
+  correlations_by_metric: every y of ACCURACY_YS and the option perplexities; residuals:
+  residuals_by_model() around the pooled perplexity fit; scaling: task_scaling().
+  """
+  results: pd.DataFrame
+  tasks: list[str]
+  means: pd.DataFrame
+  correlations: pd.DataFrame
+  correlations_by_metric: pd.DataFrame
+  residuals: pd.DataFrame
+  scaling: pd.DataFrame
+  top_linearity: list[str]
+  top_breakthroughness: list[str]
+
+
+def analyze(results: pd.DataFrame, *, n_bins: int | None = 10, top_k: int = 5) -> Analysis:
+  """All statistics of one results table (one k-shot setting); see the module docstring."""
+  results = check_results(results)
+  tasks = common_tasks(results)
+  means = mean_accuracy(results, tasks)
+  means["log_option_ppl_gap"] = (np.log(means["incorrect_option_ppl"])
+                                 - np.log(means["correct_option_ppl"]))
+  ys = [y for y in ACCURACY_YS + ("correct_option_ppl", "incorrect_option_ppl",
+                                   "log_option_ppl_gap") if means[y].notna().any()]
+  by_metric = pd.concat([correlations(means, y) for y in ys], ignore_index=True)
+  scaling = task_scaling(results[results["task"].isin(tasks)], "accuracy", "validation_ppl", n_bins)
+  return Analysis(results, tasks, means, by_metric[by_metric["y"] == "accuracy"].reset_index(
+      drop=True), by_metric, residuals_by_model(means), scaling,
+      top_tasks(scaling, "linearity", top_k), top_tasks(scaling, "breakthroughness", top_k))
+
+
+def write_csv(df: pd.DataFrame, path: str) -> str:
+  """Atomic CSV write (temporary name, then rename)."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  df.to_csv(tmp, index=False)
+  os.replace(tmp, path)
+  return path
+
+
+def write_text(text: str, path: str) -> str:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+  return path
+
+
+def write_tables(a: Analysis, out_dir: str) -> list[str]:
+  return [write_csv(a.means, os.path.join(out_dir, "mean_accuracy.csv")),
+          write_csv(a.correlations, os.path.join(out_dir, "correlations.csv")),
+          write_csv(a.correlations_by_metric, os.path.join(out_dir, "correlations_by_metric.csv")),
+          write_csv(a.residuals, os.path.join(out_dir, "residuals_by_model.csv")),
+          write_csv(a.scaling, os.path.join(out_dir, "task_scaling.csv"))]
+
+
+def _fmt(v: float, spec: str = ".3f") -> str:
+  return "n/a" if v is None or not np.isfinite(v) else format(v, spec)
+
+
+def verdict(a: Analysis) -> list[str]:
+  """Sentences saying what the correlations say about the paper's claim (perplexity predicts
+  ICL accuracy better than size or compute, independently of size)."""
+  c = a.correlations.set_index("x")
+  r2 = {x: c.loc[x, "r2"] for x in X_COLUMNS}
+  rho = {x: c.loc[x, "spearman"] for x in X_COLUMNS}
+  out = []
+  if not np.isfinite(r2["validation_ppl"]):
+    return ["No validation perplexity is known for enough checkpoints: the paper's claim cannot be "
+            "tested on these results (give --validation_ppl or --validation_text)."]
+  others = [x for x in ("flops", "params") if np.isfinite(r2[x])]
+  beaten = [x for x in others if r2[x] >= r2["validation_ppl"]]
+  out.append(
+      f"Mean accuracy against log validation perplexity: Spearman rho = "
+      f"{_fmt(rho['validation_ppl'])}, R^2 = {_fmt(r2['validation_ppl'])}; against log FLOPs: rho "
+      f"= {_fmt(rho['flops'])}, R^2 = {_fmt(r2['flops'])}; against log parameters: rho = "
+      f"{_fmt(rho['params'])}, R^2 = {_fmt(r2['params'])} (n = {int(c.loc['validation_ppl', 'n'])}"
+      f" checkpoints pooled over {a.means['model'].nunique()} sizes).")
+  if not beaten and others:
+    out.append("Validation perplexity is the best predictor of the three, as the paper claims.")
+  elif beaten:
+    out.append(f"Validation perplexity is not the best predictor here: "
+               f"{' and '.join(beaten)} explain(s) at least as much variance. These results do not "
+               f"support the paper's claim.")
+  if np.isfinite(rho["validation_ppl"]) and rho["validation_ppl"] > 0:
+    out.append("Accuracy rises with perplexity here (positive rho), the opposite of the paper's "
+               "finding.")
+  above = a.means["accuracy_above_random"]
+  if above.notna().any() and above.max() < 0.02:
+    out.append(f"Mean accuracy never exceeds the random baseline by 2 points (max "
+               f"{_fmt(above.max())}): the models are at chance, so these correlations mostly "
+               f"reflect noise and say little about the claim.")
+  if a.means["model"].nunique() < 2:
+    out.append("Only one size: independence from size cannot be tested.")
+  elif len(a.residuals):
+    worst = a.residuals.loc[a.residuals["mean_residual"].abs().idxmax()]
+    out.append(f"Around the pooled perplexity fit, the per-size mean residuals are at most "
+               f"{_fmt(abs(worst['mean_residual']))} ({worst['model']}); small residuals of mixed "
+               f"sign mean sizes at equal perplexity reach similar accuracy (size independence).")
+  return out
+
+
+def summary_markdown(a: Analysis, *, title: str = "Downstream in-context learning",
+                     notes: Sequence[str] = (), failures: Mapping[str, str] | None = None) -> str:
+  lines = [f"# {title}", ""]
+  lines += [f"- {n}" for n in notes]
+  lines += [f"- {len(a.tasks)} tasks at every checkpoint; {a.means.shape[0]} checkpoints of "
+            f"{a.means['model'].nunique()} sizes.", ""]
+  lines += ["## What predicts mean accuracy", ""] + verdict(a) + [""]
+  lines += ["| y | x | Spearman rho | p | R^2 (y ~ log x) | n |", "|---|---|---|---|---|---|"]
+  for _, r in a.correlations_by_metric.iterrows():
+    lines.append(f"| {r['y']} | {r['x']} | {_fmt(r['spearman'])} | {_fmt(r['spearman_p'], '.2g')} "
+                 f"| {_fmt(r['r2'])} | {int(r['n'])} |")
+  lines += ["", "Above-random accuracy is raw accuracy minus a constant (the same tasks at every "
+            "checkpoint), so its statistics equal the raw ones.", ""]
+  if len(a.residuals):
+    lines += ["## Residuals by size around the pooled perplexity fit", "",
+              "| model | mean residual | max abs residual | n |", "|---|---|---|---|"]
+    lines += [f"| {r['model']} | {_fmt(r['mean_residual'], '+.4f')} | "
+              f"{_fmt(r['max_abs_residual'], '.4f')} | {int(r['n'])} |"
+              for _, r in a.residuals.iterrows()]
+    lines.append("")
+  gap = a.correlations_by_metric
+  gap = gap[(gap["y"] == "log_option_ppl_gap") & (gap["x"] == "validation_ppl")]
+  if len(gap) and np.isfinite(gap["spearman"].iloc[0]):
+    rho, p = gap["spearman"].iloc[0], gap["spearman_p"].iloc[0]
+    if rho < 0 and p < 0.05:
+      what = ("The gap widens as perplexity falls: the correct options' perplexity drops faster "
+              "than the incorrect ones' (the paper's account of the accuracy gains).")
+    elif rho > 0 and p < 0.05:
+      what = "The gap narrows as perplexity falls, unlike in the paper."
+    else:
+      what = "No significant trend of the gap with perplexity (p >= 0.05)."
+    lines += ["## Correct vs incorrect options", "",
+              f"Spearman rho between validation perplexity and log(incorrect-option ppl / "
+              f"correct-option ppl): {_fmt(rho)} (p = {_fmt(p, '.2g')}). {what}", ""]
+  lines += ["## Linearity and breakthroughness (BIG-bench definitions, ordered by perplexity)", "",
+            f"Top linearity: {', '.join(a.top_linearity) or '-'}",
+            "", f"Top breakthroughness: {', '.join(a.top_breakthroughness) or '-'}", ""]
+  if failures:
+    lines += ["## Tasks that failed", ""] + [f"- {k}: {v}" for k, v in sorted(failures.items())]
+    lines.append("")
+  return "\n".join(lines)

@@ -1,0 +1,202 @@
+"""End to end: downstream_icl on a tiny suite (2 sizes x 3 random checkpoints, tiny BPE), a few
+shared BIG-bench tasks and cloze tasks; the numbers checked against a direct forward pass."""
+
+import json
+import os
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from _suite_util import make_suite
+from experiments import downstream_icl
+from experiments.analysis import icl
+from experiments.tasks import bigbench as bb
+from opt_jax.config import OPTConfig
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "bigbench")
+TASKS = ("anachronisms", "entailed_polarity", "emoji_movie")
+SIZES = {
+    "tiny-a": OPTConfig(vocab_size=320, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, ffn_dim=64, max_position_embeddings=128),
+    "tiny-b": OPTConfig(vocab_size=320, hidden_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, ffn_dim=96, max_position_embeddings=128),
+}
+STEPS = (10, 20, 30)
+TEXT = "\n".join(
+    f"The {a} of the {b} went {c} to the {d} and said the {e} was {f}."
+    for a, b, c, d, e, f in zip(
+        ["king", "queen", "fool", "ghost", "prince", "lord", "lady", "knight"] * 4,
+        ["castle", "garden", "forest", "river", "tower", "field", "hall", "gate"] * 4,
+        ["slowly", "quickly", "home", "away", "out", "back", "down", "up"] * 4,
+        ["sea", "hill", "town", "church", "court", "bridge", "inn", "road"][::-1] * 4,
+        ["night", "day", "storm", "wind", "song", "feast", "war", "peace"] * 4,
+        ["cold", "dark", "long", "fair", "strange", "near", "over", "sweet"][::-1] * 4))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  if not os.path.isdir(SHARED):
+    pytest.skip("../shared/data/bigbench absent")
+  root = str(tmp_path_factory.mktemp("icl"))
+  suite = make_suite(os.path.join(root, "suite"), SIZES, steps=STEPS)
+  # A BIG-bench folder: links to three shared tasks plus a malformed one.
+  bench = os.path.join(root, "bigbench")
+  os.makedirs(os.path.join(bench, "broken"))
+  for t in TASKS:
+    os.symlink(os.path.abspath(os.path.join(SHARED, t)), os.path.join(bench, t))
+  with open(os.path.join(bench, "broken", "task.json"), "w") as f:
+    json.dump({"examples": [{"input": "q", "target_scores": {"a": 1, "b": 0}},
+                            {"input": "q", "target_scores": "a"}]}, f)
+  text = os.path.join(root, "held_out.txt")
+  with open(text, "w") as f:
+    f.write(TEXT)
+  out = os.path.join(root, "out")
+  kwargs = dict(bigbench_dir=bench, cloze_text=[text], cloze_examples=4, k_shot=[0, 1],
+                max_examples=3, validation_text=[text], batch_size=4, n_bins=2, top_k=2,
+                progress=False)
+  start = time.perf_counter()
+  table = downstream_icl.run(suite, out, **kwargs)
+  first = time.perf_counter() - start
+  return {"root": root, "suite": suite, "out": out, "table": table, "kwargs": kwargs,
+          "first_seconds": first}
+
+
+def test_results_table_has_every_checkpoint_task_and_k(env):
+  df = pd.read_csv(os.path.join(env["out"], "icl_results.csv"))
+  assert list(df.columns) == list(icl.RESULT_COLUMNS) + ["k_shot"]
+  tasks = sorted(TASKS + ("cloze_next_line", "cloze_next_word"))
+  assert sorted(df["task"].unique()) == tasks
+  assert len(df) == 2 * 3 * len(tasks) * 2
+  assert set(df["k_shot"]) == {0, 1}
+  assert (df["n"][df["task"].isin(TASKS)] == 3).all()
+  rb = df.groupby("task")["random_baseline"].first()
+  assert rb["anachronisms"] == 0.5 and rb["emoji_movie"] == pytest.approx(0.2)
+  assert rb["cloze_next_word"] == 0.25
+  first = df[(df["model"] == "tiny-b") & (df["step"] == 30)].iloc[0]
+  assert first["params"] == SIZES["tiny-b"].num_params()
+  assert first["tokens"] == 30 * 1000 and first["flops"] == 6.0 * first["params"] * 30 * 1000
+  ppl = df.groupby(["model", "step"])["validation_ppl"].first()
+  assert (ppl > 1).all() and ppl.nunique() == 6  # every checkpoint its own perplexity
+  assert ((df["accuracy"] >= 0) & (df["accuracy"] <= 1)).all()
+
+
+def test_numbers_match_a_direct_forward_pass(env):
+  """anachronisms, k=0, tiny-a step 20: option log-probs from an unbatched, uncached forward pass
+  with a full log-softmax (not the Scorer), encoded independently."""
+  import jax
+  import jax.numpy as jnp
+
+  from opt_jax import checkpoint
+  from opt_jax import model as M
+  from opt_jax.tokenizer import load_tokenizer
+
+  path = os.path.join(env["root"], "suite", "ckpt", "tiny-a", "step20")
+  config, params = checkpoint.load_config(path), checkpoint.restore(path)
+  tok = load_tokenizer(path)
+  task = bb.load_task(os.path.join(SHARED, "anachronisms"))
+  length = config.max_position_embeddings
+
+  @jax.jit
+  def forward(ids, mask):
+    hidden, _ = M.OPT(config).apply({"params": params}, ids, mask)
+    return M.logits(params, hidden)
+
+  lps, ntoks, nchars, scores = [], [], [], []
+  for r in bb.requests_for(task, k=0, max_examples=3):
+    lp, nt = [], []
+    for cont in r.continuations:
+      ctx_ids = tok.encode(r.context)
+      whole = tok.encode(r.context + cont)
+      n_cont = len(whole) - len(ctx_ids)
+      whole = whole[-(length + 1):]
+      ids = np.full((1, length), config.pad_token_id, np.int32)
+      mask = np.zeros((1, length), np.int32)
+      ids[0, :len(whole) - 1], mask[0, :len(whole) - 1] = whole[:-1], 1
+      logits = np.asarray(forward(jnp.asarray(ids), jnp.asarray(mask)), np.float64)[0]
+      logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                                                                             keepdims=True)) \
+          - logits.max(-1, keepdims=True)
+      targets = whole[1:]
+      per_token = logp[np.arange(len(targets)), targets]
+      lp.append(per_token[-n_cont:].sum())
+      nt.append(n_cont)
+    lps.append(lp)
+    ntoks.append(nt)
+    nchars.append([len(c) for c in r.continuations])
+    scores.append(r.example.scores)
+  expected = icl.task_metrics(lps, ntoks, nchars, scores)
+  df = pd.read_csv(os.path.join(env["out"], "icl_results.csv"))
+  row = df[(df["model"] == "tiny-a") & (df["step"] == 20) & (df["task"] == "anachronisms")
+           & (df["k_shot"] == 0)].iloc[0]
+  for key in ("accuracy", "accuracy_norm", "correct_option_ppl", "incorrect_option_ppl"):
+    assert row[key] == pytest.approx(expected[key], rel=1e-4), key
+
+
+def test_analysis_outputs_and_malformed_task_reported(env):
+  out = env["out"]
+  corr = pd.read_csv(os.path.join(out, "correlations.csv"))
+  assert list(corr.columns[:4]) == ["x", "spearman", "r2", "n"]
+  assert list(corr["x"]) == ["validation_ppl", "flops", "params"]
+  assert corr.set_index("x").loc["validation_ppl", "n"] == 6
+  for name in ("mean_accuracy.csv", "task_scaling.csv", "summary.md",
+               os.path.join("k1shot", "correlations.csv"), os.path.join("k1shot", "summary.md")):
+    assert os.path.isfile(os.path.join(out, name)), name
+  for stem in ("mean_accuracy", "option_ppl", "top_linearity", "top_breakthroughness",
+               "task_trajectories"):
+    for ext in ("png", "pdf"):
+      assert os.path.getsize(os.path.join(out, "plots", f"{stem}.{ext}")) > 0
+  summary = open(os.path.join(out, "summary.md")).read()
+  assert "Spearman rho" in summary and "0-shot prompts" in summary
+  assert "broken" in summary and "example 1" in summary
+  means = pd.read_csv(os.path.join(out, "mean_accuracy.csv"))
+  assert len(means) == 6 and (means["n_tasks"] == 5).all()
+
+
+def test_second_run_scores_nothing(env):
+  store = os.path.join(env["out"], "store")
+  files = {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+           for d, _, fs in os.walk(store) for f in fs}
+  assert len(files) == 6
+  table = downstream_icl.run(env["suite"], env["out"], **{**env["kwargs"], "plots": False})
+  after = {p: os.path.getmtime(p) for p in files}
+  assert after == files
+  pd.testing.assert_frame_equal(table, env["table"])
+
+
+def test_missing_bigbench_folder_says_how_to_fetch(env):
+  with pytest.raises(FileNotFoundError, match="fetch_bigbench"):
+    downstream_icl.run(env["suite"], os.path.join(env["root"], "x"),
+                       bigbench_dir=os.path.join(env["root"], "nowhere"), progress=False)
+
+
+def test_lm_eval_import_with_a_manifest_without_checkpoints(tmp_path):
+  manifest = tmp_path / "suite.json"
+  manifest.write_text(json.dumps({"name": "opt", "models": [
+      {"name": "opt-125m", "params": 125_000_000, "tokens_per_step": 500_000,
+       "aliases": ["facebook/opt-125m"], "checkpoints": {"1000": "nowhere/a", "2000": "nowhere/b",
+                                                         "4000": "nowhere/c"}},
+      {"name": "opt-350m", "params": 350_000_000, "tokens_per_step": 500_000,
+       "aliases": ["facebook/opt-350m"], "checkpoints": {"1000": "nowhere/d", "2000": "nowhere/e",
+                                                         "4000": "nowhere/f"}}]}))
+  results = tmp_path / "lm_eval"
+  results.mkdir()
+  for i, (model, step) in enumerate([(m, s) for m in ("opt-125m", "opt-350m")
+                                     for s in (1000, 2000, 4000)]):
+    ppl = 60.0 / (1 + i % 3) / (1.5 if model == "opt-350m" else 1)
+    data = {"results": {"lambada_openai": {"perplexity,none": ppl},
+                        "hellaswag": {"acc,none": 0.5 - 0.05 * np.log(ppl)},
+                        "piqa": {"acc,none": 0.8 - 0.04 * np.log(ppl)}},
+            "config": {"model_args": f"pretrained=facebook/{model},revision=step{step}"}}
+    (results / f"r{i}.json").write_text(json.dumps(data))
+  out = str(tmp_path / "out")
+  table = downstream_icl.run_import(str(results), str(manifest), out, tasks=["hellaswag", "piqa"],
+                                    plots=False)
+  assert len(table) == 12
+  corr = pd.read_csv(os.path.join(out, "correlations.csv")).set_index("x")
+  assert corr.loc["validation_ppl", "spearman"] == pytest.approx(-1.0)
+  assert corr.loc["validation_ppl", "r2"] == pytest.approx(1.0)
+  assert corr.loc["validation_ppl", "r2"] > corr.loc["flops", "r2"]
+  summary = open(os.path.join(out, "summary.md")).read()
+  assert "best predictor" in summary
