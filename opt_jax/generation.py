@@ -1,0 +1,347 @@
+"""KV-cached decoding under jit: greedy, temperature, top-k, top-p, and weighted mixtures of models.
+
+One jitted program per (batch bucket, prompt bucket, max_new_tokens, sampler mode, models): the
+prompt is prefilled into each model's KV cache (`opt_jax.model.init_cache`), then a
+`lax.while_loop` feeds one token per step, so there is no host round trip per token. Parameters,
+temperature, top-k, top-p, the seed and the mixture weights are all arguments of the program,
+so one compilation serves every checkpoint of a size and every sampler setting.
+
+Conventions
+  * Prompts are lists of token ids (OPT's tokenizer prepends </s>). They are sorted by length,
+    left-padded to a bucketed length and a bucketed batch size; positions come from the attention
+    mask, so a left-padded row sees exactly the positions HF gives it.
+  * Every row stops after it emits `eos_id` (the eos is part of its output); a finished row keeps
+    emitting pad and its cache slots are masked. The loop ends when every row is done.
+  * Prompt too long: a prompt of n tokens needs n + max_new_tokens <= max_position_embeddings.
+    By default a longer prompt is an error naming it; `truncate_prompts=True` keeps its last
+    max_position_embeddings - max_new_tokens tokens instead.
+  * Sampling: scores s [B, V] fp32 (logits / temperature) go through top-k then top-p in the order
+    and with the tie rules of HF's TopK/TopP warpers, then one token is drawn by inverse CDF with
+    u = uniform(fold_in(fold_in(key(seed), prompt_index), step)). The draw for a prompt therefore
+    depends on the seed and on its index in `prompts`, not on how prompts were batched.
+
+Joint decoding (`joint_generate`): with per-model probabilities p_i = softmax(logits_i / T),
+the next-token distribution is q = max(sum_i w_i p_i, 0) / Z. Weights may be negative
+(p_large - p_small, the contrastive sets of Xia et al.). If Z <= FALLBACK_MASS * sum_i |w_i| (the
+weights leave no positive mass at that step: e.g. all weights zero, or w = (1, -1) on two models
+that agree), that row uses p_1 (the first model's distribution) for that step; such steps are
+counted per prompt in the returned stats. Models must share a tokenizer (fingerprints compared
+up front) and a vocabulary size.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opt_jax import model as M
+from opt_jax.config import OPTConfig
+
+Array = jax.Array
+FALLBACK_MASS = 1e-6
+_TRACES: collections.Counter = collections.Counter()
+
+
+def num_compilations() -> int:
+  """Programs traced (= compiled) by this module so far, over all shapes and modes."""
+  return sum(_TRACES.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  """Everything static about one decoding program (hashable: a jit static argument)."""
+  configs: tuple[OPTConfig, ...]
+  max_new_tokens: int
+  greedy: bool
+  joint: bool
+  eos_id: int      # -1: never stop early
+  pad_id: int
+  dtype: str
+  attention: str
+
+
+# Samplers ------------------------------------------------------------------------------------
+
+def filter_top_k_top_p(scores: Array, top_k: Array, top_p: Array) -> Array:
+  """scores [B, V] fp32 (logits or log-probs, -inf allowed) -> same with filtered tokens at -inf.
+
+  top_k [] int (0: off) keeps tokens whose score is >= the k-th largest (ties kept, like HF);
+  then top_p [] float (1: off) keeps the smallest set of highest-scoring tokens whose probability
+  (softmax of the top-k survivors) reaches top_p: a token is kept iff the mass strictly above it
+  is < top_p, so the best token is always kept. Skipped entirely (no sort) when both are off.
+  """
+  v = scores.shape[-1]
+
+  def apply(s):
+    desc = jnp.sort(s, axis=-1)[:, ::-1]                                       # [B, V]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    kth = jax.lax.dynamic_slice_in_dim(desc, k - 1, 1, axis=1)               # [B, 1]
+    desc = jnp.where(desc >= kth, desc, -jnp.inf)
+    probs = jax.nn.softmax(desc, axis=-1)
+    above = jnp.cumsum(probs, axis=-1) - probs                                # mass above each
+    n_keep = jnp.maximum(jnp.sum(above < top_p, axis=-1), 1)                  # [B]
+    pth = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=1)            # [B, 1]
+    return jnp.where((s >= kth) & (s >= pth), s, -jnp.inf)
+
+  return jax.lax.cond((top_k > 0) | (top_p < 1.0), apply, lambda s: s, scores)
+
+
+def sample_inverse_cdf(scores: Array, u: Array) -> Array:
+  """scores [B, V] fp32 (-inf = excluded), u [B] in [0, 1) -> tokens [B] int32.
+
+  Token = first index whose cumulative probability exceeds u (never an excluded token).
+  """
+  w = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))               # [B, V] unnormalised
+  c = jnp.cumsum(w, axis=-1)
+  idx = jnp.sum(c <= u[:, None] * c[:, -1:], axis=-1).astype(jnp.int32)
+  v = scores.shape[-1]
+  last = v - 1 - jnp.argmax((w > 0)[:, ::-1], axis=-1).astype(jnp.int32)      # rounding guard
+  return jnp.minimum(idx, last)
+
+
+def step_uniforms(seed: Array, rows: Array, step: Array) -> Array:
+  """u [B] fp32: uniform(fold_in(fold_in(key(seed), rows[b]), step)), the randomness of a draw."""
+  base = jax.random.key(seed)
+  keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(rows)
+  return jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
+
+
+def mixture_log_probs(logits: Sequence[Array], weights: Array, temperature: Array
+                      ) -> tuple[Array, Array]:
+  """Joint next-token distribution. logits: per model [B, V] fp32; weights [M] fp32.
+
+  Returns (log q [B, V] fp32 with -inf where q = 0, fallback [B] bool) with
+  q = max(sum_i w_i softmax(logits_i / T), 0) / Z, or softmax(logits_1 / T) where Z is not
+  positive (see the module docstring).
+  """
+  probs = [jax.nn.softmax(l / temperature, axis=-1) for l in logits]
+  mix = sum(weights[i] * p for i, p in enumerate(probs))
+  pos = jnp.maximum(mix, 0.0)
+  z = jnp.sum(pos, axis=-1)                                                   # [B]
+  fallback = z <= FALLBACK_MASS * jnp.sum(jnp.abs(weights))
+  q = jnp.where(fallback[:, None], probs[0], pos / jnp.where(fallback, 1.0, z)[:, None])
+  return jnp.where(q > 0, jnp.log(jnp.where(q > 0, q, 1.0)), -jnp.inf), fallback
+
+
+# The decoding program -------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _decode(params: tuple, ids: Array, mask: Array, rows: Array, done: Array, weights: Array,
+            seed: Array, temperature: Array, top_k: Array, top_p: Array, *, spec: _Spec):
+  """ids/mask [B, T] left-padded prompts; rows [B] prompt indices; done [B] (filler rows).
+
+  Returns tokens [B, N] int32 (pad after a row's end), lengths [B] int32 (tokens emitted, eos
+  included), fallback [B] int32 (joint steps that fell back to model 1).
+  """
+  _TRACES[(ids.shape, spec)] += 1
+  b, t = ids.shape
+  n = spec.max_new_tokens
+  dtype = jnp.dtype(spec.dtype)
+  models = [M.OPT(c, dtype=dtype, attention=spec.attention) for c in spec.configs]
+
+  def forward(tok_ids, tok_mask, caches):
+    """tok_ids/tok_mask [B, t'] -> (per-model logits of the last column [B, V] fp32, caches)."""
+    out_logits, out_caches = [], []
+    for mod, p, cache in zip(models, params, caches):
+      hidden, cache = mod.apply({"params": p}, tok_ids, tok_mask, cache)     # [B, t', E]
+      out_logits.append(M.logits(p, hidden[:, -1:])[:, 0])                    # [B, V]
+      out_caches.append(cache)
+    return out_logits, tuple(out_caches)
+
+  def choose(logits, step, done):
+    """-> (token [B] int32, pad where done; fell back [B] bool, False where done)."""
+    if spec.joint:
+      scores, fell = mixture_log_probs(logits, weights, temperature)
+    else:
+      scores, fell = logits[0] / temperature, jnp.zeros((b,), bool)
+    if spec.greedy:
+      tok = jnp.argmax(logits[0] if not spec.joint else scores, axis=-1).astype(jnp.int32)
+    else:
+      scores = filter_top_k_top_p(scores, top_k, top_p)
+      tok = sample_inverse_cdf(scores, step_uniforms(seed, rows, step))
+    return jnp.where(done, spec.pad_id, tok), fell & ~done
+
+  caches = tuple(M.init_cache(c, b, t + n, dtype) for c in spec.configs)
+  logits, caches = forward(ids, mask, caches)
+  tok, fell = choose(logits, jnp.int32(0), done)
+  tokens = jnp.full((b, n), spec.pad_id, jnp.int32).at[:, 0].set(tok)
+  lengths = (~done).astype(jnp.int32)
+  fallback = fell.astype(jnp.int32)
+  done = done | (tok == spec.eos_id)
+
+  def cond(state):
+    step, _, done, *_ = state
+    return (step < n) & ~jnp.all(done)
+
+  def body(state):
+    step, tok, done, tokens, lengths, fallback, caches = state
+    # A finished row feeds a masked pad: its slot is invalid and its position does not advance.
+    logits, caches = forward(tok[:, None], (~done)[:, None].astype(jnp.int32), caches)
+    tok, fell = choose(logits, step, done)
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
+    lengths = lengths + (~done).astype(jnp.int32)
+    fallback = fallback + fell.astype(jnp.int32)
+    done = done | (tok == spec.eos_id)
+    return step + 1, tok, done, tokens, lengths, fallback, caches
+
+  state = (jnp.int32(1), tok, done, tokens, lengths, fallback, caches)
+  _, _, _, tokens, lengths, fallback, _ = jax.lax.while_loop(cond, body, state)
+  return tokens, lengths, fallback
+
+
+# Host side: validation, bucketing, batching ---------------------------------------------------
+
+def _bucket(n: int, minimum: int) -> int:
+  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _check_prompts(prompts, vocab_size: int, max_len: int, truncate: bool) -> list[list[int]]:
+  """Validated prompts (lists of int); max_len = the most prompt tokens that fit."""
+  if max_len <= 0:
+    raise ValueError("max_new_tokens must be smaller than max_position_embeddings "
+                     "(no room left for a prompt)")
+  out = []
+  for i, p in enumerate(prompts):
+    p = [int(x) for x in p]
+    if not p:
+      raise ValueError(f"prompt {i} is empty; OPT prompts start with </s> (id 2)")
+    bad = [x for x in p if not 0 <= x < vocab_size]
+    if bad:
+      raise ValueError(f"prompt {i} has token id(s) {bad[:5]} outside [0, {vocab_size})")
+    if len(p) > max_len:
+      if not truncate:
+        raise ValueError(
+            f"prompt {i} has {len(p)} tokens; with max_new_tokens it must have at most {max_len} "
+            f"(max_position_embeddings - max_new_tokens). Shorten it or pass truncate_prompts=True "
+            f"to keep its last {max_len} tokens.")
+      p = p[-max_len:]
+    out.append(p)
+  return out
+
+
+def _run(configs: tuple[OPTConfig, ...], params: tuple, prompts, weights: np.ndarray, *,
+         max_new_tokens: int, sampler: str, temperature: float, top_k: int, top_p: float,
+         eos_id: int | None, pad_id: int | None, seed: int, dtype, batch_size: int,
+         truncate_prompts: bool, attention: str, joint: bool):
+  """Shared driver of generate / joint_generate -> (list of new-token lists, fallback counts)."""
+  if sampler not in ("greedy", "sample"):
+    raise ValueError(f"sampler={sampler!r}: expected 'greedy' or 'sample'")
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  if top_k < 0:
+    raise ValueError(f"top_k must be >= 0 (0: off), got {top_k}")
+  max_pos = min(c.max_position_embeddings for c in configs)
+  prompts = _check_prompts(prompts, configs[0].vocab_size, max_pos - max_new_tokens,
+                           truncate_prompts)
+  pad = configs[0].pad_token_id if pad_id is None else pad_id
+  spec = _Spec(configs, max_new_tokens, sampler == "greedy", joint,
+               -1 if eos_id is None else int(eos_id), int(pad), jnp.dtype(dtype).name, attention)
+
+  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+  results: list[list[int]] = [[] for _ in prompts]
+  fallbacks = np.zeros(len(prompts), np.int64)
+  knobs = (jnp.asarray(weights, jnp.float32), jnp.int32(seed), jnp.float32(temperature),
+           jnp.int32(top_k), jnp.float32(top_p))
+  for start in range(0, len(order), batch_size):
+    chunk = order[start:start + batch_size]
+    b = _bucket(len(chunk), 1)
+    t = min(_bucket(max(len(prompts[i]) for i in chunk), 8), max_pos - max_new_tokens)
+    ids = np.full((b, t), pad, np.int32)
+    mask = np.zeros((b, t), np.int32)
+    rows = np.zeros((b,), np.int32)
+    done = np.ones((b,), bool)
+    for r, i in enumerate(chunk):
+      p = prompts[i]
+      ids[r, t - len(p):], mask[r, t - len(p):], rows[r], done[r] = p, 1, i, False
+    ids[len(chunk):, -1], mask[len(chunk):, -1] = configs[0].bos_token_id, 1     # filler rows
+    tokens, lengths, fell = jax.device_get(_decode(
+        params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(rows), jnp.asarray(done),
+        *knobs, spec=spec))
+    for r, i in enumerate(chunk):
+      results[i] = tokens[r, :lengths[r]].tolist()
+      fallbacks[i] = fell[r]
+  return results, fallbacks
+
+
+def generate(config: OPTConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             sampler: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_id: int | None = 2, pad_id: int | None = None, seed: int = 0, dtype=jnp.float32,
+             batch_size: int = 32, truncate_prompts: bool = False, attention: str = "xla"
+             ) -> list[list[int]]:
+  """Decode up to max_new_tokens after each prompt; returns the new tokens only, eos included.
+
+  sampler: "greedy" (argmax of the logits; temperature/top-k/top-p ignored) or "sample"
+  (temperature, then top-k (0: off), then top-p (1: off), then a seeded draw). eos_id=None never
+  stops early. pad_id defaults to config.pad_token_id. See the module docstring for conventions.
+  """
+  results, _ = _run((config,), (params,), prompts, np.ones(1), max_new_tokens=max_new_tokens,
+                    sampler=sampler, temperature=temperature, top_k=top_k, top_p=top_p,
+                    eos_id=eos_id, pad_id=pad_id, seed=seed, dtype=dtype, batch_size=batch_size,
+                    truncate_prompts=truncate_prompts, attention=attention, joint=False)
+  return results
+
+
+def check_joint_models(configs: Sequence[OPTConfig], tokenizers: Sequence[Any] | None = None,
+                       names: Sequence[str] | None = None) -> None:
+  """Raise ValueError unless the models can be mixed: same tokenizer fingerprint, same vocab size.
+
+  tokenizers: one object with a `fingerprint()` method per model (opt_jax.tokenizer.Tokenizer),
+  or None to check only the vocabulary sizes. names label the models in the error.
+  """
+  names = list(names) if names is not None else [f"model {i}" for i in range(len(configs))]
+  if tokenizers is not None:
+    if len(tokenizers) != len(configs):
+      raise ValueError(f"got {len(tokenizers)} tokenizers for {len(configs)} models")
+    prints = [tok.fingerprint() for tok in tokenizers]
+    differ = [n for n, f in zip(names, prints) if f != prints[0]]
+    if differ:
+      raise ValueError(
+          f"joint decoding needs one tokenizer: {differ} tokenize text differently from "
+          f"{names[0]} (tokenizer fingerprints differ); mix only models of one family")
+  sizes = [c.vocab_size for c in configs]
+  if len(set(sizes)) != 1:
+    raise ValueError(f"joint decoding needs equal vocabulary sizes, got "
+                     f"{dict(zip(names, sizes))}")
+
+
+def joint_generate(models: Sequence[tuple[OPTConfig, Any]], weights: Sequence[float],
+                   prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                   sampler: str = "greedy", temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0, eos_id: int | None = 2, pad_id: int | None = None,
+                   seed: int = 0, dtype=jnp.float32, batch_size: int = 32,
+                   truncate_prompts: bool = False, attention: str = "xla",
+                   tokenizers: Sequence[Any] | None = None, names: Sequence[str] | None = None
+                   ) -> tuple[list[list[int]], dict[str, Any]]:
+  """Decode from q = max(sum_i w_i softmax(logits_i / T), 0) / Z (module docstring).
+
+  models: (config, params) per model, each with its own KV cache in one jitted step.
+  sampler "greedy" takes argmax q; "sample" applies top-k / top-p (nucleus) to q, then draws.
+  tokenizers (optional, one per model) are checked to be identical before anything runs.
+  Returns (new tokens per prompt, stats) with stats = {"fallback_steps": total steps that used
+  model 1's distribution, "fallback_steps_per_prompt": list[int], "generated_tokens": int,
+  "weights": list[float]}.
+  """
+  if len(models) < 1 or len(models) != len(weights):
+    raise ValueError(f"need one weight per model, got {len(models)} models, {len(weights)} weights")
+  configs = tuple(c for c, _ in models)
+  check_joint_models(configs, tokenizers, names)
+  results, fallbacks = _run(
+      configs, tuple(p for _, p in models), prompts, np.asarray(weights, np.float64),
+      max_new_tokens=max_new_tokens, sampler=sampler, temperature=temperature, top_k=top_k,
+      top_p=top_p, eos_id=eos_id, pad_id=pad_id, seed=seed, dtype=dtype, batch_size=batch_size,
+      truncate_prompts=truncate_prompts, attention=attention, joint=True)
+  stats = {"fallback_steps": int(fallbacks.sum()),
+           "fallback_steps_per_prompt": fallbacks.tolist(),
+           "generated_tokens": int(sum(len(r) for r in results)),
+           "weights": [float(w) for w in weights]}
+  return results, stats

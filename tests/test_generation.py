@@ -1,0 +1,255 @@
+"""Decoding: greedy parity with HF generate, samplers against HF's warpers and the math, joint
+decoding against a full-forward (no cache) reference written here."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from transformers.generation import logits_process as hf_lp
+
+from opt_jax import generation as G
+from opt_jax import model as M
+import oracle
+
+PROMPT_LENGTHS = [9, 4, 13]   # 3 prompts: batch bucket 4 with one filler row
+
+
+def _prompts(config, lengths=PROMPT_LENGTHS, seed=3):
+  ids, mask = oracle.padded_batch(config.vocab_size, lengths, max(lengths), "left", seed=seed)
+  return [row[m.astype(bool)].tolist() for row, m in zip(ids, mask)], ids, mask
+
+
+def _hf_greedy(hf, ids, mask, n, eos):
+  with torch.no_grad():
+    out = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                      max_new_tokens=n, min_new_tokens=0, pad_token_id=1, eos_token_id=eos,
+                      bos_token_id=2)
+  rows = []
+  for row in out[:, ids.shape[1]:].tolist():
+    rows.append(row[:row.index(eos) + 1] if eos in row else row)
+  return rows
+
+
+@pytest.fixture(scope="module", params=sorted(oracle.TINY))
+def pair(request):
+  config = oracle.TINY[request.param]
+  hf = oracle.hf_model(config, seed=1)
+  return config, hf, oracle.params_from_hf_model(hf, config)
+
+
+@pytest.fixture(scope="module")
+def pre_ln():
+  config = oracle.TINY["pre_ln"]
+  hf = oracle.hf_model(config, seed=2)
+  return config, hf, oracle.params_from_hf_model(hf, config)
+
+
+def test_greedy_32_tokens_match_hf_generate_left_padded(pair):
+  config, hf, params = pair
+  prompts, ids, mask = _prompts(config)
+  want = _hf_greedy(hf, ids, mask, 32, eos=2)
+  got = G.generate(config, params, prompts, max_new_tokens=32)
+  assert got == want
+  assert max(len(r) for r in got) == 32   # at least one row runs the full length
+
+
+def test_greedy_stops_at_eos_like_hf(pre_ln):
+  config, hf, params = pre_ln
+  prompts, ids, mask = _prompts(config)
+  free = G.generate(config, params, prompts, max_new_tokens=20, eos_id=None)
+  assert all(len(r) == 20 for r in free)
+  eos = free[0][5]   # a token row 0 emits at step 5: rows end at different steps
+  want = _hf_greedy(hf, ids, mask, 20, eos=eos)
+  got = G.generate(config, params, prompts, max_new_tokens=20, eos_id=eos)
+  assert got == want
+  assert len(got[0]) <= 6 and got[0][-1] == eos
+  for row, full in zip(got, free):   # each row is the free-running path cut after its first eos
+    assert row == (full[:full.index(eos) + 1] if eos in full else full)
+
+
+def test_filter_matches_hf_top_k_top_p_warpers():
+  rng = np.random.RandomState(0)
+  scores = rng.randn(6, 50).astype(np.float32) * 2
+  scores[0, :5] = scores[0, 5]   # ties at the k-th value are kept by both
+  for k, p in [(0, 0.9), (5, 1.0), (7, 0.5), (1, 1.0), (0, 1e-4), (20, 0.99)]:
+    ref = torch.tensor(scores)
+    if k:
+      ref = hf_lp.TopKLogitsWarper(k)(None, ref)
+    if p < 1:
+      ref = hf_lp.TopPLogitsWarper(p)(None, ref)
+    got = np.asarray(G.filter_top_k_top_p(jnp.asarray(scores), jnp.int32(k), jnp.float32(p)))
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(ref.numpy()), err_msg=f"{k} {p}")
+    np.testing.assert_array_equal(got[np.isfinite(got)], scores[np.isfinite(got)])
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(pre_ln):
+  config, _, params = pre_ln
+  prompts, _, _ = _prompts(config)
+  greedy = G.generate(config, params, prompts, max_new_tokens=16)
+  for kw in (dict(top_k=1, temperature=1.3), dict(top_p=1e-6, temperature=0.8)):
+    assert G.generate(config, params, prompts, max_new_tokens=16, sampler="sample", seed=5,
+                      **kw) == greedy, kw
+
+
+def test_sampling_is_deterministic_by_seed_and_batching(pre_ln):
+  config, _, params = pre_ln
+  prompts, _, _ = _prompts(config)
+  kw = dict(max_new_tokens=16, sampler="sample", temperature=1.5, eos_id=None)
+  a = G.generate(config, params, prompts, seed=11, **kw)
+  assert a == G.generate(config, params, prompts, seed=11, **kw)
+  assert a != G.generate(config, params, prompts, seed=12, **kw)
+  # The draw of a prompt depends on its index, not on the batch it was decoded in.
+  assert a == G.generate(config, params, prompts, seed=11, batch_size=1, **kw)
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0.7, 0), (1.0, 5)])
+def test_sampled_token_distribution_matches_softmax(pre_ln, temperature, top_k):
+  config, hf, params = pre_ln
+  prompt = [2, 17, 40, 9]
+  n = 4000
+  got = G.generate(config, params, [prompt] * n, max_new_tokens=1, sampler="sample",
+                   temperature=temperature, top_k=top_k, seed=1, eos_id=None, batch_size=n)
+  counts = np.bincount([r[0] for r in got], minlength=config.vocab_size)
+  with torch.no_grad():   # the oracle: HF's logits, softmax in float64
+    logits = hf(torch.tensor([prompt])).logits[0, -1].double().numpy() / temperature
+  if top_k:
+    logits = np.where(logits >= np.sort(logits)[-top_k], logits, -np.inf)
+  p = np.exp(logits - logits.max())
+  p /= p.sum()
+  assert counts[p == 0].sum() == 0
+  expected = p * n
+  big = expected >= 5   # merge small bins so the chi-square approximation holds
+  obs = np.append(counts[big], counts[~big].sum())
+  exp = np.append(expected[big], expected[~big].sum())
+  if exp[-1] == 0:
+    obs, exp = obs[:-1], exp[:-1]
+  stat, pval = scipy.stats.chisquare(obs, exp)
+  assert pval > 1e-3, (stat, pval)
+  assert big.sum() >= (top_k or 6)   # enough categories to mean something
+
+
+def test_compiles_once_per_bucket(pre_ln):
+  config, _, params = pre_ln
+  G.generate(config, params, [[2, 5, 6]], max_new_tokens=7, sampler="sample")
+  before = G.num_compilations()
+  # Same batch bucket (1) and prompt bucket (8), other params / sampler settings / seed: no compile.
+  other = jax.tree.map(lambda x: x * 1.01, params)
+  G.generate(config, other, [[2, 9, 9, 9, 9]], max_new_tokens=7, sampler="sample", top_k=3,
+             top_p=0.5, temperature=2.0, seed=9)
+  assert G.num_compilations() == before
+  G.generate(config, params, [[2] * 9], max_new_tokens=7, sampler="sample")   # prompt bucket 16
+  assert G.num_compilations() == before + 1
+
+
+def test_bad_prompts_are_named(pre_ln):
+  config, _, params = pre_ln
+  with pytest.raises(ValueError, match="prompt 1 has 60 tokens.*at most 54"):
+    G.generate(config, params, [[2, 3], [2] * 60], max_new_tokens=10)
+  with pytest.raises(ValueError, match="prompt 0 is empty"):
+    G.generate(config, params, [[]], max_new_tokens=10)
+  with pytest.raises(ValueError, match=r"token id\(s\) \[500\]"):
+    G.generate(config, params, [[2, 500]], max_new_tokens=10)
+  long = [2] + list(range(3, 62))
+  got = G.generate(config, params, [long], max_new_tokens=10, truncate_prompts=True)
+  assert got == G.generate(config, params, [long[-54:]], max_new_tokens=10)
+
+
+# Joint decoding ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_models():
+  """Two different random models over one vocabulary (pre-LN and the 350m layout)."""
+  out = []
+  for name, seed in (("pre_ln", 4), ("post_ln_350m", 5)):
+    config = oracle.TINY[name]
+    out.append((config, oracle.params_from_hf_model(oracle.hf_model(config, seed=seed), config)))
+  return out
+
+
+def _reference_joint(models, weights, prompts, n, *, top_p=None, temperature=1.0, seed=0,
+                     eos=2):
+  """Every model's full forward over prompt + tokens so far at every step (no cache); float64."""
+  w = np.asarray(weights, np.float64)
+  outs, fallbacks = [], []
+  for row, prompt in enumerate(prompts):
+    seq, new, fb = list(prompt), [], 0
+    for step in range(n):
+      probs = []
+      for config, params in models:
+        hidden, _ = M.OPT(config).apply({"params": params}, jnp.asarray([seq]))
+        z = np.asarray(M.logits(params, hidden))[0, -1].astype(np.float64) / temperature
+        e = np.exp(z - z.max())
+        probs.append(e / e.sum())
+      q = np.maximum(sum(wi * p for wi, p in zip(w, probs)), 0)
+      if q.sum() <= 1e-6 * np.abs(w).sum():
+        q, fb = probs[0], fb + 1
+      q = q / q.sum()
+      if top_p is None:
+        tok = int(np.argmax(q))
+      else:   # nucleus: keep the best tokens until the mass above a token reaches top_p
+        order = np.argsort(-q, kind="stable")
+        above = np.cumsum(q[order]) - q[order]
+        kept = np.zeros_like(q)
+        kept[order[above < top_p]] = q[order[above < top_p]]
+        u = float(jax.random.uniform(jax.random.fold_in(jax.random.fold_in(
+            jax.random.key(seed), row), step), (), jnp.float32))
+        tok = int(np.searchsorted(np.cumsum(kept) / kept.sum(), u, side="right"))
+      seq.append(tok)
+      new.append(tok)
+      if tok == eos:
+        break
+    outs.append(new)
+    fallbacks.append(fb)
+  return outs, fallbacks
+
+
+@pytest.mark.parametrize("weights,sampling", [((1.5, -0.5), None), ((1.0, -1.0), None),
+                                              ((1.0, -1.0), 0.9), ((0.3, 0.7), 0.8)])
+def test_joint_matches_full_forward_reference(two_models, weights, sampling):
+  prompts, _, _ = _prompts(two_models[0][0], lengths=[6, 3], seed=7)
+  n = 12
+  kw = dict(sampler="greedy") if sampling is None else dict(sampler="sample", top_p=sampling,
+                                                            temperature=1.2, seed=3)
+  got, stats = G.joint_generate(two_models, weights, prompts, max_new_tokens=n, **kw)
+  want, fb = _reference_joint(two_models, weights, prompts, n, top_p=sampling,
+                              temperature=kw.get("temperature", 1.0), seed=kw.get("seed", 0))
+  assert got == want
+  assert stats["fallback_steps_per_prompt"] == fb
+  assert stats["generated_tokens"] == sum(map(len, want))
+
+
+def test_joint_falls_back_to_first_model_and_counts(two_models):
+  (config, params), _ = two_models
+  prompts, _, _ = _prompts(config)
+  alone = G.generate(config, params, prompts, max_new_tokens=10)
+  for models, weights in (([(config, params)] * 2, (1.0, -1.0)),   # the models agree: no mass
+                          (two_models, (0.0, 0.0))):
+    got, stats = G.joint_generate(models, weights, prompts, max_new_tokens=10)
+    assert got == alone
+    assert stats["fallback_steps_per_prompt"] == [len(r) for r in alone]
+    assert stats["fallback_steps"] == sum(map(len, alone))
+  _, stats = G.joint_generate(two_models, (1.0, -1.0), prompts, max_new_tokens=10)
+  assert stats["fallback_steps"] == 0
+
+
+class _Tok:
+  def __init__(self, fp):
+    self.fp = fp
+
+  def fingerprint(self):
+    return self.fp
+
+
+def test_joint_rejects_different_tokenizers_and_vocab(two_models):
+  prompts = [[2, 5]]
+  with pytest.raises(ValueError, match=r"\['large'\] tokenize text differently from small"):
+    G.joint_generate(two_models, (1, -1), prompts, max_new_tokens=2,
+                     tokenizers=[_Tok("a"), _Tok("b")], names=["small", "large"])
+  other = two_models[1][0].replace(vocab_size=102)
+  with pytest.raises(ValueError, match="equal vocabulary sizes"):
+    G.joint_generate([two_models[0], (other, two_models[1][1])], (1, -1), prompts,
+                     max_new_tokens=2)
+  G.joint_generate(two_models, (1, -1), prompts, max_new_tokens=2,
+                   tokenizers=[_Tok("a"), _Tok("a")])
