@@ -44,7 +44,8 @@ def test_round_trip_is_bit_exact(saved):
   path, params = saved
   restored = checkpoint.restore(path)
   assert jax.tree.structure(restored) == jax.tree.structure(params)
-  for (kp, want), got in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(restored)):
+  leaves = zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(restored))
+  for (kp, want), got in leaves:
     assert got.dtype == want.dtype, kp
     np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=str(kp))
 

@@ -162,8 +162,7 @@ def test_hf_to_opt_jax_to_hf_is_bit_exact(converted, tmp_path):
 def test_bfloat16_export_loads_in_transformers(hf_pre, tmp_path):
   d, model, _, _ = hf_pre
   out = convert(d, str(tmp_path / "hf16"), output_format="hf", dtype="bfloat16")
-  assert os.listdir(out) == ["model.safetensors", "config.json"] or sorted(os.listdir(out)) == [
-      "config.json", "model.safetensors"]
+  assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
   reloaded = transformers.OPTForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
   for k, v in model.state_dict().items():
     assert torch.equal(reloaded.state_dict()[k], v.to(torch.bfloat16)), k
@@ -179,8 +178,10 @@ def metaseq_parts(hf_state: dict, config, parts: int) -> list[dict]:
   out = [{} for _ in range(parts)]
   split = lambda t, dim: [c.clone() for c in torch.chunk(t, parts, dim)]
   sd = {k[len("model.decoder."):]: v for k, v in hf_state.items() if k != "lm_head.weight"}
-  renames = {"final_layer_norm.weight": "layer_norm.weight", "final_layer_norm.bias": "layer_norm.bias",
-             "project_in.weight": "project_in_dim.weight", "project_out.weight": "project_out_dim.weight"}
+  renames = {"final_layer_norm.weight": "layer_norm.weight",
+             "final_layer_norm.bias": "layer_norm.bias",
+             "project_in.weight": "project_in_dim.weight",
+             "project_out.weight": "project_out_dim.weight"}
   for name, t in sd.items():
     if ".q_proj." in name:
       kvq = [split(sd[name.replace(".q_proj.", f".{x}_proj.")], 0) for x in "kvq"]

@@ -31,8 +31,8 @@ _TO = flags.DEFINE_enum("to", "opt_jax", convert.OUTPUT_FORMATS,
                         "(config.json + model.safetensors for OPTForCausalLM.from_pretrained).")
 _DTYPE = flags.DEFINE_enum("dtype", None, convert.DTYPES,
                            "Cast parameters to this dtype (default: keep the stored dtype).")
-_CONFIG = flags.DEFINE_string("config", None, "metaseq only: HF-style config.json to use instead of "
-                              "inferring the config from tensor shapes and the stored args.")
+_CONFIG = flags.DEFINE_string("config", None, "metaseq only: HF-style config.json to use instead "
+                              "of inferring the config from tensor shapes and the stored args.")
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "--to=hf only: largest safetensors shard.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
 

@@ -136,9 +136,9 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, *,
     params, config = metaseq.read_metaseq(input_path, config_path=config_path, dtype=np_dtype,
                                           progress=progress)
   else:
-    if not checkpoint.is_checkpoint(input_path):
-      checkpoint.restore(input_path)  # raises the error that says what is missing
-    params, config = checkpoint.restore(input_path, dtype=np_dtype), checkpoint.load_config(input_path)
+    checkpoint.require_checkpoint(input_path)
+    params = checkpoint.restore(input_path, dtype=np_dtype)
+    config = checkpoint.load_config(input_path)
   directory = input_path if os.path.isdir(input_path) else os.path.dirname(input_path)
 
   with tempfile.TemporaryDirectory() as scratch:

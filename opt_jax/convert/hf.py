@@ -122,7 +122,7 @@ class SafetensorsFile:
     return out
 
 
-def _safetensors_header(entries: list[tuple[str, tuple[int, ...], np.dtype]]) -> bytes:
+def safetensors_header(entries: list[tuple[str, tuple[int, ...], np.dtype]]) -> bytes:
   header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
   offset = 0
   for name, shape, dtype in entries:
@@ -392,7 +392,7 @@ def write_hf(directory: str | os.PathLike, params: Mapping[str, Any], config: OP
   `checkpoint.save`. dtype: cast while writing. Returns the weight file names."""
   cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype, copy=False))
   # Pass 1: names, shapes and dtypes (cheap: hf_from_params yields views) to plan the shards.
-  entries = [(name, tuple(a.shape), np.dtype(cast(a).dtype))
+  entries = [(name, tuple(a.shape), np.dtype(a.dtype if dtype is None else dtype))
              for name, a in hf_keys.hf_from_params(params, config)]
   shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
   size = 0
@@ -418,7 +418,7 @@ def write_hf(directory: str | os.PathLike, params: Mapping[str, Any], config: OP
         i = shard_of[name]
         if files[i] is None:
           files[i] = open(os.path.join(tmp, names[i]), "wb")
-          header = _safetensors_header(shards[i])
+          header = safetensors_header(shards[i])
           files[i].write(len(header).to_bytes(8, "little") + header)
         files[i].write(np.ascontiguousarray(cast(np.asarray(array))).reshape(-1).view(np.uint8))
     finally:

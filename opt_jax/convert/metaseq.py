@@ -48,7 +48,6 @@ from typing import Any
 import numpy as np
 
 from opt_jax.config import PRESETS, OPTConfig
-from opt_jax.convert import hf_keys
 from opt_jax.convert.hf import ConversionError, import_torch, params_from_source, torch_load
 from opt_jax.convert.hf import torch_to_numpy
 
@@ -57,7 +56,8 @@ DIM0 = re.compile(r"(embed_tokens|output_projection)\.weight$|"
                   r"\.(qkv_proj|q_proj|k_proj|v_proj|fc1)\.(weight|bias)$")
 DIM1 = re.compile(r"\.(out_proj|fc2)\.weight$")
 IGNORED = re.compile(r"(^|\.)version$|_float_tensor$")
-RENAMES = {"layer_norm.weight": "final_layer_norm.weight", "layer_norm.bias": "final_layer_norm.bias",
+RENAMES = {"layer_norm.weight": "final_layer_norm.weight",
+           "layer_norm.bias": "final_layer_norm.bias",
            "project_in_dim.weight": "project_in.weight",
            "project_out_dim.weight": "project_out.weight"}
 FUSED_ORDER = "kvq"  # order of the pieces of each part's fused qkv_proj rows
@@ -141,8 +141,8 @@ def load_pt(path: str) -> tuple[Mapping[str, Any], dict[str, Any]]:
     state = obj
   else:
     keys = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
-    raise ConversionError(f"{path}: expected a metaseq checkpoint (a dict with the state dict under "
-                          f"\"model\") or a state dict; got {keys}")
+    raise ConversionError(f"{path}: expected a metaseq checkpoint (a dict with the state dict "
+                          f"under \"model\") or a state dict; got {keys}")
   flat = [k for k in state if "flat_param" in k]
   if flat:
     raise ConversionError(
@@ -182,7 +182,8 @@ def find_parts(path: str | os.PathLike) -> list[str]:
     return [path]
   directory = os.path.dirname(path)
   parts = {}
-  for f in glob.glob(os.path.join(glob.escape(directory), glob.escape(m["prefix"]) + "model_part-*.pt")):
+  pattern = os.path.join(glob.escape(directory), glob.escape(m["prefix"]) + "model_part-*.pt")
+  for f in glob.glob(pattern):
     pm = PART_RE.match(os.path.basename(f))
     if pm and pm["prefix"] == m["prefix"]:
       parts[int(pm["part"])] = f
@@ -221,7 +222,8 @@ class MetaseqSource:
         self.head_name = name
       elif ".qkv_proj." in short:
         for piece in "qkv":
-          self._hf[short.replace(".qkv_proj.", f".{piece}_proj.")] = (name, FUSED_ORDER.index(piece))
+          hf_name = short.replace(".qkv_proj.", f".{piece}_proj.")
+          self._hf[hf_name] = (name, FUSED_ORDER.index(piece))
       else:
         self._hf[RENAMES.get(short, short)] = (name, None)
     self._cache: tuple[str, list[np.ndarray]] | None = None
@@ -419,7 +421,8 @@ def opt_vocab(gpt2_vocab_path: str, dict_path: str) -> dict[str, int]:
     with open(dict_path) as f:
       symbols = [line.split()[0] for line in f if line.strip()]
   except (OSError, json.JSONDecodeError, IndexError) as e:
-    raise ConversionError(f"{gpt2_vocab_path} / {dict_path}: cannot read the tokenizer ({e})") from None
+    raise ConversionError(f"{gpt2_vocab_path} / {dict_path}: cannot read the tokenizer "
+                          f"({e})") from None
   index = {s: len(SPECIALS) + i for i, s in enumerate(symbols)}
   vocab = {s: i for i, s in enumerate(SPECIALS)}
   for token, gpt2_id in gpt2.items():
