@@ -14,12 +14,31 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 
+from matplotlib import ticker  # noqa: E402
+
 from experiments.analysis import trends  # noqa: E402
 
 LABEL_COLORS = {"stagnated": "tab:gray", "upward": "tab:red", "downward": "tab:blue",
                 "invalid": "black"}
 X_AXES = (("step", "training step"), ("flops", "training FLOPs"),
           ("val_ppl", "validation perplexity (decreasing ->)"))
+
+
+def _log_axes(ax, x: bool = True) -> None:
+  """Log axes (call after plotting) with few tick labels: decades on a wide axis (10^k from 1e5
+  up), 1-2-5 in plain text on an axis of under two decades, minor ticks labelled only below one
+  decade. Matplotlib's default mathtext labels on every minor tick make drawing several times
+  slower."""
+  plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+  for axis, scale, limits in ((ax.yaxis, ax.set_yscale, ax.get_ylim),) + (
+      ((ax.xaxis, ax.set_xscale, ax.get_xlim),) if x else ()):
+    lo, hi = sorted(limits())
+    scale("log")
+    decades = np.log10(hi / lo) if lo > 0 else np.inf
+    wide = decades >= 2
+    axis.set_major_locator(ticker.LogLocator(subs=(1.0,) if wide else (1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ticker.LogFormatterSciNotation() if wide and hi >= 1e5 else plain)
+    axis.set_minor_formatter(plain if decades < 1 else ticker.NullFormatter())
 
 
 def save(fig, path_stem: str) -> list[str]:
@@ -29,9 +48,11 @@ def save(fig, path_stem: str) -> list[str]:
   for ext in ("png", "pdf"):
     path = f"{path_stem}.{ext}"
     tmp = f"{path_stem}.tmp{os.getpid()}.{ext}"
-    fig.savefig(tmp, format=ext, dpi=120, bbox_inches="tight")
+    fig.savefig(tmp, format=ext, dpi=100)   # constrained layout already fits the labels
     os.replace(tmp, path)
     paths.append(path)
+    # The layout is solved on the first save; keep it rather than solve it again (half the cost).
+    fig.set_layout_engine("none")
   plt.close(fig)
   return paths
 
@@ -45,8 +66,10 @@ def plot_trend_groups(group_means, start_fraction: float, model_order: Sequence[
   frame = group_means[group_means.start_fraction == start_fraction]
   xs = [(key, title) for key, title in X_AXES if np.isfinite(frame[key].to_numpy(float)).any()]
   labels = trends.LABELS[:3]
+  # Fixed margins: a layout engine would measure every log-axis tick label (most of the cost).
   fig, axes = plt.subplots(len(labels), len(xs), figsize=(4.2 * len(xs), 3.2 * len(labels)),
-                           squeeze=False, layout="constrained")
+                           squeeze=False, gridspec_kw=dict(left=0.09, right=0.98, bottom=0.07,
+                                                           top=0.93, wspace=0.22, hspace=0.32))
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   for r, label in enumerate(labels):
     for c, (key, title) in enumerate(xs):
@@ -59,15 +82,14 @@ def plot_trend_groups(group_means, start_fraction: float, model_order: Sequence[
           n = int(rows.n_tokens.iloc[0])
           ax.plot(x[keep], y[keep], marker=".", color=colors[i % len(colors)],
                   label=f"{model} (n={n})")
-      ax.set_xscale("log")
-      ax.set_yscale("log")
+      _log_axes(ax)
       if key == "val_ppl":
         ax.invert_xaxis()
       ax.set_xlabel(title)
       if c == 0:
         ax.set_ylabel(f"mean perplexity\n{label} tokens")
-      ax.grid(True, which="both", alpha=0.3)
-      if ax.has_data():
+      ax.grid(True, alpha=0.3)
+      if c == 0 and ax.has_data():   # one legend per row: n differs per label, not per x axis
         ax.legend(fontsize=7)
   fig.suptitle(f"Trend groups (start fraction {start_fraction:g})")
   return save(fig, path_stem)
@@ -124,11 +146,10 @@ def plot_double_descent(result, models, start_fraction: float, path_stem: str, m
                  label=f"{m.name} #{ex.token_index} ({str(ex.context)[-25:]!r})")
   axes[2].set_title("(c) examples: raw and smoothed")
   for ax in axes[1:]:
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    _log_axes(ax)
     ax.set_xlabel("training step")
     ax.set_ylabel("perplexity")
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, alpha=0.3)
     if ax.has_data():
       ax.legend(fontsize=6)
   fig.suptitle(f"Double descent among upward tokens (start fraction {start_fraction:g})")

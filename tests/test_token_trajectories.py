@@ -1,0 +1,237 @@
+"""experiments/token_trajectories.py end to end on a tiny suite, and the analysis outputs.
+
+The suite (2 tiny sizes x 4 checkpoints, HF random init with a different seed per checkpoint,
+saved with opt_jax.checkpoint.save, a byte-level BPE trained with `tokenizers`) is built once per
+module; HF PyTorch is the oracle of the per-token losses.
+"""
+
+import glob
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+import oracle
+from _trajectory_util import log_steps, planted_losses
+from experiments import token_trajectories as tt
+from experiments.analysis import trajectories, trends
+from opt_jax import checkpoint
+from opt_jax.config import OPTConfig
+
+SIZES = {
+    "tiny-s": OPTConfig(vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        ffn_dim=64, max_position_embeddings=64),
+    "tiny-m": OPTConfig(vocab_size=320, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
+                        ffn_dim=96, max_position_embeddings=64),
+}
+STEPS = (100, 200, 300, 400)
+CONTEXT, STRIDE = 32, 16
+TEXT = (
+    "The old library stood at the end of the lane, and every evening the keeper lit its lamps. "
+    "Children came to read about ships, stars and distant cities; the keeper wrote their names "
+    "in a ledger. In the winter of 1901 the roof leaked, and the books were carried, one by one, "
+    "to the school across the square. Nobody lost a page. When spring came the roof was mended "
+    "and the books went home again, carried by the same small hands that had read them.")
+
+
+def _train_tokenizer(path):
+  """Byte-level BPE with OPT's special ids (<s>=0, <pad>=1, </s>=2, <unk>=3), CONTRACTS.md."""
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator([TEXT] * 3, trainer)
+  assert tok.get_vocab_size() <= 320
+  tok.save(path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def tiny_suite(tmp_path_factory):
+  """(suite.json path, corpus path, {(model, step): HF model}, root)."""
+  root = tmp_path_factory.mktemp("tiny_suite")
+  tok_file = _train_tokenizer(str(root / "tokenizer.json"))
+  hf_models, entries = {}, []
+  for i, (name, config) in enumerate(SIZES.items()):
+    ckpts = {}
+    for j, step in enumerate(STEPS):
+      hf = oracle.hf_model(config, seed=10 * i + j + 1)
+      hf_models[(name, step)] = hf
+      rel = f"ckpt/{name}/step{step}"
+      checkpoint.save(str(root / rel), oracle.params_from_hf_model(hf, config), config,
+                      tokenizer_files=[tok_file])
+      ckpts[str(step)] = rel
+    entries.append({"name": name, "params": config.num_params(), "tokens_per_step": 2048,
+                    "aliases": [f"org/{name}"], "checkpoints": ckpts})
+  suite_path = root / "suite.json"
+  suite_path.write_text(json.dumps({"name": "tiny", "models": entries}))
+  corpus = root / "book.txt"
+  corpus.write_text(TEXT)
+  return str(suite_path), str(corpus), hf_models, root
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_suite):
+  suite_path, corpus, _, root = tiny_suite
+  out = str(root / "out")
+  result = tt.run(suite_path, [corpus], out, context_length=CONTEXT, stride=STRIDE,
+                  start_fractions=(0.1, 0.5), progress=False)
+  return out, result
+
+
+def test_matrices_equal_hf_per_token_losses(tiny_suite, first_run):
+  suite_path, corpus_path, hf_models, _ = tiny_suite
+  out, result = first_run
+  tok = tokenizers.Tokenizer.from_file(os.path.join(os.path.dirname(suite_path), "tokenizer.json"))
+  ids = [2] + tok.encode(TEXT, add_special_tokens=False).ids      # OPT: </s> first
+  matrix_files = sorted(glob.glob(os.path.join(out, "results", "token_trajectories_matrix", "*",
+                                               "*.npz")))
+  assert [os.path.basename(p) for p in matrix_files] == ["tiny-m.npz", "tiny-s.npz"]
+  for name in SIZES:
+    z = np.load(os.path.join(os.path.dirname(matrix_files[0]), f"{name}.npz"))
+    losses = z["losses"]
+    assert losses.dtype == np.float32 and losses.shape == (len(ids) - 1, len(STEPS))
+    np.testing.assert_array_equal(z["token_ids"], ids[1:])
+    np.testing.assert_array_equal(z["positions"], np.arange(1, len(ids)))
+    np.testing.assert_array_equal(z["steps"], STEPS)
+    # The first window sees the whole prefix: its CONTEXT losses are HF's on ids[:CONTEXT + 1].
+    window = np.asarray([ids[:CONTEXT + 1]])
+    for c, step in enumerate(STEPS):
+      ref = -oracle.hf_logprobs(hf_models[(name, step)], window, np.ones_like(window))[0]
+      np.testing.assert_allclose(losses[:CONTEXT, c], ref, atol=1e-4, rtol=0)
+    # The last token is scored in a later window, after the CONTEXT tokens before it.
+    window = np.asarray([ids[-CONTEXT - 1:]])
+    ref = -oracle.hf_logprobs(hf_models[(name, STEPS[-1])], window, np.ones_like(window))[0, -1]
+    np.testing.assert_allclose(losses[-1, -1], ref, atol=1e-4, rtol=0)
+  assert result.fits[("tiny-s", 0.1)].codes.shape == (len(ids) - 1,)
+
+
+def test_outputs_written(first_run):
+  out, result = first_run
+  for name in ("trend_percentages.csv", "agreement.csv", "double_descent.csv",
+               "double_descent_examples.csv", "group_means.csv", "token_labels_f0.1.csv",
+               "token_labels_f0.5.csv", "summary.md"):
+    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  for stem in ("trend_percentages", "trend_groups_f0.1", "trend_groups_f0.5", "double_descent_f0.1"):
+    for ext in ("png", "pdf"):
+      assert os.path.getsize(os.path.join(out, "plots", f"{stem}.{ext}")) > 1000
+  pct = pd.read_csv(os.path.join(out, "trend_percentages.csv"))
+  sums = pct.groupby(["start_fraction", "model"]).percent.sum()
+  np.testing.assert_allclose(sums.to_numpy(), 100.0)
+  agree = pd.read_csv(os.path.join(out, "agreement.csv"))
+  assert set(agree.comparison) == {"matched_steps", "matched_ppl"}
+  labels = pd.read_csv(os.path.join(out, "token_labels_f0.1.csv"))
+  n = result.fits[("tiny-s", 0.1)].codes.shape[0]
+  assert len(labels) == 2 * n and set(labels.model) == set(SIZES)
+  assert not glob.glob(os.path.join(out, "**", "*.tmp*"), recursive=True)
+  summary = open(os.path.join(out, "summary.md")).read()
+  assert "token-weighted perplexity of the scored corpus itself" in summary
+
+
+def test_second_run_scores_nothing(tiny_suite, first_run):
+  suite_path, corpus, _, _ = tiny_suite
+  out, _ = first_run
+  files = sorted(glob.glob(os.path.join(out, "results", "token_trajectories", "**", "*.npz"),
+                           recursive=True))
+  assert len(files) == len(SIZES) * len(STEPS)
+  before = {p: os.stat(p).st_mtime_ns for p in files}
+  tt.run(suite_path, [corpus], out, context_length=CONTEXT, stride=STRIDE, start_fractions=(0.1,),
+         plots=False, progress=False)
+  assert {p: os.stat(p).st_mtime_ns for p in files} == before
+  manifests = sorted(glob.glob(os.path.join(out, "runs", "*.json")), key=os.path.getmtime)
+  assert json.load(open(manifests[-1]))["evaluated"] == 0
+
+
+def test_stale_result_with_other_token_count_is_a_clear_error(tiny_suite, first_run, tmp_path):
+  suite_path, corpus, _, _ = tiny_suite
+  out = str(tmp_path / "out")
+  shutil.copytree(first_run[0], out)
+  victim = glob.glob(os.path.join(out, "results", "token_trajectories", "*", "tiny-m", "200.npz"))
+  assert len(victim) == 1
+  z = dict(np.load(victim[0]))
+  z["logprobs"] = z["logprobs"][:-3]
+  np.savez(victim[0], **z)
+  with pytest.raises(ValueError, match=r"tiny-m.*200\.npz.*expected \d+.*mismatched token counts"):
+    tt.run(suite_path, [corpus], out, context_length=CONTEXT, stride=STRIDE,
+           start_fractions=(0.1,), plots=False, progress=False)
+
+
+def test_bad_inputs_fail_before_scoring_with_the_cause(tiny_suite, tmp_path):
+  suite_path, corpus, _, _ = tiny_suite
+  out = str(tmp_path / "out")
+  empty = tmp_path / "empty.txt"
+  empty.write_text("  \n")
+  with pytest.raises(ValueError, match="empty corpus"):
+    tt.run(suite_path, [str(empty)], out, context_length=CONTEXT, start_fractions=(0.1,),
+           progress=False)
+  short = tmp_path / "short.txt"
+  short.write_text("The keeper lit its lamps.")
+  with pytest.raises(ValueError, match=r"short\.txt.*shorter than one window of context_length=32"):
+    tt.run(suite_path, [str(short)], out, context_length=CONTEXT, start_fractions=(0.1,),
+           progress=False)
+  with pytest.raises(ValueError, match=r"start fraction 0\.9 keeps 1 checkpoint"):
+    tt.run(suite_path, [corpus], out, start_fractions=(0.1, 0.9), progress=False)
+  with pytest.raises(ValueError, match="context_length=100 must be in"):
+    tt.run(suite_path, [corpus], out, context_length=100, start_fractions=(0.1,), progress=False)
+  assert not os.path.exists(os.path.join(out, "results"))
+
+
+def test_validation_ppl_csv_is_read_by_name_or_alias(tiny_suite, tmp_path):
+  from opt_jax.suite import load_suite
+  suite = load_suite(tiny_suite[0])
+  csv = tmp_path / "validation_ppl.csv"
+  rows = [{"model": "org/tiny-s" if m.name == "tiny-s" else m.name, "step": s, "corpus": c,
+           "ppl": 100.0 / (k + 1) + (c == "b")} for m in suite.models for k, s in enumerate(STEPS)
+          for c in ("a", "b")]
+  pd.DataFrame(rows).to_csv(csv, index=False)
+  with pytest.raises(ValueError, match=r"several corpora \['a', 'b'\]"):
+    tt.read_validation_ppl(str(csv), suite)
+  got = tt.read_validation_ppl(str(csv), suite, corpus="b")
+  assert got["tiny-s"][300] == pytest.approx(100.0 / 3 + 1)
+  pd.DataFrame(rows[:8]).to_csv(csv, index=False)
+  with pytest.raises(ValueError, match="no validation perplexity for model 'tiny-m'"):
+    tt.read_validation_ppl(str(csv), suite, corpus="a")
+
+
+# --- the analysis on planted trajectories ------------------------------------------------------
+
+def test_analyze_finds_planted_tokens_in_its_tables(tmp_path):
+  steps = log_steps(30)
+  small, kinds = planted_losses(steps, seed=0)
+  big, _ = planted_losses(steps, seed=1)
+  models = [trajectories.ModelTrajectories("small", steps, small, tokens=steps * 1e3,
+                                           flops=steps * 6e9, val_ppl=np.geomspace(200, 20, 30)),
+            trajectories.ModelTrajectories("big", steps, big, tokens=steps * 1e3,
+                                           flops=steps * 6e10, val_ppl=np.geomspace(150, 8, 30))]
+  ids = np.arange(len(kinds)) + 1000
+  result = trajectories.analyze(models, ids, np.arange(len(kinds)), out_dir=str(tmp_path),
+                                start_fractions=(0.1,), plots=False, num_examples=3,
+                                describe_token=lambda row: f"ctx [[{row}]]")
+  labels = pd.read_csv(tmp_path / "token_labels_f0.1.csv")
+  for name in ("small", "big"):
+    rows = labels[labels.model == name]
+    assert (rows.label[kinds == "upward"] == "upward").all()
+    assert (rows.label[kinds == "downward"] == "downward").all()
+    assert rows.double_descent.tolist() == (kinds == "double_descent").tolist()
+    np.testing.assert_array_equal(rows.token_id, ids)
+  dd = pd.read_csv(tmp_path / "double_descent.csv").set_index("model")
+  planted = int((kinds == "double_descent").sum())
+  assert dd.loc["small", "n_double_descent"] == planted
+  n_up = int((labels[labels.model == "small"].label == "upward").sum())
+  assert dd.loc["small", "fraction_of_upward"] == pytest.approx(planted / n_up)
+  examples = pd.read_csv(tmp_path / "double_descent_examples.csv")
+  assert len(examples) == 6 and (kinds[examples.token_index] == "double_descent").all()
+  assert examples.context.iloc[0] == f"ctx [[{examples.token_index.iloc[0]}]]"
+  # Group means are plain means of exp(loss) over each label's tokens.
+  means = pd.read_csv(tmp_path / "group_means.csv")
+  down = means[(means.model == "big") & (means.label == "downward")].mean_ppl.to_numpy()
+  codes = result.fits[("big", 0.1)].codes
+  np.testing.assert_allclose(down, np.exp(big[codes == trends.DOWNWARD].astype(np.float64)).mean(0))
+  summary = (tmp_path / "summary.md").read_text()
+  assert "| 0.1 | small |" in summary and "ctx [[" in summary
