@@ -278,13 +278,18 @@ class _Evil:
     return (os.system, (f"touch {_Evil.marker}",))
 
 
-def test_metaseq_pickle_runs_no_code(hf_models, tmp_path):
+def test_metaseq_pickle_runs_no_code_and_fsdp_wrapper_names_work(hf_models, tmp_path):
   _Evil.marker = str(tmp_path / "pwned")
   config, model = PRE, hf_models["pre_ln"]
-  write_metaseq(tmp_path / "ms", model.state_dict(), config, 1,
-                {"args": _args(config), "extra_state": _Evil()})
+  (state,) = metaseq_parts(model.state_dict(), config, 1)
+  state = {k.replace("layers.1.", "layers.1._fsdp_wrapped_module._fpw_module."): v
+           for k, v in state.items()}
+  os.makedirs(tmp_path / "ms")
+  torch.save({"model": state, "args": _args(config), "extra_state": _Evil()},
+             tmp_path / "ms" / "consolidated.pt")
   params, got = metaseq.read_metaseq(tmp_path / "ms" / "consolidated.pt")
   assert got == config
+  _assert_params_equal(params, oracle.params_from_hf_model(model, config))
   assert not os.path.exists(_Evil.marker)
 
 

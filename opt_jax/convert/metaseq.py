@@ -9,7 +9,8 @@ names: decoder.embed_tokens.weight [V/M, E], decoder.embed_positions.weight [P +
 decoder.project_in_dim.weight / project_out_dim.weight (OPT-350m), decoder.layer_norm.* (the final
 layer norm), decoder.layers.N.{self_attn.qkv_proj, self_attn.out_proj, fc1, fc2,
 self_attn_layer_norm, final_layer_norm}.{weight, bias}; unfused self_attn.{q,k,v}_proj also work.
-Bookkeeping (decoder.version, *._float_tensor) is ignored; decoder.output_projection.weight must
+FSDP wrapper segments in names (_fsdp_wrapped_module., _fpw_module.) are dropped. Bookkeeping
+(decoder.version, *._float_tensor) is ignored; decoder.output_projection.weight must
 equal the embedding (opt_jax ties the head). FSDP-flattened files (`flat_param_*`) are not read:
 consolidate them with metaseq first (metaseq.scripts.consolidate_fsdp_shards / reshard_fsdp).
 
@@ -61,6 +62,8 @@ RENAMES = {"layer_norm.weight": "final_layer_norm.weight",
            "project_in_dim.weight": "project_in.weight",
            "project_out_dim.weight": "project_out.weight"}
 FUSED_ORDER = "kvq"  # order of the pieces of each part's fused qkv_proj rows
+# Module wrappers that can appear inside names saved from an FSDP-wrapped model.
+WRAPPERS = re.compile(r"(_fsdp_wrapped_module|_fpw_module|_checkpoint_wrapped_module)\.")
 
 
 # Restricted unpickling ----------------------------------------------------------------------
@@ -214,10 +217,11 @@ class MetaseqSource:
     self.head_name = None
     self._hf: dict[str, tuple[str, int | None]] = {}  # hf name -> (metaseq name, fused piece)
     for name in names:
-      if not name.startswith("decoder."):
+      clean = WRAPPERS.sub("", name)
+      if not clean.startswith("decoder."):
         self._hf[name] = (name, None)  # reported as unexpected by params_from_source
         continue
-      short = name[len("decoder."):]
+      short = clean[len("decoder."):]
       if short == "output_projection.weight":
         self.head_name = name
       elif ".qkv_proj." in short:
