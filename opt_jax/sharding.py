@@ -154,6 +154,18 @@ def named_sharding(mesh: Mesh | None, axes: Sequence[str | None]) -> NamedShardi
   return None if mesh is None else NamedSharding(mesh, logical_to_spec(axes))
 
 
+def num_shards(mesh: Mesh | None, name: str) -> int:
+  """How many pieces RULES cut a dimension with this logical name into (1 without a mesh).
+
+  E.g. num_shards(mesh, "vocab") = the vocab-parallel split of the LM head.
+  """
+  if mesh is None:
+    return 1
+  axes = logical_to_spec((name,))[0]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
 def replicated(mesh: Mesh | None) -> NamedSharding | None:
   """Every device holds the whole array (for small outputs every process reads)."""
   return None if mesh is None else NamedSharding(mesh, PartitionSpec())
