@@ -207,13 +207,12 @@ def _span(steps) -> str:
 class DoubleDescent:
   """found: [N] bool; valley, peak: [N] checkpoint index of the rise's start and top (-1 if none);
   rise: [N] relative rise of the smoothed quantity from valley to peak (exp(s_k - s_j) - 1; 0 if
-  none); smoothed: [N, C] EMA of log(quantity)."""
+  none)."""
 
   found: np.ndarray
   valley: np.ndarray
   peak: np.ndarray
   rise: np.ndarray
-  smoothed: np.ndarray
 
 
 def ema_smooth(values, ema: float) -> np.ndarray:
@@ -261,7 +260,7 @@ def find_double_descent(values, *, ema: float = 0.5, min_rise: float = 0.1) -> D
   valley = np.argmin(np.where(before_peak, valleys, np.inf), axis=1)
   rise = np.where(found, np.expm1(np.where(found, best, 0.0)), 0.0)
   return DoubleDescent(found=found, valley=np.where(found, valley, -1), peak=np.where(found, peak, -1),
-                       rise=rise, smoothed=s)
+                       rise=rise)
 
 
 # --- group means ------------------------------------------------------------------------------
@@ -298,6 +297,7 @@ class Analysis:
   fits: dict
   double_descent_tokens: dict
   files: list
+  settings: dict
 
 
 def analyze(models: Sequence[ModelTrajectories], token_ids=None, positions=None, *, out_dir: str,
@@ -325,18 +325,19 @@ def analyze(models: Sequence[ModelTrajectories], token_ids=None, positions=None,
   os.makedirs(out_dir, exist_ok=True)
   files = []
 
-  values = {m.name: quantity_of(m.losses, quantity) for m in models}
-  say("double descent")
-  dd = {m.name: find_double_descent(values[m.name], ema=ema, min_rise=min_rise) for m in models}
+  fits, dd = {}, {}
+  for m in models:   # one size at a time: a float64 copy of one matrix is alive at once
+    say(f"trends and double descent of {m.name}")
+    values = quantity_of(m.losses, quantity)                               # [N, C] float64
+    dd[m.name] = find_double_descent(values, ema=ema, min_rise=min_rise)
+    for fraction in start_fractions:
+      fits[(m.name, fraction)] = trends.classify_trends(values, m.steps, fraction, alpha)
+    del values
 
-  fits, pct_rows, agree_rows, dd_rows, example_rows, mean_rows = {}, [], [], [], [], []
+  pct_rows, agree_rows, dd_rows, example_rows, mean_rows = [], [], [], [], []
   for fraction in start_fractions:
-    say(f"trends, start fraction {fraction}")
-    codes = {}
-    for m in models:
-      fit = trends.classify_trends(values[m.name], m.steps, fraction, alpha)
-      fits[(m.name, fraction)] = fit
-      codes[m.name] = fit.codes
+    say(f"tables, start fraction {fraction}")
+    codes = {m.name: fits[(m.name, fraction)].codes for m in models}
     pct = trend_percentages({m.name: fits[(m.name, fraction)] for m in models})
     pct.insert(0, "start_fraction", fraction)
     pct_rows.append(pct)
@@ -387,7 +388,9 @@ def analyze(models: Sequence[ModelTrajectories], token_ids=None, positions=None,
           "start_fraction", "model", "token_index", "position", "token_id", "relative_rise",
           "valley_step", "peak_step", "context"]),
       group_means=pd.concat(mean_rows, ignore_index=True),
-      fits=fits, double_descent_tokens=dd, files=files)
+      fits=fits, double_descent_tokens=dd, files=files,
+      settings={"alpha": alpha, "quantity": quantity, "ema": ema, "min_rise": min_rise,
+                "start_fractions": list(start_fractions)})
   for name, table in (("trend_percentages", result.percentages), ("agreement", result.agreement),
                       ("double_descent", result.double_descent),
                       ("double_descent_examples", result.examples),
@@ -426,7 +429,7 @@ def summary_markdown(result: Analysis, models: Sequence[ModelTrajectories], *, s
             "validation perplexity lies in the overlap of both runs (see agreement.csv for windows).",
             ""]
   agree = result.agreement[["comparison", "start_fraction", "model_a", "model_b", "n_tokens",
-                            "share_same", "kappa"]]
+                            "share_same", "kappa", "note"]].fillna({"note": ""})
   lines += _markdown_table(agree, floatfmt="{:.3f}") + [""]
   lines += ["## Double descent among upward tokens", ""]
   lines += _markdown_table(result.double_descent[["start_fraction", "model", "n_upward",

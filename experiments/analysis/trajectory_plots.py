@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 
 from matplotlib import ticker  # noqa: E402
 
-from experiments.analysis import trends  # noqa: E402
+from experiments.analysis import trajectories, trends  # noqa: E402
 
 LABEL_COLORS = {"stagnated": "tab:gray", "upward": "tab:red", "downward": "tab:blue",
                 "invalid": "black"}
@@ -136,19 +136,22 @@ def plot_double_descent(result, models, start_fraction: float, path_stem: str, m
                    label=f"{m.name} (n={int(rows.sum())})")
   axes[1].set_title("(b) mean perplexity of double-descent tokens")
   examples = result.examples[result.examples.start_fraction == start_fraction]
+  quantity, ema = result.settings["quantity"], result.settings["ema"]
   for e, (_, ex) in enumerate(examples.head(max_examples).iterrows()):
     m = models[names.index(ex.model)]
     color = colors[e % len(colors)]
-    raw = np.exp(np.asarray(m.losses[ex.token_index], np.float64))
-    smooth = np.exp(result.double_descent_tokens[m.name].smoothed[ex.token_index])
+    raw = trajectories.quantity_of(np.asarray(m.losses)[ex.token_index][None, :], quantity)  # [1, C]
+    smooth = np.exp(trajectories.ema_smooth(np.log(raw), ema))[0]
+    raw = raw[0]
     axes[2].plot(m.steps, raw, color=color, lw=0.8, alpha=0.6)
     axes[2].plot(m.steps, smooth, color=color, lw=2.0,
                  label=f"{m.name} #{ex.token_index} ({str(ex.context)[-25:]!r})")
   axes[2].set_title("(c) examples: raw and smoothed")
+  axes[2].set_ylabel(quantity)
+  axes[1].set_ylabel("perplexity")
   for ax in axes[1:]:
     _log_axes(ax)
     ax.set_xlabel("training step")
-    ax.set_ylabel("perplexity")
     ax.grid(True, alpha=0.3)
     if ax.has_data():
       ax.legend(fontsize=6)
