@@ -1,10 +1,11 @@
 """KV-cached decoding under jit: greedy, temperature, top-k, top-p, and weighted mixtures of models.
 
-One jitted program per (batch bucket, prompt bucket, max_new_tokens, sampler mode, models): the
+One jitted program per (batch bucket, prompt bucket, max_new_tokens, models, dtype): the
 prompt is prefilled into each model's KV cache (`opt_jax.model.init_cache`), then a
 `lax.while_loop` feeds one token per step, so there is no host round trip per token. Parameters,
-temperature, top-k, top-p, the seed and the mixture weights are all arguments of the program,
-so one compilation serves every checkpoint of a size and every sampler setting.
+sampler (greedy or sample), temperature, top-k, top-p, eos, pad, the seed and the mixture
+weights are all arguments of the program, so one compilation serves every checkpoint of a size
+and every sampler setting.
 
 Conventions
   * Prompts are lists of token ids (OPT's tokenizer prepends </s>). They are sorted by length,
@@ -58,10 +59,7 @@ class _Spec:
   """Everything static about one decoding program (hashable: a jit static argument)."""
   configs: tuple[OPTConfig, ...]
   max_new_tokens: int
-  greedy: bool
   joint: bool
-  eos_id: int      # -1: never stop early
-  pad_id: int
   dtype: str
   attention: str
 
@@ -133,8 +131,12 @@ def mixture_log_probs(logits: Sequence[Array], weights: Array, temperature: Arra
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _decode(params: tuple, ids: Array, mask: Array, rows: Array, done: Array, weights: Array,
-            seed: Array, temperature: Array, top_k: Array, top_p: Array, *, spec: _Spec):
+            greedy: Array, eos_id: Array, pad_id: Array, seed: Array, temperature: Array,
+            top_k: Array, top_p: Array, *, spec: _Spec):
   """ids/mask [B, T] left-padded prompts; rows [B] prompt indices; done [B] (filler rows).
+
+  weights [M] f32; greedy [] bool; eos_id (-1: none), pad_id, seed, top_k [] int32;
+  temperature, top_p [] f32. All are traced: changing them does not recompile.
 
   Returns tokens [B, N] int32 (pad after a row's end), lengths [B] int32 (tokens emitted, eos
   included), fallback [B] int32 (joint steps that fell back to model 1).
@@ -160,20 +162,20 @@ def _decode(params: tuple, ids: Array, mask: Array, rows: Array, done: Array, we
       scores, fell = mixture_log_probs(logits, weights, temperature)
     else:
       scores, fell = logits[0] / temperature, jnp.zeros((b,), bool)
-    if spec.greedy:
-      tok = jnp.argmax(logits[0] if not spec.joint else scores, axis=-1).astype(jnp.int32)
-    else:
-      scores = filter_top_k_top_p(scores, top_k, top_p)
-      tok = sample_inverse_cdf(scores, step_uniforms(seed, rows, step))
-    return jnp.where(done, spec.pad_id, tok), fell & ~done
+    best = scores if spec.joint else logits[0]
+    tok = jax.lax.cond(
+        greedy, lambda s: jnp.argmax(best, axis=-1).astype(jnp.int32),
+        lambda s: sample_inverse_cdf(filter_top_k_top_p(s, top_k, top_p),
+                                     step_uniforms(seed, rows, step)), scores)
+    return jnp.where(done, pad_id, tok), fell & ~done
 
   caches = tuple(M.init_cache(c, b, t + n, dtype) for c in spec.configs)
   logits, caches = forward(ids, mask, caches)
   tok, fell = choose(logits, jnp.int32(0), done)
-  tokens = jnp.full((b, n), spec.pad_id, jnp.int32).at[:, 0].set(tok)
+  tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
   lengths = (~done).astype(jnp.int32)
   fallback = fell.astype(jnp.int32)
-  done = done | (tok == spec.eos_id)
+  done = done | (tok == eos_id)
 
   def cond(state):
     step, _, done, *_ = state
@@ -187,7 +189,7 @@ def _decode(params: tuple, ids: Array, mask: Array, rows: Array, done: Array, we
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
     lengths = lengths + (~done).astype(jnp.int32)
     fallback = fallback + fell.astype(jnp.int32)
-    done = done | (tok == spec.eos_id)
+    done = done | (tok == eos_id)
     return step + 1, tok, done, tokens, lengths, fallback, caches
 
   state = (jnp.int32(1), tok, done, tokens, lengths, fallback, caches)
@@ -244,14 +246,16 @@ def _run(configs: tuple[OPTConfig, ...], params: tuple, prompts, weights: np.nda
   prompts = _check_prompts(prompts, configs[0].vocab_size, max_pos - max_new_tokens,
                            truncate_prompts)
   pad = configs[0].pad_token_id if pad_id is None else pad_id
-  spec = _Spec(configs, max_new_tokens, sampler == "greedy", joint,
-               -1 if eos_id is None else int(eos_id), int(pad), jnp.dtype(dtype).name, attention)
+  spec = _Spec(configs, max_new_tokens, joint, jnp.dtype(dtype).name, attention)
+  greedy = sampler == "greedy"
 
   order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
   results: list[list[int]] = [[] for _ in prompts]
   fallbacks = np.zeros(len(prompts), np.int64)
-  knobs = (jnp.asarray(weights, jnp.float32), jnp.int32(seed), jnp.float32(temperature),
-           jnp.int32(top_k), jnp.float32(top_p))
+  knobs = (jnp.asarray(weights, jnp.float32), jnp.bool_(greedy),
+           jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad), jnp.int32(seed),
+           jnp.float32(temperature), jnp.int32(0 if greedy else top_k),
+           jnp.float32(1.0 if greedy else top_p))
   for start in range(0, len(order), batch_size):
     chunk = order[start:start + batch_size]
     b = _bucket(len(chunk), 1)

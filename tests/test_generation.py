@@ -1,6 +1,8 @@
 """Decoding: greedy parity with HF generate, samplers against HF's warpers and the math, joint
 decoding against a full-forward (no cache) reference written here."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,8 @@ from opt_jax import generation as G
 from opt_jax import model as M
 import oracle
 
-PROMPT_LENGTHS = [9, 4, 13]   # 3 prompts: batch bucket 4 with one filler row
+PROMPT_LENGTHS = [9, 4, 13]   # 3 prompts: batch bucket 4 with one filler row, prompt bucket 16
+N = 32                        # most tests share the program of (4, 16, N) per config
 
 
 def _prompts(config, lengths=PROMPT_LENGTHS, seed=3):
@@ -58,11 +61,11 @@ def test_greedy_32_tokens_match_hf_generate_left_padded(pair):
 def test_greedy_stops_at_eos_like_hf(pre_ln):
   config, hf, params = pre_ln
   prompts, ids, mask = _prompts(config)
-  free = G.generate(config, params, prompts, max_new_tokens=20, eos_id=None)
-  assert all(len(r) == 20 for r in free)
+  free = G.generate(config, params, prompts, max_new_tokens=N, eos_id=None)
+  assert all(len(r) == N for r in free)
   eos = free[0][5]   # a token row 0 emits at step 5: rows end at different steps
-  want = _hf_greedy(hf, ids, mask, 20, eos=eos)
-  got = G.generate(config, params, prompts, max_new_tokens=20, eos_id=eos)
+  want = _hf_greedy(hf, ids, mask, N, eos=eos)
+  got = G.generate(config, params, prompts, max_new_tokens=N, eos_id=eos)
   assert got == want
   assert len(got[0]) <= 6 and got[0][-1] == eos
   for row, full in zip(got, free):   # each row is the free-running path cut after its first eos
@@ -87,16 +90,16 @@ def test_filter_matches_hf_top_k_top_p_warpers():
 def test_top_k_1_and_tiny_top_p_equal_greedy(pre_ln):
   config, _, params = pre_ln
   prompts, _, _ = _prompts(config)
-  greedy = G.generate(config, params, prompts, max_new_tokens=16)
+  greedy = G.generate(config, params, prompts, max_new_tokens=N)
   for kw in (dict(top_k=1, temperature=1.3), dict(top_p=1e-6, temperature=0.8)):
-    assert G.generate(config, params, prompts, max_new_tokens=16, sampler="sample", seed=5,
+    assert G.generate(config, params, prompts, max_new_tokens=N, sampler="sample", seed=5,
                       **kw) == greedy, kw
 
 
 def test_sampling_is_deterministic_by_seed_and_batching(pre_ln):
   config, _, params = pre_ln
   prompts, _, _ = _prompts(config)
-  kw = dict(max_new_tokens=16, sampler="sample", temperature=1.5, eos_id=None)
+  kw = dict(max_new_tokens=N, sampler="sample", temperature=1.5, eos_id=None)
   a = G.generate(config, params, prompts, seed=11, **kw)
   assert a == G.generate(config, params, prompts, seed=11, **kw)
   assert a != G.generate(config, params, prompts, seed=12, **kw)
@@ -132,28 +135,29 @@ def test_sampled_token_distribution_matches_softmax(pre_ln, temperature, top_k):
 
 def test_compiles_once_per_bucket(pre_ln):
   config, _, params = pre_ln
-  G.generate(config, params, [[2, 5, 6]], max_new_tokens=7, sampler="sample")
+  prompts, _, _ = _prompts(config)
+  G.generate(config, params, prompts, max_new_tokens=N)
   before = G.num_compilations()
-  # Same batch bucket (1) and prompt bucket (8), other params / sampler settings / seed: no compile.
+  # Same batch bucket (4) and prompt bucket (16), other params, sampler, settings, eos: no compile.
   other = jax.tree.map(lambda x: x * 1.01, params)
-  G.generate(config, other, [[2, 9, 9, 9, 9]], max_new_tokens=7, sampler="sample", top_k=3,
-             top_p=0.5, temperature=2.0, seed=9)
+  G.generate(config, other, [[2] * 10, [2, 7], [2]], max_new_tokens=N, sampler="sample", top_k=3,
+             top_p=0.5, temperature=2.0, seed=9, eos_id=None)
   assert G.num_compilations() == before
-  G.generate(config, params, [[2] * 9], max_new_tokens=7, sampler="sample")   # prompt bucket 16
+  G.generate(config, params, [[2, 7], [2]], max_new_tokens=N)   # batch bucket 2: one compile
   assert G.num_compilations() == before + 1
 
 
 def test_bad_prompts_are_named(pre_ln):
   config, _, params = pre_ln
-  with pytest.raises(ValueError, match="prompt 1 has 60 tokens.*at most 54"):
-    G.generate(config, params, [[2, 3], [2] * 60], max_new_tokens=10)
+  with pytest.raises(ValueError, match="prompt 1 has 40 tokens.*at most 32"):
+    G.generate(config, params, [[2, 3], [2] * 40], max_new_tokens=N)
   with pytest.raises(ValueError, match="prompt 0 is empty"):
-    G.generate(config, params, [[]], max_new_tokens=10)
+    G.generate(config, params, [[]], max_new_tokens=N)
   with pytest.raises(ValueError, match=r"token id\(s\) \[500\]"):
-    G.generate(config, params, [[2, 500]], max_new_tokens=10)
-  long = [2] + list(range(3, 62))
-  got = G.generate(config, params, [long], max_new_tokens=10, truncate_prompts=True)
-  assert got == G.generate(config, params, [long[-54:]], max_new_tokens=10)
+    G.generate(config, params, [[2, 500]], max_new_tokens=N)
+  long = [2] + list(range(3, 42))
+  got = G.generate(config, params, [long, [2, 5]], max_new_tokens=N, truncate_prompts=True)
+  assert got == G.generate(config, params, [long[-32:], [2, 5]], max_new_tokens=N)
 
 
 # Joint decoding ------------------------------------------------------------------------------
@@ -168,6 +172,21 @@ def two_models():
   return out
 
 
+NJ = 12
+
+
+def _joint_prompts(two_models):
+  return _prompts(two_models[0][0], lengths=[6, 3], seed=7)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _last_logits(config, params, ids, length):
+  """Full forward (no cache) of ids [1, L] right-padded after `length` real tokens -> [V] logits."""
+  mask = (jnp.arange(ids.shape[1]) < length).astype(jnp.int32)[None]
+  hidden, _ = M.OPT(config).apply({"params": params}, ids, mask)
+  return M.logits(params, jax.lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1))[0, 0]
+
+
 def _reference_joint(models, weights, prompts, n, *, top_p=None, temperature=1.0, seed=0,
                      eos=2):
   """Every model's full forward over prompt + tokens so far at every step (no cache); float64."""
@@ -177,9 +196,10 @@ def _reference_joint(models, weights, prompts, n, *, top_p=None, temperature=1.0
     seq, new, fb = list(prompt), [], 0
     for step in range(n):
       probs = []
+      buf = np.ones((1, 32), np.int32)
+      buf[0, :len(seq)] = seq
       for config, params in models:
-        hidden, _ = M.OPT(config).apply({"params": params}, jnp.asarray([seq]))
-        z = np.asarray(M.logits(params, hidden))[0, -1].astype(np.float64) / temperature
+        z = np.asarray(_last_logits(config, params, buf, len(seq))).astype(np.float64) / temperature
         e = np.exp(z - z.max())
         probs.append(e / e.sum())
       q = np.maximum(sum(wi * p for wi, p in zip(w, probs)), 0)
@@ -208,8 +228,8 @@ def _reference_joint(models, weights, prompts, n, *, top_p=None, temperature=1.0
 @pytest.mark.parametrize("weights,sampling", [((1.5, -0.5), None), ((1.0, -1.0), None),
                                               ((1.0, -1.0), 0.9), ((0.3, 0.7), 0.8)])
 def test_joint_matches_full_forward_reference(two_models, weights, sampling):
-  prompts, _, _ = _prompts(two_models[0][0], lengths=[6, 3], seed=7)
-  n = 12
+  prompts = _joint_prompts(two_models)
+  n = NJ
   kw = dict(sampler="greedy") if sampling is None else dict(sampler="sample", top_p=sampling,
                                                             temperature=1.2, seed=3)
   got, stats = G.joint_generate(two_models, weights, prompts, max_new_tokens=n, **kw)
@@ -222,15 +242,15 @@ def test_joint_matches_full_forward_reference(two_models, weights, sampling):
 
 def test_joint_falls_back_to_first_model_and_counts(two_models):
   (config, params), _ = two_models
-  prompts, _, _ = _prompts(config)
-  alone = G.generate(config, params, prompts, max_new_tokens=10)
+  prompts = _joint_prompts(two_models)
+  alone = G.generate(config, params, prompts, max_new_tokens=NJ)
   for models, weights in (([(config, params)] * 2, (1.0, -1.0)),   # the models agree: no mass
                           (two_models, (0.0, 0.0))):
-    got, stats = G.joint_generate(models, weights, prompts, max_new_tokens=10)
+    got, stats = G.joint_generate(models, weights, prompts, max_new_tokens=NJ)
     assert got == alone
     assert stats["fallback_steps_per_prompt"] == [len(r) for r in alone]
     assert stats["fallback_steps"] == sum(map(len, alone))
-  _, stats = G.joint_generate(two_models, (1.0, -1.0), prompts, max_new_tokens=10)
+  _, stats = G.joint_generate(two_models, (1.0, -1.0), prompts, max_new_tokens=NJ)
   assert stats["fallback_steps"] == 0
 
 
@@ -243,13 +263,13 @@ class _Tok:
 
 
 def test_joint_rejects_different_tokenizers_and_vocab(two_models):
-  prompts = [[2, 5]]
+  prompts = _joint_prompts(two_models)
   with pytest.raises(ValueError, match=r"\['large'\] tokenize text differently from small"):
-    G.joint_generate(two_models, (1, -1), prompts, max_new_tokens=2,
+    G.joint_generate(two_models, (1, -1), prompts, max_new_tokens=NJ,
                      tokenizers=[_Tok("a"), _Tok("b")], names=["small", "large"])
   other = two_models[1][0].replace(vocab_size=102)
   with pytest.raises(ValueError, match="equal vocabulary sizes"):
     G.joint_generate([two_models[0], (other, two_models[1][1])], (1, -1), prompts,
-                     max_new_tokens=2)
-  G.joint_generate(two_models, (1, -1), prompts, max_new_tokens=2,
+                     max_new_tokens=NJ)
+  G.joint_generate(two_models, (1, -1), prompts, max_new_tokens=NJ,
                    tokenizers=[_Tok("a"), _Tok("a")])
