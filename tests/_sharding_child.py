@@ -171,13 +171,22 @@ def run_devices8(out_path: str) -> None:
     lp, _ = sharded_logprobs(cfg, params, ids, mask, sharding.make_mesh(spec))
     result["meshes"][spec] = lp.tolist()
 
-  # Scorer's mesh path (scoring.py) against the same Scorer without a mesh.
-  rows = [list(r[m.astype(bool)]) for r, m in zip(ids, mask)]
-  plain = scoring.Scorer(cfg, params, batch_size=8, attention="xla").rolling_tokens(rows)
-  mesh = sharding.make_mesh("data:2,model:4")
-  sharded = scoring.Scorer(cfg, params, batch_size=8, attention="xla", mesh=mesh).rolling_tokens(rows)
-  result["scorer"] = {"plain": [np.asarray(x).tolist() for x in plain],
-                      "mesh": [np.asarray(x).tolist() for x in sharded]}
+  # Scorer's mesh path (scoring.py) against the same Scorer without a mesh: rolling windows, and
+  # multiple-choice requests whose shared context goes through the KV-cache path.
+  rows = [[int(t) for t in r[m.astype(bool)]] for r, m in zip(ids, mask)]
+  requests = [(rows[0][:6], rows[1][:k]) for k in (1, 3, 5)] + [(rows[2][:9], rows[3][2:4])]
+
+  def scorer_outputs(mesh):
+    try:
+      sc = scoring.Scorer(cfg, params, batch_size=8, attention="xla", mesh=mesh)
+      return {"rolling": [np.asarray(x).tolist() for x in sc.rolling_tokens(rows)],
+              "choices": [list(x) for x in sc.loglikelihood_tokens(requests)]}
+    except Exception as e:  # reported by the test, with the mesh that failed
+      return {"error": f"{type(e).__name__}: {e}"}
+
+  result["scorer"] = {"plain": scorer_outputs(None)}
+  for spec in ("data:2,model:4", "data:2,fsdp:2,model:2"):
+    result["scorer"][spec] = scorer_outputs(sharding.make_mesh(spec))
 
   # HLO of a 2- and 3-layer model on a 1 x 4 model-parallel mesh.
   mesh4 = sharding.make_mesh("data:1,model:4", devices=jax.devices()[:4])

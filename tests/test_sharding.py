@@ -132,12 +132,18 @@ def test_meshes_of_8_devices_match_unsharded_logprobs(devices8):
     np.testing.assert_allclose(np.asarray(lp), ref, atol=TOL, rtol=0, err_msg=spec)
 
 
-def test_scorer_on_a_mesh_matches_scorer_without(devices8):
-  plain, mesh = devices8["scorer"]["plain"], devices8["scorer"]["mesh"]
-  assert len(plain) == len(mesh) == child.BATCH
-  for a, b in zip(plain, mesh):
+@pytest.mark.parametrize("spec", ["data:2,model:4", "data:2,fsdp:2,model:2"])
+def test_scorer_on_a_mesh_matches_scorer_without(devices8, spec):
+  plain, mesh = devices8["scorer"]["plain"], devices8["scorer"][spec]
+  assert "error" not in plain, plain
+  assert "error" not in mesh, f"Scorer(mesh={spec}) failed: {mesh.get('error')}"
+  assert len(plain["rolling"]) == len(mesh["rolling"]) == child.BATCH
+  for a, b in zip(plain["rolling"], mesh["rolling"]):
     assert len(a) == len(b) > 0
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=TOL, rtol=0)
+  assert len(plain["choices"]) == len(mesh["choices"]) == 4
+  for (lp_a, greedy_a), (lp_b, greedy_b) in zip(plain["choices"], mesh["choices"]):
+    assert lp_a < 0 and abs(lp_a - lp_b) < 1e-4 and greedy_a == greedy_b
 
 
 def test_model_parallel_hlo_reduces_activations_per_layer_and_gathers_no_weight(devices8):
