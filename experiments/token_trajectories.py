@@ -111,33 +111,21 @@ def corpus_tag(corpus: Corpus, tokenizer_fingerprint: str, context_length: int, 
 
 
 def read_validation_ppl(path: str, suite, corpus: str | None = None) -> dict[str, dict[int, float]]:
-  """{model name: {step: perplexity}} from experiments/validation_ppl.py's CSV.
+  """{model name: {step: perplexity}} from experiments/validation_ppl.py's CSV (or its folder).
 
-  Model names in the CSV may be suite names or aliases. With several corpora in the CSV, `corpus`
-  picks one (an error lists them otherwise).
+  Model names in the CSV may be suite names or aliases. corpus: which corpus's rows (default the
+  pooled "all" rows, else the only corpus; see validation_ppl.read_validation_ppl).
   """
-  frame = pd.read_csv(path)
-  missing = {"model", "step", "ppl"} - set(frame.columns)
-  if missing:
-    raise ValueError(f"{path}: missing column(s) {sorted(missing)}; expected the validation_ppl.csv "
-                     f"of experiments/validation_ppl.py (model, step, ..., corpus, nll, ppl)")
-  if "corpus" in frame.columns:
-    corpora = sorted(frame.corpus.astype(str).unique())
-    if corpus is not None:
-      if corpus not in corpora:
-        raise ValueError(f"{path}: no rows for corpus {corpus!r}; corpora: {corpora}")
-      frame = frame[frame.corpus.astype(str) == corpus]
-    elif len(corpora) > 1:
-      raise ValueError(f"{path} holds several corpora {corpora}: pick one with "
-                       f"--validation_corpus")
+  from experiments import validation_ppl  # pylint: disable=import-outside-toplevel
+
+  table = validation_ppl.read_validation_ppl(path, corpus)           # {(model, step): ppl}
   out: dict[str, dict[int, float]] = {}
   for m in suite.models:
-    rows = frame[frame.model.astype(str).map(m.matches)]
-    if rows.empty:
+    out[m.name] = {step: ppl for (name, step), ppl in table.items() if m.matches(name)}
+    if not out[m.name]:
       raise ValueError(f"{path}: no validation perplexity for model {m.name!r} (aliases "
                        f"{list(m.aliases)}); models in the file: "
-                       f"{sorted(frame.model.astype(str).unique())}")
-    out[m.name] = {int(s): float(p) for s, p in zip(rows.step, rows.ppl)}
+                       f"{sorted({name for name, _ in table})}")
   return out
 
 

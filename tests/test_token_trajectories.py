@@ -80,8 +80,9 @@ def tiny_suite(tmp_path_factory):
 def first_run(tiny_suite):
   suite_path, corpus, _, root = tiny_suite
   out = str(root / "out")
+  # A one-device mesh: the sharded restore and scoring path, on the one CPU device tests see.
   result = tt.run(suite_path, [corpus], out, context_length=CONTEXT, stride=STRIDE,
-                  start_fractions=(0.1, 0.5), progress=False)
+                  start_fractions=(0.1, 0.5), mesh_spec="data:-1", progress=False)
   return out, result
 
 
