@@ -29,6 +29,7 @@ Softmax and everything reported downstream is fp32 whatever the compute dtype.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -318,12 +319,16 @@ class Embed(nn.Module):
 
 # Functional helpers ---------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
+def _jitted_init(config: OPTConfig, param_dtype) -> Any:
+  # One compiled initialiser per (config, dtype): the seed is an argument, so new seeds are free.
+  model = OPT(config, param_dtype=param_dtype)
+  return jax.jit(lambda key: nn.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["params"]))
+
+
 def init_params(config: OPTConfig, seed: int = 0, param_dtype=jnp.float32) -> dict[str, Any]:
   """Random parameters (normal(0.02) weights, zero biases, unit LN scales), plain arrays."""
-  model = OPT(config, param_dtype=param_dtype)
-  ids = jnp.zeros((1, 1), jnp.int32)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(seed), ids)
-  return nn.unbox(variables["params"])
+  return _jitted_init(config, jnp.dtype(param_dtype))(jax.random.PRNGKey(seed))
 
 
 def logical_axes(config: OPTConfig) -> Any:
