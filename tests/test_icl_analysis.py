@@ -213,3 +213,19 @@ def test_import_lm_eval_refuses_two_files_for_one_checkpoint(tmp_path):
            "pretrained=facebook/opt-125m,revision=step10")
   with pytest.raises(ValueError, match="both opt-125m step 10"):
     icl.import_lm_eval(str(tmp_path), MODELS, ["hellaswag"])
+
+
+def test_verdict_says_what_the_numbers_say():
+  a = icl.analyze(_synthetic_results(), n_bins=None)
+  text = " ".join(icl.verdict(a))
+  assert "best predictor of the three, as the paper claims" in text
+  assert "similar accuracy (independent of size" in text
+  # Accuracy driven by FLOPs and not by perplexity: the claim is not supported.
+  df = _synthetic_results()
+  df["accuracy"] = df["random_baseline"] + 0.01 * np.log1p(df["flops"]) / 30
+  df["validation_ppl"] = np.random.RandomState(1).permutation(df["validation_ppl"].to_numpy())
+  text = " ".join(icl.verdict(icl.analyze(df, n_bins=None)))
+  assert "do not support" in text and "at chance" in text
+  md = icl.summary_markdown(a, notes=["note A"], failures={"bad_task": "example 3: broken"})
+  assert "- note A" in md and "bad_task: example 3: broken" in md
+  assert "| accuracy | validation_ppl |" in md

@@ -557,9 +557,17 @@ def verdict(a: Analysis) -> list[str]:
     out.append("Only one size: independence from size cannot be tested.")
   elif len(a.residuals):
     worst = a.residuals.loc[a.residuals["mean_residual"].abs().idxmax()]
-    out.append(f"Around the pooled perplexity fit, the per-size mean residuals are at most "
-               f"{_fmt(abs(worst['mean_residual']))} ({worst['model']}); small residuals of mixed "
-               f"sign mean sizes at equal perplexity reach similar accuracy (size independence).")
+    spread = float(a.means["accuracy"].max() - a.means["accuracy"].min())
+    size = abs(float(worst["mean_residual"]))
+    said = (f"Around the pooled perplexity fit the largest per-size mean residual is "
+            f"{_fmt(size)} ({worst['model']}), against a spread of {_fmt(spread)} in mean "
+            f"accuracy: ")
+    if spread > 0 and size < 0.1 * spread:
+      out.append(said + "sizes at equal perplexity reach similar accuracy (independent of size, "
+                 "as the paper finds).")
+    else:
+      out.append(said + "at equal perplexity the sizes differ noticeably, so size matters beyond "
+                 "perplexity here.")
   return out
 
 
@@ -574,8 +582,10 @@ def summary_markdown(a: Analysis, *, title: str = "Downstream in-context learnin
   for _, r in a.correlations_by_metric.iterrows():
     lines.append(f"| {r['y']} | {r['x']} | {_fmt(r['spearman'])} | {_fmt(r['spearman_p'], '.2g')} "
                  f"| {_fmt(r['r2'])} | {int(r['n'])} |")
-  lines += ["", "Above-random accuracy is raw accuracy minus a constant (the same tasks at every "
-            "checkpoint), so its statistics equal the raw ones.", ""]
+  lines.append("")
+  if (a.correlations_by_metric["y"] == "accuracy_above_random").any():
+    lines += ["Above-random accuracy is raw accuracy minus a constant (the same tasks at every "
+              "checkpoint), so its statistics equal the raw ones.", ""]
   if len(a.residuals):
     lines += ["## Residuals by size around the pooled perplexity fit", "",
               "| model | mean residual | max abs residual | n |", "|---|---|---|---|"]
