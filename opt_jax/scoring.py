@@ -228,7 +228,9 @@ class Scorer:
   attention: "auto" (blocked on CPU, cudnn on GPU for bf16), "xla", "blocked", "cudnn".
   mesh: optional opt_jax.sharding mesh: params sharded by its rules, batches over data x fsdp.
   share_prefix: score several continuations of one context against one cached context.
-  cont_batch_size: continuation rows per program on the shared-prefix path (default batch_size).
+  cont_batch_size: continuation rows per program on the shared-prefix path (default: batch_size
+    times 1 to 4, the most that keeps rows x (context + continuation) slots <= batch_size x
+    max_length, so the repeated KV cache is no larger than one full-length batch's).
   min_bucket: shortest padded length; buckets are min_bucket * 2^k and max_length.
   """
 
@@ -240,12 +242,14 @@ class Scorer:
     self.config = config
     self.tokenizer = tokenizer
     self.batch_size = int(batch_size)
-    self.cont_batch_size = int(cont_batch_size or batch_size)
+    self.cont_batch_size = int(cont_batch_size) if cont_batch_size else None
     self.max_length = int(max_length or config.max_position_embeddings)
     if not 2 <= self.max_length <= config.max_position_embeddings:
       raise ValueError(f"max_length={self.max_length} must be in [2, max_position_embeddings="
                        f"{config.max_position_embeddings}]")
     self.buckets = _buckets(min(min_bucket, self.max_length), self.max_length)
+    # Continuations are often 1-5 tokens: shorter buckets on the shared-prefix path.
+    self.cont_buckets = _buckets(min(4, self.max_length), self.max_length)
     self.dtype = dtype
     self.attention = resolve_attention(attention, config, dtype)
     self.share_prefix = share_prefix
@@ -256,7 +260,8 @@ class Scorer:
     if mesh is not None:
       from opt_jax import sharding
       sharding.check_divisible(config, mesh, batch_size=self.batch_size)
-      sharding.check_divisible(config, mesh, batch_size=self.cont_batch_size)
+      if self.cont_batch_size:
+        sharding.check_divisible(config, mesh, batch_size=self.cont_batch_size)
       head = sharding.named_sharding(mesh, ("vocab", "embed"))
       vocab_shards = config.vocab_size // head.shard_shape((config.vocab_size, 1))[0]
       self._batch_sharding = sharding.batch_sharding(mesh)
@@ -432,6 +437,16 @@ class Scorer:
     contexts = sorted(groups, key=len, reverse=True)
     results: dict[int, tuple[float, bool]] = {}
     total = sum(len(ix) for ix in groups.values())
+
+    def collect(pending):
+      for chunk, rows, (lp, greedy) in pending:
+        lp, greedy = self._host(lp), self._host(greedy)
+        for k, ((_, i), row) in enumerate(zip(chunk, rows)):
+          n = len(row.inputs)
+          results[i] = (float(lp[k, :n].astype(np.float64).sum()), bool(greedy[k, :n].all()))
+        bar.update(len(chunk))
+
+    previous = []
     with tqdm(total=total, desc="loglikelihood (shared prefix)", disable=not self.progress,
               unit="req") as bar:
       for start in range(0, len(contexts), self.batch_size):
@@ -443,24 +458,23 @@ class Scorer:
         options = [(r, i) for r, c in enumerate(ctxs) for i in groups[c]]
         # Longest continuations first so each program's bucket is as tight as possible.
         options.sort(key=lambda o: -len(reqs[o[1]][1]))
+        n_rows = self.cont_batch_size or self.batch_size * min(4, max(1, self.max_length // (
+            prefix_len + _bucket(len(reqs[options[0][1]][1]), self.cont_buckets))))
         pending = []
-        for o in range(0, len(options), self.cont_batch_size):
-          chunk = options[o:o + self.cont_batch_size]
+        for o in range(0, len(options), n_rows):
+          chunk = options[o:o + n_rows]
           rows = [_Row([ctxs[r][-1]] + reqs[i][1][:-1], reqs[i][1], len(reqs[i][1]))
                   for r, i in chunk]
-          length = _bucket(len(rows[0].inputs), self.buckets)
-          ids, mask, targets = self._pack(rows, self.cont_batch_size, length, pad_id)
-          row_index = np.zeros((self.cont_batch_size,), np.int32)
+          length = _bucket(len(rows[0].inputs), self.cont_buckets)
+          ids, mask, targets = self._pack(rows, n_rows, length, pad_id)
+          row_index = np.zeros((n_rows,), np.int32)
           row_index[:len(chunk)] = [r for r, _ in chunk]
           result = self._call(self._continuation, cache, self._put(row_index), self._put(ids),
                               self._put(mask), self._put(targets))
           pending.append((chunk, rows, result))
-        for chunk, rows, (lp, greedy) in pending:
-          lp, greedy = self._host(lp), self._host(greedy)
-          for k, ((_, i), row) in enumerate(zip(chunk, rows)):
-            n = len(row.inputs)
-            results[i] = (float(lp[k, :n].astype(np.float64).sum()), bool(greedy[k, :n].all()))
-          bar.update(len(chunk))
+        collect(previous)              # the previous group's results, while this one runs
+        previous = pending
+      collect(previous)
     return results
 
   def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:

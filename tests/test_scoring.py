@@ -154,7 +154,7 @@ def test_shared_prefix_equals_independent_scoring(name, scorers):
     params = oracle.params_from_hf_model(hf, config)
     kw = dict(max_length=MAX_LEN, batch_size=2, min_bucket=16)
     indep_scorer = S.Scorer(config, params, share_prefix=False, **kw)
-    shared_scorer = S.Scorer(config, params, share_prefix=True, cont_batch_size=3, **kw)
+    shared_scorer = S.Scorer(config, params, share_prefix=True, **kw)   # rows per pass: auto
     reqs = [r for r in _requests(config, hf, seed=1) if len(r[0]) < 16]
   indep = indep_scorer.loglikelihood_tokens(reqs)
   shared = shared_scorer.loglikelihood_tokens(reqs)
