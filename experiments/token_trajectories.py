@@ -148,8 +148,8 @@ def run(suite_path: str, corpus_paths: Sequence[str], out_dir: str, *,
         models: Sequence[str] | None = None, context_length: int | None = None,
         stride: int | None = None, mesh_spec: str | None = None, batch_size: int = 8,
         dtype: str = "float32", start_fractions: Sequence[float] = (0.1, 0.3, 0.7),
-        alpha: float = 0.05, quantity: str = "perplexity", ema: float = 0.5,
-        min_rise: float = 0.1, validation_ppl: str | None = None,
+        alpha: float = 0.05, quantity: str = "perplexity", ema: float = 0.7,
+        min_rise: float = 0.5, validation_ppl: str | None = None,
         validation_corpus: str | None = None, max_tokens: int = 0, num_examples: int = 5,
         plots: bool = True, progress: bool = True, run_info: dict | None = None):
   """The whole experiment; returns trajectories.Analysis (None on processes other than the main one).
@@ -326,8 +326,8 @@ def _define_flags():
   flags.DEFINE_float("alpha", 0.05, "significance level of the slope t-test")
   flags.DEFINE_enum("quantity", "perplexity", list(trajectories.QUANTITIES),
                     "per-token quantity whose trend is fitted")
-  flags.DEFINE_float("ema", 0.5, "EMA weight of the double-descent smoothing (0: none)")
-  flags.DEFINE_float("min_rise", 0.1, "double descent: each fall/rise changes the smoothed "
+  flags.DEFINE_float("ema", 0.7, "EMA weight of the double-descent smoothing (0: none)")
+  flags.DEFINE_float("min_rise", 0.5, "double descent: each fall/rise changes the smoothed "
                      "perplexity by at least this relative amount")
   flags.DEFINE_string("validation_ppl", None, "validation_ppl.csv of experiments/validation_ppl.py "
                       "(default: perplexity of this corpus)")

@@ -213,6 +213,7 @@ def test_analyze_finds_planted_tokens_in_its_tables(tmp_path):
   ids = np.arange(len(kinds)) + 1000
   result = trajectories.analyze(models, ids, np.arange(len(kinds)), out_dir=str(tmp_path),
                                 start_fractions=(0.1,), plots=False, num_examples=3,
+                                ema=0.5, min_rise=0.1,   # the planted rise and fall are small
                                 describe_token=lambda row: f"ctx [[{row}]]")
   labels = pd.read_csv(tmp_path / "token_labels_f0.1.csv")
   for name in ("small", "big"):

@@ -230,6 +230,20 @@ def test_planted_double_descent_tokens_are_found_and_nothing_else():
   assert not trajectories.find_double_descent(np.exp(losses), ema=0.5, min_rise=10.0).found.any()
 
 
+def test_default_double_descent_thresholds_reject_checkpoint_noise():
+  # Upward trend plus iid noise of 0.2 nats per checkpoint, after a fast early fall: no double
+  # descent is there, and the defaults must not invent one from the noise.
+  rng = np.random.default_rng(0)
+  u = np.linspace(0, 1, 40)
+  losses = 2.0 + 0.5 * u[None, :] + 0.2 * rng.standard_normal((2000, 40))
+  losses[:, :3] += [3.0, 1.5, 0.5]
+  assert trajectories.find_double_descent(np.exp(losses)).found.mean() < 0.02
+  # A real one: fall, a 3x rise, a 2.5x fall again, with the same noise.
+  shape = np.interp(u, [0, 0.3, 0.6, 1.0], [5.0, 2.0, 3.1, 2.2])
+  real = shape[None, :] + 0.2 * rng.standard_normal((200, 40))
+  assert trajectories.find_double_descent(np.exp(real)).found.mean() > 0.95
+
+
 def test_group_mean_perplexity_by_label():
   losses = np.log(np.array([[2.0, 4.0], [4.0, 8.0], [3.0, 3.0], [np.inf, 1.0]]))
   means, counts = trajectories.group_mean_perplexity(losses, np.array([1, 1, 0, 3]))
