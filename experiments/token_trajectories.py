@@ -201,6 +201,8 @@ def run(suite_path: str, corpus_paths: Sequence[str], out_dir: str, *,
   log.info("corpus: %d documents, %d tokens scored per checkpoint; tag %s", len(corpus.documents),
            corpus.num_tokens, tag)
 
+  # Read before hours of scoring, so a wrong file or model name fails now.
+  val = read_validation_ppl(validation_ppl, suite, validation_corpus) if validation_ppl else None
   store = ResultStore(os.path.join(out_dir, "results"))
   experiment = (EXPERIMENT, tag)
 
@@ -211,7 +213,8 @@ def run(suite_path: str, corpus_paths: Sequence[str], out_dir: str, *,
     return {"logprobs": flat}, {"num_tokens": int(flat.shape[0]), "tag": tag,
                                 "context_length": context_length, "stride": stride}
 
-  info = {"suite": os.path.abspath(suite_path), "corpus": [os.path.abspath(p) for p in corpus_paths],
+  info = {"suite": os.path.abspath(suite_path),
+          "corpus": [os.path.abspath(p) for p in corpus_paths],
           "context_length": context_length, "stride": stride, "mesh": mesh_spec, "dtype": dtype,
           "batch_size": batch_size, "tag": tag, "num_tokens": corpus.num_tokens,
           **(run_info or {})}
@@ -222,7 +225,6 @@ def run(suite_path: str, corpus_paths: Sequence[str], out_dir: str, *,
   if not sharding.is_main_process():
     return None
 
-  val = read_validation_ppl(validation_ppl, suite, validation_corpus) if validation_ppl else None
   model_trajectories = []
   for m in suite.models:
     losses = np.empty((corpus.num_tokens, len(m.steps)), np.float32)      # [N, C] nats
@@ -261,16 +263,15 @@ def run(suite_path: str, corpus_paths: Sequence[str], out_dir: str, *,
     return f"{before}[[{tokenizer.decode([doc[p]], skip_special_tokens=False)}]]{after}"
 
   say = (lambda message: log.info("analysis: %s", message)) if progress else None
-  result = trajectories.analyze(
+  shown = ", ".join(corpus.names[:3]) + (" ..." if len(corpus.names) > 3 else "")
+  notes = [f"Corpus: {shown} ({len(corpus.documents)} documents, {corpus.num_tokens} tokens); "
+           f"context_length {context_length}, stride {stride}.",
+           "Validation perplexity: " + (f"{validation_ppl}" if validation_ppl else
+           "token-weighted perplexity of the scored corpus itself (no --validation_ppl).")]
+  return trajectories.analyze(
       model_trajectories, corpus.token_ids, corpus.positions, out_dir=out_dir,
       start_fractions=start_fractions, alpha=alpha, quantity=quantity, ema=ema, min_rise=min_rise,
-      num_examples=num_examples, describe_token=describe, plots=plots, progress=say)
-  note = ("validation perplexity: " + (f"{validation_ppl}" if validation_ppl else
-          "token-weighted perplexity of the scored corpus itself (no --validation_ppl)"))
-  with open(os.path.join(out_dir, "summary.md"), "a") as f:
-    f.write(f"\n{note}; corpus {list(corpus.names)[:3]}{' ...' if len(corpus.names) > 3 else ''}, "
-            f"context_length {context_length}, stride {stride}.\n")
-  return result
+      num_examples=num_examples, describe_token=describe, plots=plots, progress=say, notes=notes)
 
 
 def _truncate(corpus: Corpus, max_tokens: int) -> Corpus:
@@ -292,8 +293,11 @@ def _truncate(corpus: Corpus, max_tokens: int) -> Corpus:
 def main(argv):
   from absl import flags
 
+  from opt_jax import sharding
+
   del argv
   f = flags.FLAGS
+  sharding.initialize_distributed()   # a no-op on one host; multi-host: every process runs this
   run(f.suite, f.corpus, f.out, models=f.models, context_length=f.context_length or None,
       stride=f.stride or None, mesh_spec=f.mesh or None, batch_size=f.batch_size, dtype=f.dtype,
       start_fractions=[float(x) for x in f.start_fractions], alpha=f.alpha, quantity=f.quantity,

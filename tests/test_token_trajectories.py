@@ -133,6 +133,7 @@ def test_outputs_written(first_run):
   assert not glob.glob(os.path.join(out, "**", "*.tmp*"), recursive=True)
   summary = open(os.path.join(out, "summary.md")).read()
   assert "token-weighted perplexity of the scored corpus itself" in summary
+  assert f"context_length {CONTEXT}, stride {STRIDE}" in summary
 
 
 def test_second_run_scores_nothing(tiny_suite, first_run):
@@ -198,6 +199,27 @@ def test_validation_ppl_csv_is_read_by_name_or_alias(tiny_suite, tmp_path):
   pd.DataFrame(rows[:8]).to_csv(csv, index=False)
   with pytest.raises(ValueError, match="no validation perplexity for model 'tiny-m'"):
     tt.read_validation_ppl(str(csv), suite, corpus="a")
+
+
+class _CharTokenizer:
+  """One id per character after </s> (2): enough to pin down corpus bookkeeping."""
+
+  def encode_batch(self, texts):
+    return [[2] + [ord(ch) for ch in t] for t in texts]
+
+
+def test_corpus_rows_and_truncation_keep_documents_in_order():
+  corpus = tt.tokenize_corpus(["a.txt", "b.txt"], ["abc", "de"], _CharTokenizer())
+  assert corpus.token_ids.tolist() == [97, 98, 99, 100, 101]
+  assert corpus.positions.tolist() == [1, 2, 3, 1, 2]
+  assert corpus.document.tolist() == [0, 0, 0, 1, 1]
+  cut = tt._truncate(corpus, 4)
+  assert cut.documents == [[2, 97, 98, 99], [2, 100]]
+  assert cut.token_ids.tolist() == [97, 98, 99, 100] and cut.document.tolist() == [0, 0, 0, 1]
+  short = tt._truncate(corpus, 2)
+  assert short.documents == [[2, 97, 98]] and short.names == ["a.txt"]
+  with pytest.raises(ValueError, match=r"empty corpus document\(s\): \['b.txt'\]"):
+    tt.tokenize_corpus(["a.txt", "b.txt"], ["abc", " \n"], _CharTokenizer())
 
 
 # --- the analysis on planted trajectories ------------------------------------------------------

@@ -18,7 +18,8 @@ def _statsmodels_fit(values, steps, columns, alpha):
   for row in values:
     y = row[columns] / row[columns[0]]
     res = sm.OLS(y, x).fit()
-    label = "stagnated" if res.pvalues[1] >= alpha else ("upward" if res.params[1] > 0 else "downward")
+    label = ("stagnated" if res.pvalues[1] >= alpha else
+             "upward" if res.params[1] > 0 else "downward")
     out.append((res.params[0], res.params[1], res.bse[1], res.pvalues[1], label))
   return [np.asarray(v) for v in zip(*out)]
 

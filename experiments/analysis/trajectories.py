@@ -82,8 +82,8 @@ def check_models(models: Sequence[ModelTrajectories]) -> None:
     losses = np.asarray(m.losses)
     steps = np.asarray(m.steps)
     if losses.ndim != 2 or steps.ndim != 1 or losses.shape[1] != steps.shape[0]:
-      raise ValueError(f"model {m.name!r}: losses {losses.shape} must be [num_tokens, num_checkpoints]"
-                       f" with one column per step ({steps.shape[0]} steps)")
+      raise ValueError(f"model {m.name!r}: losses {losses.shape} must be [num_tokens, "
+                       f"num_checkpoints] with one column per step ({steps.shape[0]} steps)")
     for field in ("tokens", "flops", "val_ppl"):
       value = getattr(m, field)
       if value is not None and np.shape(value) != steps.shape:
@@ -178,7 +178,8 @@ def matched_perplexity_agreement(models: Sequence[ModelTrajectories], *, quantit
     mask_a, mask_b, lo, hi = matched_perplexity_windows(ma.column("val_ppl"), mb.column("val_ppl"))
     row = {"model_a": ma.name, "model_b": mb.name, "ppl_lo": lo, "ppl_hi": hi,
            "checkpoints_a": int(mask_a.sum()), "checkpoints_b": int(mask_b.sum()),
-           "steps_a": _span(np.asarray(ma.steps)[mask_a]), "steps_b": _span(np.asarray(mb.steps)[mask_b]),
+           "steps_a": _span(np.asarray(ma.steps)[mask_a]),
+           "steps_b": _span(np.asarray(mb.steps)[mask_b]),
            "n_tokens": 0, "share_same": math.nan, "kappa": math.nan, "note": ""}
     if math.isnan(lo):
       row["note"] = "validation perplexity unknown"
@@ -218,7 +219,8 @@ class DoubleDescent:
 
 
 def ema_smooth(values, ema: float) -> np.ndarray:
-  """[N, C] exponential moving average along checkpoints: s_0 = v_0, s_t = ema s_{t-1} + (1-ema) v_t."""
+  """[N, C] exponential moving average along checkpoints:
+  s_0 = v_0, s_t = ema s_{t-1} + (1 - ema) v_t."""
   if not 0.0 <= ema < 1.0:
     raise ValueError(f"ema must be in [0, 1), got {ema}")
   v = np.asarray(values, dtype=np.float64)
@@ -261,8 +263,8 @@ def find_double_descent(values, *, ema: float = 0.7, min_rise: float = 0.5) -> D
   before_peak = np.arange(c)[None, :] < peak[:, None]
   valley = np.argmin(np.where(before_peak, valleys, np.inf), axis=1)
   rise = np.where(found, np.expm1(np.where(found, best, 0.0)), 0.0)
-  return DoubleDescent(found=found, valley=np.where(found, valley, -1), peak=np.where(found, peak, -1),
-                       rise=rise)
+  return DoubleDescent(found=found, valley=np.where(found, valley, -1),
+                       peak=np.where(found, peak, -1), rise=rise)
 
 
 # --- group means ------------------------------------------------------------------------------
@@ -306,11 +308,13 @@ def analyze(models: Sequence[ModelTrajectories], token_ids=None, positions=None,
             start_fractions: Sequence[float] = (0.1, 0.3, 0.7), alpha: float = 0.05,
             quantity: str = "perplexity", ema: float = 0.7, min_rise: float = 0.5,
             num_examples: int = 5, describe_token: Callable[[int], str] | None = None,
-            plots: bool = True, progress: Callable[[str], None] | None = None) -> Analysis:
+            plots: bool = True, progress: Callable[[str], None] | None = None,
+            notes: Sequence[str] = ()) -> Analysis:
   """Runs every analysis on the models' loss matrices and writes tables, plots and summary.md.
 
   token_ids, positions: [N] token id and position in the corpus of each row (for the CSVs).
   describe_token(row) -> the token in its context, for double-descent examples.
+  notes: lines added to summary.md (corpus, settings of the caller).
   Files in out_dir: trend_percentages.csv, agreement.csv, double_descent.csv,
   double_descent_examples.csv, group_means.csv, token_labels_f{fraction}.csv, summary.md and
   plots/*.png|pdf. Raises ValueError on mismatched inputs or a start fraction keeping < 3 checkpoints.
@@ -320,9 +324,10 @@ def analyze(models: Sequence[ModelTrajectories], token_ids=None, positions=None,
   token_ids = np.full(num_tokens, -1) if token_ids is None else np.asarray(token_ids)
   positions = np.arange(num_tokens) if positions is None else np.asarray(positions)
   if token_ids.shape != (num_tokens,) or positions.shape != (num_tokens,):
-    raise ValueError(f"token_ids {token_ids.shape} and positions {positions.shape} must have one entry "
-                     f"per token ({num_tokens})")
-  describe_token = describe_token or (lambda row: f"id {int(token_ids[row])} at {int(positions[row])}")
+    raise ValueError(f"token_ids {token_ids.shape} and positions {positions.shape} must have one "
+                     f"entry per token ({num_tokens})")
+  describe_token = describe_token or (
+      lambda row: f"id {int(token_ids[row])} at {int(positions[row])}")
   say = progress or (lambda message: None)
   os.makedirs(out_dir, exist_ok=True)
   files = []
@@ -406,13 +411,14 @@ def analyze(models: Sequence[ModelTrajectories], token_ids=None, positions=None,
     files += trajectory_plots.plot_all(result, models, os.path.join(out_dir, "plots"))
   files.append(write_text(summary_markdown(result, models, start_fractions=start_fractions,
                                            alpha=alpha, quantity=quantity, ema=ema,
-                                           min_rise=min_rise),
+                                           min_rise=min_rise, notes=notes),
                           os.path.join(out_dir, "summary.md")))
   return result
 
 
 def summary_markdown(result: Analysis, models: Sequence[ModelTrajectories], *, start_fractions,
-                     alpha: float, quantity: str, ema: float, min_rise: float) -> str:
+                     alpha: float, quantity: str, ema: float, min_rise: float,
+                     notes: Sequence[str] = ()) -> str:
   """The key numbers as markdown tables."""
   num_tokens = np.shape(models[0].losses)[0]
   lines = [
@@ -422,7 +428,7 @@ def summary_markdown(result: Analysis, models: Sequence[ModelTrajectories], *, s
           for m in models) + ".",
       f"Trend of per-token {quantity}: OLS on log(step) after dividing by the first kept value, "
       f"two-sided t-test at alpha = {alpha}. Double descent: EMA {ema}, minimum relative rise "
-      f"{min_rise}.", "",
+      f"{min_rise}.", *notes, "",
       "## Percentage of tokens per trend", ""]
   pct = result.percentages.pivot_table(index=["start_fraction", "model"], columns="label",
                                        values="percent", sort=False)

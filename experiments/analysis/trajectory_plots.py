@@ -140,7 +140,8 @@ def plot_double_descent(result, models, start_fraction: float, path_stem: str, m
   for e, (_, ex) in enumerate(examples.head(max_examples).iterrows()):
     m = models[names.index(ex.model)]
     color = colors[e % len(colors)]
-    raw = trajectories.quantity_of(np.asarray(m.losses)[ex.token_index][None, :], quantity)  # [1, C]
+    raw = trajectories.quantity_of(np.asarray(m.losses)[ex.token_index][None, :],
+                                   quantity)                                     # [1, C]
     smooth = np.exp(trajectories.ema_smooth(np.log(raw), ema))[0]
     raw = raw[0]
     axes[2].plot(m.steps, raw, color=color, lw=0.8, alpha=0.6)
@@ -162,7 +163,8 @@ def plot_double_descent(result, models, start_fraction: float, path_stem: str, m
 def plot_all(result, models, plot_dir: str) -> list[str]:
   """Every plot of the analysis into plot_dir; returns the written paths."""
   order = [m.name for m in models]
-  files = plot_trend_percentages(result.percentages, order, os.path.join(plot_dir, "trend_percentages"))
+  files = plot_trend_percentages(result.percentages, order,
+                                 os.path.join(plot_dir, "trend_percentages"))
   for fraction in dict.fromkeys(result.percentages.start_fraction):
     files += plot_trend_groups(result.group_means, fraction, order,
                                os.path.join(plot_dir, f"trend_groups_f{fraction:g}"))
