@@ -1,4 +1,4 @@
-"""Token-level loss trajectories across model sizes (Xia et al. 2023, section 3).
+r"""Token-level loss trajectories across model sizes (Xia et al. 2023, section 3).
 
   python -m experiments.token_trajectories --suite=suite.json --corpus=book.txt --out=out/tt \
       --context_length=1024 --stride=512 --mesh=data:-1
