@@ -355,6 +355,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if address == "auto" or (address is None and n is None and pid is None):
     if address == "auto" or _cluster_detected():
+      if os.environ.get("JAX_COORDINATOR_ADDRESS") == "auto":
+        del os.environ["JAX_COORDINATOR_ADDRESS"]  # jax would take "auto" for a host name
       jax.distributed.initialize(num_processes=n, process_id=pid)
     return
   if n == 1 and not address:

@@ -1,8 +1,9 @@
 """Subprocess side of tests/test_sharding.py: runs with several (simulated) CPU devices.
 
   python tests/_sharding_child.py devices8 OUT.json        8 devices: mesh parity, HLO, restore
-  python tests/_sharding_child.py multihost OUT.npz --port P --process_id I
+  python tests/_sharding_child.py multihost OUT.npz --port P --process_id I [--ckpt DIR]
                                                           one of 2 processes x 2 devices (gloo)
+devices8 also saves its params as a checkpoint beside OUT.json (ckpt/), which multihost restores.
 
 Writes measurements only (log-probs, HLO facts, shard shapes); tests/test_sharding.py asserts.
 The device count is set before JAX starts a backend, so this file must be run as a script.
@@ -15,7 +16,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 
 import numpy as np
 
@@ -198,25 +198,24 @@ def run_devices8(out_path: str) -> None:
 
   # Restore onto a 4 x 2 (and a 2 x 2 x 2 fsdp) mesh: each device holds only its shards.
   result["restore"] = {}
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, "ckpt")
-    checkpoint.save(path, params, cfg)
-    for spec in ("data:4,model:2", "data:2,fsdp:2,model:2"):
-      m = sharding.make_mesh(spec)
-      restored = checkpoint.restore(path, shardings=sharding.param_shardings(cfg, m))
-      leaves = []
-      for (kp, arr), (_, ref), (_, want) in zip(
-          jax.tree_util.tree_leaves_with_path(restored), jax.tree_util.tree_leaves_with_path(params),
-          jax.tree_util.tree_leaves_with_path(sharding.param_shardings(cfg, m))):
-        leaves.append({
-            "name": jax.tree_util.keystr(kp), "shape": list(arr.shape),
-            "spec": [a if a is None or isinstance(a, str) else list(a) for a in want.spec],
-            "device_shapes": [list(s.data.shape) for s in arr.addressable_shards],
-            "num_devices": len({s.device for s in arr.addressable_shards}),
-            "same_sharding": arr.sharding.is_equivalent_to(want, arr.ndim),
-            "max_abs_err": float(np.abs(np.asarray(arr) - ref).max()),
-        })
-      result["restore"][spec] = leaves
+  path = os.path.join(os.path.dirname(os.path.abspath(out_path)), "ckpt")
+  checkpoint.save(path, params, cfg, overwrite=True)  # kept: the multi-host children restore it
+  for spec in ("data:4,model:2", "data:2,fsdp:2,model:2"):
+    m = sharding.make_mesh(spec)
+    restored = checkpoint.restore(path, shardings=sharding.param_shardings(cfg, m))
+    leaves = []
+    for (kp, arr), (_, ref), (_, want) in zip(
+        jax.tree_util.tree_leaves_with_path(restored), jax.tree_util.tree_leaves_with_path(params),
+        jax.tree_util.tree_leaves_with_path(sharding.param_shardings(cfg, m))):
+      leaves.append({
+          "name": jax.tree_util.keystr(kp), "shape": list(arr.shape),
+          "spec": [a if a is None or isinstance(a, str) else list(a) for a in want.spec],
+          "device_shapes": [list(s.data.shape) for s in arr.addressable_shards],
+          "num_devices": len({s.device for s in arr.addressable_shards}),
+          "same_sharding": arr.sharding.is_equivalent_to(want, arr.ndim),
+          "max_abs_err": float(np.abs(np.asarray(arr) - ref).max()),
+      })
+    result["restore"][spec] = leaves
 
   tmp_out = out_path + ".tmp"
   with open(tmp_out, "w") as f:
@@ -224,9 +223,9 @@ def run_devices8(out_path: str) -> None:
   os.replace(tmp_out, out_path)
 
 
-def run_multihost(out_path: str, port: int, process_id: int) -> None:
+def run_multihost(out_path: str, port: int, process_id: int, ckpt: str | None) -> None:
   import jax
-  from opt_jax import sharding
+  from opt_jax import checkpoint, sharding
   sharding.initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
   assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
   cfg = config()
@@ -237,6 +236,12 @@ def run_multihost(out_path: str, port: int, process_id: int) -> None:
     lp, arr = sharded_logprobs(cfg, params, ids, mask, sharding.make_mesh(spec))
     assert not arr.is_fully_addressable  # really spread over both processes
     out[spec] = lp
+  if ckpt:
+    # Each process restores only the shards of its own devices, then the sharded run.
+    mesh = sharding.make_mesh("data:2,model:2")
+    restored = checkpoint.restore(ckpt, shardings=sharding.param_shardings(cfg, mesh))
+    lp, _ = sharded_logprobs(cfg, restored, ids, mask, mesh)
+    out["restored data:2,model:2"] = lp
   if sharding.is_main_process():
     tmp = out_path + ".tmp.npz"
     np.savez(tmp, **{k.replace(":", "_").replace(",", "-"): v for k, v in out.items()})
@@ -250,6 +255,7 @@ def main() -> None:
   ap.add_argument("out")
   ap.add_argument("--port", type=int)
   ap.add_argument("--process_id", type=int)
+  ap.add_argument("--ckpt", default=None, help="multihost: checkpoint to restore onto the mesh")
   a = ap.parse_args()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
@@ -258,7 +264,7 @@ def main() -> None:
   if a.mode == "devices8":
     run_devices8(a.out)
   else:
-    run_multihost(a.out, a.port, a.process_id)
+    run_multihost(a.out, a.port, a.process_id, a.ckpt)
 
 
 if __name__ == "__main__":

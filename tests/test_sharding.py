@@ -110,6 +110,61 @@ def test_no_mesh_means_no_constraints():
     pass
 
 
+# initialize_distributed: which inputs start jax.distributed (the start itself is stubbed) -------
+
+_DIST_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
+             "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE",
+             "TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")
+
+
+@pytest.fixture
+def dist_calls(monkeypatch):
+  import jax
+  calls = []
+  for var in _DIST_ENV:
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  return calls
+
+
+def test_single_process_starts_nothing(dist_calls):
+  sharding.initialize_distributed()
+  sharding.initialize_distributed(num_processes=1)
+  assert dist_calls == []
+
+
+def test_distributed_from_env_and_flags_over_env(dist_calls, monkeypatch):
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+  monkeypatch.setenv("JAX_PROCESS_ID", "3")
+  sharding.initialize_distributed()
+  sharding.initialize_distributed(process_id=0)
+  assert dist_calls == [
+      dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3),
+      dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=0)]
+
+
+def test_distributed_auto_and_cluster_detection(dist_calls, monkeypatch):
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "auto")
+  sharding.initialize_distributed()
+  assert "JAX_COORDINATOR_ADDRESS" not in os.environ  # jax would read "auto" as a host
+  monkeypatch.setenv("SLURM_NTASKS", "16")
+  monkeypatch.setenv("SLURM_PROCID", "5")
+  sharding.initialize_distributed()
+  assert dist_calls == [dict(num_processes=None, process_id=None)] * 2
+
+
+def test_distributed_missing_piece_is_named(dist_calls, monkeypatch):
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+  with pytest.raises(ValueError, match="num_processes / JAX_NUM_PROCESSES"):
+    sharding.initialize_distributed(process_id=0)
+  monkeypatch.setenv("JAX_PROCESS_ID", "x")
+  with pytest.raises(ValueError, match="JAX_PROCESS_ID='x' is not an integer"):
+    sharding.initialize_distributed()
+  assert dist_calls == []
+
+
 # 8 simulated devices ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -120,7 +175,9 @@ def devices8(tmp_path_factory):
   if proc.returncode:
     pytest.fail(f"8-device child failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
   with open(out) as f:
-    return json.load(f)
+    result = json.load(f)
+  result["checkpoint"] = os.path.join(os.path.dirname(out), "ckpt")
+  return result
 
 
 def test_meshes_of_8_devices_match_unsharded_logprobs(devices8):
@@ -193,10 +250,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_two_processes(out: str, timeout: float = 300) -> tuple[bool, str]:
+def _run_two_processes(out: str, ckpt: str, timeout: float = 300) -> tuple[bool, str]:
   port = _free_port()
   procs = [subprocess.Popen([sys.executable, CHILD, "multihost", out, "--port", str(port),
-                             "--process_id", str(i)], env=_env(), stdout=subprocess.PIPE,
+                             "--process_id", str(i), "--ckpt", ckpt], env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   deadline = time.monotonic() + timeout
   logs, ok = [], True
@@ -222,15 +279,15 @@ def _run_two_processes(out: str, timeout: float = 300) -> tuple[bool, str]:
 
 def test_two_processes_with_gloo_match_single_process(devices8, tmp_path):
   out = str(tmp_path / "multihost.npz")
-  ok, logs = _run_two_processes(out)
+  ok, logs = _run_two_processes(out, devices8["checkpoint"])
   if not ok:  # a port taken between _free_port and bind is the one flaky part: retry once
     print(logs)
-    ok, logs = _run_two_processes(out)
+    ok, logs = _run_two_processes(out, devices8["checkpoint"])
   assert ok, logs
   ref = np.asarray(devices8["reference"])
   got = np.load(out)
-  assert sorted(got.files) == sorted(s.replace(":", "_").replace(",", "-")
-                                     for s in child.MULTIHOST_MESHES)
+  assert sorted(got.files) == sorted(s.replace(":", "_").replace(",", "-") for s in
+                                     child.MULTIHOST_MESHES + ("restored data:2,model:2",))
   for name in got.files:
     np.testing.assert_allclose(got[name], ref, atol=TOL, rtol=0, err_msg=name)
 
