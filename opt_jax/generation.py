@@ -25,9 +25,10 @@ Joint decoding (`joint_generate`): with per-model probabilities p_i = softmax(lo
 the next-token distribution is q = max(sum_i w_i p_i, 0) / Z. Weights may be negative
 (p_large - p_small, the contrastive sets of Xia et al.). If Z <= FALLBACK_MASS * sum_i |w_i| (the
 weights leave no positive mass at that step: e.g. all weights zero, or w = (1, -1) on two models
-that agree), that row uses p_1 (the first model's distribution) for that step; such steps are
-counted per prompt in the returned stats. Models must share a tokenizer (fingerprints compared
-up front) and a vocabulary size.
+that agree), that row uses p_1 (the first model's distribution, or the one `fallback_model`
+names) for that step; such steps are counted per prompt in the returned stats. Weights summing to
+zero are allowed (p_large - p_small keeps positive mass wherever the models differ). Models must
+share a tokenizer (fingerprints compared up front) and a vocabulary size.
 """
 
 from __future__ import annotations
@@ -110,20 +111,21 @@ def step_uniforms(seed: Array, rows: Array, step: Array) -> Array:
   return jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
 
 
-def mixture_log_probs(logits: Sequence[Array], weights: Array, temperature: Array
-                      ) -> tuple[Array, Array]:
+def mixture_log_probs(logits: Sequence[Array], weights: Array, temperature: Array,
+                      fallback_model: Array | int = 0) -> tuple[Array, Array]:
   """Joint next-token distribution. logits: per model [B, V] fp32; weights [M] fp32.
 
   Returns (log q [B, V] fp32 with -inf where q = 0, fallback [B] bool) with
-  q = max(sum_i w_i softmax(logits_i / T), 0) / Z, or softmax(logits_1 / T) where Z is not
-  positive (see the module docstring).
+  q = max(sum_i w_i softmax(logits_i / T), 0) / Z, or softmax(logits_f / T) of the fallback model
+  f (default the first) where Z is not positive (see the module docstring).
   """
   probs = [jax.nn.softmax(l / temperature, axis=-1) for l in logits]
   mix = sum(weights[i] * p for i, p in enumerate(probs))
   pos = jnp.maximum(mix, 0.0)
   z = jnp.sum(pos, axis=-1)                                                   # [B]
   fallback = z <= FALLBACK_MASS * jnp.sum(jnp.abs(weights))
-  q = jnp.where(fallback[:, None], probs[0], pos / jnp.where(fallback, 1.0, z)[:, None])
+  backup = sum(jnp.where(fallback_model == i, p, 0.0) for i, p in enumerate(probs))
+  q = jnp.where(fallback[:, None], backup, pos / jnp.where(fallback, 1.0, z)[:, None])
   return jnp.where(q > 0, jnp.log(jnp.where(q > 0, q, 1.0)), -jnp.inf), fallback
 
 
@@ -131,12 +133,12 @@ def mixture_log_probs(logits: Sequence[Array], weights: Array, temperature: Arra
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _decode(params: tuple, ids: Array, mask: Array, rows: Array, done: Array, weights: Array,
-            greedy: Array, eos_id: Array, pad_id: Array, seed: Array, temperature: Array,
-            top_k: Array, top_p: Array, *, spec: _Spec):
+            fallback_model: Array, greedy: Array, eos_id: Array, pad_id: Array, seed: Array,
+            temperature: Array, top_k: Array, top_p: Array, *, spec: _Spec):
   """ids/mask [B, T] left-padded prompts; rows [B] prompt indices; done [B] (filler rows).
 
-  weights [M] f32; greedy [] bool; eos_id (-1: none), pad_id, seed, top_k [] int32;
-  temperature, top_p [] f32. All are traced: changing them does not recompile.
+  weights [M] f32; fallback_model [] int32; greedy [] bool; eos_id (-1: none), pad_id, seed,
+  top_k [] int32; temperature, top_p [] f32. All are traced: changing them does not recompile.
 
   Returns tokens [B, N] int32 (pad after a row's end), lengths [B] int32 (tokens emitted, eos
   included), fallback [B] int32 (joint steps that fell back to model 1).
@@ -159,7 +161,7 @@ def _decode(params: tuple, ids: Array, mask: Array, rows: Array, done: Array, we
   def choose(logits, step, done):
     """-> (token [B] int32, pad where done; fell back [B] bool, False where done)."""
     if spec.joint:
-      scores, fell = mixture_log_probs(logits, weights, temperature)
+      scores, fell = mixture_log_probs(logits, weights, temperature, fallback_model)
     else:
       scores, fell = logits[0] / temperature, jnp.zeros((b,), bool)
     best = scores if spec.joint else logits[0]
@@ -230,7 +232,7 @@ def _check_prompts(prompts, vocab_size: int, max_len: int, truncate: bool) -> li
 def _run(configs: tuple[OPTConfig, ...], params: tuple, prompts, weights: np.ndarray, *,
          max_new_tokens: int, sampler: str, temperature: float, top_k: int, top_p: float,
          eos_id: int | None, pad_id: int | None, seed: int, dtype, batch_size: int,
-         truncate_prompts: bool, attention: str, joint: bool):
+         truncate_prompts: bool, attention: str, joint: bool, fallback_model: int = 0):
   """Shared driver of generate / joint_generate -> (list of new-token lists, fallback counts)."""
   if sampler not in ("greedy", "sample"):
     raise ValueError(f"sampler={sampler!r}: expected 'greedy' or 'sample'")
@@ -252,7 +254,7 @@ def _run(configs: tuple[OPTConfig, ...], params: tuple, prompts, weights: np.nda
   order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
   results: list[list[int]] = [[] for _ in prompts]
   fallbacks = np.zeros(len(prompts), np.int64)
-  knobs = (jnp.asarray(weights, jnp.float32), jnp.bool_(greedy),
+  knobs = (jnp.asarray(weights, jnp.float32), jnp.int32(fallback_model), jnp.bool_(greedy),
            jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad), jnp.int32(seed),
            jnp.float32(temperature), jnp.int32(0 if greedy else top_k),
            jnp.float32(1.0 if greedy else top_p))
@@ -324,26 +326,32 @@ def joint_generate(models: Sequence[tuple[OPTConfig, Any]], weights: Sequence[fl
                    top_p: float = 1.0, eos_id: int | None = 2, pad_id: int | None = None,
                    seed: int = 0, dtype=jnp.float32, batch_size: int = 32,
                    truncate_prompts: bool = False, attention: str = "xla",
-                   tokenizers: Sequence[Any] | None = None, names: Sequence[str] | None = None
-                   ) -> tuple[list[list[int]], dict[str, Any]]:
+                   tokenizers: Sequence[Any] | None = None, names: Sequence[str] | None = None,
+                   fallback_model: int = 0) -> tuple[list[list[int]], dict[str, Any]]:
   """Decode from q = max(sum_i w_i softmax(logits_i / T), 0) / Z (module docstring).
 
   models: (config, params) per model, each with its own KV cache in one jitted step.
   sampler "greedy" takes argmax q; "sample" applies top-k / top-p (nucleus) to q, then draws.
   tokenizers (optional, one per model) are checked to be identical before anything runs.
+  fallback_model: index of the model whose distribution is used at a step without positive mass
+  (default 0; p_small - p_large with the models ordered (large, small) and weights (-1, 1) runs
+  the same compiled program as p_large - p_small, with fallback_model=1).
   Returns (new tokens per prompt, stats) with stats = {"fallback_steps": total steps that used
   model 1's distribution, "fallback_steps_per_prompt": list[int], "generated_tokens": int,
   "weights": list[float]}.
   """
   if len(models) < 1 or len(models) != len(weights):
     raise ValueError(f"need one weight per model, got {len(models)} models, {len(weights)} weights")
+  if not 0 <= fallback_model < len(models):
+    raise ValueError(f"fallback_model={fallback_model} is not a model index (0..{len(models) - 1})")
   configs = tuple(c for c, _ in models)
   check_joint_models(configs, tokenizers, names)
   results, fallbacks = _run(
       configs, tuple(p for _, p in models), prompts, np.asarray(weights, np.float64),
       max_new_tokens=max_new_tokens, sampler=sampler, temperature=temperature, top_k=top_k,
       top_p=top_p, eos_id=eos_id, pad_id=pad_id, seed=seed, dtype=dtype, batch_size=batch_size,
-      truncate_prompts=truncate_prompts, attention=attention, joint=True)
+      truncate_prompts=truncate_prompts, attention=attention, joint=True,
+      fallback_model=fallback_model)
   stats = {"fallback_steps": int(fallbacks.sum()),
            "fallback_steps_per_prompt": fallbacks.tolist(),
            "generated_tokens": int(sum(len(r) for r in results)),

@@ -250,8 +250,14 @@ def test_joint_falls_back_to_first_model_and_counts(two_models):
     assert got == alone
     assert stats["fallback_steps_per_prompt"] == [len(r) for r in alone]
     assert stats["fallback_steps"] == sum(map(len, alone))
-  _, stats = G.joint_generate(two_models, (1.0, -1.0), prompts, max_new_tokens=NJ)
+  want, stats = G.joint_generate(two_models, (1.0, -1.0), prompts, max_new_tokens=NJ)
   assert stats["fallback_steps"] == 0
+  # p_0 - p_1 with the models swapped, weights (-1, 1) and model 1 as the fallback: same tokens.
+  swapped = [two_models[1], two_models[0]]
+  assert G.joint_generate(swapped, (-1.0, 1.0), prompts, max_new_tokens=NJ,
+                          fallback_model=1)[0] == want
+  got, stats = G.joint_generate(swapped, (0.0, 0.0), prompts, max_new_tokens=NJ, fallback_model=1)
+  assert got == alone and stats["fallback_steps"] == sum(map(len, alone))
 
 
 class _Tok:
