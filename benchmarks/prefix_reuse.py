@@ -89,7 +89,7 @@ def main(argv):
   config = PRESETS["125m"].replace(num_hidden_layers=_LAYERS.value)
   enc = downstream_icl.encode(items, tokenizer, _MAX_LENGTH.value)
   pairs = enc.pairs
-  ctx_len = [len(c) for c, _ in pairs[::counts[0]]] if len(counts) == 1 else [len(c) for c, _ in pairs]
+  ctx_len = [len(c) for c, _ in pairs]
   cont_len = [len(c) for _, c in pairs]
   params = jax.device_put(random_params(config))
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[_DTYPE.value]

@@ -1,4 +1,4 @@
-r"""Downstream in-context learning across checkpoints, and what predicts it (Xia et al. 2023, sec. 5).
+r"""Downstream in-context learning across checkpoints and what predicts it (Xia et al. 2023, s. 5).
 
   python -m experiments.downstream_icl --suite=suite.json --out=out/icl \
       [--bigbench_dir=~/.cache/opt_jax/bigbench/benchmark_tasks] [--tasks=a,b] [--k_shot=0,2] \

@@ -1,4 +1,4 @@
-"""BIG-bench loader, the paper's selection rule, prompts/requests, and the offline part of the fetcher."""
+"""BIG-bench loader, the paper's selection rule, prompts and requests, the fetcher offline."""
 
 import io
 import json
@@ -12,7 +12,8 @@ from experiments.tasks import bigbench as bb
 from tools import fetch_bigbench
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "bigbench")
-needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data/bigbench absent")
+needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED),
+                                  reason="../shared/data/bigbench absent")
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,8 @@ def test_zero_shot_prompt_is_the_task_fields_concatenated(shared_tasks):
     raw = json.load(f)
   t = shared_tasks["anachronisms"]
   ex = t.examples[5]
-  expected = raw["example_input_prefix"] + raw["examples"][5]["input"] + raw["example_output_prefix"]
+  expected = (raw["example_input_prefix"] + raw["examples"][5]["input"]
+              + raw["example_output_prefix"])
   assert bb.prompt(t.subtasks[0], ex, k=0) == expected  # no task_prefix; choices not appended
   r = bb.requests_for(t, k=0, max_examples=6)[5]
   assert r.example == ex

@@ -1,4 +1,4 @@
-"""BIG-bench JSON tasks: loading, the paper's selection rule, k-shot prompts, log-likelihood requests.
+"""BIG-bench JSON tasks: loading, the paper's selection rule, k-shot prompts, likelihood requests.
 
 A task is a folder holding `task.json`. When that file has no `examples`, each immediate
 subfolder with its own `task.json` is a subtask, read on its own (its own prefixes), as BIG-bench
@@ -45,7 +45,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -65,7 +65,7 @@ MAX_EXAMPLES = 1000  # the rule keeps tasks with fewer than this many examples
 
 
 class TaskFormatError(ValueError):
-  """A task.json that cannot be read as a BIG-bench JSON task; the message names task and example."""
+  """A task.json that is not a readable BIG-bench JSON task; the message names task and example."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +143,8 @@ class Task:
     every subtask is represented); None: all."""
     if max_examples is None or len(self.examples) <= max_examples:
       return self
-    order = sorted((pos, si) for si, s in enumerate(self.subtasks) for pos in range(len(s.examples)))
+    order = sorted((pos, si) for si, s in enumerate(self.subtasks)
+                   for pos in range(len(s.examples)))
     keep = {}
     for pos, si in order[:max_examples]:
       keep[si] = pos + 1
