@@ -1,0 +1,277 @@
+"""Sequence-level experiment end to end on a tiny suite (2 sizes x 3 checkpoints) and a second
+family with another tokenizer; perplexities checked against a direct forward pass."""
+
+import dataclasses
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+import _suite_util as U
+from experiments import sequence_generation as S
+from experiments.analysis import sequences as A
+from opt_jax import checkpoint, generation
+from opt_jax import model as M
+from opt_jax.suite import load_suite
+from opt_jax.tokenizer import load_tokenizer
+
+# Short documents (< 64 tokens each, the tiny models' context) dense in names and numbers.
+DOCS = [
+    "In 1848 Ada met Bob in Paris, and in 1851 Carl met Dora in Rome.",
+    "Emma sold 12 maps to Frank in Oslo, then 30 more to Gina in Bern.",
+    "By 1902 Hugo had 4,512 books; Ines kept 97 of them in Lima.",
+    "Jack told Kate that 7 ships left Cork for Nice on day 19.",
+    "Leo and Mia walked 25 miles from York to Hull in 1950.",
+    "Nora paid 3.5 marks to Otto in Riga for 40 eggs and 2 hens.",
+]
+SETTINGS = dict(num_prompts=4, prompt_tokens=12, max_new_tokens=16, num_passages=4,
+                passage_tokens=40, noise_rates=(0.3,), batch_size=8, generation_batch_size=8,
+                seed=3, sample_models=("tiny-a",))
+
+
+def _other_tokenizer(directory):
+  """A byte-level BPE of another vocabulary size: its fingerprint differs from the suite's."""
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=290, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(DOCS * 4, trainer)
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, "tokenizer.json")
+  tok.save(path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("seqgen"))
+  suite_path = U.make_suite(os.path.join(root, "a"), steps=(10, 20, 30))
+  # A second family: one size (tiny-a's shape), two checkpoints, another tokenizer.
+  tok_file = _other_tokenizer(os.path.join(root, "b", "tok"))
+  config = U.SIZES["tiny-a"]
+  ckpts = {}
+  for j, step in enumerate((5, 15)):
+    rel = f"ckpt/step{step}"
+    checkpoint.save(os.path.join(root, "b", rel), U.random_params(config, seed=900 + j), config,
+                    tokenizer_files=[tok_file])
+    ckpts[str(step)] = rel
+  cross_path = os.path.join(root, "b", "suite.json")
+  with open(cross_path, "w") as f:
+    json.dump({"name": "other", "models": [{"name": "other-a", "params": config.num_params(),
+                                            "tokens_per_step": 500, "checkpoints": ckpts}]}, f)
+  corpus = os.path.join(root, "valid.jsonl")
+  with open(corpus, "w") as f:
+    f.writelines(json.dumps({"text": d}) + "\n" for d in DOCS)
+  out = os.path.join(root, "out")
+  settings = S.Settings(corpus=(corpus,), cross_suite=cross_path, **SETTINGS)
+  df = S.run(suite_path, out, settings, progress=False)
+  return dict(root=root, suite=suite_path, cross=cross_path, corpus=corpus, out=out, df=df,
+              settings=settings)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(config, params, ids, mask):
+  hidden, _ = M.OPT(config).apply({"params": params}, ids, mask)
+  return M.logits(params, hidden)
+
+
+def _direct_nll(path, full_lists, targets):
+  """Summed NLL (float64 nats) of the last n tokens of each list: one plain forward per list
+  (right-padded to the 64 positions of the tiny models), log-softmax in float64 here."""
+  config = checkpoint.load_config(path)
+  params = checkpoint.restore(path)
+  total = 0.0
+  for full, n in zip(full_lists, targets):
+    ids = np.ones((1, 64), np.int32)
+    ids[0, :len(full)] = full
+    mask = (np.arange(64) < len(full)).astype(np.int32)[None]
+    logits = np.asarray(_logits(config, params, ids, mask))[0, :len(full)].astype(np.float64)
+    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    total -= logp[np.arange(len(full) - 1), np.asarray(full)[1:]][-n:].sum()
+  return total
+
+
+def test_tables_cover_every_set_checkpoint_and_suite(world):
+  df = world["df"]
+  sets = list(dict.fromkeys(df["set"]))
+  assert sets[:3] == ["large_minus_small", "small_minus_large", "sample_tiny-a"]
+  assert {"clean", "replace_0.3", "shuffle_0.3", "facts_original", "facts_swapped"} <= set(sets)
+  assert len(df) == len(sets) * (6 + 2)
+  assert set(df["scored_by"]) == {"tiny", "other"}
+  on_disk = pd.read_csv(os.path.join(world["out"], S.CSV_NAME))
+  assert len(on_disk) == len(df) and list(on_disk.columns) == A.COLUMNS
+  for kind in ("generated", "perturbed"):
+    for x in ("valid_ppl", "flops"):
+      for ext in ("png", "pdf"):
+        for by in ("tiny", "other"):
+          assert os.path.getsize(os.path.join(world["out"], "plots", f"{by}_{kind}_vs_{x}.{ext}"))
+
+
+def test_sequence_and_validation_ppl_match_a_direct_forward(world):
+  df, out = world["df"], world["out"]
+  suite = json.load(open(world["suite"]))
+  path = os.path.join(os.path.dirname(world["suite"]), suite["models"][0]["checkpoints"]["20"])
+  row = lambda s: df[(df["scored_by"] == "tiny") & (df["set"] == s) & (df["model"] == "tiny-a")
+                     & (df["step"] == 20)].iloc[0]
+  for name in ("small_minus_large", "shuffle_0.3"):
+    seqs = S.load_set(os.path.join(out, "sets", f"{name}.jsonl"))
+    nll = _direct_nll(path, [c + x for c, x in zip(seqs.context_ids, seqs.ids)],
+                      [len(x) for x in seqs.ids])
+    n = sum(map(len, seqs.ids))
+    assert row(name)["num_tokens"] == n
+    np.testing.assert_allclose(row(name)["ppl"], np.exp(nll / n), rtol=1e-4)
+  tok = load_tokenizer(path)
+  docs = tok.encode_batch(DOCS)
+  assert max(map(len, docs)) <= 64   # one window each: the direct forward is the whole oracle
+  nll = _direct_nll(path, docs, [len(d) - 1 for d in docs])
+  np.testing.assert_allclose(row("clean")["valid_ppl"],
+                             np.exp(nll / sum(len(d) - 1 for d in docs)), rtol=1e-4)
+
+
+def test_other_family_scores_retokenised_text(world):
+  df, out = world["df"], world["out"]
+  path = os.path.join(os.path.dirname(world["cross"]), "ckpt", "step5")
+  tok = load_tokenizer(path)
+  assert tok.fingerprint() != load_tokenizer(os.path.join(
+      os.path.dirname(world["suite"]), "tok")).fingerprint()
+  seqs = S.load_set(os.path.join(out, "sets", "large_minus_small.jsonl"))
+  ctx = tok.encode_batch(seqs.contexts)
+  tgt = tok.encode_batch(seqs.texts, add_bos=False)
+  keep = [i for i, t in enumerate(tgt) if t]
+  nll = _direct_nll(path, [ctx[i] + tgt[i] for i in keep], [len(tgt[i]) for i in keep])
+  n = sum(len(tgt[i]) for i in keep)
+  row = df[(df["scored_by"] == "other") & (df["set"] == "large_minus_small")
+           & (df["step"] == 5)].iloc[0]
+  assert row["num_tokens"] == n and row["num_sequences"] == len(keep)
+  np.testing.assert_allclose(row["ppl"], np.exp(nll / n), rtol=1e-4)
+
+
+def test_generated_sets_are_the_decoders_output(world):
+  out, settings = world["out"], world["settings"]
+  root = os.path.dirname(world["suite"])
+  manifest = json.load(open(os.path.join(out, "sets", "manifest.json")))
+  small = S.load_set(os.path.join(out, "sets", "small_minus_large.jsonl"))
+  load = lambda name: (checkpoint.load_config(os.path.join(root, f"ckpt/{name}/step30")),
+                       checkpoint.restore(os.path.join(root, f"ckpt/{name}/step30")))
+  got, stats = generation.joint_generate(
+      [load("tiny-b"), load("tiny-a")], (-1.0, 1.0), small.context_ids, max_new_tokens=16,
+      sampler="sample", top_p=settings.top_p, seed=settings.seed + 1, eos_id=None,
+      fallback_model=1, batch_size=8)
+  assert got == small.ids and all(len(x) == 16 for x in got)
+  gen = manifest["generation"]
+  assert gen["small"] == "tiny-a@30" and gen["large"] == "tiny-b@30"
+  assert gen["sets"]["small_minus_large"]["fallback_steps"] == stats["fallback_steps"]
+  tok = load_tokenizer(os.path.join(root, "tok"))
+  assert small.texts == [tok.decode(x) for x in small.ids]
+  assert all(len(c) == 13 and c[0] == 2 for c in small.context_ids)   # </s> + 12 drawn tokens
+
+
+def test_summary_answers_with_the_numbers(world):
+  df = world["df"]
+  text = open(os.path.join(world["out"], "summary.md")).read()
+  assert "For the small-preferred set, does perplexity fall early" in text
+  assert "### Scored by tiny" in text and "### Scored by other (across families)" in text
+  sub = df[(df["scored_by"] == "tiny") & (df["set"] == "small_minus_large")]
+  for model, g in sub.groupby("model"):
+    g = g.sort_values("step")
+    first, lowest, final = g["ppl"].iloc[0], g["ppl"].min(), g["ppl"].iloc[-1]
+    rise = final / lowest - 1
+    early = g["ppl"].iloc[1:2].min()   # 3 checkpoints: the first half is checkpoint 1
+    falls, rises = early < 0.95 * first, final > 1.05 * lowest and g["ppl"].idxmin() != g.index[-1]
+    line = next(l for l in text.splitlines() if l.startswith(f"| {model} |"))
+    assert f"| {first:.4g} |" in line and f"{100 * rise:+.1f}%" in line
+    assert line.rstrip().endswith(f"| {'yes' if falls else 'no'} | {'yes' if rises else 'no'} |")
+  first = text.split("### Scored by other")[0]
+  assert ("**Yes.**" in first) != ("**No.**" in first)
+
+
+def test_rerun_reuses_sets_and_results(world):
+  before = {f: os.path.getmtime(os.path.join(world["out"], "sets", f))
+            for f in os.listdir(os.path.join(world["out"], "sets"))}
+  df = S.run(world["suite"], world["out"], world["settings"], progress=False, plots=False)
+  pd.testing.assert_frame_equal(df, world["df"])
+  after = {f: os.path.getmtime(os.path.join(world["out"], "sets", f)) for f in before}
+  assert after == before
+
+
+def test_bad_input_is_named(world, tmp_path):
+  root, cross_root = os.path.dirname(world["suite"]), os.path.dirname(world["cross"])
+  mixed = tmp_path / "mixed.json"
+  mixed.write_text(json.dumps({"name": "mixed", "models": [
+      {"name": "small-other", "params": U.SIZES["tiny-a"].num_params(), "tokens_per_step": 1,
+       "checkpoints": {"5": os.path.join(cross_root, "ckpt", "step5")}},
+      {"name": "large-tiny", "params": U.SIZES["tiny-b"].num_params(), "tokens_per_step": 1,
+       "checkpoints": {"30": os.path.join(root, "ckpt", "tiny-b", "step30")}}]}))
+  with pytest.raises(ValueError, match=r"\['small-other'\] tokenize text differently from "
+                                       "large-tiny"):
+    S.run(str(mixed), str(tmp_path / "out"),
+          dataclasses.replace(world["settings"], sample_models=None), progress=False)
+  assert not os.path.exists(tmp_path / "out" / "sets")
+  empty = tmp_path / "prompts.txt"
+  empty.write_text("\n\n")
+  with pytest.raises(ValueError, match="prompts.txt: no prompt"):
+    S.read_prompts(str(empty))
+  bad = tmp_path / "prompts.jsonl"
+  bad.write_text('{"prompt": "ok"}\n{"oops": 1}\n')
+  with pytest.raises(ValueError, match=r"prompts.jsonl:2: expected"):
+    S.read_prompts(str(bad))
+  csv = tmp_path / "validation_ppl.csv"
+  csv.write_text("model,step,corpus,ppl\ntiny-a,10,valid,5.0\n")
+  with pytest.raises(ValueError, match="no validation perplexity for 5 checkpoint"):
+    S.score_suite(load_suite(world["suite"]), "tiny", [],
+                  world["settings"], str(tmp_path), str(csv))
+
+
+def test_long_prompts_keep_bos_and_their_last_tokens(world, tmp_path):
+  tok = load_tokenizer(os.path.join(os.path.dirname(world["suite"]), "tok"))
+  prompts = tmp_path / "p.txt"
+  prompts.write_text("Ada met Bob.\n" + " ".join(["Carl met Dora in Rome."] * 10) + "\n")
+  settings = S.Settings(corpus=(world["corpus"],), prompts=str(prompts))
+  texts, ids, truncated = S.make_prompts(settings, tok, DOCS, max_tokens=20)
+  full = tok.encode(" ".join(["Carl met Dora in Rome."] * 10))
+  assert truncated == 1 and ids[0] == tok.encode("Ada met Bob.")
+  assert len(ids[1]) == 20 and ids[1] == [2] + full[-19:]
+  assert texts[1] == tok.decode(full[-19:])
+
+
+# The analysis on hand-made trajectories ------------------------------------------------------
+
+def _table(curves):
+  rows = []
+  for params, (model, ppl) in enumerate(curves.items(), start=1):
+    for i, p in enumerate(ppl):
+      rows.append({"scored_by": "s", "set": A.SMALL_PREFERRED, "kind": "generated",
+                   "model": model, "params": params * 1000, "step": 10 * (i + 1), "tokens": 0,
+                   "flops": 1.0 + i, "valid_ppl": 100.0 / (i + 1), "nll": np.log(p), "ppl": p,
+                   "num_tokens": 10, "num_sequences": 1})
+  return pd.DataFrame(rows, columns=A.COLUMNS)
+
+
+def test_fall_then_rise_answer_on_known_shapes():
+  yes = {"s": [50, 20, 19, 19, 19.5], "m": [50, 18, 17, 20, 22], "l": [60, 15, 14, 25, 40]}
+  ans = A.fall_then_rise_answer(A.shapes(_table(yes), A.SMALL_PREFERRED))
+  assert ans.answer and ans.rising == ("m", "l") and ans.all_fall
+  sh = A.shapes(_table(yes), A.SMALL_PREFERRED)[2]
+  assert sh.min_step == 30 and sh.min_valid_ppl == pytest.approx(100 / 3)
+  # 5 checkpoints: the first half is checkpoints 1-2, whose minimum is 14.
+  assert sh.fall == pytest.approx(1 - 14 / 60) and sh.rise == pytest.approx(40 / 14 - 1)
+  cases = {
+      "small rises": {"s": [50, 20, 30, 40, 50], "l": [60, 15, 14, 25, 40]},
+      "no rise": {"s": [50, 20, 19, 19, 19], "l": [60, 15, 14, 14, 14]},
+      "late fall only": {"s": [50, 50, 50, 20, 19], "l": [60, 15, 14, 25, 40]},
+      "middle size breaks": {"s": [50, 20, 19, 19, 19], "m": [50, 18, 17, 25, 40],
+                             "l": [60, 15, 14, 13, 12]},
+  }
+  for name, curves in cases.items():
+    ans = A.fall_then_rise_answer(A.shapes(_table(curves), A.SMALL_PREFERRED))
+    assert not ans.answer, name
+  ans = A.fall_then_rise_answer(A.shapes(_table(cases["middle size breaks"]), A.SMALL_PREFERRED))
+  assert ans.pattern_breaks == ("l",) and "**No.**" in ans.text
