@@ -72,6 +72,9 @@ def test_greedy_stops_at_eos_like_hf(pre_ln):
     assert row == (full[:full.index(eos) + 1] if eos in full else full)
 
 
+_filter = jax.jit(G.filter_top_k_top_p)   # k and p are traced: one compilation for every case
+
+
 def test_filter_matches_hf_top_k_top_p_warpers():
   rng = np.random.RandomState(0)
   scores = rng.randn(6, 50).astype(np.float32) * 2
@@ -82,7 +85,7 @@ def test_filter_matches_hf_top_k_top_p_warpers():
       ref = hf_lp.TopKLogitsWarper(k)(None, ref)
     if p < 1:
       ref = hf_lp.TopPLogitsWarper(p)(None, ref)
-    got = np.asarray(G.filter_top_k_top_p(jnp.asarray(scores), jnp.int32(k), jnp.float32(p)))
+    got = np.asarray(_filter(jnp.asarray(scores), jnp.int32(k), jnp.float32(p)))
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(ref.numpy()), err_msg=f"{k} {p}")
     np.testing.assert_array_equal(got[np.isfinite(got)], scores[np.isfinite(got)])
 
@@ -96,15 +99,13 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(pre_ln):
                       **kw) == greedy, kw
 
 
-def test_sampling_is_deterministic_by_seed_and_batching(pre_ln):
+def test_sampling_is_deterministic_by_seed(pre_ln):
   config, _, params = pre_ln
   prompts, _, _ = _prompts(config)
   kw = dict(max_new_tokens=N, sampler="sample", temperature=1.5, eos_id=None)
   a = G.generate(config, params, prompts, seed=11, **kw)
   assert a == G.generate(config, params, prompts, seed=11, **kw)
   assert a != G.generate(config, params, prompts, seed=12, **kw)
-  # The draw of a prompt depends on its index, not on the batch it was decoded in.
-  assert a == G.generate(config, params, prompts, seed=11, batch_size=1, **kw)
 
 
 @pytest.mark.parametrize("temperature,top_k", [(0.7, 0), (1.0, 5)])
@@ -133,17 +134,21 @@ def test_sampled_token_distribution_matches_softmax(pre_ln, temperature, top_k):
   assert big.sum() >= (top_k or 6)   # enough categories to mean something
 
 
-def test_compiles_once_per_bucket(pre_ln):
+def test_one_compilation_per_bucket_and_draws_independent_of_batching(pre_ln):
   config, _, params = pre_ln
-  prompts, _, _ = _prompts(config)
-  G.generate(config, params, prompts, max_new_tokens=N)
+  prompts, _, _ = _prompts(config, lengths=[9, 10, 13, 12])   # all in prompt bucket 16
+  kw = dict(max_new_tokens=N, sampler="sample", temperature=1.5, eos_id=None, seed=4)
+  whole = G.generate(config, params, prompts, **kw)   # batch bucket 4, prompt bucket 16
   before = G.num_compilations()
-  # Same batch bucket (4) and prompt bucket (16), other params, sampler, settings, eos: no compile.
+  # Same buckets, other params, sampler settings, seed and eos: no compilation.
   other = jax.tree.map(lambda x: x * 1.01, params)
-  G.generate(config, other, [[2] * 10, [2, 7], [2]], max_new_tokens=N, sampler="sample", top_k=3,
-             top_p=0.5, temperature=2.0, seed=9, eos_id=None)
+  G.generate(config, other, [[2] * 10, [2, 7], [2]], max_new_tokens=N, top_k=3, top_p=0.5,
+             temperature=2.0, seed=9, sampler="sample")
   assert G.num_compilations() == before
-  G.generate(config, params, [[2, 7], [2]], max_new_tokens=N)   # batch bucket 2: one compile
+  # Batches of 2 (a new batch bucket: one compilation) draw the same tokens for each prompt.
+  assert G.generate(config, params, prompts, batch_size=2, **kw) == whole
+  assert G.num_compilations() == before + 1
+  G.generate(config, params, [[2] * 10, [2] * 9], max_new_tokens=N)
   assert G.num_compilations() == before + 1
 
 
@@ -155,9 +160,10 @@ def test_bad_prompts_are_named(pre_ln):
     G.generate(config, params, [[]], max_new_tokens=N)
   with pytest.raises(ValueError, match=r"token id\(s\) \[500\]"):
     G.generate(config, params, [[2, 500]], max_new_tokens=N)
+  # truncate_prompts keeps the last tokens that fit (checked on the validated prompts; decoding
+  # them is the same program as any other prompt).
   long = [2] + list(range(3, 42))
-  got = G.generate(config, params, [long, [2, 5]], max_new_tokens=N, truncate_prompts=True)
-  assert got == G.generate(config, params, [long[-32:], [2, 5]], max_new_tokens=N)
+  assert G._check_prompts([long, [2, 5]], config.vocab_size, 64 - N, True) == [long[-32:], [2, 5]]
 
 
 # Joint decoding ------------------------------------------------------------------------------
