@@ -255,16 +255,15 @@ def generated_sets(suite, settings: Settings, docs: Sequence[str]) -> tuple[list
     raise ValueError(f"small and large are the same model ({small.name}); the suite needs two "
                      "sizes, or name them with small/large")
   dtype = getattr(jnp, settings.dtype)
-  loaded = {}
 
   def load(model):
-    if model.name not in loaded:
-      step, path = _final(model)
-      loaded[model.name] = (checkpoint.load_config(path), checkpoint.restore(path, dtype=dtype),
-                            load_tokenizer(path), step)
-    return loaded[model.name]
+    step, path = _final(model)
+    return (checkpoint.load_config(path), checkpoint.restore(path, dtype=dtype),
+            load_tokenizer(path), step)
 
-  (lc, lp, ltok, lstep), (sc, sp, stok, sstep) = load(large), load(small)
+  # Small and large stay in memory for the joint sets; other sizes are loaded one at a time.
+  loaded = {large.name: load(large), small.name: load(small)}
+  (lc, lp, ltok, lstep), (sc, sp, stok, sstep) = loaded[large.name], loaded[small.name]
   generation.check_joint_models([lc, sc], [ltok, stok], [large.name, small.name])
   sample = ([suite.model(n) for n in settings.sample_models] if settings.sample_models
             else by_size)
@@ -302,16 +301,18 @@ def generated_sets(suite, settings: Settings, docs: Sequence[str]) -> tuple[list
                                        fallback_model=1, tokenizers=[ltok, stok],
                                        names=[large.name, small.name], **common)
   add(A.SMALL_PREFERRED, stok, outs, st)
+  del pair, lp, sp
   for k, model in enumerate(sample):
-    config, params, tok, _ = load(model)
-    if tok.fingerprint() == ltok.fingerprint():
-      ids = prompt_ids
-    else:   # another tokenizer: its own encoding of the same prompt texts
-      ids = [p if len(p) <= max_prompt else [p[0]] + p[len(p) - max_prompt + 1:]
-             for p in tok.encode_batch(texts)]
+    config, params, tok, _ = loaded.pop(model.name, None) or load(model)
+    # Its own encoding of the prompt texts if its tokenizer differs; its own context length.
+    ids = prompt_ids if tok.fingerprint() == ltok.fingerprint() else tok.encode_batch(texts)
+    room = config.max_position_embeddings - max_new
+    ids = [p if len(p) <= room else [p[0]] + p[len(p) - room + 1:] for p in ids]
     outs = generation.generate(config, params, ids, seed=settings.seed + 2 + k, **common)
     add(f"sample_{model.name}", tok, outs)
     sets[-1].context_ids = [list(p) for p in ids]
+    del params
+  loaded.clear()
   return sets, stats
 
 
@@ -531,14 +532,14 @@ def run(suite_path: str, out_dir: str, settings: Settings, *, mesh=None, progres
 def _summary_info(suite, labels, settings: Settings, manifest: dict) -> dict[str, str]:
   gen, pert = manifest["generation"], manifest["perturbation"]
   fallback = {n: s["fallback_steps"] for n, s in gen["sets"].items() if "fallback_steps" in s}
+  source = f"file {settings.prompts}" if settings.prompts else "drawn from the corpus"
   return {
       "suite": f"{suite.name} ({', '.join(m.name for m in suite.models)}; "
                f"{len(suite)} checkpoints)",
       "scored by": ", ".join(labels),
       "generation": f"small {gen['small']}, large {gen['large']}, {gen['prompts']} prompts "
-                    f"({'file ' + settings.prompts if settings.prompts else 'drawn from the corpus'}"
-                    f"), {settings.max_new_tokens} new tokens, top-p {settings.top_p}, temperature "
-                    f"{settings.temperature}, seed {settings.seed}",
+                    f"({source}), {settings.max_new_tokens} new tokens, top-p {settings.top_p}, "
+                    f"temperature {settings.temperature}, seed {settings.seed}",
       "prompts truncated to fit the context": f"{gen['prompts_truncated']} (kept </s> and the "
                                               f"last {gen['max_prompt_tokens'] - 1} tokens)",
       "joint steps without positive mass (fell back to one model)": json.dumps(fallback),
