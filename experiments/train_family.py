@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from experiments.tasks import corpus
 from opt_jax import train
@@ -37,6 +37,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the data order and of the initi
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
+  if _FAST.value:
+    # Tiny models: compiling dominates, and LLVM's -O0 halves it (set before JAX starts).
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + train.FAST_COMPILE_XLA_FLAG)
   data = corpus.demo_training_data(os.path.join(_OUT.value, "tokenizer"),
                                   corpus_dir=_CORPUS_DIR.value, fast=_FAST.value,
                                   vocab_size=_VOCAB.value)
