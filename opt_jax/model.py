@@ -104,19 +104,54 @@ def _softmax_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
 
 
 def _blocked_causal_attention(q: Array, k: Array, v: Array, key_valid: Array, block: int) -> Array:
-  """Causal attention without a cache, skipping key blocks above the diagonal (about half the work).
+  """Causal attention without a cache, flash-style, for CPU where XLA has no fused kernel.
 
-  The query blocks are unrolled with static shapes: block i attends to keys [0, (i + 1) * block).
-  q [B, T, N, H], k/v [B, T, N, H], key_valid [B, T] -> [B, T, N, H].
+  Queries and keys in blocks of `block` positions. Each query block (unrolled) runs an online
+  softmax (running max, sum and fp32 accumulator) over the key blocks below the diagonal in a
+  fori_loop, then over its diagonal block with the causal mask. Blocks above the diagonal are
+  skipped (about half the work) and the loop keeps one [B, N, block, block] fp32 score block
+  alive at a time instead of [B, N, T, T], so scores stay in cache and peak memory stays small.
+  q [B, T, N, H] (already scaled), k/v [B, T, N, H], key_valid [B, T] -> [B, T, N, H].
   """
-  t = q.shape[1]
+  b, t, n, h = q.shape
+  nb = -(-t // block)
+  if nb * block != t:  # pad to whole blocks with invalid keys; padded queries are dropped
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, nb * block - t)] + [(0, 0)] * (x.ndim - 2))
+    q, k, v, key_valid = pad(q), pad(k), pad(v), pad(key_valid)
+  q, k, v = (jnp.einsum("BTNH->BNTH", x) for x in (q, k, v))           # heads-major blocks
+  kb = k.reshape(b, n, nb, block, h)
+  vb = v.reshape(b, n, nb, block, h)
+  valid = key_valid.reshape(b, nb, block)
+  causal = jnp.arange(block)[None, :] <= jnp.arange(block)[:, None]      # [block, block]
+
+  def update(carry, qi, j, diagonal):
+    run_max, run_sum, acc = carry
+    kj = jax.lax.dynamic_index_in_dim(kb, j, axis=2, keepdims=False)     # [B, N, block, H]
+    vj = jax.lax.dynamic_index_in_dim(vb, j, axis=2, keepdims=False)
+    visible = jax.lax.dynamic_index_in_dim(valid, j, axis=1, keepdims=False)[:, None, None, :]
+    if diagonal:
+      visible = visible & causal
+    scores = jnp.einsum("BNTH,BNSH->BNTS", qi, kj, preferred_element_type=jnp.float32)
+    scores = jnp.where(visible, scores, _MASK_VALUE)
+    new_max = jnp.maximum(run_max, scores.max(-1))
+    probs = jnp.exp(scores - new_max[..., None])
+    # exp(-inf) = 0 on the first block; a fully masked earlier block (left padding) had max -1e30
+    # and its terms vanish here as soon as a real key arrives.
+    rescale = jnp.exp(run_max - new_max)
+    pv = jnp.einsum("BNTS,BNSH->BNTH", probs.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+    return new_max, run_sum * rescale + probs.sum(-1), acc * rescale[..., None] + pv
+
   outs = []
-  for start in range(0, t, block):
-    stop = min(start + block, t)
-    slots = jnp.arange(start, stop, dtype=jnp.int32)
-    mask = attention_mask(key_valid[:, :stop], slots)
-    outs.append(_softmax_attention(q[:, start:stop], k[:, :stop], v[:, :stop], mask))
-  return jnp.concatenate(outs, axis=1)
+  for i in range(nb):
+    qi = q[:, :, i * block:(i + 1) * block]                               # [B, N, block, H]
+    carry = (jnp.full((b, n, block), -jnp.inf, jnp.float32), jnp.zeros((b, n, block), jnp.float32),
+             jnp.zeros((b, n, block, h), jnp.float32))
+    if i:
+      carry = jax.lax.fori_loop(0, i, lambda j, c, qi=qi: update(c, qi, j, False), carry)
+    _, run_sum, acc = update(carry, qi, i, True)
+    outs.append(acc / run_sum[..., None])
+  out = jnp.concatenate(outs, axis=2)                                      # [B, N, T, H]
+  return jnp.einsum("BNTH->BTNH", out)[:, :t].astype(q.dtype)
 
 
 class Attention(nn.Module):

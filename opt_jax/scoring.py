@@ -78,27 +78,36 @@ def head_logprobs(head: Array, hidden: Array, targets: Array,
   Returns (logprobs [B, T] fp32 nats, is_greedy [B, T] bool: target is the argmax, first index
   winning ties like torch/numpy argmax).
 
-  Chunk i holds the strided rows {c * n_chunks + i}: a [V, E] head split contiguously over devices
-  (vocab-parallel) reshapes to [C, n_chunks, E] with C split the same way, so each chunk's logits
-  stay split and only the [B, T] running statistics cross devices.
+  vocab_shards > 1 (a vocab-parallel head, split contiguously over that many devices): chunk i
+  holds the strided rows {r * n_chunks + i}, i.e. the head reshaped to [C, n_chunks, E] with C
+  split the same way, so each chunk's logits stay split and only the [B, T] running statistics
+  cross devices. Otherwise chunks are contiguous row ranges.
   """
   v, e = head.shape
   n_chunks, c = vocab_chunks(v, vocab_chunk, vocab_shards)
   if n_chunks * c != v:
     head = jnp.pad(head, ((0, n_chunks * c - v), (0, 0)))
-  head = head.reshape(c, n_chunks, e)                                          # [C, n, E]
   targets = targets.astype(jnp.int32)
-  t_chunk, t_row = targets % n_chunks, targets // n_chunks                     # [B, T]
-  row_ids = jnp.arange(c, dtype=jnp.int32) * n_chunks                          # [C]
   shape = targets.shape
+  if vocab_shards > 1:
+    # Strided chunks: chunk i holds rows {r * n_chunks + i}, split over devices like the head.
+    strided = head.reshape(c, n_chunks, e)                                   # [C, n, E]
+    chunk_rows = lambda i: jax.lax.dynamic_index_in_dim(strided, i, axis=1, keepdims=False)
+    chunk_ids = lambda i: jnp.arange(c, dtype=jnp.int32) * n_chunks + i
+    t_chunk, t_row = targets % n_chunks, targets // n_chunks                 # [B, T]
+  else:
+    # Contiguous chunks (rows [i * C, (i + 1) * C)): about 10% faster on one CPU device.
+    chunk_rows = lambda i: jax.lax.dynamic_slice_in_dim(head, i * c, c, axis=0)
+    chunk_ids = lambda i: jnp.arange(c, dtype=jnp.int32) + i * c
+    t_chunk, t_row = targets // c, targets % c
 
   def body(i, carry):
     run_max, run_sum, target_logit, best, best_id = carry
-    w = jax.lax.dynamic_index_in_dim(head, i, axis=1, keepdims=False)           # [C, E]
+    w = chunk_rows(i)                                                          # [C, E]
     logits = jnp.einsum("BTE,CE->BTC", hidden, w.astype(hidden.dtype),
                         preferred_element_type=jnp.float32)                    # [B, T, C] fp32
     logits = nn.with_logical_constraint(logits, ("batch", "act_length", "act_vocab"))
-    ids = row_ids + i                                                          # [C] vocab ids
+    ids = chunk_ids(i)                                                         # [C] vocab ids
     if n_chunks * c != v:
       logits = jnp.where(ids < v, logits, -jnp.inf)
     chunk_max = logits.max(-1)
@@ -107,7 +116,7 @@ def head_logprobs(head: Array, hidden: Array, targets: Array,
                + jnp.exp(logits - new_max[..., None]).sum(-1))
     here = jnp.take_along_axis(logits, t_row[..., None], axis=-1)[..., 0]
     target_logit = jnp.where(t_chunk == i, here, target_logit)
-    chunk_id = jnp.argmax(logits, axis=-1).astype(jnp.int32) * n_chunks + i
+    chunk_id = ids[jnp.argmax(logits, axis=-1)]
     better = (chunk_max > best) | ((chunk_max == best) & (chunk_id < best_id))
     return (new_max, run_sum, target_logit, jnp.where(better, chunk_max, best),
             jnp.where(better, chunk_id, best_id))

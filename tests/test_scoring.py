@@ -66,9 +66,10 @@ def _requests(config, hf, seed=0):
 
 @functools.lru_cache(maxsize=None)
 def _token_logprobs_fn(config):
-  # vocab_chunk=32 does not divide V=101: padded chunks and several loop steps are exercised.
+  # vocab_chunk=32 does not divide V=101: padded chunks and several loop steps are exercised;
+  # attention_block=10 does not divide T=24: padded attention blocks too.
   return jax.jit(functools.partial(S.token_logprobs, config=config, vocab_chunk=32,
-                                   attention="blocked", attention_block=8))
+                                   attention="blocked", attention_block=10))
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -119,6 +120,23 @@ def test_vocab_chunks_prefer_exact_splits():
   assert S.vocab_chunks(50272, 8192, shards=8) == (4, 12568)
   n, c = S.vocab_chunks(101, 32)
   assert n * c >= 101 and c <= 64
+
+
+@pytest.mark.parametrize("vocab, chunk, shards", [(101, 32, 1), (101, 32, 4), (96, 16, 4),
+                                                  (96, 200, 1)])
+def test_head_logprobs_equal_log_softmax(vocab, chunk, shards):
+  rng = np.random.RandomState(0)
+  head = rng.randn(vocab, 8).astype(np.float32)
+  hidden = rng.randn(2, 5, 8).astype(np.float32)
+  logits = hidden.astype(np.float64) @ head.T.astype(np.float64)
+  targets = rng.randint(0, vocab, (2, 5))
+  targets[0, :2] = logits[0, :2].argmax(-1)
+  lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  want = np.take_along_axis(logits, targets[..., None], -1)[..., 0] - lse
+  lp, greedy = S.head_logprobs(jnp.asarray(head), jnp.asarray(hidden), jnp.asarray(targets),
+                               vocab_chunk=chunk, vocab_shards=shards)
+  np.testing.assert_allclose(np.asarray(lp), want, atol=1e-4, rtol=0)
+  np.testing.assert_array_equal(np.asarray(greedy), logits.argmax(-1) == targets)
 
 
 # Requests --------------------------------------------------------------------------------------
