@@ -21,6 +21,15 @@ Conventions
     u = uniform(fold_in(fold_in(key(seed), prompt_index), step)). The draw for a prompt therefore
     depends on the seed and on its index in `prompts`, not on how prompts were batched.
 
+Meshes (`mesh=`, from opt_jax.sharding.make_mesh): the decoding program is jitted with in/out
+shardings: parameters laid out by the rules table (sharding.shard_params; params restored straight
+into that layout are used as they are), prompt rows over the batch axes (data x fsdp; batch
+buckets are rounded up to a multiple of that split), each KV cache with sharding.cache_shardings
+(heads over `model`), tracing under sharding.activate. Divisibility is checked before anything is
+placed or compiled. Every process of a multi-process run must make the same call with the same
+arguments; each gets the whole result. The tokens are those of the single-device run up to float
+rounding (tensor-parallel sums add in another order), which decides a token only at a near tie.
+
 Joint decoding (`joint_generate`): with per-model probabilities p_i = softmax(logits_i / T),
 the next-token distribution is q = max(sum_i w_i p_i, 0) / Z. Weights may be negative
 (p_large - p_small, the contrastive sets of Xia et al.). If Z <= FALLBACK_MASS * sum_i |w_i| (the
@@ -43,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from opt_jax import model as M
+from opt_jax import sharding
 from opt_jax.config import OPTConfig
 
 Array = jax.Array
@@ -63,9 +73,32 @@ class _Spec:
   joint: bool
   dtype: str
   attention: str
+  mesh: Any = None   # jax.sharding.Mesh or None (one device)
 
 
 # Samplers ------------------------------------------------------------------------------------
+
+def _order_keys(scores: Array) -> Array:
+  """scores [B, V] fp32 (no NaN) -> int32 keys [B, V] in the same order (-0.0 and 0.0 equal)."""
+  bits = jax.lax.bitcast_convert_type(jnp.where(scores == 0, 0.0, scores), jnp.int32)
+  return bits ^ ((bits >> 31) & 0x7FFFFFFF)   # negative floats: flip the magnitude bits
+
+
+def _threshold_key(keys: Array, weights: Array, limit: Array) -> Array:
+  """keys [B, V] int32, weights [B, V] >= 0 -> [B] the smallest key x among each row's keys with
+  sum(weights where keys > x) < limit (limit > 0, so the row's largest key qualifies).
+
+  The sum only falls as x grows, so x is found by halving [min key, max key]: 32 masked sums
+  over [B, V] instead of a sort of the vocabulary (which on CPU costs ~20x as much).
+  """
+  def halve(_, bounds):
+    lo, hi = bounds                                   # the answer lies in [lo, hi]
+    mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)       # floor((lo + hi) / 2) without overflow
+    fits = jnp.sum(jnp.where(keys > mid[:, None], weights, 0), axis=-1) < limit
+    return jnp.where(fits, lo, mid + 1), jnp.where(fits, mid, hi)
+
+  return jax.lax.fori_loop(0, 32, halve, (keys.min(axis=-1), keys.max(axis=-1)))[1]
+
 
 def filter_top_k_top_p(scores: Array, top_k: Array, top_p: Array) -> Array:
   """scores [B, V] fp32 (logits or log-probs, -inf allowed) -> same with filtered tokens at -inf.
@@ -73,22 +106,24 @@ def filter_top_k_top_p(scores: Array, top_k: Array, top_p: Array) -> Array:
   top_k [] int (0: off) keeps tokens whose score is >= the k-th largest (ties kept, like HF);
   then top_p [] float (1: off) keeps the smallest set of highest-scoring tokens whose probability
   (softmax of the top-k survivors) reaches top_p: a token is kept iff the mass strictly above it
-  is < top_p, so the best token is always kept. Skipped entirely (no sort) when both are off.
+  is < top_p, so the best token is always kept. Each filter is skipped when off.
+
+  No sort: the k-th largest score is the smallest score with fewer than k scores above it, and
+  the top-p cut is the smallest score with less than top_p of the mass above it; both are found
+  by bisection over the scores' bit patterns (`_threshold_key`).
   """
-  v = scores.shape[-1]
+  def apply_top_k(s):
+    keys = _order_keys(s)
+    kth = _threshold_key(keys, jnp.ones_like(keys), jnp.minimum(top_k, s.shape[-1]))
+    return jnp.where(keys >= kth[:, None], s, -jnp.inf)
 
-  def apply(s):
-    desc = jnp.sort(s, axis=-1)[:, ::-1]                                       # [B, V]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-    kth = jax.lax.dynamic_slice_in_dim(desc, k - 1, 1, axis=1)               # [B, 1]
-    desc = jnp.where(desc >= kth, desc, -jnp.inf)
-    probs = jax.nn.softmax(desc, axis=-1)
-    above = jnp.cumsum(probs, axis=-1) - probs                                # mass above each
-    n_keep = jnp.maximum(jnp.sum(above < top_p, axis=-1), 1)                  # [B]
-    pth = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=1)            # [B, 1]
-    return jnp.where((s >= kth) & (s >= pth), s, -jnp.inf)
+  def apply_top_p(s):
+    keys = _order_keys(s)
+    pth = _threshold_key(keys, jax.nn.softmax(s, axis=-1), top_p)
+    return jnp.where(keys >= pth[:, None], s, -jnp.inf)
 
-  return jax.lax.cond((top_k > 0) | (top_p < 1.0), apply, lambda s: s, scores)
+  scores = jax.lax.cond(top_k > 0, apply_top_k, lambda s: s, scores)
+  return jax.lax.cond(top_p < 1.0, apply_top_p, lambda s: s, scores)
 
 
 def sample_inverse_cdf(scores: Array, u: Array) -> Array:
@@ -131,11 +166,12 @@ def mixture_log_probs(logits: Sequence[Array], weights: Array, temperature: Arra
 
 # The decoding program -------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("spec",))
-def _decode(params: tuple, ids: Array, mask: Array, rows: Array, done: Array, weights: Array,
-            fallback_model: Array, greedy: Array, eos_id: Array, pad_id: Array, seed: Array,
-            temperature: Array, top_k: Array, top_p: Array, *, spec: _Spec):
-  """ids/mask [B, T] left-padded prompts; rows [B] prompt indices; done [B] (filler rows).
+def _decode(spec: _Spec, params: tuple, ids: Array, mask: Array, rows: Array, done: Array,
+            weights: Array, fallback_model: Array, greedy: Array, eos_id: Array, pad_id: Array,
+            seed: Array, temperature: Array, top_k: Array, top_p: Array):
+  """The whole decoding of one batch (jitted by `_decoder`, spec static).
+
+  ids/mask [B, T] left-padded prompts; rows [B] prompt indices; done [B] (filler rows).
 
   weights [M] f32; fallback_model [] int32; greedy [] bool; eos_id (-1: none), pad_id, seed,
   top_k [] int32; temperature, top_p [] f32. All are traced: changing them does not recompile.
@@ -172,6 +208,9 @@ def _decode(params: tuple, ids: Array, mask: Array, rows: Array, done: Array, we
     return jnp.where(done, pad_id, tok), fell & ~done
 
   caches = tuple(M.init_cache(c, b, t + n, dtype) for c in spec.configs)
+  if spec.mesh is not None:   # heads over `model`, rows over `data`, as the rules lay them out
+    caches = tuple(jax.lax.with_sharding_constraint(c, sharding.cache_shardings(spec.mesh))
+                   for c in caches)
   logits, caches = forward(ids, mask, caches)
   tok, fell = choose(logits, jnp.int32(0), done)
   tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
@@ -197,6 +236,24 @@ def _decode(params: tuple, ids: Array, mask: Array, rows: Array, done: Array, we
   state = (jnp.int32(1), tok, done, tokens, lengths, fallback, caches)
   _, _, _, tokens, lengths, fallback, _ = jax.lax.while_loop(cond, body, state)
   return tokens, lengths, fallback
+
+
+_NUM_KNOBS = 9   # the scalar arguments of _decode after `done`
+
+
+@functools.lru_cache(maxsize=None)
+def _decoder(mesh, configs: tuple[OPTConfig, ...]):
+  """The jitted `_decode`: plain for one device; on a mesh with the layouts of its arguments and
+  results pinned (params by the rules table, rows over the batch axes, knobs replicated)."""
+  if mesh is None:
+    return jax.jit(_decode, static_argnums=0)
+  batch = sharding.batch_sharding(mesh)                            # [B, T]
+  rows = sharding.named_sharding(mesh, ("batch",))                 # [B]
+  params = tuple(sharding.param_shardings(c, mesh) for c in configs)
+  return jax.jit(_decode, static_argnums=0,
+                 in_shardings=(params, batch, batch, rows, rows)
+                 + (sharding.replicated(mesh),) * _NUM_KNOBS,
+                 out_shardings=(batch, rows, rows))
 
 
 # Host side: validation, bucketing, batching ---------------------------------------------------
@@ -232,7 +289,8 @@ def _check_prompts(prompts, vocab_size: int, max_len: int, truncate: bool) -> li
 def _run(configs: tuple[OPTConfig, ...], params: tuple, prompts, weights: np.ndarray, *,
          max_new_tokens: int, sampler: str, temperature: float, top_k: int, top_p: float,
          eos_id: int | None, pad_id: int | None, seed: int, dtype, batch_size: int,
-         truncate_prompts: bool, attention: str, joint: bool, fallback_model: int = 0):
+         truncate_prompts: bool, attention: str, joint: bool, fallback_model: int = 0,
+         mesh=None):
   """Shared driver of generate / joint_generate -> (list of new-token lists, fallback counts)."""
   if sampler not in ("greedy", "sample"):
     raise ValueError(f"sampler={sampler!r}: expected 'greedy' or 'sample'")
@@ -247,20 +305,40 @@ def _run(configs: tuple[OPTConfig, ...], params: tuple, prompts, weights: np.nda
   max_pos = min(c.max_position_embeddings for c in configs)
   prompts = _check_prompts(prompts, configs[0].vocab_size, max_pos - max_new_tokens,
                            truncate_prompts)
+  for c in configs:   # before anything is placed or compiled
+    sharding.check_divisible(c, mesh)
   pad = configs[0].pad_token_id if pad_id is None else pad_id
-  spec = _Spec(configs, max_new_tokens, joint, jnp.dtype(dtype).name, attention)
+  spec = _Spec(configs, max_new_tokens, joint, jnp.dtype(dtype).name, attention, mesh)
   greedy = sampler == "greedy"
+  decode = _decoder(mesh, configs)
+  # Batch buckets are multiples of the batch split (data x fsdp), filled with filler rows.
+  split = sharding.num_shards(mesh, "batch")
 
   order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
   results: list[list[int]] = [[] for _ in prompts]
   fallbacks = np.zeros(len(prompts), np.int64)
-  knobs = (jnp.asarray(weights, jnp.float32), jnp.int32(fallback_model), jnp.bool_(greedy),
-           jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad), jnp.int32(seed),
-           jnp.float32(temperature), jnp.int32(0 if greedy else top_k),
-           jnp.float32(1.0 if greedy else top_p))
+  knobs = (np.asarray(weights, np.float32), np.int32(fallback_model), np.bool_(greedy),
+           np.int32(-1 if eos_id is None else eos_id), np.int32(pad), np.int32(seed),
+           np.float32(temperature), np.int32(0 if greedy else top_k),
+           np.float32(1.0 if greedy else top_p))
+  assert len(knobs) == _NUM_KNOBS
+  if mesh is None:
+    put_rows = put_knob = jnp.asarray
+    fetch = jax.device_get
+    params = jax.device_put(params)
+  else:
+    # Every process runs this same loop on identical host values: `put` hands each process its
+    # own devices' slices, `to_host` gives every process the whole result. Params already laid
+    # out by the rules (e.g. restored with param_shardings) are used as they are.
+    row_layouts = {2: sharding.batch_sharding(mesh), 1: sharding.named_sharding(mesh, ("batch",))}
+    put_rows = lambda x: sharding.put(x, row_layouts[x.ndim])
+    put_knob = lambda x: sharding.put(x, sharding.replicated(mesh))
+    fetch = lambda xs: tuple(sharding.to_host(x) for x in xs)
+    params = tuple(sharding.shard_params(p, c, mesh) for c, p in zip(configs, params))
+  knobs = tuple(put_knob(k) for k in knobs)
   for start in range(0, len(order), batch_size):
     chunk = order[start:start + batch_size]
-    b = _bucket(len(chunk), 1)
+    b = -(-_bucket(len(chunk), 1) // split) * split
     t = min(_bucket(max(len(prompts[i]) for i in chunk), 8), max_pos - max_new_tokens)
     ids = np.full((b, t), pad, np.int32)
     mask = np.zeros((b, t), np.int32)
@@ -270,9 +348,9 @@ def _run(configs: tuple[OPTConfig, ...], params: tuple, prompts, weights: np.nda
       p = prompts[i]
       ids[r, t - len(p):], mask[r, t - len(p):], rows[r], done[r] = p, 1, i, False
     ids[len(chunk):, -1], mask[len(chunk):, -1] = configs[0].bos_token_id, 1     # filler rows
-    tokens, lengths, fell = jax.device_get(_decode(
-        params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(rows), jnp.asarray(done),
-        *knobs, spec=spec))
+    with sharding.activate(mesh):   # traced under the mesh: the model's rules apply
+      out = decode(spec, params, *(put_rows(x) for x in (ids, mask, rows, done)), *knobs)
+    tokens, lengths, fell = fetch(out)
     for r, i in enumerate(chunk):
       results[i] = tokens[r, :lengths[r]].tolist()
       fallbacks[i] = fell[r]
@@ -282,18 +360,20 @@ def _run(configs: tuple[OPTConfig, ...], params: tuple, prompts, weights: np.nda
 def generate(config: OPTConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampler: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_id: int | None = 2, pad_id: int | None = None, seed: int = 0, dtype=jnp.float32,
-             batch_size: int = 32, truncate_prompts: bool = False, attention: str = "xla"
-             ) -> list[list[int]]:
+             batch_size: int = 32, truncate_prompts: bool = False, attention: str = "xla",
+             mesh=None) -> list[list[int]]:
   """Decode up to max_new_tokens after each prompt; returns the new tokens only, eos included.
 
   sampler: "greedy" (argmax of the logits; temperature/top-k/top-p ignored) or "sample"
   (temperature, then top-k (0: off), then top-p (1: off), then a seeded draw). eos_id=None never
   stops early. pad_id defaults to config.pad_token_id. See the module docstring for conventions.
+  mesh: optional opt_jax.sharding mesh (module docstring, "Meshes"); the same tokens as without.
   """
   results, _ = _run((config,), (params,), prompts, np.ones(1), max_new_tokens=max_new_tokens,
                     sampler=sampler, temperature=temperature, top_k=top_k, top_p=top_p,
                     eos_id=eos_id, pad_id=pad_id, seed=seed, dtype=dtype, batch_size=batch_size,
-                    truncate_prompts=truncate_prompts, attention=attention, joint=False)
+                    truncate_prompts=truncate_prompts, attention=attention, joint=False,
+                    mesh=mesh)
   return results
 
 
@@ -327,7 +407,8 @@ def joint_generate(models: Sequence[tuple[OPTConfig, Any]], weights: Sequence[fl
                    seed: int = 0, dtype=jnp.float32, batch_size: int = 32,
                    truncate_prompts: bool = False, attention: str = "xla",
                    tokenizers: Sequence[Any] | None = None, names: Sequence[str] | None = None,
-                   fallback_model: int = 0) -> tuple[list[list[int]], dict[str, Any]]:
+                   fallback_model: int = 0, mesh=None
+                   ) -> tuple[list[list[int]], dict[str, Any]]:
   """Decode from q = max(sum_i w_i softmax(logits_i / T), 0) / Z (module docstring).
 
   models: (config, params) per model, each with its own KV cache in one jitted step.
@@ -336,6 +417,7 @@ def joint_generate(models: Sequence[tuple[OPTConfig, Any]], weights: Sequence[fl
   fallback_model: index of the model whose distribution is used at a step without positive mass
   (default 0; p_small - p_large with the models ordered (large, small) and weights (-1, 1) runs
   the same compiled program as p_large - p_small, with fallback_model=1).
+  mesh: optional opt_jax.sharding mesh, as in `generate`; every model is sharded on it.
   Returns (new tokens per prompt, stats) with stats = {"fallback_steps": total steps that used
   model 1's distribution, "fallback_steps_per_prompt": list[int], "generated_tokens": int,
   "weights": list[float]}.
@@ -351,7 +433,7 @@ def joint_generate(models: Sequence[tuple[OPTConfig, Any]], weights: Sequence[fl
       max_new_tokens=max_new_tokens, sampler=sampler, temperature=temperature, top_k=top_k,
       top_p=top_p, eos_id=eos_id, pad_id=pad_id, seed=seed, dtype=dtype, batch_size=batch_size,
       truncate_prompts=truncate_prompts, attention=attention, joint=True,
-      fallback_model=fallback_model)
+      fallback_model=fallback_model, mesh=mesh)
   stats = {"fallback_steps": int(fallbacks.sum()),
            "fallback_steps_per_prompt": fallbacks.tolist(),
            "generated_tokens": int(sum(len(r) for r in results)),

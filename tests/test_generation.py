@@ -1,7 +1,20 @@
 """Decoding: greedy parity with HF generate, samplers against HF's warpers and the math, joint
-decoding against a full-forward (no cache) reference written here."""
+decoding against a full-forward (no cache) reference written here, and decoding on device meshes
+against the single-device run.
+
+The mesh runs happen in subprocesses (tests/_generation_mesh_child.py; the device count is fixed
+when JAX starts): one with 8 simulated CPU devices, and two processes of 2 devices joined by
+jax.distributed. They start in the background when this module's first test runs, so they use the
+second core while the in-process tests run; the mesh tests at the end collect their results.
+"""
 
 import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +27,10 @@ from transformers.generation import logits_process as hf_lp
 from opt_jax import generation as G
 from opt_jax import model as M
 import oracle
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MESH_CHILD = os.path.join(HERE, "_generation_mesh_child.py")
+import _generation_mesh_child as mesh_child  # noqa: E402  (meshes, cases and sizes it runs)
 
 PROMPT_LENGTHS = [9, 4, 13]   # 3 prompts: batch bucket 4 with one filler row, prompt bucket 16
 N = 32                        # most tests share the program of (4, 16, N) per config
@@ -285,3 +302,137 @@ def test_joint_rejects_different_tokenizers_and_vocab(two_models):
                      max_new_tokens=NJ)
   G.joint_generate(two_models, (1, -1), prompts, max_new_tokens=NJ,
                    tokenizers=[_Tok("a"), _Tok("a")])
+
+
+# Meshes (subprocesses) -----------------------------------------------------------------------
+
+def _child_env():
+  root = os.path.dirname(HERE)
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env.pop("XLA_FLAGS", None)   # the child sets its own device count
+  return env
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+class _MeshRuns:
+  """The 8-device child and the 2-process run, started together in the background (output to
+  log files, so a chatty child never blocks on a full pipe)."""
+
+  def __init__(self, directory):
+    self.dir = str(directory)
+    self.devices8 = self._start("devices8", os.path.join(self.dir, "devices8.json"))
+    self._start_multihost()
+    self._results = {}
+
+  def _start(self, *args):
+    log = open(os.path.join(self.dir, "_".join(a for a in args if "/" not in a) + ".log"), "w")
+    with log:
+      proc = subprocess.Popen([sys.executable, MESH_CHILD, *args], env=_child_env(), stdout=log,
+                              stderr=subprocess.STDOUT)
+    proc.log_path = log.name
+    return proc
+
+  def _start_multihost(self):
+    port = str(_free_port())
+    self.multihost = [self._start("multihost", os.path.join(self.dir, "multihost.json"),
+                                  "--port", port, "--process_id", str(i)) for i in range(2)]
+
+  @staticmethod
+  def _wait(procs, deadline) -> tuple[bool, str]:
+    ok, logs = True, []
+    for p in procs:
+      try:
+        p.wait(timeout=max(1.0, deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        for q in procs:
+          q.kill()
+        p.wait()
+        ok = False
+      ok = ok and p.returncode == 0
+      with open(p.log_path) as f:
+        logs.append(f.read()[-4000:])
+    return ok, "\n".join(f"--- process {i} ---\n{l}" for i, l in enumerate(logs))
+
+  def devices8_result(self) -> dict:
+    if "devices8" not in self._results:
+      ok, log = self._wait([self.devices8], time.monotonic() + 900)
+      if not ok:
+        pytest.fail(f"8-device child failed:\n{log}")
+      with open(os.path.join(self.dir, "devices8.json")) as f:
+        self._results["devices8"] = json.load(f)
+    return self._results["devices8"]
+
+  def multihost_result(self) -> list[dict]:
+    if "multihost" not in self._results:
+      ok, log = self._wait(self.multihost, time.monotonic() + 600)
+      if not ok:   # a port taken between _free_port and bind is the one flaky part: retry once
+        print(log)
+        self._start_multihost()
+        ok, log = self._wait(self.multihost, time.monotonic() + 600)
+      assert ok, log
+      out = []
+      for i in range(2):
+        with open(os.path.join(self.dir, f"multihost.json.{i}")) as f:
+          out.append(json.load(f))
+      self._results["multihost"] = out
+    return self._results["multihost"]
+
+  def close(self):
+    for p in [self.devices8, *self.multihost]:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mesh_runs(request, tmp_path_factory):
+  """Starts the mesh children with the module's first test, if any mesh test is selected."""
+  selected = any(item.module is request.module and "mesh" in item.name
+                 for item in request.session.items)
+  runs = _MeshRuns(tmp_path_factory.mktemp("mesh")) if selected else None
+  yield runs
+  if runs is not None:
+    runs.close()
+
+
+@pytest.mark.parametrize("spec", mesh_child.MESHES)
+def test_mesh_greedy_and_nucleus_equal_single_device_with_one_program(mesh_runs, spec):
+  result = mesh_runs.devices8_result()
+  single, got = result["single"], result["meshes"][spec]
+  n = len(mesh_child.LENGTHS)
+  assert len(single["greedy"]) == n and all(len(r) == mesh_child.N for r in single["greedy"])
+  assert single["nucleus"] != single["greedy"]   # sampling really draws
+  assert got["greedy"] == single["greedy"]
+  assert got["nucleus"] == single["nucleus"]
+  assert got["compilations"] == 1                # greedy and nucleus share the sharded program
+
+
+def test_mesh_joint_decoding_equals_single_device(mesh_runs):
+  joint = mesh_runs.devices8_result()["joint"]
+  single, sharded = joint["single"], joint[mesh_child.JOINT_MESH]
+  assert len(single["tokens"]) == len(mesh_child.LENGTHS)
+  assert sharded == single
+
+
+def test_mesh_takes_params_already_laid_out_on_it(mesh_runs):
+  result = mesh_runs.devices8_result()
+  assert result["presharded"] == result["single"]["nucleus"]
+
+
+def test_mesh_that_cannot_split_the_model_fails_before_compiling(mesh_runs):
+  result = mesh_runs.devices8_result()
+  msg = result["bad_mesh_error"]
+  assert msg is not None and "num_attention_heads=4" in msg and "model mesh axis (8)" in msg
+  assert result["bad_mesh_compilations"] == 0
+
+
+def test_mesh_over_two_processes_decodes_like_one_device(mesh_runs):
+  single = mesh_runs.devices8_result()["single"]
+  for process in mesh_runs.multihost_result():   # every process gets the whole result
+    assert {name: process[name] for name in mesh_child.CASES} == single
