@@ -29,7 +29,6 @@ Conventions (lm-evaluation-harness, `lm_eval/api/model.py` and `lm_eval/utils.py
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any

@@ -1,0 +1,290 @@
+r"""token_logprobs vs HF PyTorch on CPU: tokens/s, peak memory and model FLOP utilisation.
+
+  python benchmarks/scoring_cpu.py                       # OPT-125M shapes, 4x512 and 1x2048
+  python benchmarks/scoring_cpu.py --variants=xla,blocked:256,blocked:512 --reps=7
+
+Both sides use the same random OPT-125M-shaped fp32 weights (written once as an HF safetensors
+checkpoint; HF loads it with from_pretrained, opt_jax converts it with hf_keys). Each side runs
+in its own long-lived worker process, so peak memories never mix; the parent sends the workers
+one forward pass at a time, interleaved (hf, jax, hf, jax, ...), so load from other processes on
+a shared machine hits both sides alike; tokens/s ratios are medians over the repetitions.
+
+HF side: model(ids).logits -> log_softmax -> gather of the target (what lm-eval does), under
+torch.inference_mode with HF's default attention (sdpa). opt_jax side: jitted
+opt_jax.scoring.token_logprobs (chunked logsumexp, no [B, T, V] array).
+Memory: the worker's peak RSS (VmHWM, reset just before the measured pass through
+/proc/self/clear_refs) during one pass, and that peak minus the RSS once the weights are loaded
+("working memory"), in a fresh worker per side and shape after one warm-up pass. MFU: model
+FLOPs (OPTConfig.flops_per_token, full T x T attention) per second over the fp32 matmul peak
+(the better of jnp.dot and torch.matmul on a 2048^2 square matrix), measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MARK = "@@"  # prefix of protocol lines on a worker's stdout (libraries may print other lines)
+
+
+def _config(layers: int):
+  from opt_jax.config import PRESETS
+  return PRESETS["125m"].replace(num_hidden_layers=layers)
+
+
+# Workers --------------------------------------------------------------------------------------
+
+def _rss_kib(field: str) -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1])
+  raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")   # resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+def _hf_worker(weights: str):
+  import torch
+  import transformers
+  model = transformers.OPTForCausalLM.from_pretrained(weights, dtype=torch.float32).eval()
+  info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+          "attention": model.config._attn_implementation}
+
+  def run(ids):
+    with torch.inference_mode():
+      t = torch.from_numpy(ids)
+      logits = model(t).logits                                         # [B, T, V] fp32
+      lp = torch.log_softmax(logits, -1)[:, :-1]
+      return lp.gather(-1, t[:, 1:, None])[..., 0]
+
+  def matmul(n):
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    return lambda: a @ b
+
+  return info, run, matmul
+
+
+def _jax_worker(weights: str, variant: str, layers: int):
+  import functools
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from safetensors.numpy import load_file
+  from opt_jax import scoring
+  from opt_jax.convert import hf_keys
+
+  config = _config(layers)
+  sd = load_file(os.path.join(weights, "model.safetensors"))
+  params = jax.device_put(hf_keys.params_from_hf(lambda k: sd["model.decoder." + k], config))
+  del sd
+  attention, block, chunk = (variant.split(":") + ["", ""])[:3]
+  fn = jax.jit(functools.partial(scoring.token_logprobs, config=config, attention=attention,
+                                 attention_block=int(block or 256),
+                                 vocab_chunk=int(chunk or scoring.DEFAULT_VOCAB_CHUNK)))
+  info = {"jax": jax.__version__, "attention": variant}
+
+  def run(ids):
+    ids = jnp.asarray(ids)
+    return jax.block_until_ready(fn(params, ids, jnp.ones_like(ids)))
+
+  def matmul(n):
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, a).block_until_ready()
+    return lambda: dot(a, a).block_until_ready()
+
+  return info, run, matmul
+
+
+def worker_main(kind: str, weights: str, variant: str, layers: int) -> None:
+  import numpy as np
+  if kind == "hf":
+    info, run, matmul = _hf_worker(weights)
+  else:
+    info, run, matmul = _jax_worker(weights, variant, layers)
+  vocab = _config(layers).vocab_size
+  reply = lambda obj: print(MARK + json.dumps(obj), flush=True)
+  reply({"ready": True, "rss_kib": _rss_kib("VmRSS"), **info})
+  for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["cmd"] == "quit":
+      return
+    if cmd["cmd"] == "matmul":
+      f = matmul(cmd["n"])
+      t0 = time.perf_counter()
+      f()
+      reply({"seconds": time.perf_counter() - t0})
+      continue
+    ids = np.random.RandomState(0).randint(3, vocab, (cmd["batch"], cmd["length"])).astype(np.int64)
+    ids[:, 0] = 2
+    if kind != "hf":
+      ids = ids.astype(np.int32)
+    _reset_peak()
+    t0 = time.perf_counter()
+    run(ids)
+    seconds = time.perf_counter() - t0
+    reply({"seconds": seconds, "peak_kib": _rss_kib("VmHWM")})
+
+
+class Worker:
+  def __init__(self, name: str, args: list[str]):
+    self.name, self.args = name, args
+    self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *args],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    self.info = self._read()
+
+  def _read(self) -> dict:
+    for line in self.proc.stdout:
+      if line.startswith(MARK):
+        return json.loads(line[len(MARK):])
+    raise RuntimeError(f"worker {self.name} exited with {self.proc.wait()}")
+
+  def ask(self, **cmd) -> dict:
+    self.proc.stdin.write(json.dumps(cmd) + "\n")
+    self.proc.stdin.flush()
+    return self._read()
+
+  def close(self):
+    try:
+      self.proc.stdin.write('{"cmd": "quit"}\n')
+      self.proc.stdin.close()
+    except BrokenPipeError:
+      pass
+    self.proc.wait()
+
+
+# Parent ---------------------------------------------------------------------------------------
+
+def write_weights(directory: str, layers: int, seed: int = 0) -> None:
+  """Random OPT-125M-shaped fp32 weights (normal(0.02), unit LN scales) as an HF checkpoint."""
+  import numpy as np
+  from safetensors.numpy import save_file
+  from opt_jax.convert import hf_keys
+  config = _config(layers)
+  rng = np.random.default_rng(seed)
+  tensors = {}
+  for name, shape in hf_keys.expected_shapes(config).items():
+    if "layer_norm" in name and name.endswith("weight"):
+      value = np.ones(shape, np.float32)
+    elif name.endswith("bias"):
+      value = np.zeros(shape, np.float32)
+    else:
+      value = 0.02 * rng.standard_normal(shape, np.float32)
+    tensors["model.decoder." + name] = value
+  save_file(tensors, os.path.join(directory, "model.safetensors"))
+  config.to_json_file(os.path.join(directory, "config.json"))
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--shapes", default="4x512,1x2048", help="BxT,BxT,...")
+  p.add_argument("--variants", default="blocked:256",
+                 help="opt_jax variants, comma separated: ATTENTION[:BLOCK[:VOCAB_CHUNK]], "
+                      "e.g. xla, blocked:256, blocked:256:4096")
+  p.add_argument("--reps", type=int, default=5, help="timed passes per shape and side")
+  p.add_argument("--layers", type=int, default=12, help="decoder layers (12 = OPT-125M)")
+  p.add_argument("--matmul_n", type=int, default=2048, help="side of the square peak matmul")
+  p.add_argument("--json", default=None, help="also write the results here")
+  p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+  p.add_argument("--weights", default=None, help=argparse.SUPPRESS)
+  args = p.parse_args()
+  if args.worker:
+    kind, _, variant = args.worker.partition("=")
+    worker_main(kind, args.weights, variant, args.layers)
+    return
+
+  shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+  variants = args.variants.split(",")
+  config = _config(args.layers)
+  results: dict = {"shapes": {}, "machine": {"cpus": os.cpu_count(),
+                                             "loadavg_start": os.getloadavg()}}
+  with tempfile.TemporaryDirectory() as weights:
+    write_weights(weights, args.layers)
+    common = [f"--weights={weights}", f"--layers={args.layers}"]
+    workers = [Worker("hf", ["--worker=hf", *common])]
+    workers += [Worker(f"jax:{v}", [f"--worker=jax={v}", *common]) for v in variants]
+    try:
+      results["workers"] = {w.name: w.info for w in workers}
+      # Matmul peak of each framework, interleaved; the best median is "the machine's peak".
+      mm = {w.name: [] for w in workers if w.name in ("hf", f"jax:{variants[0]}")}
+      for _ in range(args.reps):
+        for w in workers:
+          if w.name in mm:
+            mm[w.name].append(w.ask(cmd="matmul", n=args.matmul_n)["seconds"])
+      flops = 2 * args.matmul_n ** 3
+      peak = {k: flops / statistics.median(v) for k, v in mm.items()}
+      results["matmul_peak_gflops"] = {k: v / 1e9 for k, v in peak.items()}
+      machine_peak = max(peak.values())
+      for b, t in shapes:
+        for w in workers:  # warm-up: compilation, allocator, caches
+          w.ask(cmd="run", batch=b, length=t)
+        times = {w.name: [] for w in workers}
+        for _ in range(args.reps):
+          for w in workers:
+            times[w.name].append(w.ask(cmd="run", batch=b, length=t)["seconds"])
+        # Memory: a fresh worker per side and shape (allocators keep freed memory, so peaks of
+        # earlier shapes would leak into later ones): one warm-up pass, then the measured one.
+        mem = {}
+        for w in workers:
+          fresh = Worker(w.name, w.args)
+          try:
+            fresh.ask(cmd="run", batch=b, length=t)
+            mem[w.name] = {"peak_kib": fresh.ask(cmd="run", batch=b, length=t)["peak_kib"],
+                           "before_kib": fresh.info["rss_kib"]}
+          finally:
+            fresh.close()
+        model_flops = config.flops_per_token(t) * b * t
+        row = {}
+        for w in workers:
+          med = statistics.median(times[w.name])
+          row[w.name] = {
+              "median_s": med, "times_s": times[w.name], "tokens_per_s": b * t / med,
+              "mfu": model_flops / med / machine_peak,
+              "peak_rss_mib": mem[w.name]["peak_kib"] / 1024,
+              "working_mib": (mem[w.name]["peak_kib"] - mem[w.name]["before_kib"]) / 1024}
+        hf = row["hf"]
+        for name, r in row.items():
+          # Ratio of medians and median of per-round ratios (rounds are interleaved in time).
+          r["speed_vs_hf"] = hf["median_s"] / r["median_s"]
+          r["speed_vs_hf_paired"] = statistics.median(
+              h / x for h, x in zip(times["hf"], times[name]))
+          r["peak_vs_hf"] = r["peak_rss_mib"] / hf["peak_rss_mib"]
+          r["working_vs_hf"] = r["working_mib"] / hf["working_mib"]
+        results["shapes"][f"{b}x{t}"] = row
+    finally:
+      for w in workers:
+        w.close()
+  results["machine"]["loadavg_end"] = os.getloadavg()
+
+  print(f"matmul peak (fp32 {args.matmul_n}^2): " + ", ".join(
+      f"{k} {v:.1f} GFLOP/s" for k, v in results["matmul_peak_gflops"].items()))
+  print(f"load average start {results['machine']['loadavg_start'][0]:.1f}, end "
+        f"{results['machine']['loadavg_end'][0]:.1f} on {os.cpu_count()} CPUs")
+  header = (f"{'shape':>7} {'side':>14} {'tok/s':>8} {'x HF':>6} {'paired':>6} {'MFU':>6} "
+            f"{'peak MiB':>9} {'x HF':>6} {'work MiB':>9} {'x HF':>6}")
+  print(header)
+  for shape, row in results["shapes"].items():
+    for name, r in row.items():
+      print(f"{shape:>7} {name:>14} {r['tokens_per_s']:8.0f} {r['speed_vs_hf']:6.2f} "
+            f"{r['speed_vs_hf_paired']:6.2f} {r['mfu']:6.1%} {r['peak_rss_mib']:9.0f} "
+            f"{r['peak_vs_hf']:6.2f} {r['working_mib']:9.0f} {r['working_vs_hf']:6.2f}")
+  if args.json:
+    with open(args.json + ".tmp", "w") as f:
+      json.dump(results, f, indent=2)
+    os.replace(args.json + ".tmp", args.json)
+
+
+if __name__ == "__main__":
+  main()
