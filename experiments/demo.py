@@ -10,7 +10,8 @@ Stages (each one resumable; a second run redoes only what changed):
   2 train               the demo family, every size on the same batches, ~15 log-spaced
                         checkpoints each (opt_jax/train.py) -> OUT/family/{suite.json,training.json}
   3 validation_ppl      every checkpoint on the validation text (Macbeth)  -> OUT/validation_ppl/
-  4 token_trajectories  per-token trends on the held-out document (Hamlet) -> OUT/token_trajectories/
+  4 token_trajectories  per-token trends on the held-out document (Hamlet)
+                                                                    -> OUT/token_trajectories/
   5 sequences           large-small / small-large joint decoding, perturbed text -> OUT/sequences/
   6 icl                 cloze multiple-choice tasks from Hamlet (+ BIG-bench with --bigbench_dir)
                                                                            -> OUT/icl/
@@ -219,7 +220,8 @@ def run_demo(out_dir: str, settings: DemoSettings | None = None, *, cache_dir: s
   console.say(f"   corpus {corpus.root}: {len(corpus.train)} training texts "
               f"({len(data.train_ids):,} tokens), validation "
               f"{', '.join(os.path.basename(p) for p in corpus.validation)} "
-              f"({len(data.validation_ids):,} tokens), held out {os.path.basename(corpus.evaluation)}")
+              f"({len(data.validation_ids):,} tokens), held out "
+              f"{os.path.basename(corpus.evaluation)}")
   stages["data"] = StageResult("data", True, time.perf_counter() - t0)
 
   # 2. Training: train_family skips every size already trained with the same spec.
@@ -322,7 +324,8 @@ def run_demo(out_dir: str, settings: DemoSettings | None = None, *, cache_dir: s
           suite_path, d["icl"], bigbench_dir=icl_bigbench, cloze_text=[corpus.evaluation],
           cloze_examples=settings.icl_examples, max_examples=settings.icl_examples,
           k_shot=settings.icl_k_shot, seed=settings.seed, validation_ppl=d["validation_ppl"],
-          batch_size=bs, share_prefix=settings.icl_share_prefix, progress=progress, run_info={"demo": dataclasses.asdict(settings)}))
+          batch_size=bs, share_prefix=settings.icl_share_prefix, progress=progress,
+          run_info={"demo": dataclasses.asdict(settings)}))
 
   # 7. The report (pure numpy/pandas/matplotlib; always rewritten, it takes a second or two).
   console.header(7, "report")

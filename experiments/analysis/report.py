@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -208,12 +207,13 @@ def _intro(info: RunInfo, training: dict[str, Any] | None) -> list[str]:
         f"**These are tiny models, not OPT.** {len(models)} OPT-architecture decoders of "
         f"{', '.join(_fmt_params(m['params']) for m in models)} parameters, trained here for "
         f"{steps:,} steps ({tokens:,} tokens; {minutes:.1f} minutes on this machine in all) on "
-        f"{info.train_texts} Project Gutenberg texts (Shakespeare and Milton, {info.train_tokens:,} "
-        f"training tokens). The paper studies OPT models of 125M to 175B parameters trained on "
-        f"180B tokens. What follows is what the same analyses measure on these small models: it "
-        f"exercises the pipeline end to end and says nothing definitive about the paper's claims "
-        f"at OPT's scale." + (" **Fast (CI) mode:** even smaller models and analyses; the numbers "
-                              "are only a smoke test." if info.fast else ""), ""]
+        f"{info.train_texts} Project Gutenberg texts (Shakespeare and Milton, "
+        f"{info.train_tokens:,} training tokens). The paper studies OPT models of 125M to 175B "
+        f"parameters trained on hundreds of billions of tokens. What follows is what the same "
+        f"analyses measure on these small models: it exercises the pipeline end to end and says "
+        f"nothing definitive about the paper's claims at OPT's scale."
+        + (" **Fast (CI) mode:** even smaller models and analyses; the numbers are only a smoke "
+           "test." if info.fast else ""), ""]
   lines += [f"- Corpus: `{info.corpus_root}`; validation text: {', '.join(info.validation)}; "
             f"held-out document (token trajectories, cloze tasks): {info.evaluation}.",
             f"- BIG-bench: {info.bigbench_dir or 'not evaluated (no --bigbench_dir)'}.",
@@ -449,8 +449,9 @@ def _sequence_section(out_dir: str) -> list[str]:
   wide = wide[[m for m in _size_order(sub) if m in wide.columns]].reset_index()
   lines += ["Perplexity of every set at each size's final checkpoint:", ""]
   lines += _table(wide, {c: ".2f" for c in wide.columns if c != "set"}) + [""]
-  plots = sorted(p for p in os.listdir(os.path.join(d, "plots"))
-                 if p.endswith("_vs_valid_ppl.png")) if os.path.isdir(os.path.join(d, "plots")) else []
+  plot_dir = os.path.join(d, "plots")
+  plots = sorted(p for p in os.listdir(plot_dir)
+                 if p.endswith("_vs_valid_ppl.png")) if os.path.isdir(plot_dir) else []
   for p in plots:
     lines += _image(out_dir, f"sequences/plots/{p}", p[:-4].replace("_", " "))
   lines += ["Full tables: `sequences/summary.md`.", ""]
@@ -510,6 +511,3 @@ def write_report(out_dir: str, info: RunInfo) -> str:
             "summary.md, plots (PNG + PDF) and run manifests (`runs/`).", ""]
   return _write_text(os.path.join(out_dir, REPORT_FILE), "\n".join(lines))
 
-
-def stage_names(stages: Sequence[str]) -> list[str]:
-  return list(stages)
