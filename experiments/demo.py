@@ -223,6 +223,7 @@ def run_demo(out_dir: str, settings: DemoSettings | None = None, *, cache_dir: s
               f"({len(data.validation_ids):,} tokens), held out "
               f"{os.path.basename(corpus.evaluation)}")
   stages["data"] = StageResult("data", True, time.perf_counter() - t0)
+  console.say(f"   done in {stages['data'].seconds:.1f} s")
 
   # 2. Training: train_family skips every size already trained with the same spec.
   console.header(2, "train: the demo family" + (" (fast)" if settings.fast else ""))
@@ -243,6 +244,7 @@ def run_demo(out_dir: str, settings: DemoSettings | None = None, *, cache_dir: s
   suite = suite_lib.load_suite(suite_path)
   console.say(f"   {suite_path}: " + ", ".join(
       f"{m.name} ({m.params:,} params, {len(m.steps)} checkpoints)" for m in suite.models))
+  console.say(f"   done in {stages['train'].seconds:.1f} s ({stages['train'].note})")
 
   family_key = {"suite": _sha256_file(suite_path),
                 "training": _sha256_file(os.path.join(family_dir, train.TRAINING_FILE))}
@@ -257,7 +259,8 @@ def run_demo(out_dir: str, settings: DemoSettings | None = None, *, cache_dir: s
   stages["validation_ppl"] = _stage(
       console, 3, "validation_ppl",
       f"validation perplexity: {len(suite)} checkpoints on "
-      f"{', '.join(os.path.basename(p) for p in validation)}",
+      f"{', '.join(os.path.basename(p) for p in validation)}"
+      + (f" (first {settings.validation_chars:,} characters)" if settings.validation_chars else ""),
       d["validation_ppl"], {"family": family_key, "texts": texts_key["validation"],
                             "stride": settings.vppl_stride, "batch_size": bs},
       [validation_ppl.CSV_NAME],
@@ -299,8 +302,10 @@ def run_demo(out_dir: str, settings: DemoSettings | None = None, *, cache_dir: s
       {"family": family_key, "text": texts_key["validation"], "vppl": vppl_key,
        "settings": dataclasses.asdict(seq_settings) | {"validation_ppl": None}},
       [sequence_generation.CSV_NAME, "summary.md"],
-      lambda: sequence_generation.run(suite_path, d["sequences"], seq_settings,
-                                      progress=progress))
+      lambda: (console.say("   decoding the sets with the final checkpoints (about a minute, no "
+                           "progress bar), then scoring them with every checkpoint"),
+               sequence_generation.run(suite_path, d["sequences"], seq_settings,
+                                       progress=progress)))
 
   # 6. Downstream ICL: cloze tasks from the held-out text (+ BIG-bench from a local copy).
   icl_bigbench = os.path.abspath(os.path.expanduser(bigbench_dir)) if bigbench_dir else None
