@@ -308,12 +308,8 @@ def run_demo(out_dir: str, settings: DemoSettings | None = None, *, cache_dir: s
                                        progress=progress)))
 
   # 6. Downstream ICL: cloze tasks from the held-out text (+ BIG-bench from a local copy).
-  icl_bigbench = os.path.abspath(os.path.expanduser(bigbench_dir)) if bigbench_dir else None
-  if icl_bigbench is None:
-    # downstream_icl falls back to tools/fetch_bigbench's cache when bigbench_dir is None: an
-    # empty folder keeps the demo to its cloze tasks unless the flag asks for BIG-bench.
-    icl_bigbench = os.path.join(d["icl"], "no_bigbench")
-    os.makedirs(icl_bigbench, exist_ok=True)
+  # "" keeps the demo to its cloze tasks (None would fall back to tools/fetch_bigbench's cache).
+  icl_bigbench = os.path.abspath(os.path.expanduser(bigbench_dir)) if bigbench_dir else ""
   stages["icl"] = _stage(
       console, 6, "icl",
       f"downstream ICL: cloze tasks ({settings.icl_examples} examples each, "

@@ -87,7 +87,12 @@ def load_tasks(bigbench_dir: str | None, task_names: Sequence[str] | None,
   notes: list[str] = []
   explicit = bigbench_dir is not None
   root = os.path.expanduser(bigbench_dir) if explicit else default_bigbench_dir()
-  if os.path.isdir(root):
+  if bigbench_dir == "":  # explicitly none: cloze tasks only, even if a fetched copy exists
+    if not cloze_texts:
+      raise ValueError("bigbench_dir='' disables BIG-bench, and no cloze text was given: "
+                       "nothing to evaluate")
+    notes.append("BIG-bench disabled (empty --bigbench_dir)")
+  elif os.path.isdir(root):
     loaded, failures = bb.load_tasks(root, task_names)
     if task_names:
       for t in loaded:
@@ -371,8 +376,11 @@ _FLAG_NAMES = ("suite", "out", "bigbench_dir", "tasks", "cloze_text", "cloze_exa
 def main(argv):
   from absl import flags
 
+  from opt_jax import sharding  # pylint: disable=import-outside-toplevel
+
   del argv
   f = flags.FLAGS
+  sharding.initialize_distributed()  # before anything touches a device; no-op for one process
   if f.lm_eval_results:
     run_import(f.lm_eval_results, f.suite, f.out, tasks=f.tasks or [], metric=f.metric,
                ppl_task=f.ppl_task, n_bins=f.n_bins or None, top_k=f.top_k, plots=f.plots)
@@ -393,7 +401,7 @@ def _define_flags():
   flags.DEFINE_string("out", None, "output folder", required=True)
   flags.DEFINE_string("bigbench_dir", None, "folder of BIG-bench task folders (default: "
                       "tools/fetch_bigbench.py's cache, $XDG_CACHE_HOME/opt_jax/bigbench/"
-                      "benchmark_tasks)")
+                      "benchmark_tasks); an empty value disables BIG-bench (cloze tasks only)")
   flags.DEFINE_list("tasks", None, "BIG-bench tasks to evaluate (default: those passing the "
                     "paper's selection rule); with --lm_eval_results: the harness tasks")
   flags.DEFINE_list("cloze_text", None, "held-out text file(s) to make cloze tasks from")

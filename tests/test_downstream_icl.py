@@ -200,3 +200,17 @@ def test_lm_eval_import_with_a_manifest_without_checkpoints(tmp_path):
   assert corr.loc["validation_ppl", "r2"] > corr.loc["flops", "r2"]
   summary = open(os.path.join(out, "summary.md")).read()
   assert "best predictor" in summary
+
+
+def test_empty_bigbench_dir_means_cloze_tasks_only(tmp_path, monkeypatch):
+  # Even when a fetched BIG-bench copy exists at the default path, "" must not load it.
+  monkeypatch.setattr(downstream_icl, "default_bigbench_dir",
+                      lambda: pytest.fail("the default BIG-bench cache must not be consulted"))
+  text = tmp_path / "held_out.txt"
+  text.write_text("\n".join(f"line {i} of the held out text, with words like king and crown "
+                            f"and {i % 7} ghosts" for i in range(200)))
+  tasks, failures, notes = downstream_icl.load_tasks("", None, [str(text)], cloze_examples=10)
+  assert tasks and all(t.name.startswith("cloze") for t in tasks), [t.name for t in tasks]
+  assert not failures and any("BIG-bench disabled" in n for n in notes)
+  with pytest.raises(ValueError, match="nothing to evaluate"):
+    downstream_icl.load_tasks("", None, [])
