@@ -69,7 +69,7 @@ def vocab_chunks(vocab_size: int, vocab_chunk: int, shards: int = 1) -> tuple[in
 
 
 def head_logprobs(head: Array, hidden: Array, targets: Array,
-                  vocab_chunk: int = DEFAULT_VOCAB_CHUNK, vocab_shards: int = 1
+                  vocab_chunk: int = DEFAULT_VOCAB_CHUNK, vocab_shards: int | None = None
                   ) -> tuple[Array, Array]:
   """log p(targets) under softmax(hidden @ head.T), without materialising [B, T, V].
 
@@ -80,8 +80,12 @@ def head_logprobs(head: Array, hidden: Array, targets: Array,
   vocab_shards > 1 (a vocab-parallel head, split contiguously over that many devices): chunk i
   holds the strided rows {r * n_chunks + i}, i.e. the head reshaped to [C, n_chunks, E] with C
   split the same way, so each chunk's logits stay split and only the [B, T] running statistics
-  cross devices. Otherwise chunks are contiguous row ranges.
+  cross devices. Otherwise chunks are contiguous row ranges. None: the split RULES give the
+  vocabulary on the mesh active while tracing (sharding.activate), 1 without one.
   """
+  if vocab_shards is None:
+    from opt_jax import sharding
+    vocab_shards = sharding.num_shards(sharding.context_mesh(), "vocab")
   v, e = head.shape
   n_chunks, c = vocab_chunks(v, vocab_chunk, vocab_shards)
   if n_chunks * c != v:
@@ -130,7 +134,7 @@ def head_logprobs(head: Array, hidden: Array, targets: Array,
 def target_logprobs(params: Any, input_ids: Array, attention_mask: Array, targets: Array, *,
                     config: OPTConfig, dtype=jnp.float32, attention: str = "xla",
                     attention_block: int = 256, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-                    vocab_shards: int = 1) -> tuple[Array, Array]:
+                    vocab_shards: int | None = None) -> tuple[Array, Array]:
   """log p(targets[:, t] | input_ids[:, :t + 1]) for every t: the harness's (input, target) form.
 
   input_ids, attention_mask (1 real, 0 pad), targets: [B, T]. Returns (logprobs [B, T] fp32 nats,
@@ -270,8 +274,7 @@ class Scorer:
       sharding.check_divisible(config, mesh, batch_size=self.batch_size)
       if self.cont_batch_size:
         sharding.check_divisible(config, mesh, batch_size=self.cont_batch_size)
-      head = sharding.named_sharding(mesh, ("vocab", "embed"))
-      vocab_shards = config.vocab_size // head.shard_shape((config.vocab_size, 1))[0]
+      vocab_shards = sharding.num_shards(mesh, "vocab")
       self._batch_sharding = sharding.batch_sharding(mesh)
     model = M.OPT(config, dtype=dtype, attention=self.attention, attention_block=attention_block)
     head_kw = dict(vocab_chunk=vocab_chunk, vocab_shards=vocab_shards)

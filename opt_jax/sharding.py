@@ -154,7 +154,7 @@ def named_sharding(mesh: Mesh | None, axes: Sequence[str | None]) -> NamedShardi
   return None if mesh is None else NamedSharding(mesh, logical_to_spec(axes))
 
 
-def num_shards(mesh: Mesh | None, name: str) -> int:
+def num_shards(mesh: Mesh | jax.sharding.AbstractMesh | None, name: str) -> int:
   """How many pieces RULES cut a dimension with this logical name into (1 without a mesh).
 
   E.g. num_shards(mesh, "vocab") = the vocab-parallel split of the LM head.
@@ -164,6 +164,12 @@ def num_shards(mesh: Mesh | None, name: str) -> int:
   axes = logical_to_spec((name,))[0]
   axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
   return math.prod(mesh.shape[a] for a in axes)
+
+
+def context_mesh() -> jax.sharding.AbstractMesh | None:
+  """The mesh set by activate() (or jax.set_mesh) around the current trace; None outside one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty else mesh
 
 
 def replicated(mesh: Mesh | None) -> NamedSharding | None:
