@@ -38,6 +38,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from opt_jax import files
+
 STAGES = ("data", "train", "validation_ppl", "token_trajectories", "sequences", "icl", "report")
 STAGE_FILE = "demo_stage.json"
 RUN_FILE = "demo_run.json"
@@ -118,25 +120,8 @@ class DemoResult:
 
 # Stamps ---------------------------------------------------------------------------------------
 
-def _sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def _digest(obj: Any) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _write_json(path: str, obj: Any) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, default=str)
-    f.write("\n")
-  os.replace(tmp, path)
 
 
 def _read_stamp(stage_dir: str) -> dict[str, Any] | None:
@@ -179,9 +164,9 @@ def _stage(console: _Console, index: int, name: str, title: str, stage_dir: str,
     return StageResult(name, False, time.perf_counter() - t0, stamp.get("seconds"))
   fn()
   seconds = time.perf_counter() - t0
-  _write_json(os.path.join(stage_dir, STAGE_FILE),
-              {"key": key_digest, "inputs": key, "seconds": seconds,
-               "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+  files.write_json(os.path.join(stage_dir, STAGE_FILE),
+                   {"key": key_digest, "inputs": key, "seconds": seconds,
+                    "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1)
   console.say(f"   done in {seconds:.1f} s")
   return StageResult(name, True, seconds, seconds)
 
@@ -246,12 +231,12 @@ def run_demo(out_dir: str, settings: DemoSettings | None = None, *, cache_dir: s
       f"{m.name} ({m.params:,} params, {len(m.steps)} checkpoints)" for m in suite.models))
   console.say(f"   done in {stages['train'].seconds:.1f} s ({stages['train'].note})")
 
-  family_key = {"suite": _sha256_file(suite_path),
-                "training": _sha256_file(os.path.join(family_dir, train.TRAINING_FILE))}
+  family_key = {"suite": files.sha256_file(suite_path),
+                "training": files.sha256_file(os.path.join(family_dir, train.TRAINING_FILE))}
   validation = _validation_files(corpus.validation, os.path.join(out_dir, "data"),
                                 settings.validation_chars)
-  texts_key = {"validation": [_sha256_file(p) for p in validation],
-               "evaluation": _sha256_file(corpus.evaluation)}
+  texts_key = {"validation": [files.sha256_file(p) for p in validation],
+               "evaluation": files.sha256_file(corpus.evaluation)}
   bs = settings.batch_size
 
   # 3. Validation perplexity: the x axis of everything after it.
@@ -267,7 +252,7 @@ def run_demo(out_dir: str, settings: DemoSettings | None = None, *, cache_dir: s
       lambda: validation_ppl.compute_validation_ppl(
           suite, validation, d["validation_ppl"], stride=settings.vppl_stride, batch_size=bs,
           progress=progress, run_info={"demo": dataclasses.asdict(settings)}))
-  vppl_key = _sha256_file(vppl_csv)
+  vppl_key = files.sha256_file(vppl_csv)
 
   # 4. Token trajectories on the held-out document.
   stages["token_trajectories"] = _stage(
@@ -345,10 +330,10 @@ def run_demo(out_dir: str, settings: DemoSettings | None = None, *, cache_dir: s
   stages["report"].seconds = time.perf_counter() - t0
   console.say(f"   {report_path}" + (f"; README images: {', '.join(images)}" if images else ""))
   total = time.perf_counter() - console.start
-  _write_json(os.path.join(out_dir, RUN_FILE),
-              {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": total,
-               "settings": dataclasses.asdict(settings), "argv": sys.argv,
-               "stages": {k: dataclasses.asdict(v) for k, v in stages.items()}})
+  files.write_json(os.path.join(out_dir, RUN_FILE),
+                   {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": total,
+                    "settings": dataclasses.asdict(settings), "argv": sys.argv,
+                    "stages": {k: dataclasses.asdict(v) for k, v in stages.items()}}, indent=1)
   console.say(f"\ndemo finished in {console.elapsed()}: {report_path}")
   return DemoResult(out_dir, report_path, stages, total, images)
 

@@ -55,6 +55,7 @@ import pandas as pd
 from experiments.analysis import icl
 from experiments.tasks import bigbench as bb
 from experiments.tasks import cloze
+from opt_jax import files
 
 log = logging.getLogger(__name__)
 
@@ -206,17 +207,6 @@ def task_rows(items: Sequence[Item], enc: Encoded, logprobs: np.ndarray
 
 # The run -----------------------------------------------------------------------------------------
 
-def _validation_map(path: str, corpus: str | None, suite) -> dict[tuple[str, int], float]:
-  from experiments import validation_ppl  # pylint: disable=import-outside-toplevel
-  raw = validation_ppl.read_validation_ppl(path, corpus)
-  out = {}
-  for (name, step), ppl in raw.items():
-    for m in suite.models:
-      if m.matches(name):
-        out[(m.name, step)] = ppl
-  return out
-
-
 def run(suite_path: str, out_dir: str, *, bigbench_dir: str | None = None,
         tasks: Sequence[str] | None = None, cloze_text: Sequence[str] = (),
         cloze_examples: int = 200, k_shot: Sequence[int] = DEFAULT_K_SHOT, seed: int = 0,
@@ -243,6 +233,10 @@ def run(suite_path: str, out_dir: str, *, bigbench_dir: str | None = None,
   task_list, failures, notes = load_tasks(bigbench_dir, tasks, cloze_text,
                                           cloze_examples=cloze_examples, seed=seed)
   items = make_items(task_list, k_shot, seed, max_examples)
+  val: dict[tuple[str, int], float] = {}
+  if validation_ppl:  # read before scoring: a bad file fails now, not after the sweep
+    from experiments import validation_ppl as vp  # pylint: disable=import-outside-toplevel
+    val = vp.read_validation_ppl(validation_ppl, validation_corpus, suite=suite)
 
   configs = {m.name: checkpoint.load_config(next(iter(m.checkpoints.values())))
              for m in suite.models}
@@ -262,7 +256,7 @@ def run(suite_path: str, out_dir: str, *, bigbench_dir: str | None = None,
   if validation_text:
     from experiments import validation_ppl as vp  # pylint: disable=import-outside-toplevel
     val_corpora = vp.load_corpora(list(validation_text))
-    val_eval = vp.make_evaluator(val_corpora, cache, None, None)
+    score_validation = vp.corpus_scorer(val_corpora, None, None)
   tag = items_tag(items, list(fps.values()), max_length, dtype)
   if val_corpora:
     tag = hashlib.sha256((tag + vp.fingerprint(val_corpora, None, None, dtype)).encode()
@@ -278,9 +272,9 @@ def run(suite_path: str, out_dir: str, *, bigbench_dir: str | None = None,
               "greedy": np.array([r[1] for r in results], bool)}
     num_tokens = int(sum(len(c) for _, c in enc.pairs))
     if val_corpora:
-      val_arrays, val_meta = val_eval(model, step, config, params)
+      val_arrays, val_tokens = score_validation(scorer, tokenizer)
       arrays.update({"validation/" + k: v for k, v in val_arrays.items()})
-      num_tokens += int(val_meta["num_tokens"])
+      num_tokens += val_tokens
     return arrays, {"num_tokens": num_tokens, "num_requests": len(enc.pairs)}
 
   info = {"suite": os.path.abspath(suite_path), "tasks": [t.name for t in task_list],
@@ -295,7 +289,6 @@ def run(suite_path: str, out_dir: str, *, bigbench_dir: str | None = None,
   if not sharding.is_main_process():
     return None
 
-  val = _validation_map(validation_ppl, validation_corpus, suite) if validation_ppl else {}
   rows = []
   for m, step, _ in suite.checkpoints():
     arrays, _ = store.read((*experiment, m.name, step))
@@ -313,7 +306,7 @@ def run(suite_path: str, out_dir: str, *, bigbench_dir: str | None = None,
   table = table.drop(columns=["skipped_examples"])
   table = icl.check_results(table[list(icl.RESULT_COLUMNS) + ["k_shot"]], "icl_results")
   table = table.sort_values(["k_shot", "model", "step", "task"], ignore_index=True)
-  icl.write_csv(table, os.path.join(out_dir, "icl_results.csv"))
+  files.write_csv(table, os.path.join(out_dir, "icl_results.csv"))
 
   if not validation_ppl and not val_corpora:
     notes.append("no --validation_ppl or --validation_text: perplexity correlations unavailable")
@@ -341,8 +334,8 @@ def analyze_and_report(results: pd.DataFrame, out_dir: str, *, notes: Sequence[s
   if plots:
     from experiments.analysis import icl_plots  # pylint: disable=import-outside-toplevel
     icl_plots.plot_all(a, out_dir)
-  icl.write_text(icl.summary_markdown(a, notes=notes, failures=failures),
-                 os.path.join(out_dir, "summary.md"))
+  files.write_text(os.path.join(out_dir, "summary.md"),
+                   icl.summary_markdown(a, notes=notes, failures=failures))
   return a
 
 
@@ -357,7 +350,7 @@ def run_import(lm_eval_results: str, suite_path: str, out_dir: str, *, tasks: Se
     raise ValueError("--tasks must name the lm-evaluation-harness tasks to analyse")
   suite = suite_lib.load_suite(suite_path, check_paths=False)
   table, problems = icl.import_lm_eval(lm_eval_results, suite.models, tasks, metric, ppl_task)
-  icl.write_csv(table, os.path.join(out_dir, "icl_results.csv"))
+  files.write_csv(table, os.path.join(out_dir, "icl_results.csv"))
   notes = [f"lm-evaluation-harness results from {lm_eval_results}: metric {metric!r}, validation "
            f"perplexity from task {ppl_task!r}; no random baselines or option perplexities"]
   notes += [f"import problem: {p}" for p in problems]

@@ -56,6 +56,7 @@ import pandas as pd
 
 from experiments.analysis import sequences as A
 from experiments.tasks import perturb
+from opt_jax import files
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +122,6 @@ class SequenceSet:
 
 # Files ----------------------------------------------------------------------------------------
 
-def _write_atomic(path: str, text: str) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def save_set(s: SequenceSet, directory: str) -> str:
   """Writes directory/<name>.jsonl, one sequence per line (atomic); returns the path."""
   lines = []
@@ -139,7 +132,7 @@ def save_set(s: SequenceSet, directory: str) -> str:
     row.update(s.extra[i] if s.extra else {})
     lines.append(json.dumps(row, ensure_ascii=False))
   path = os.path.join(directory, f"{s.name}.jsonl")
-  _write_atomic(path, "\n".join(lines) + "\n")
+  files.write_text(path, "\n".join(lines) + "\n")
   return path
 
 
@@ -301,7 +294,10 @@ def generated_sets(suite, settings: Settings, docs: Sequence[str]) -> tuple[list
                                        fallback_model=1, tokenizers=[ltok, stok],
                                        names=[large.name, small.name], **common)
   add(A.SMALL_PREFERRED, stok, outs, st)
+  # Free the joint pair's params (these names and `loaded` both hold them), keeping only the
+  # model sampled first: the others are restored in turn, never held while other sizes load.
   del pair, lp, sp
+  loaded = {name: v for name, v in loaded.items() if sample and name == sample[0].name}
   for k, model in enumerate(sample):
     config, params, tok, _ = loaded.pop(model.name, None) or load(model)
     # Its own encoding of the prompt texts if its tokenizer differs; its own context length.
@@ -324,7 +320,8 @@ def perturbed_sets(settings: Settings, tok, docs: Sequence[str]) -> tuple[list[S
                     "corpus (passages)")
   fp = tok.fingerprint()
   bos = tok.bos_id
-  pool = np.array([i for i in range(tok.vocab_size) if i not in _SPECIAL_IDS | {bos, tok.pad_id}])
+  special = _SPECIAL_IDS | {bos, tok.pad_id}
+  pool = np.array([i for i in range(tok.vocab_size) if i not in special])
 
   def make(name, ids_list, texts=None, extra=None):
     texts = texts if texts is not None else [_decode(tok, x) for x in ids_list]
@@ -357,17 +354,18 @@ def perturbed_sets(settings: Settings, tok, docs: Sequence[str]) -> tuple[list[S
   return sets, stats
 
 
-def build_sets(suite, settings: Settings, out_dir: str) -> tuple[list[SequenceSet], dict]:
-  """The generated and perturbed sets, reused from out_dir/sets when the settings match."""
+def build_sets(suite, settings: Settings, out_dir: str, docs: Sequence[str]
+               ) -> tuple[list[SequenceSet], dict]:
+  """The generated and perturbed sets from the corpus documents `docs`, reused from
+  out_dir/sets when the settings match."""
   from opt_jax.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
 
-  docs = _corpus_docs(settings.corpus)
   key_fields = {k: v for k, v in dataclasses.asdict(settings).items()
                 if k not in ("validation_ppl", "cross_suite", "cross_validation_ppl",
                              "context_length", "stride", "batch_size", "tolerance")}
   key = hashlib.sha256(json.dumps({
       "format": FORMAT, "settings": key_fields,
-      "prompt_file": (hashlib.sha256(open(settings.prompts, "rb").read()).hexdigest()
+      "prompt_file": (files.sha256_file(settings.prompts)
                       if settings.prompts and os.path.isfile(settings.prompts) else None),
       "corpus": hashlib.sha256("\0".join(docs).encode()).hexdigest(),
       "checkpoints": {m.name: _final(m)[1] for m in suite.models}}, sort_keys=True,
@@ -375,7 +373,8 @@ def build_sets(suite, settings: Settings, out_dir: str) -> tuple[list[SequenceSe
   directory = os.path.join(out_dir, SETS_DIR)
   manifest_path = os.path.join(directory, "manifest.json")
   if os.path.isfile(manifest_path):
-    manifest = json.load(open(manifest_path))
+    with open(manifest_path) as f:
+      manifest = json.load(f)
     if manifest.get("key") == key:
       log.info("reusing the sequence sets in %s", directory)
       return [load_set(os.path.join(directory, f"{n}.jsonl")) for n in manifest["sets"]], manifest
@@ -389,7 +388,7 @@ def build_sets(suite, settings: Settings, out_dir: str) -> tuple[list[SequenceSe
   manifest = {"key": key, "sets": [s.name for s in sets], "generation": gen_stats,
               "perturbation": pert_stats,
               "digests": {s.name: s.digest() for s in sets}}
-  _write_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")   # last: marks completion
+  files.write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")   # last: marks completion
   return sets, manifest
 
 
@@ -441,7 +440,7 @@ def make_evaluator(sets: Sequence[SequenceSet], valid_docs: Sequence[str] | None
 
 def _valid_ppl_from_csv(path: str, suite) -> dict[tuple[str, int], float]:
   from experiments import validation_ppl  # pylint: disable=import-outside-toplevel
-  table = validation_ppl.read_validation_ppl(path)
+  table = validation_ppl.read_validation_ppl(path, suite=suite)   # CSV names or aliases
   missing = [(m.name, s) for m, s, _ in suite.checkpoints() if (m.name, s) not in table]
   if missing:
     raise ValueError(f"{path}: no validation perplexity for {len(missing)} checkpoint(s) of suite "
@@ -451,14 +450,18 @@ def _valid_ppl_from_csv(path: str, suite) -> dict[tuple[str, int], float]:
 
 
 def score_suite(suite, label: str, sets: Sequence[SequenceSet], settings: Settings, out_dir: str,
-                valid_csv: str | None, *, mesh=None, progress: bool = True) -> pd.DataFrame:
-  """Sweeps `suite` over every set; rows of the trajectory table (A.COLUMNS)."""
+                valid_csv: str | None, *, mesh=None, progress: bool = True,
+                docs: Sequence[str] | None = None) -> pd.DataFrame:
+  """Sweeps `suite` over every set; rows of the trajectory table (A.COLUMNS). Without valid_csv
+  the validation perplexity comes from the corpus documents (`docs`, read from settings.corpus
+  when not given)."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   from opt_jax import results, sweep  # pylint: disable=import-outside-toplevel
 
   valid_table = _valid_ppl_from_csv(valid_csv, suite) if valid_csv else None
-  valid_docs = None if valid_table else _corpus_docs(settings.corpus)
+  valid_docs = None if valid_table else (docs if docs is not None
+                                         else _corpus_docs(settings.corpus))
   tag = hashlib.sha256(json.dumps({
       "sets": [s.digest() for s in sets], "context_length": settings.context_length,
       "stride": settings.stride, "dtype": settings.dtype,
@@ -505,27 +508,28 @@ def run(suite_path: str, out_dir: str, settings: Settings, *, mesh=None, progres
     raise ValueError("no corpus given: pass at least one .txt or .jsonl validation corpus")
   suite = load_suite(suite_path)
   os.makedirs(out_dir, exist_ok=True)
-  sets, manifest = build_sets(suite, settings, out_dir)
+  docs = _corpus_docs(settings.corpus)
+  sets, manifest = build_sets(suite, settings, out_dir, docs)
   labels = [suite.name]
   tables = [score_suite(suite, suite.name, sets, settings, out_dir, settings.validation_ppl,
-                        mesh=mesh, progress=progress)]
+                        mesh=mesh, progress=progress, docs=docs)]
   if settings.cross_suite:
     cross = load_suite(settings.cross_suite)
     label = cross.name if cross.name != suite.name else f"{cross.name}_2"
     labels.append(label)
     tables.append(score_suite(cross, label, sets, settings, out_dir,
-                              settings.cross_validation_ppl, mesh=mesh, progress=progress))
+                              settings.cross_validation_ppl, mesh=mesh, progress=progress,
+                              docs=docs))
   df = pd.concat(tables, ignore_index=True)
   if not sharding.is_main_process():
     return df
-  tmp = os.path.join(out_dir, f".{CSV_NAME}.tmp-{os.getpid()}")
-  df.to_csv(tmp, index=False, float_format="%.8g")
-  os.replace(tmp, os.path.join(out_dir, CSV_NAME))
+  files.write_csv(df, os.path.join(out_dir, CSV_NAME), float_format="%.8g")
   if plots:
     A.write_plots(df, os.path.join(out_dir, "plots"))
-  _write_atomic(os.path.join(out_dir, "summary.md"),
-                A.summary_markdown(df, suite.name, _summary_info(suite, labels, settings, manifest),
-                                   settings.tolerance))
+  files.write_text(os.path.join(out_dir, "summary.md"),
+                   A.summary_markdown(df, suite.name,
+                                      _summary_info(suite, labels, settings, manifest),
+                                      settings.tolerance))
   return df
 
 

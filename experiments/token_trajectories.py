@@ -32,7 +32,6 @@ import os
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
 
 from experiments.analysis import trajectories, trends
 

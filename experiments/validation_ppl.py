@@ -34,6 +34,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from opt_jax import files
+
 CSV_NAME = "validation_ppl.csv"
 COLUMNS = ["model", "step", "params", "tokens", "flops", "corpus", "nll", "ppl", "num_tokens"]
 POOLED = "all"
@@ -113,19 +115,34 @@ def fingerprint(corpora: Sequence[Corpus], context_length: int | None, stride: i
   return h.hexdigest()[:12]
 
 
-def make_evaluator(corpora: Sequence[Corpus], cache: Any, context_length: int | None,
-                   stride: int | None):
-  """The sweep's evaluate(model, step, config, params): per corpus and document, the summed
-  negative log-likelihood (float64 nats) and the number of scored tokens."""
-  def evaluate(model, step, config, params):
-    scorer = cache.get(config, params, cache.tokenizer(model))
+def corpus_scorer(corpora: Sequence[Corpus], context_length: int | None, stride: int | None):
+  """score(scorer, tokenizer) -> (arrays, num_tokens): per corpus and document, the summed
+  negative log-likelihood (float64 nats) and the number of scored tokens. Each tokenizer encodes
+  the corpora once, not once per checkpoint."""
+  encoded: dict[str, list[list[list[int]]]] = {}
+
+  def score(scorer, tok) -> tuple[dict[str, np.ndarray], int]:
+    fp = tok.fingerprint()
+    if fp not in encoded:
+      encoded[fp] = [tok.encode_batch(list(c.texts)) for c in corpora]
     arrays, total = {}, 0
-    for c in corpora:
-      lps = scorer.loglikelihood_rolling(list(c.texts), context_length=context_length,
-                                         stride=stride)
+    for c, ids in zip(corpora, encoded[fp]):
+      lps = scorer.rolling_tokens(ids, context_length, stride)
       arrays[f"{c.name}/nll_sum"] = np.array([-np.sum(x, dtype=np.float64) for x in lps])
       arrays[f"{c.name}/num_tokens"] = np.array([len(x) for x in lps], np.int64)
       total += int(arrays[f"{c.name}/num_tokens"].sum())
+    return arrays, total
+  return score
+
+
+def make_evaluator(corpora: Sequence[Corpus], cache: Any, context_length: int | None,
+                   stride: int | None):
+  """The sweep's evaluate(model, step, config, params): corpus_scorer's arrays per checkpoint."""
+  score = corpus_scorer(corpora, context_length, stride)
+
+  def evaluate(model, step, config, params):
+    tok = cache.tokenizer(model)
+    arrays, total = score(cache.get(config, params, tok), tok)
     return arrays, {"num_tokens": total, "corpora": [c.name for c in corpora]}
   return evaluate
 
@@ -155,12 +172,6 @@ def ppl_table(suite: Any, store: Any, experiment: Sequence[str], corpus_names: S
 def _nll_ppl(nll_sum: float, n: int) -> dict[str, Any]:
   nll = nll_sum / n if n else math.nan
   return {"nll": nll, "ppl": math.exp(nll) if n else math.nan, "num_tokens": n}
-
-
-def _write_csv(df: pd.DataFrame, path: str) -> None:
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-  df.to_csv(tmp, index=False, float_format="%.8g")
-  os.replace(tmp, path)
 
 
 def compute_validation_ppl(suite: Any, corpus_paths: Sequence[str | os.PathLike], out_dir: str, *,
@@ -197,18 +208,21 @@ def compute_validation_ppl(suite: Any, corpus_paths: Sequence[str | os.PathLike]
   cache.clear()
   df = ppl_table(suite, store, experiment, [c.name for c in corpora])
   if sharding.is_main_process():
-    _write_csv(df, os.path.join(out_dir, CSV_NAME))
+    files.write_csv(df, os.path.join(out_dir, CSV_NAME), float_format="%.8g")
     if plots:
       from experiments.analysis import ppl_plots  # pylint: disable=import-outside-toplevel
       ppl_plots.plot_validation_ppl(df, out_dir)
   return df
 
 
-def read_validation_ppl(path: str | os.PathLike, corpus: str | None = None) -> dict[tuple[str, int], float]:
+def read_validation_ppl(path: str | os.PathLike, corpus: str | None = None, *, suite: Any = None
+                        ) -> dict[tuple[str, int], float]:
   """{(model, step): ppl} from a validation_ppl.csv (a file, or the folder holding it).
 
   corpus: which corpus's perplexity; default the pooled "all" row when present, else the only
   corpus (ValueError when several corpora and no pooled row).
+  suite: if given, the CSV's model names (suite names or aliases) are mapped to the suite's names
+  and rows of models outside the suite are dropped.
   """
   path = os.fspath(path)
   if os.path.isdir(path):
@@ -228,7 +242,11 @@ def read_validation_ppl(path: str | os.PathLike, corpus: str | None = None) -> d
   if corpus not in names:
     raise ValueError(f"{path}: no corpus {corpus!r}; corpora: {names}")
   sub = df[df["corpus"] == corpus]
-  return {(str(m), int(s)): float(p) for m, s, p in zip(sub["model"], sub["step"], sub["ppl"])}
+  table = {(str(m), int(s)): float(p) for m, s, p in zip(sub["model"], sub["step"], sub["ppl"])}
+  if suite is None:
+    return table
+  return {(m.name, step): ppl for (name, step), ppl in table.items()
+          for m in suite.models if m.matches(name)}
 
 
 def main(argv: Sequence[str]) -> None:

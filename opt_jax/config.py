@@ -169,12 +169,8 @@ class OPTConfig:
 
   def to_json_file(self, path: str | os.PathLike) -> None:
     """Writes HF-compatible config.json atomically."""
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True)
-      f.write("\n")
-    os.replace(tmp, path)
+    from opt_jax import files  # pylint: disable=import-outside-toplevel
+    files.write_text(path, json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
 
 
 def _preset(hidden: int, layers: int, heads: int, **kw: Any) -> OPTConfig:

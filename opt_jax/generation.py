@@ -322,20 +322,18 @@ def _run(configs: tuple[OPTConfig, ...], params: tuple, prompts, weights: np.nda
            np.float32(temperature), np.int32(0 if greedy else top_k),
            np.float32(1.0 if greedy else top_p))
   assert len(knobs) == _NUM_KNOBS
+  # Every process runs this same loop on identical host values: `put` hands each process its own
+  # devices' slices, `to_host` gives every process the whole result (without a mesh: a plain
+  # device_put and numpy). Params already laid out by the rules (e.g. restored with
+  # param_shardings) are used as they are.
+  row_layouts = {2: sharding.batch_sharding(mesh), 1: sharding.named_sharding(mesh, ("batch",))}
+  put_rows = lambda x: sharding.put(x, row_layouts[x.ndim])
+  fetch = lambda xs: tuple(sharding.to_host(x) for x in xs)
   if mesh is None:
-    put_rows = put_knob = jnp.asarray
-    fetch = jax.device_get
     params = jax.device_put(params)
   else:
-    # Every process runs this same loop on identical host values: `put` hands each process its
-    # own devices' slices, `to_host` gives every process the whole result. Params already laid
-    # out by the rules (e.g. restored with param_shardings) are used as they are.
-    row_layouts = {2: sharding.batch_sharding(mesh), 1: sharding.named_sharding(mesh, ("batch",))}
-    put_rows = lambda x: sharding.put(x, row_layouts[x.ndim])
-    put_knob = lambda x: sharding.put(x, sharding.replicated(mesh))
-    fetch = lambda xs: tuple(sharding.to_host(x) for x in xs)
     params = tuple(sharding.shard_params(p, c, mesh) for c, p in zip(configs, params))
-  knobs = tuple(put_knob(k) for k in knobs)
+  knobs = tuple(sharding.put(k, sharding.replicated(mesh)) for k in knobs)
   for start in range(0, len(order), batch_size):
     chunk = order[start:start + batch_size]
     b = -(-_bucket(len(chunk), 1) // split) * split

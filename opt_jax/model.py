@@ -366,19 +366,23 @@ def init_params(config: OPTConfig, seed: int = 0, param_dtype=jnp.float32) -> di
   return _jitted_init(config, jnp.dtype(param_dtype))(jax.random.PRNGKey(seed))
 
 
+@functools.lru_cache(maxsize=None)
+def _abstract_params(config: OPTConfig, param_dtype) -> Any:
+  # One abstract trace of init per (config, dtype), shared by logical_axes and param_shapes
+  # (sharding asks for both several times per model). Callers get fresh trees built from it.
+  model = OPT(config, param_dtype=param_dtype)
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+
+
 def logical_axes(config: OPTConfig) -> Any:
   """Pytree matching the params, each leaf a tuple of logical axis names (no arrays allocated)."""
-  model = OPT(config)
-  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
-  return jax.tree.map(lambda p: tuple(p.names), boxed,
+  return jax.tree.map(lambda p: tuple(p.names), _abstract_params(config, jnp.dtype(jnp.float32)),
                       is_leaf=lambda p: isinstance(p, nn.LogicallyPartitioned))
 
 
 def param_shapes(config: OPTConfig, param_dtype=jnp.float32) -> Any:
   """Pytree of jax.ShapeDtypeStruct matching the params."""
-  model = OPT(config, param_dtype=param_dtype)
-  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
-  return nn.unbox(boxed)
+  return nn.unbox(_abstract_params(config, jnp.dtype(param_dtype)))
 
 
 def lm_head(params: dict[str, Any]) -> Array:

@@ -139,10 +139,6 @@ class ResultStore:
     meta.pop("key", None)
     return meta
 
-  def delete(self, key: Sequence[str | int]) -> None:
-    if self.is_writer and self.has(key):
-      os.unlink(self.path(key))
-
   def keys(self, prefix: Sequence[str | int] = ()) -> list[Key]:
     """Every stored key starting with `prefix`, sorted (ints sort numerically)."""
     prefix = tuple(prefix)

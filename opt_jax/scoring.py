@@ -40,6 +40,7 @@ from flax import linen as nn
 from tqdm.auto import tqdm
 
 from opt_jax import model as M
+from opt_jax import sharding
 from opt_jax.config import OPTConfig
 
 Array = jax.Array
@@ -84,7 +85,6 @@ def head_logprobs(head: Array, hidden: Array, targets: Array,
   vocabulary on the mesh active while tracing (sharding.activate), 1 without one.
   """
   if vocab_shards is None:
-    from opt_jax import sharding
     vocab_shards = sharding.num_shards(sharding.context_mesh(), "vocab")
   v, e = head.shape
   n_chunks, c = vocab_chunks(v, vocab_chunk, vocab_shards)
@@ -268,21 +268,19 @@ class Scorer:
     self.progress = progress
     self.mesh = mesh
     self.compile_counts = {"score": 0, "prefill": 0, "continuation": 0}
-    vocab_shards = 1
     if mesh is not None:
-      from opt_jax import sharding
       sharding.check_divisible(config, mesh, batch_size=self.batch_size)
       if self.cont_batch_size:
         sharding.check_divisible(config, mesh, batch_size=self.cont_batch_size)
-      vocab_shards = sharding.num_shards(mesh, "vocab")
-      self._batch_sharding = sharding.batch_sharding(mesh)
+    self._batch_sharding = sharding.batch_sharding(mesh)
     model = M.OPT(config, dtype=dtype, attention=self.attention, attention_block=attention_block)
-    head_kw = dict(vocab_chunk=vocab_chunk, vocab_shards=vocab_shards)
+    # The vocab-parallel split of the head comes from the mesh active while tracing (_call).
 
     def score(params, ids, mask, targets):
       self.compile_counts["score"] += 1
-      hidden, _ = model.apply({"params": params}, ids, mask)                    # [B, T, E]
-      return head_logprobs(M.lm_head(params), hidden, targets, **head_kw)
+      return target_logprobs(params, ids, mask, targets, config=config, dtype=dtype,
+                             attention=self.attention, attention_block=attention_block,
+                             vocab_chunk=vocab_chunk)
 
     def prefill(params, ids, mask):
       self.compile_counts["prefill"] += 1
@@ -301,7 +299,7 @@ class Scorer:
                "next_position": jnp.take(cache["next_position"], rows, axis=0),
                "index": cache["index"]}
       hidden, _ = model.apply({"params": params}, ids, mask, cache)             # [B, T, E]
-      return head_logprobs(M.lm_head(params), hidden, targets, **head_kw)
+      return head_logprobs(M.lm_head(params), hidden, targets, vocab_chunk)
 
     self._score = jax.jit(score)
     self._prefill = jax.jit(prefill)
@@ -325,28 +323,18 @@ class Scorer:
         raise ValueError("set_params: the new params differ in structure, shape or dtype from "
                          "the scorer's; build a new Scorer for another model size or dtype")
     if self.mesh is not None:
-      from opt_jax import sharding
       params = sharding.shard_params(params, self.config, self.mesh)
     else:
       params = jax.device_put(params)
     self.params = params
 
   def _put(self, x: np.ndarray) -> Array:
-    if self.mesh is None:
-      return jnp.asarray(x)
-    from opt_jax import sharding
     return sharding.put(x, self._batch_sharding if x.ndim == 2 else sharding.replicated(self.mesh))
 
   def _host(self, x: Array) -> np.ndarray:
-    if self.mesh is None:
-      return np.asarray(x)
-    from opt_jax import sharding
     return sharding.to_host(x)
 
   def _call(self, fn: Callable, *args):
-    if self.mesh is None:
-      return fn(self.params, *args)
-    from opt_jax import sharding
     with sharding.activate(self.mesh):
       return fn(self.params, *args)
 

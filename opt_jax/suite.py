@@ -24,6 +24,7 @@ import json
 import os
 from typing import Any, Iterator, Mapping
 
+from opt_jax import files
 from opt_jax.config import PRESETS, OPTConfig
 
 _SUITE_FIELDS = ("name", "models", "description")
@@ -376,13 +377,8 @@ def load_suite(path: str | os.PathLike, *, check_paths: bool = True) -> Suite:
 
 def save_suite(suite_or_dict: Suite | dict[str, Any], path: str | os.PathLike) -> None:
   """Writes a manifest as JSON atomically (temporary name, then rename)."""
-  path = os.fspath(path)
   data = suite_or_dict.to_dict() if isinstance(suite_or_dict, Suite) else suite_or_dict
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=2)
-    f.write("\n")
-  os.replace(tmp, path)
+  files.write_json(path, data)
 
 
 # The OPT suite of Xia et al. (2023) ----------------------------------------------------------

@@ -21,7 +21,6 @@ skip is decided once, up front, from the shared store; only the main process wri
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
 import datetime
@@ -39,7 +38,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from opt_jax import checkpoint
+from opt_jax import checkpoint, files
 from opt_jax.config import OPTConfig
 from opt_jax.results import Key, ResultStore
 from opt_jax.suite import Suite, SuiteModel
@@ -98,15 +97,6 @@ def _package_versions() -> dict[str, str]:
   return out
 
 
-def _write_json(path: str, data: Any) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=2, default=str)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
 class _RunManifest:
   """runs/<experiment>-<UTC time>.json in the output folder: flags, suite, versions, times."""
 
@@ -136,7 +126,7 @@ class _RunManifest:
   def update(self, **fields: Any) -> None:
     self.data.update(fields)
     if self.enabled:
-      _write_json(self.path, self.data)
+      files.write_json(self.path, self.data)
 
 
 def run_sweep(suite: Suite, evaluate: Evaluate, store: ResultStore, *,
@@ -256,19 +246,15 @@ class ScorerCache:
   """One `opt_jax.scoring.Scorer` per (config, tokenizer): later checkpoints of the same config
   reuse its compiled programs through `Scorer.set_params` (no recompilation).
 
-  Only the `max_scorers` most recently used scorers are kept (default 1, as a sweep goes size by
-  size), so a finished size does not keep its last parameters alive.
+  Only the most recently used scorer is kept (a sweep goes size by size), so a finished size does
+  not keep its last parameters alive.
   scorer_kwargs: passed to every Scorer (batch_size, max_length, dtype, attention, mesh).
   """
 
-  def __init__(self, *, max_scorers: int = 1, scorer_cls: Any = None, **scorer_kwargs: Any):
-    if scorer_cls is None:
-      from opt_jax.scoring import Scorer  # pylint: disable=import-outside-toplevel
-      scorer_cls = Scorer
-    self._cls = scorer_cls
+  def __init__(self, **scorer_kwargs: Any):
     self._kwargs = scorer_kwargs
-    self._max = max_scorers
-    self._scorers: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+    self._key: Any = None
+    self._scorer: Any = None
     self._tokenizers: dict[str, Any] = {}
 
   def tokenizer(self, model: SuiteModel) -> Any:
@@ -291,15 +277,14 @@ class ScorerCache:
   def get(self, config: OPTConfig, params: Any, tokenizer: Any = None) -> Any:
     """A Scorer for `config` holding `params`."""
     key = (config, tokenizer.fingerprint() if tokenizer is not None else None)
-    scorer = self._scorers.pop(key, None)
-    if scorer is None:
-      while len(self._scorers) >= self._max:
-        self._scorers.popitem(last=False)
-      scorer = self._cls(config, params, tokenizer=tokenizer, **self._kwargs)
+    if key == self._key:
+      self._scorer.set_params(params)
     else:
-      scorer.set_params(params)
-    self._scorers[key] = scorer
-    return scorer
+      from opt_jax.scoring import Scorer  # pylint: disable=import-outside-toplevel
+      self.clear()  # drop the previous size's scorer (and its params) before building the next
+      self._scorer = Scorer(config, params, tokenizer=tokenizer, **self._kwargs)
+      self._key = key
+    return self._scorer
 
   def clear(self) -> None:
-    self._scorers.clear()
+    self._key = self._scorer = None

@@ -48,6 +48,7 @@ class Tokenizer:
     self.bos_id = self.eos_id = vocab["</s>"]
     self.pad_id = vocab["<pad>"]
     self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    self._fingerprint: str | None = None
 
   def encode(self, text: str, add_bos: bool = True) -> list[int]:
     """Token ids of `text`, with `</s>` (bos_id) first when add_bos."""
@@ -74,13 +75,16 @@ class Tokenizer:
 
   def fingerprint(self) -> str:
     """sha256 over everything that decides the text -> ids map (equal iff identical mapping for
-    tokenizers built the same way)."""
+    tokenizers built the same way). Computed once: the wrapped tokenizer never changes."""
+    if self._fingerprint is not None:
+      return self._fingerprint
     spec = json.loads(self._tok.to_str())
     for key in ("post_processor", "padding", "truncation"):  # ignored by encode()
       spec.pop(key, None)
     spec["opt_jax_bos"] = self.bos_id
     blob = json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()
+    self._fingerprint = hashlib.sha256(blob).hexdigest()
+    return self._fingerprint
 
   def __repr__(self) -> str:
     return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id})"

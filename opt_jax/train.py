@@ -37,8 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
-from opt_jax import checkpoint
+from opt_jax import checkpoint, files
 from opt_jax import model as model_lib
 from opt_jax.config import OPTConfig
 
@@ -295,7 +296,7 @@ def train(config: OPTConfig, train_ids: np.ndarray, tc: TrainConfig, *, peak_lr:
   digest = hashlib.sha256()
   losses: list[jax.Array] = []
 
-  bar = _progress(tc.steps, desc, progress)
+  bar = tqdm(total=tc.steps, desc=desc, unit="step", dynamic_ncols=True, disable=not progress)
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as saver:
     for step in range(1, tc.steps + 1):
       batch = order.batch(train_ids, step - 1)
@@ -335,28 +336,7 @@ def _fmt(x: float | None) -> str:
   return "-" if x is None else f"{x:.3f}"
 
 
-class _NoBar:
-  def update(self, n): pass
-  def set_postfix(self, **kw): pass
-  def close(self): pass
-
-
-def _progress(total: int, desc: str, enabled: bool):
-  if not enabled:
-    return _NoBar()
-  from tqdm import tqdm
-  return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
-
-
 # Families and suites ----------------------------------------------------------------------------
-
-def _write_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.write("\n")
-  os.replace(tmp, path)
-
 
 def _member_spec(member: FamilyMember, tc: TrainConfig, data_digest: str,
                  tokenizer_digest: str) -> dict[str, Any]:
@@ -426,7 +406,7 @@ def train_family(out_dir: str, members: Sequence[FamilyMember], train_ids: np.nd
                                 for s, p in sorted(result.checkpoints.items())},
                 "history": result.history, "seconds": result.seconds,
                 "data_digest": result.data_digest}
-      _write_json(os.path.join(model_dir, _DONE_FILE), record)
+      files.write_json(os.path.join(model_dir, _DONE_FILE), record, indent=1)
     elif progress:
       print(f"[{i + 1}/{len(members)}] {member.name}: already trained ({model_dir})")
     records.append(record)
@@ -439,11 +419,13 @@ def _write_suite(out_dir: str, suite_name: str, records: list[dict[str, Any]]) -
              "checkpoints": {s: os.path.join("ckpt", r["name"], p)
                              for s, p in r["checkpoints"].items()}}
             for r in records]
-  _write_json(os.path.join(out_dir, SUITE_FILE), {"name": suite_name, "models": models})
-  _write_json(os.path.join(out_dir, TRAINING_FILE),
-              {"name": suite_name,
-               "models": [{k: r[k] for k in ("name", "params", "tokens_per_step", "history",
-                                              "seconds", "data_digest")} for r in records]})
+  files.write_json(os.path.join(out_dir, SUITE_FILE), {"name": suite_name, "models": models},
+                   indent=1)
+  files.write_json(os.path.join(out_dir, TRAINING_FILE),
+                   {"name": suite_name,
+                    "models": [{k: r[k] for k in ("name", "params", "tokens_per_step", "history",
+                                                   "seconds", "data_digest")} for r in records]},
+                   indent=1)
 
 
 # The demo family --------------------------------------------------------------------------------

@@ -116,12 +116,10 @@ def plan(config, mesh_spec: str, *, batch: int, length: int, dtype: str = "bfloa
                         model.param_shapes(config), shardings)
   rows = sharding.batch_sharding(mesh)
   ids = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=rows)
-  vocab_shards = sharding.num_shards(mesh, "vocab")
 
   def step(params, ids, mask, targets):  # what Scorer compiles for a [batch, length] bucket
     return scoring.target_logprobs(params, ids, mask, targets, config=config, dtype=dt,
-                                   attention=attention, vocab_chunk=vocab_chunk,
-                                   vocab_shards=vocab_shards)
+                                   attention=attention, vocab_chunk=vocab_chunk)
 
   with sharding.activate(mesh):
     lowered = jax.jit(step, out_shardings=(rows, rows)).lower(params, ids, ids, ids)

@@ -50,6 +50,8 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
+from opt_jax.files import write_csv
+
 RESULT_COLUMNS = ("model", "step", "params", "tokens", "flops", "validation_ppl", "task", "n",
                   "accuracy", "accuracy_norm", "correct_option_ppl", "incorrect_option_ppl",
                   "random_baseline")
@@ -138,10 +140,6 @@ def check_results(df: pd.DataFrame, source: str = "results") -> pd.DataFrame:
   extra = [c for c in df.columns if c not in RESULT_COLUMNS]
   return df[list(RESULT_COLUMNS) + extra].sort_values(key[-1:] + key[:-1] if len(key) > 3
                                                       else key, ignore_index=True)
-
-
-def read_results(path: str) -> pd.DataFrame:
-  return check_results(pd.read_csv(path), path)
 
 
 # Across checkpoints -----------------------------------------------------------------------------
@@ -489,24 +487,6 @@ def analyze(results: pd.DataFrame, *, n_bins: int | None = 10, top_k: int = 5) -
   return Analysis(results, tasks, means, by_metric[by_metric["y"] == "accuracy"].reset_index(
       drop=True), by_metric, residuals_by_model(means), scaling,
       top_tasks(scaling, "linearity", top_k), top_tasks(scaling, "breakthroughness", top_k))
-
-
-def write_csv(df: pd.DataFrame, path: str) -> str:
-  """Atomic CSV write (temporary name, then rename)."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  df.to_csv(tmp, index=False)
-  os.replace(tmp, path)
-  return path
-
-
-def write_text(text: str, path: str) -> str:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-  return path
 
 
 def write_tables(a: Analysis, out_dir: str) -> list[str]:

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from experiments.analysis import icl  # noqa: E402
+from experiments.analysis import figures, icl  # noqa: E402
 
 X_TITLES = {"validation_ppl": "validation perplexity", "flops": "training FLOPs",
             "params": "parameters"}
@@ -24,22 +24,10 @@ X_TITLES = {"validation_ppl": "validation perplexity", "flops": "training FLOPs"
 
 def save(fig, path_stem: str) -> list[str]:
   """Writes path_stem.png and path_stem.pdf atomically; closes the figure; returns the paths."""
-  os.makedirs(os.path.dirname(path_stem) or ".", exist_ok=True)
   fig.tight_layout()
-  paths = []
-  for ext in ("png", "pdf"):
-    path = f"{path_stem}.{ext}"
-    tmp = f"{path_stem}.tmp{os.getpid()}.{ext}"
-    fig.savefig(tmp, format=ext, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-    paths.append(path)
+  paths = figures.save(fig, path_stem, dpi=120, bbox_inches="tight")
   plt.close(fig)
   return paths
-
-
-def _models(df: pd.DataFrame) -> list[str]:
-  """Models from the smallest to the largest."""
-  return list(df.groupby("model")["params"].first().sort_values(kind="stable").index)
 
 
 def _lines(ax, df: pd.DataFrame, x: str, y: str, models: Sequence[str]):
@@ -56,7 +44,7 @@ def plot_mean_accuracy(a: icl.Analysis, path_stem: str) -> list[str]:
   """Mean accuracy (raw, above random) against validation perplexity, FLOPs and parameters."""
   ys = [y for y in ("accuracy", "accuracy_above_random") if a.means[y].notna().any()]
   fig, axes = plt.subplots(len(ys), 3, figsize=(13, 3.4 * len(ys)), squeeze=False)
-  models = _models(a.means)
+  models = figures.model_order(a.means)
   corr = a.correlations_by_metric.set_index(["y", "x"])
   for r, y in enumerate(ys):
     for c, x in enumerate(icl.X_COLUMNS):
@@ -84,7 +72,7 @@ def plot_option_ppl(a: icl.Analysis, path_stem: str) -> list[str]:
   if not a.means["correct_option_ppl"].notna().any():
     return []
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-  models = _models(a.means)
+  models = figures.model_order(a.means)
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   ax = axes[0]
   for i, m in enumerate(models):
@@ -117,7 +105,7 @@ def plot_tasks(a: icl.Analysis, tasks: Sequence[str], path_stem: str, title: str
   rows = math.ceil(len(tasks) / columns)
   cols = min(columns, len(tasks))
   fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols, 2.3 * rows), squeeze=False)
-  models = _models(a.results)
+  models = figures.model_order(a.results)
   scaling = a.scaling.set_index("task")
   for k, ax in enumerate(axes.flat):
     if k >= len(tasks):

@@ -15,20 +15,9 @@ from typing import Sequence
 import pandas as pd
 from matplotlib.figure import Figure
 
+from experiments.analysis import figures
+
 X_AXES = {"steps": ("step", "training steps"), "flops": ("flops", "training FLOPs")}
-
-
-def _save(fig: Figure, path: str) -> None:
-  fmt = os.path.splitext(path)[1].lstrip(".")
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-  fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
-  os.replace(tmp, path)
-
-
-def model_order(df: pd.DataFrame) -> list[str]:
-  """Model names from smallest to largest parameter count."""
-  sizes = df.groupby("model")["params"].first().sort_values(kind="stable")
-  return list(sizes.index)
 
 
 def plot_ppl(df: pd.DataFrame, x: str = "steps", corpora: Sequence[str] | None = None,
@@ -47,7 +36,7 @@ def plot_ppl(df: pd.DataFrame, x: str = "steps", corpora: Sequence[str] | None =
   nrows = math.ceil(len(corpora) / ncols)
   fig = Figure(figsize=(4.2 * ncols, 3.4 * nrows), layout="constrained")
   axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-  models = model_order(df)
+  models = figures.model_order(df)
   colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
   for ax, corpus in zip(axes, corpora):
     sub = df[df["corpus"] == corpus]
@@ -77,12 +66,8 @@ def plot_ppl(df: pd.DataFrame, x: str = "steps", corpora: Sequence[str] | None =
 def plot_validation_ppl(df: pd.DataFrame, out_dir: str, prefix: str = "validation_ppl"
                         ) -> list[str]:
   """Writes {prefix}_vs_steps and {prefix}_vs_flops as PNG and PDF; returns the paths."""
-  os.makedirs(out_dir, exist_ok=True)
   paths = []
   for x in X_AXES:
-    fig = plot_ppl(df, x)
-    for ext in ("png", "pdf"):
-      path = os.path.join(out_dir, f"{prefix}_vs_{x}.{ext}")
-      _save(fig, path)
-      paths.append(path)
+    paths += figures.save(plot_ppl(df, x), os.path.join(out_dir, f"{prefix}_vs_{x}"), dpi=150,
+                          bbox_inches="tight")
   return paths

@@ -24,6 +24,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from experiments.analysis.figures import model_order
+from opt_jax import files
+
 REPORT_FILE = "REPORT.md"
 PLOT_DIR = "report_plots"
 MAX_README_BYTES = 150_000
@@ -78,20 +81,9 @@ def _image(out_dir: str, rel: str, alt: str) -> list[str]:
       f"*(plot {rel} missing)*", ""]
 
 
-def _size_order(frame: pd.DataFrame) -> list[str]:
-  return list(frame.groupby("model")["params"].first().sort_values(kind="stable").index)
-
-
 def _fmt_params(n: float) -> str:
   return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
 
-
-def _write_text(path: str, text: str) -> str:
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
-  return path
 
 
 def one_line(text: str, limit: int = 300) -> str:
@@ -133,7 +125,7 @@ def plot_training(training: dict[str, Any], vppl: pd.DataFrame | None, path: str
     ax = axes[0, 1]
     corpus = vppl["corpus"].iloc[0] if "all" not in set(vppl["corpus"]) else "all"
     sub = vppl[vppl["corpus"] == corpus]
-    for i, name in enumerate(_size_order(sub)):
+    for i, name in enumerate(model_order(sub)):
       g = sub[sub["model"] == name].sort_values("step")
       ax.plot(g["flops"], g["ppl"], marker=".", color=colors[i % len(colors)], label=name)
     ax.set_xscale("log")
@@ -142,11 +134,9 @@ def plot_training(training: dict[str, Any], vppl: pd.DataFrame | None, path: str
     ax.set_ylabel(f"perplexity ({corpus})")
     ax.set_title("validation perplexity", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-  fig.savefig(tmp, format="png", dpi=100)
+  with files.atomic_path(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=100)
   plt.close(fig)
-  os.replace(tmp, path)
   return path
 
 
@@ -155,25 +145,21 @@ def small_png(src: str, dst: str, max_bytes: int = MAX_README_BYTES) -> str:
   max_bytes. Raises ValueError if it cannot get that small."""
   from PIL import Image
 
-  os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-  tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".tmp-{os.getpid()}.png")
-  if os.path.getsize(src) <= max_bytes:
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-    return dst
-  with Image.open(src) as im:
-    image = im.convert("RGB")
-  scale = 1.0
-  for _ in range(8):
-    size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
-    small = image.resize(size, Image.LANCZOS) if scale < 1 else image
-    small.quantize(256, method=Image.Quantize.MEDIANCUT).save(tmp, optimize=True)
-    if os.path.getsize(tmp) <= max_bytes:
-      os.replace(tmp, dst)
+  with files.atomic_path(dst) as tmp:   # replaces dst on return, removed on the error below
+    if os.path.getsize(src) <= max_bytes:
+      shutil.copyfile(src, tmp)
       return dst
-    scale *= 0.8
-  os.remove(tmp)
-  raise ValueError(f"{src}: could not shrink below {max_bytes} bytes")
+    with Image.open(src) as im:
+      image = im.convert("RGB")
+    scale = 1.0
+    for _ in range(8):
+      size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+      small = image.resize(size, Image.LANCZOS) if scale < 1 else image
+      small.quantize(256, method=Image.Quantize.MEDIANCUT).save(tmp, format="PNG", optimize=True)
+      if os.path.getsize(tmp) <= max_bytes:
+        return dst
+      scale *= 0.8
+    raise ValueError(f"{src}: could not shrink below {max_bytes} bytes")
 
 
 def export_readme_images(out_dir: str, dest: str,
@@ -258,7 +244,7 @@ def validation_headline(vppl: pd.DataFrame) -> tuple[pd.DataFrame, str]:
   corpus = "all" if "all" in set(vppl["corpus"]) else vppl["corpus"].iloc[0]
   sub = vppl[vppl["corpus"] == corpus]
   rows = []
-  for name in _size_order(sub):
+  for name in model_order(sub):
     g = sub[sub["model"] == name].sort_values("step")
     best = g.loc[g["ppl"].idxmin()]
     rows.append({"model": name, "params": int(g["params"].iloc[0]), "final step":
@@ -446,7 +432,7 @@ def _sequence_section(out_dir: str) -> list[str]:
               + answer.text, "", sequences.shape_table(shapes), ""]
   final = sub.sort_values("step").groupby(["set", "model"], sort=False).last().reset_index()
   wide = final.pivot_table(index="set", columns="model", values="ppl", sort=False)
-  wide = wide[[m for m in _size_order(sub) if m in wide.columns]].reset_index()
+  wide = wide[[m for m in model_order(sub) if m in wide.columns]].reset_index()
   lines += ["Perplexity of every set at each size's final checkpoint:", ""]
   lines += _table(wide, {c: ".2f" for c in wide.columns if c != "set"}) + [""]
   plot_dir = os.path.join(d, "plots")
@@ -481,7 +467,7 @@ def _icl_section(out_dir: str, info: RunInfo) -> list[str]:
     lines += _table(corr, {"spearman": ".3f", "spearman_p": ".2g", "r2": ".3f"}) + [""]
     last = sub.sort_values("step").groupby(["model", "task"], sort=False).last().reset_index()
     wide = last.pivot_table(index="task", columns="model", values="accuracy", sort=False)
-    wide = wide[[m for m in _size_order(sub) if m in wide.columns]]
+    wide = wide[[m for m in model_order(sub) if m in wide.columns]]
     wide["random"] = last.groupby("task")["random_baseline"].first()
     lines += ["Accuracy at each size's final checkpoint:", ""]
     lines += _table(wide.reset_index(), {c: ".3f" for c in wide.columns}) + [""]
@@ -509,5 +495,5 @@ def write_report(out_dir: str, info: RunInfo) -> str:
             "`family/` checkpoints, suite.json, training.json · `validation_ppl/` · "
             "`token_trajectories/` · `sequences/` · `icl/`: each with its CSV tables, "
             "summary.md, plots (PNG + PDF) and run manifests (`runs/`).", ""]
-  return _write_text(os.path.join(out_dir, REPORT_FILE), "\n".join(lines))
+  return files.write_text(os.path.join(out_dir, REPORT_FILE), "\n".join(lines))
 

@@ -27,14 +27,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from experiments.analysis import figures
+
 COLUMNS = ["scored_by", "set", "kind", "model", "params", "step", "tokens", "flops", "valid_ppl",
            "nll", "ppl", "num_tokens", "num_sequences"]
 SMALL_PREFERRED = "small_minus_large"
-
-
-def model_order(df: pd.DataFrame) -> list[str]:
-  """Model names from smallest to largest parameter count."""
-  return list(df.groupby("model")["params"].first().sort_values(kind="stable").index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +81,7 @@ def shapes(df: pd.DataFrame, set_name: str, scored_by: str | None = None, tol: f
     raise ValueError(f"no rows for set {set_name!r}" + (f" scored by {scored_by!r}"
                                                        if scored_by else ""))
   out = []
-  for m in model_order(sub):
+  for m in figures.model_order(sub):
     g = sub[sub["model"] == m]
     out.append(trajectory_shape(g["step"], g["ppl"], g["valid_ppl"], m, int(g["params"].iloc[0]),
                                 tol))
@@ -144,13 +141,6 @@ def shape_table(shape_list: Sequence[Shape]) -> str:
 X_AXES = {"valid_ppl": "validation perplexity", "flops": "training FLOPs"}
 
 
-def _save(fig: Figure, path: str) -> None:
-  fmt = os.path.splitext(path)[1].lstrip(".")
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-  fig.savefig(tmp, format=fmt, dpi=150)   # the constrained layout already fits the labels
-  os.replace(tmp, path)
-
-
 def plot_sets(df: pd.DataFrame, sets: Sequence[str], x: str, title: str) -> Figure:
   """Sequence perplexity against `x` ("valid_ppl", drawn decreasing to the right as training
   goes, or "flops"), one panel per set, one line per model size; log-log axes."""
@@ -160,7 +150,7 @@ def plot_sets(df: pd.DataFrame, sets: Sequence[str], x: str, title: str) -> Figu
   nrows = math.ceil(len(sets) / ncols)
   fig = Figure(figsize=(3.8 * ncols, 3.2 * nrows), layout="constrained")
   axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-  models = model_order(df)
+  models = figures.model_order(df)
   colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
   for ax, name in zip(axes, sets):
     sub = df[df["set"] == name]
@@ -196,10 +186,9 @@ def write_plots(df: pd.DataFrame, plot_dir: str) -> list[str]:
       sets = list(dict.fromkeys(part["set"]))
       for x in X_AXES:
         fig = plot_sets(part, sets, x, f"{kind} sets scored by {scored_by}")
-        for ext in ("png", "pdf"):
-          path = os.path.join(plot_dir, f"{scored_by}_{kind}_vs_{x}.{ext}")
-          _save(fig, path)
-          written.append(path)
+        # the constrained layout already fits the labels
+        written += figures.save(fig, os.path.join(plot_dir, f"{scored_by}_{kind}_vs_{x}"),
+                                dpi=150)
   return written
 
 
@@ -211,7 +200,7 @@ def set_overview(df: pd.DataFrame, scored_by: str) -> str:
   lines = ["| set | model | first | min (step) | final | tokens |", "|---|---|---:|---:|---:|---:|"]
   for name in dict.fromkeys(sub["set"]):
     part = sub[sub["set"] == name]
-    for m in model_order(part):
+    for m in figures.model_order(part):
       g = part[part["model"] == m].sort_values("step")
       i = int(np.argmin(g["ppl"].to_numpy()))
       lines.append(f"| {name} | {m} | {g['ppl'].iloc[0]:.4g} | {g['ppl'].iloc[i]:.4g} "

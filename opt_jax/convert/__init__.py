@@ -22,8 +22,6 @@ import numpy as np
 INPUT_FORMATS = ("auto", "hf", "metaseq", "opt_jax")
 OUTPUT_FORMATS = ("opt_jax", "hf")
 DTYPES = ("float32", "bfloat16", "float16")
-HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
-                      "special_tokens_map.json")
 _HF_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
 
 
@@ -71,7 +69,8 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def _tokenizer_files(directory: str, input_format: str, scratch: str) -> list[tuple[str, str]]:
   """(path, name) of the tokenizer files to store with the output."""
-  present = [f for f in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(directory, f))]
+  from opt_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  present = [f for f in checkpoint.TOKENIZER_FILES if os.path.isfile(os.path.join(directory, f))]
   if present or input_format != "metaseq":
     return [(os.path.join(directory, f), f) for f in present]
   # metaseq ships GPT-2's vocab with GPT-2 ids plus fairseq's dict.txt mapping them to model ids.
@@ -136,8 +135,7 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, *,
     params, config = metaseq.read_metaseq(input_path, config_path=config_path, dtype=np_dtype,
                                           progress=progress)
   else:
-    checkpoint.require_checkpoint(input_path)
-    params = checkpoint.restore(input_path, dtype=np_dtype)
+    params = checkpoint.restore(input_path, dtype=np_dtype)   # checks it is a checkpoint first
     config = checkpoint.load_config(input_path)
   directory = input_path if os.path.isdir(input_path) else os.path.dirname(input_path)
 

@@ -241,8 +241,9 @@ def _open_index(index_path: str, open_file: Callable[[str], Any]) -> FileSetSour
                             f"{path}")
     files.append(open_file(path))
   source = FileSetSource(index_path, files)
+  names = set(source.names())
   for name, shard in weight_map.items():
-    if name not in source.names():
+    if name not in names:
       raise ConversionError(f"{index_path}: lists tensor {name} in {shard}, but that file has no "
                             "such tensor")
     if os.path.basename(source.where(name)) != shard:

@@ -1,0 +1,61 @@
+"""Atomic file writes: everything goes to a hidden temporary sibling first, then os.replace.
+
+A crash (or kill -9) never leaves a half-written file under the final name: readers see the old
+file or the new one. The temporary name keeps the extension (`.tmp-<pid>-name.png`), so writers
+that infer a format from it (matplotlib, numpy) work unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+  """Yields a temporary path to write; on success it replaces `path`, on error it is removed.
+
+  Creates the parent folder if needed.
+  """
+  path = os.fspath(path)
+  parent = os.path.dirname(path) or "."
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+  """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def write_text(path: str | os.PathLike, data: str | bytes) -> str:
+  """Writes text (UTF-8) or bytes atomically; returns the path."""
+  with atomic_path(path) as tmp:
+    with open(tmp, "wb") as f:
+      f.write(data.encode("utf-8") if isinstance(data, str) else data)
+  return os.fspath(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> str:
+  """JSON (values it cannot encode written as str) plus a newline, atomically; returns the path."""
+  return write_text(path, json.dumps(obj, indent=indent, default=str) + "\n")
+
+
+def write_csv(frame: Any, path: str | os.PathLike, float_format: str | None = None) -> str:
+  """A pandas DataFrame as CSV without its index, atomically; returns the path."""
+  with atomic_path(path) as tmp:
+    frame.to_csv(tmp, index=False, float_format=float_format)
+  return os.fspath(path)
