@@ -59,3 +59,41 @@ def write_csv(frame: Any, path: str | os.PathLike, float_format: str | None = No
   with atomic_path(path) as tmp:
     frame.to_csv(tmp, index=False, float_format=float_format)
   return os.fspath(path)
+
+
+def user_cache_dir(*parts: str) -> str:
+  """$XDG_CACHE_HOME/opt_jax/<parts> (~/.cache/opt_jax/... when XDG_CACHE_HOME is unset): where
+  downloads and the compilation cache live between runs."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "opt_jax", *parts)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, *, replace: bool = False) -> Iterator[str]:
+  """Yields a hidden temporary sibling folder to fill; when the block completes it becomes
+  `path`, when it raises it is removed (so a failure leaves nothing that looks complete).
+
+  An existing `path` is an error unless replace=True: then it is renamed aside, the new folder
+  renamed into place, and the old one removed. Only for folders this tool owns (a cache it fills).
+  """
+  import shutil  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+
+  path = os.path.abspath(os.fspath(path))
+  if os.path.lexists(path) and not replace:
+    raise FileExistsError(f"{path} already exists")
+  parent, name = os.path.split(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+  try:
+    yield tmp
+    if os.path.lexists(path):
+      old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+      os.rename(path, os.path.join(old, name))
+      os.rename(tmp, path)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
