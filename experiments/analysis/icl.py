@@ -50,7 +50,6 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from opt_jax.files import write_csv
 
 RESULT_COLUMNS = ("model", "step", "params", "tokens", "flops", "validation_ppl", "task", "n",
                   "accuracy", "accuracy_norm", "correct_option_ppl", "incorrect_option_ppl",
@@ -456,7 +455,7 @@ ACCURACY_YS = ("accuracy", "accuracy_above_random", "accuracy_norm")
 
 @dataclasses.dataclass
 class Analysis:
-  """Everything the report and plots need; each table is also written as CSV by `write_tables`.
+  """Everything the report and plots need; `tables` gives the CSVs.
 
   means: mean_accuracy(); correlations: y = accuracy rows (the correlations.csv of the issue);
   correlations_by_metric: every y of ACCURACY_YS and the option perplexities; residuals:
@@ -471,6 +470,12 @@ class Analysis:
   scaling: pd.DataFrame
   top_linearity: list[str]
   top_breakthroughness: list[str]
+
+  def tables(self) -> dict[str, pd.DataFrame]:
+    """{file stem: table} of the CSVs written beside icl_results.csv."""
+    return {"mean_accuracy": self.means, "correlations": self.correlations,
+            "correlations_by_metric": self.correlations_by_metric,
+            "residuals_by_model": self.residuals, "task_scaling": self.scaling}
 
 
 def analyze(results: pd.DataFrame, *, n_bins: int | None = 10, top_k: int = 5) -> Analysis:
@@ -489,12 +494,22 @@ def analyze(results: pd.DataFrame, *, n_bins: int | None = 10, top_k: int = 5) -
       top_tasks(scaling, "linearity", top_k), top_tasks(scaling, "breakthroughness", top_k))
 
 
-def write_tables(a: Analysis, out_dir: str) -> list[str]:
-  return [write_csv(a.means, os.path.join(out_dir, "mean_accuracy.csv")),
-          write_csv(a.correlations, os.path.join(out_dir, "correlations.csv")),
-          write_csv(a.correlations_by_metric, os.path.join(out_dir, "correlations_by_metric.csv")),
-          write_csv(a.residuals, os.path.join(out_dir, "residuals_by_model.csv")),
-          write_csv(a.scaling, os.path.join(out_dir, "task_scaling.csv"))]
+def headline(a: Analysis, k_shot: int | None) -> list[str]:
+  """One line: Spearman rho and R^2 of mean accuracy with each predictor (or why there is none)."""
+  c = a.correlations.set_index("x")
+  shots = f"{k_shot}-shot " if k_shot is not None else ""
+  n_ckpt = a.means.shape[0]
+  if not np.isfinite(c.loc["validation_ppl", "r2"]):
+    head = (f"mean {shots}accuracy over {len(a.tasks)} tasks and {n_ckpt} checkpoints: "
+            f"{_fmt(a.means['accuracy'].min())} to {_fmt(a.means['accuracy'].max())}; "
+            f"no validation perplexity, so no perplexity correlation")
+  else:
+    v = c.loc["validation_ppl"]
+    head = (f"mean {shots}accuracy vs log validation perplexity: Spearman rho "
+            f"{_fmt(v['spearman'])}, R^2 {_fmt(v['r2'])} (n = {int(v['n'])})")
+  others = ", ".join(f"{x} rho {_fmt(c.loc[x, 'spearman'])} R^2 {_fmt(c.loc[x, 'r2'])}"
+                     for x in ("flops", "params") if x in c.index)
+  return [head, f"against log {others}"] if others else [head]
 
 
 def _fmt(v: float, spec: str = ".3f") -> str:
@@ -552,7 +567,10 @@ def verdict(a: Analysis) -> list[str]:
 
 
 def summary_markdown(a: Analysis, *, title: str = "Downstream in-context learning",
-                     notes: Sequence[str] = (), failures: Mapping[str, str] | None = None) -> str:
+                     notes: Sequence[str] = (), failures: Mapping[str, str] | None = None,
+                     dropped: Mapping[str, str] | None = None) -> str:
+  """summary.md: notes, the verdict on the paper's claim, correlation and residual tables,
+  linearity and breakthroughness, failed tasks and tasks not selected (each with its reason)."""
   lines = [f"# {title}", ""]
   lines += [f"- {n}" for n in notes]
   lines += [f"- {len(a.tasks)} tasks at every checkpoint; {a.means.shape[0]} checkpoints of "
@@ -593,4 +611,7 @@ def summary_markdown(a: Analysis, *, title: str = "Downstream in-context learnin
   if failures:
     lines += ["## Tasks that failed", ""] + [f"- {k}: {v}" for k, v in sorted(failures.items())]
     lines.append("")
+  if dropped:
+    lines += ["## BIG-bench tasks not selected by the paper's rule", ""]
+    lines += [f"- {k}: {v}" for k, v in sorted(dropped.items())] + [""]
   return "\n".join(lines)
