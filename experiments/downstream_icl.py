@@ -312,44 +312,13 @@ def run(settings: Settings, *, progress: bool = True, run_info: dict | None = No
   if not ctx.is_main:
     return ctx.outcome(None, evaluated=evaluated)
 
-  rows = []
-  for m, step, _ in ctx.suite.checkpoints():
-    arrays, _ = ctx.read(key, m, step)
-    ppl = val_scorer.ppl(arrays, "validation/") if val_scorer else val.get((m.name, step), np.nan)
-    base = {"model": m.name, "step": step, "params": m.params, "tokens": m.tokens(step),
-            "flops": m.flops(step), "validation_ppl": ppl}
-    rows += [{**base, **r} for r in task_rows(items, encoded[ctx.fingerprints[m.name]],
-                                              arrays["logprob"])]
-  table = pd.DataFrame(rows)
-  skipped = table.groupby(["k_shot", "task"])["skipped_examples"].max()
-  skipped = skipped[skipped > 0]
-  missing = sorted({(it.k, it.task) for it in items} - set(zip(table["k_shot"], table["task"])))
-  table = icl.check_results(table[list(icl.RESULT_COLUMNS) + ["k_shot"]], "icl_results")
-  table = table.sort_values(["k_shot", "model", "step", "task"], ignore_index=True)
+  ppl_of = ((lambda m, step, arrays: val_scorer.ppl(arrays, "validation/")) if val_scorer else
+            (lambda m, step, arrays: val.get((m.name, step), np.nan)))
+  table, too_long = results_table(ctx, key, items, encoded, ppl_of)
   ctx.write_csv(RESULTS_CSV, table)
-
-  notes = list(tasks.notes)
-  if not s.validation_ppl and not val_scorer:
-    notes.append("no --validation_ppl or --validation_text: perplexity correlations unavailable")
-  elif s.validation_ppl:
-    notes.append(f"validation perplexity from {s.validation_ppl}")
-    absent = perplexity.missing_checkpoints(val, ctx.suite)
-    if absent:
-      ctx.skipped.append(f"no validation perplexity for {len(absent)} checkpoint(s) in "
-                         f"{s.validation_ppl} ({', '.join(absent[:3])}...): NaN")
-  else:
-    notes.append(f"validation perplexity: token-weighted over {list(s.validation_text)}")
-  too_long = [f"{int(v)} examples of {t} (k={k}) skipped: an option is longer than the "
-              f"{max_length}-token window" for (k, t), v in skipped.items()]
-  too_long += [f"every example of {t} (k={k}) is longer than the {max_length}-token window: no "
-               f"metrics" for k, t in missing]
-  notes += too_long
-  if too_long:
-    ctx.skipped.append(f"{int(skipped.sum())} examples of {len(skipped)} task(s) and every example "
-                       f"of {len(missing)} task(s) longer than the {max_length}-token window "
-                       f"(summary.md lists them)")
-  notes.append(f"seed {s.seed}; at most {s.max_examples or 'all'} examples per task; options "
-               f"scored by summed log-prob (accuracy) and per character (accuracy_norm)")
+  notes = [*tasks.notes, *_validation_notes(ctx, val), *too_long,
+           f"seed {s.seed}; at most {s.max_examples or 'all'} examples per task; options scored "
+           f"by summed log-prob (accuracy) and per character (accuracy_norm)"]
   analyses = []
   for i, k in enumerate(s.k_shot):
     sub_dir = ctx.out_dir if i == 0 else ctx.path(f"k{k}shot")
@@ -365,6 +334,50 @@ def run(settings: Settings, *, progress: bool = True, run_info: dict | None = No
                      files_=[RESULTS_CSV, "correlations.csv", "summary.md",
                              *(["plots/"] if s.plots else []),
                              *(f"k{k}shot/" for k in s.k_shot[1:])])
+
+
+def results_table(ctx: Experiment, key, items: Sequence[Item], encoded: dict[str, Encoded],
+                  ppl_of) -> tuple[pd.DataFrame, list[str]]:
+  """(the icl_results table of every checkpoint, one note per task with examples longer than
+  the window); ppl_of(model, step, stored arrays) -> its validation perplexity."""
+  rows = []
+  for m, step, _ in ctx.suite.checkpoints():
+    arrays, _ = ctx.read(key, m, step)
+    base = {"model": m.name, "step": step, "params": m.params, "tokens": m.tokens(step),
+            "flops": m.flops(step), "validation_ppl": ppl_of(m, step, arrays)}
+    rows += [{**base, **r} for r in task_rows(items, encoded[ctx.fingerprints[m.name]],
+                                              arrays["logprob"])]
+  if not rows:
+    raise InputError(f"every example of every task is longer than the {ctx.max_positions}-token "
+                     f"window: nothing to analyse")
+  table = pd.DataFrame(rows)
+  skipped = table.groupby(["k_shot", "task"])["skipped_examples"].max()
+  skipped = skipped[skipped > 0]
+  missing = sorted({(it.k, it.task) for it in items} - set(zip(table["k_shot"], table["task"])))
+  window = f"{ctx.max_positions}-token window"
+  notes = [f"{int(v)} examples of {t} (k={k}) skipped: an option is longer than the {window}"
+           for (k, t), v in skipped.items()]
+  notes += [f"every example of {t} (k={k}) is longer than the {window}: no metrics"
+            for k, t in missing]
+  if notes:
+    ctx.skipped.append(f"{int(skipped.sum())} examples of {len(skipped)} task(s) and every "
+                       f"example of {len(missing)} task(s) longer than the {window} (summary.md "
+                       f"lists them)")
+  table = icl.check_results(table[list(icl.RESULT_COLUMNS) + ["k_shot"]], "icl_results")
+  return table.sort_values(["k_shot", "model", "step", "task"], ignore_index=True), notes
+
+
+def _validation_notes(ctx: Experiment, val: dict) -> list[str]:
+  s = ctx.settings
+  if s.validation_text:
+    return [f"validation perplexity: token-weighted over {list(s.validation_text)}"]
+  if not s.validation_ppl:
+    return ["no --validation_ppl or --validation_text: perplexity correlations unavailable"]
+  absent = perplexity.missing_checkpoints(val, ctx.suite)
+  if absent:
+    ctx.skipped.append(f"no validation perplexity for {len(absent)} checkpoint(s) in "
+                       f"{s.validation_ppl} ({', '.join(absent[:3])}...): NaN")
+  return [f"validation perplexity from {s.validation_ppl}"]
 
 
 def _skip_lines(tasks: TaskList) -> list[str]:

@@ -118,13 +118,13 @@ class Settings:
         if choices and v not in choices:
           raise InputError(f"--{f.name}={_show(value)}: {v!r} is not one of {', '.join(choices)}")
         bounds = f.metadata.get("bounds", {})
-        bad = [f"{_BOUNDS[k][0]} {b:g}" for k, b in bounds.items() if not _BOUNDS[k][1](v, b)]
-        if bad or (isinstance(v, float) and not math.isfinite(v)):
+        outside = any(not _BOUNDS[k][1](v, b) for k, b in bounds.items())
+        if outside or (isinstance(v, float) and not math.isfinite(v)):
           want = " and ".join(f"{_BOUNDS[k][0]} {b:g}" for k, b in bounds.items())
-          raise InputError(f"--{f.name}={_show(value)}: expected "
-                           f"{'numbers' if is_tuple else 'a number'}"
-                           f"{' ' + want if want else ''}"
-                           + (f" (got {v})" if is_tuple else ""))
+          kind = {(int, False): "an integer", (int, True): "integers",
+                  (float, False): "a number", (float, True): "numbers"}[scalar, is_tuple]
+          raise InputError(f"--{f.name}={_show(value)}: expected {kind}"
+                           f"{' ' + want if want else ''}" + (f" (got {v})" if is_tuple else ""))
 
   def replace(self, **changes: Any):
     return dataclasses.replace(self, **changes)

@@ -56,7 +56,7 @@ def _user_errors(i):
       "bad flag value": ([*vppl, f"--corpus={r}/ok.txt", "--batch_size=abc"],
                          r"--batch_size=abc: invalid literal"),
       "number out of range": ([*vppl, f"--corpus={r}/ok.txt", "--stride=0"],
-                              r"--stride=0: expected a number >= 1"),
+                              r"--stride=0: expected an integer >= 1"),
       "missing flag": (vppl, r"--corpus is required"),
       "unexpected argument": ([*vppl, f"--corpus={r}/ok.txt", "extra"],
                               r"unexpected arguments \['extra'\]"),
@@ -80,7 +80,7 @@ def _user_errors(i):
                               f"--input={r}/ok.txt", f"--output={r}"],
                              r"--output=.* is a folder; expected the path of a file"),
       "plan of no rows": (["tools.plan_mesh", "--model=125m", "--mesh=data:1", "--batch=0"],
-                          r"--batch=0: expected a number >= 1"),
+                          r"--batch=0: expected an integer >= 1"),
       "unknown preset": (["tools.plan_mesh", "--model=7b", "--mesh=data:1"],
                          r"--model=7b: unknown OPT preset '7b'"),
   }
@@ -161,7 +161,7 @@ def test_persistent_compilation_cache_is_hit_by_a_second_run(tmp_path):
 def test_settings_check_every_field_and_name_the_flag():
   from experiments import downstream_icl, token_trajectories
   base = dict(suite="s.json", out="o")
-  with pytest.raises(InputError, match=r"--batch_size=0: expected a number >= 1"):
+  with pytest.raises(InputError, match=r"--batch_size=0: expected an integer >= 1"):
     token_trajectories.Settings(**base, corpus=("c",), batch_size=0)
   with pytest.raises(InputError, match=r"--alpha=1.5: expected a number > 0 and < 1"):
     token_trajectories.Settings(**base, corpus=("c",), alpha=1.5)

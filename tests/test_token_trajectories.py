@@ -208,9 +208,9 @@ def test_bad_inputs_fail_before_scoring_with_the_cause(tiny_suite, tmp_path):
     run(start_fractions=(0.1, 0.9))
   with pytest.raises(ValueError, match=r"--context_length=100: expected 2 to 64"):
     run(context_length=100)
-  with pytest.raises(ValueError, match=r"--stride=0: expected a number >= 1"):
+  with pytest.raises(ValueError, match=r"--stride=0: expected an integer >= 1"):
     run(stride=0)
-  with pytest.raises(ValueError, match=r"--context_length=0: expected a number >= 2"):
+  with pytest.raises(ValueError, match=r"--context_length=0: expected an integer >= 2"):
     run(context_length=0)
   assert not os.path.exists(os.path.join(out, "store"))
 

@@ -507,9 +507,9 @@ def headline(a: Analysis, k_shot: int | None) -> list[str]:
     v = c.loc["validation_ppl"]
     head = (f"mean {shots}accuracy vs log validation perplexity: Spearman rho "
             f"{_fmt(v['spearman'])}, R^2 {_fmt(v['r2'])} (n = {int(v['n'])})")
-  others = ", ".join(f"{x} rho {_fmt(c.loc[x, 'spearman'])} R^2 {_fmt(c.loc[x, 'r2'])}"
-                     for x in ("flops", "params") if x in c.index)
-  return [head, f"against log {others}"] if others else [head]
+  others = "; ".join(f"log {name}: rho {_fmt(c.loc[x, 'spearman'])}, R^2 {_fmt(c.loc[x, 'r2'])}"
+                     for x, name in (("flops", "FLOPs"), ("params", "parameters")) if x in c.index)
+  return [head, f"against {others}"] if others else [head]
 
 
 def _fmt(v: float, spec: str = ".3f") -> str:
