@@ -74,15 +74,17 @@ class Experiment:
 
     self.name, self.settings, self.progress = name, settings, progress
     self.run_info = dict(run_info or {})
-    self.out_dir = _output_folder(settings.out)
     self.dtype = inputs.parse_dtype(settings.dtype)
     self.mesh = _make_mesh(settings.mesh)
     self.is_main = sharding.is_main_process()
-    self.store = ResultStore(os.path.join(self.out_dir, STORE_DIR))
     self.reports: list[tuple[str, Any]] = []
     self.skipped: list[str] = []
     self._scorers: Any = None
     self._load(suite_path or settings.suite, settings.models)
+    # Checked, not created: the first file written creates it, so a run that fails its checks
+    # leaves nothing behind.
+    self.out_dir = files.check_output(settings.out, folder=True, what="--out")
+    self.store = ResultStore(os.path.join(self.out_dir, STORE_DIR))
 
   def _load(self, suite_path: str, models: Sequence[str] | None) -> None:
     from opt_jax import checkpoint, sharding  # pylint: disable=import-outside-toplevel
@@ -219,17 +221,6 @@ def main(settings_cls: type, run: Callable[[Any], Outcome]) -> None:
     from opt_jax import sharding  # pylint: disable=import-outside-toplevel
     sharding.initialize_distributed()   # before anything touches a device; no-op on one host
   cli.main(settings_cls, lambda settings: run(settings).summary, before=start)
-
-
-def _output_folder(out: str) -> str:
-  """The absolute output folder, created; InputError when it is a file or not writable."""
-  path = os.path.abspath(os.path.expanduser(out))
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise InputError(f"--out={out}: {path} is a file; expected a folder (it is created if absent)")
-  os.makedirs(path, exist_ok=True)
-  if not os.access(path, os.W_OK | os.X_OK):
-    raise InputError(f"--out={out}: cannot write into {path} (permission denied)")
-  return path
 
 
 def _make_mesh(spec: str):

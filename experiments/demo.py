@@ -442,8 +442,8 @@ def _member_records(family_dir: str) -> dict[str, tuple[int, int]]:
 def _bigbench_key(root: str) -> list[tuple[str, float]]:
   """Task folders and task.json times under a BIG-bench root (a changed copy reruns the stage)."""
   out = []
-  for dirpath, _, files in os.walk(root):
-    if "task.json" in files:
+  for dirpath, _, names in os.walk(root):
+    if "task.json" in names:
       p = os.path.join(dirpath, "task.json")
       out.append((os.path.relpath(p, root), os.path.getmtime(p)))
   return sorted(out)

@@ -488,6 +488,10 @@ def run(settings: Settings, *, progress: bool = True, run_info: dict | None = No
   s = settings
   ctx = Experiment(NAME, s, progress=progress, run_info=run_info)
   ctx.window(s.context_length, s.stride)
+  few = [f"{m.name} ({len(m.steps)})" for m in ctx.suite.models if len(m.steps) < 2]
+  if few:   # a trajectory's fall and rise need two checkpoints at least
+    raise InputError(f"--suite={s.suite}: every model needs at least 2 checkpoints; "
+                     f"{', '.join(few)} has fewer")
   suites = [(ctx, ctx.suite.name, s.validation_ppl)]
   if s.cross_suite:
     cross = ctx.with_suite(s.cross_suite)

@@ -55,7 +55,8 @@ def run(s: Settings) -> cli.Summary:
       results=["final validation loss (nats/token): " + ", ".join(
           f"{m['name']} {m['history'][-1]['val_loss']:.3f} (step {m['history'][-1]['step']})"
           for m in models)],
-      out_dir=os.path.abspath(family), files=["suite.json", "training.json", "ckpt/"])
+      out_dir=os.path.abspath(family),
+      files=[os.path.basename(suite_path), train.TRAINING_FILE, "ckpt/"])
 
 
 def _before_jax(s: Settings) -> None:

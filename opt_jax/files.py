@@ -97,3 +97,24 @@ def atomic_directory(path: str | os.PathLike, *, replace: bool = False) -> Itera
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def check_output(path: str | os.PathLike, *, folder: bool, what: str) -> str:
+  """The absolute path of an output to be written later, checked now (nothing is created): a
+  folder output must not be a file, a file output must not be a folder, and the nearest existing
+  folder above it must be writable. Raises opt_jax.errors.InputError naming `what` (a flag)."""
+  from opt_jax.errors import InputError  # pylint: disable=import-outside-toplevel
+
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  if folder and os.path.exists(path) and not os.path.isdir(path):
+    raise InputError(f"{what}={path} is a file; expected a folder (it is created if absent)")
+  if not folder and os.path.isdir(path):
+    raise InputError(f"{what}={path} is a folder; expected the path of a file to write")
+  existing = path if folder and os.path.isdir(path) else os.path.dirname(path)
+  while not os.path.isdir(existing):
+    if os.path.exists(existing):
+      raise InputError(f"{what}={path}: {existing} is a file, so no folder can be created there")
+    existing = os.path.dirname(existing)
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise InputError(f"{what}={path}: cannot write into {existing} (permission denied)")
+  return path

@@ -536,27 +536,6 @@ class Scorer:
 
 # Files ----------------------------------------------------------------------------------------
 
-def check_output_file(path: str, what: str = "--output") -> str:
-  """The absolute path of an output file to be written, checked before any work: not a folder,
-  its folder creatable and writable. InputError otherwise."""
-  import os  # pylint: disable=import-outside-toplevel
-
-  from opt_jax.errors import InputError  # pylint: disable=import-outside-toplevel
-
-  path = os.path.abspath(path)
-  if os.path.isdir(path):
-    raise InputError(f"{what}={path} is a folder; expected the path of a file to write")
-  parent = os.path.dirname(path)
-  existing = parent
-  while not os.path.isdir(existing):
-    if os.path.exists(existing):
-      raise InputError(f"{what}={path}: {existing} is a file, so no folder can be created there")
-    existing = os.path.dirname(existing)
-  if not os.access(existing, os.W_OK | os.X_OK):
-    raise InputError(f"{what}={path}: cannot write into {existing} (permission denied)")
-  return path
-
-
 def score_text_file(checkpoint_dir: str, input_path: str, output_path: str, *,
                     context_length: int | None = None, stride: int | None = None,
                     batch_size: int = 8, dtype: str = "float32", attention: str = "auto",
@@ -578,7 +557,7 @@ def score_text_file(checkpoint_dir: str, input_path: str, output_path: str, *,
   from opt_jax.errors import InputError  # pylint: disable=import-outside-toplevel
   from opt_jax.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
 
-  output_path = check_output_file(output_path)
+  output_path = files.check_output(output_path, folder=False, what="--output")
   corpus = inputs.read_corpus(input_path, "--input")
   compute = inputs.parse_dtype(dtype)
   config = checkpoint.load_config(checkpoint_dir)

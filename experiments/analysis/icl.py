@@ -50,6 +50,7 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
+from opt_jax.errors import InputError
 
 RESULT_COLUMNS = ("model", "step", "params", "tokens", "flops", "validation_ppl", "task", "n",
                   "accuracy", "accuracy_norm", "correct_option_ppl", "incorrect_option_ppl",
@@ -115,7 +116,7 @@ def check_results(df: pd.DataFrame, source: str = "results") -> pd.DataFrame:
   """
   missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
   if missing:
-    raise ValueError(f"{source}: missing column(s) {missing}; required: {list(REQUIRED_COLUMNS)}")
+    raise InputError(f"{source}: missing column(s) {missing}; required: {list(REQUIRED_COLUMNS)}")
   df = df.copy()
   for c in RESULT_COLUMNS:
     if c not in df.columns:
@@ -127,14 +128,14 @@ def check_results(df: pd.DataFrame, source: str = "results") -> pd.DataFrame:
     try:
       df[c] = pd.to_numeric(df[c])
     except (ValueError, TypeError) as e:
-      raise ValueError(f"{source}: column {c!r} must be numeric ({e})") from e
+      raise InputError(f"{source}: column {c!r} must be numeric ({e})") from e
   df["step"] = df["step"].astype(np.int64)
   # Extra key columns (k_shot) tell apart rows of several settings in one table.
   key = ["model", "step", "task"] + [c for c in ("k_shot",) if c in df.columns]
   dup = df.duplicated(key, keep=False)
   if dup.any():
     first = df[dup].iloc[0]
-    raise ValueError(f"{source}: {int(dup.sum())} rows repeat a ({', '.join(key)}), e.g. "
+    raise InputError(f"{source}: {int(dup.sum())} rows repeat a ({', '.join(key)}), e.g. "
                      f"({', '.join(str(first[k]) for k in key)})")
   extra = [c for c in df.columns if c not in RESULT_COLUMNS]
   return df[list(RESULT_COLUMNS) + extra].sort_values(key[-1:] + key[:-1] if len(key) > 3
@@ -157,7 +158,7 @@ def mean_accuracy(results: pd.DataFrame, tasks: Sequence[str] | None = None) -> 
   incorrect_option_ppl (geometric means over tasks)."""
   tasks = common_tasks(results) if tasks is None else list(tasks)
   if not tasks:
-    raise ValueError("no task has an accuracy at every checkpoint; nothing to average")
+    raise InputError("no task has an accuracy at every checkpoint; nothing to average")
   df = results[results["task"].isin(tasks)].copy()
   df["accuracy_above_random"] = df["accuracy"] - df["random_baseline"]
   for c in ("correct_option_ppl", "incorrect_option_ppl"):
@@ -386,7 +387,7 @@ def import_lm_eval(results_dir: str, models: Sequence[Any], tasks: Sequence[str]
   files = sorted(os.path.join(d, f) for d, _, fs in os.walk(results_dir) for f in fs
                  if f.endswith(".json"))
   if not files:
-    raise ValueError(f"{results_dir}: no .json result files")
+    raise InputError(f"{results_dir}: no .json result files")
   rows, problems, seen = [], [], {}
   for path in files:
     rel = os.path.relpath(path, results_dir)
@@ -410,7 +411,7 @@ def import_lm_eval(results_dir: str, models: Sequence[Any], tasks: Sequence[str]
                       f"file name has no stepN")
       continue
     if (model.name, step) in seen:
-      raise ValueError(f"{results_dir}: {seen[(model.name, step)]} and {rel} are both "
+      raise InputError(f"{results_dir}: {seen[(model.name, step)]} and {rel} are both "
                        f"{model.name} step {step}")
     seen[(model.name, step)] = rel
     results = data["results"]
@@ -444,7 +445,7 @@ def import_lm_eval(results_dir: str, models: Sequence[Any], tasks: Sequence[str]
                    "correct_option_ppl": np.nan, "incorrect_option_ppl": np.nan,
                    "random_baseline": np.nan})
   if not rows:
-    raise ValueError(f"{results_dir}: no usable results; problems:\n  " + "\n  ".join(problems))
+    raise InputError(f"{results_dir}: no usable results; problems:\n  " + "\n  ".join(problems))
   return check_results(pd.DataFrame(rows), results_dir), problems
 
 
