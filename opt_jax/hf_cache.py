@@ -31,7 +31,7 @@ import statistics
 from typing import Any, Iterable
 
 from opt_jax import suite_templates
-from opt_jax.errors import InputError, MissingFileError
+from opt_jax.errors import InputError, MissingFileError, OutputExistsError
 
 # HF weight files, in the order transformers prefers them.
 SAFETENSORS = "model.safetensors"
@@ -48,6 +48,9 @@ BUFFER_SUFFIXES = (".attention.bias", ".attention.masked_bias", ".attn.bias", ".
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 _MAX_HEADER_BYTES = 100 << 20
 STAGE2_MODES = ("separate", "drop")
+# How the files written from a cache scan start, so that a re-run replaces only its own files.
+MANIFEST_MARK = "HF cache "
+SCRIPT_MARK = "# Revisions of the template not in the HF cache."
 
 
 def default_cache_dir() -> str:
@@ -481,7 +484,7 @@ def build_suite(repos: list[str], *, cache_dir: str | None = None, name: str = "
   manifest = None
   if models:
     manifest = {"name": name,
-                "description": f"HF cache {cache_dir}: {', '.join(s.repo for s in scans)}",
+                "description": f"{MANIFEST_MARK}{cache_dir}: {', '.join(s.repo for s in scans)}",
                 "models": models}
   return SuiteBuild(manifest=manifest, scans=scans, notes=notes, unknown=unknown,
                     problems=problems)
@@ -490,9 +493,25 @@ def build_suite(repos: list[str], *, cache_dir: str | None = None, name: str = "
 def download_commands(missing: dict[str, list[str]], cache_dir: str | None = None) -> str:
   """A shell script with one `hf download REPO --revision REV` line per missing revision."""
   cache = f" --cache-dir {cache_dir}" if cache_dir else ""
-  lines = ["#!/bin/sh", "# Revisions of the template not in the HF cache. Each line downloads one",
-           "# revision (all its files); in Python: huggingface_hub.snapshot_download(repo_id,",
-           "# revision=REV). Then run tools.make_suite again.", "set -e"]
+  lines = ["#!/bin/sh", SCRIPT_MARK, "# Each line downloads one revision (all its files); in",
+           "# Python: huggingface_hub.snapshot_download(repo_id, revision=REV). Then run",
+           "# tools.make_suite again.", "set -e"]
   for repo, revisions in missing.items():
     lines += [f"hf download {repo} --revision {r}{cache}" for r in revisions]
   return "\n".join(lines) + "\n"
+
+
+def check_replaceable(path: str, overwrite: bool = False) -> None:
+  """Raises OutputExistsError if `path` exists and is not a manifest or download script written
+  by `build_suite` / `download_commands` (a hand-edited manifest is never replaced silently)."""
+  if overwrite or not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      text = f.read(1 << 16)
+  except (OSError, UnicodeDecodeError):
+    text = ""
+  if SCRIPT_MARK in text or f'"description": "{MANIFEST_MARK}' in text:
+    return
+  raise OutputExistsError(f"{path} exists and was not written by tools.make_suite; choose another "
+                          "path or pass --overwrite")

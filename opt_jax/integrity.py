@@ -12,7 +12,8 @@ before anything is evaluated:
   index whose shards or tensors are missing, a .bin whose zip directory is gone, a missing or
   short orbax chunk, a blob whose content does not match its sha256 name (deep mode);
 - config_differs / layout_differs: config.json (minus IGNORED_CONFIG_FIELDS) or tensor names and
-  shapes unlike the model's other checkpoints (the most common value is the reference);
+  dtypes and shapes unlike the model's other checkpoints (the most common value is the
+  reference);
 - out_of_order: a revision name whose step is not the manifest's step, tokens in revision names
   that decrease with step, or that disagree with step x tokens_per_step.
 
@@ -158,11 +159,11 @@ def _mode(deep: bool) -> str:
 @dataclasses.dataclass
 class _Scan:
   """What one checkpoint directory holds. units: unit name -> hash (None: unreadable);
-  shapes: tensor name -> shape (tensor-level units only); buffers: units left out of the
+  layout: tensor name -> [dtype, shape] (tensor-level units only); buffers: units left out of the
   partial-duplicate comparison; exact: every hash covers all bytes; blobs: the sha256 names of
   its weight files when all are HF-cache blobs (equal blobs are equal bytes, in any mode)."""
   units: dict[str, str | None] = dataclasses.field(default_factory=dict)
-  shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+  layout: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
   buffers: set[str] = dataclasses.field(default_factory=set)
   problems: list[str] = dataclasses.field(default_factory=list)
   not_checked: str | None = None
@@ -228,7 +229,7 @@ def _safetensors_file(path: str, deep: bool, cache: HashCache) -> dict[str, Any]
 def _bin_file(path: str, deep: bool, cache: HashCache) -> dict[str, Any]:
   """{"hash", "exact", "problems", "not_checked"} of one PyTorch .bin file (file-level)."""
   blob = _blob_sha256(path)
-  key = cache.key(path, "blob" if blob else _mode(deep))
+  key = cache.key(path, _mode(deep) if deep or not blob else "blob")
   cached = cache.get(key)
   if cached is not None:
     return cached
@@ -250,6 +251,14 @@ def _bin_file(path: str, deep: bool, cache: HashCache) -> dict[str, Any]:
     out["not_checked"] = f"{os.path.basename(path)}: legacy torch format, completeness not checked"
   if blob:
     out["hash"] = blob
+    if deep:
+      with open(path, "rb") as f:
+        content = hashlib.sha256()
+        for off in range(0, size, _BLOCK):
+          content.update(_read(f, off, min(_BLOCK, size - off)))
+      if content.hexdigest() != blob:
+        out["problems"].append(f"{path}: content sha256 {content.hexdigest()[:12]}... does not "
+                               f"match its blob name {blob[:12]}...: the download is corrupt")
   else:
     with open(path, "rb") as f:
       out["hash"] = _hash_range(f, 0, size, _tag("bin", size), deep)
@@ -285,7 +294,7 @@ def _scan_hf(directory: str, deep: bool, cache: HashCache, scan: _Scan) -> None:
     scan.problems.extend(r["problems"])
     for name, dtype, shape, h in r["tensors"]:
       scan.units[name] = h
-      scan.shapes[name] = tuple(shape)
+      scan.layout[name] = [dtype, list(shape)]
       if hf_cache.is_buffer(name, dtype):
         scan.buffers.add(name)
   scan.exact = deep
@@ -352,7 +361,7 @@ def _scan_orbax(directory: str, deep: bool, cache: HashCache, scan: _Scan) -> No
           h = _hash_range(f, 0, size, _tag("chunk"), deep)
         cache.put(key, h)
       chunk_hashes.append(h)
-    scan.shapes[name] = tuple(shape)
+    scan.layout[name] = [meta["dtype"], list(shape)]
     scan.units[name] = (hashlib.sha256(_tag(meta["dtype"], shape, chunk_hashes)).hexdigest()[:32]
                         if ok else None)
 
@@ -500,8 +509,7 @@ def _check_siblings(rows: dict[int, Row], scans: dict[int, _Scan]) -> None:
       if diff:
         _add(rows[step], "config_differs",
              f"config.json differs from the model's other checkpoints: {', '.join(diff[:6])}")
-  layouts = {s: {k: list(v) for k, v in sc.shapes.items()} for s, sc in scans.items()
-             if sc.shapes}
+  layouts = {s: sc.layout for s, sc in scans.items() if sc.layout}
   if len(layouts) > 1:
     ref_step, ref = _most_common(layouts)
     for step, layout in layouts.items():
@@ -510,10 +518,13 @@ def _check_siblings(rows: dict[int, Row], scans: dict[int, _Scan]) -> None:
       missing = sorted(set(ref) - set(layout))
       extra = sorted(set(layout) - set(ref))
       reshaped = sorted(k for k in set(ref) & set(layout) if ref[k] != layout[k])
-      parts = [f"{what} {names[:3]}" for what, names in
-               (("missing", missing), ("extra", extra), ("other shapes", reshaped)) if names]
+      parts = [f"{what} {names[:3]}" for what, names in (("missing", missing), ("extra", extra))
+               if names]
+      parts += [f"{k} is {' '.join(map(str, layout[k]))} (step {ref_step}: "
+                f"{' '.join(map(str, ref[k]))})" for k in reshaped[:2]]
+      more = f" and {len(reshaped) - 2} more" if len(reshaped) > 2 else ""
       _add(rows[step], "layout_differs",
-           f"tensors differ from step {ref_step}'s: {'; '.join(parts)}")
+           f"tensors differ from the model's other checkpoints: {'; '.join(parts)}{more}")
 
 
 def _check_order(rows: dict[int, Row], tokens_per_step: int) -> None:

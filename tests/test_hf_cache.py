@@ -163,6 +163,19 @@ def test_make_suite_manifest_round_trips_through_load_suite(tmp_path, sources):
   assert res.returncode == 0, res.stderr
   assert "ref 'main' is step200" in res.stdout and "2 model(s), 4 checkpoint(s)" in res.stdout
 
+  # A re-run replaces its own manifest, never a file it did not write.
+  assert _run(["tools.make_suite", f"--hf_cache={cache}", "--repos=org/opt-a", f"--out={out}",
+               "--tokens_per_step=1000"]).returncode == 0
+  foreign = tmp_path / "mine.json"
+  foreign.write_text("{}")
+  res = _run(["tools.make_suite", f"--hf_cache={cache}", "--repos=org/opt-a", f"--out={foreign}",
+              "--tokens_per_step=1000"])
+  assert res.returncode == 2 and "was not written by tools.make_suite" in res.stderr
+  assert foreign.read_text() == "{}"
+  res = _run(["tools.make_suite", "--repos=org/opt-a,org/opt-b", f"--out={out}",
+              "--tokens_per_step=1000"], env={"HF_HUB_CACHE": cache})
+  assert res.returncode == 0, res.stderr
+
   s = suite.load_suite(out)              # full validation, configs and params included
   a, b = s.model("org/opt-a"), s.model("opt-b")
   assert (a.name, a.steps, b.steps) == ("opt-a", [0, 100, 200], [50])

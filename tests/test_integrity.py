@@ -184,6 +184,15 @@ def test_bin_shards_are_compared_by_their_blob_sha256(tmp_path):
       rows[200].problems[0]
   assert rows[300].status == "ok"
   assert rows[500].status == "unreadable" and "zip" in rows[500].problems[0]
+  # --deep also checks that each blob's bytes have the sha256 it is named by.
+  blob = os.path.realpath(os.path.join(a["path"], "pytorch_model-00002-of-00002.bin"))
+  with open(blob, "r+b") as f:
+    f.seek(100)
+    f.write(b"\0" * 4)
+  assert _by_step(integrity.check_suite(_suite(tmp_path, ckpts)))[100].status == "duplicate"
+  deep = _by_step(integrity.check_suite(_suite(tmp_path, ckpts), deep=True))
+  assert deep[100].status == deep[400].status == "unreadable"   # one blob, both revisions
+  assert "does not match its blob name" in deep[400].problems[0]
 
 
 def test_unreadable_and_truncated_files_are_found(tmp_path, sources):
@@ -252,8 +261,23 @@ def test_layout_difference_is_found(tmp_path, sources):
                                                           3: wider})))
   assert rows[3].status == "config_differs"            # the config says so too
   assert "ffn_dim=48 (step 1: 32)" in rows[3].problems[0]
-  assert "tensors differ from step 1's: other shapes ['model.decoder.layers.0.fc1.bias'" in \
-      rows[3].problems[1]
+  assert rows[3].problems[1].startswith(
+      "tensors differ from the model's other checkpoints: model.decoder.layers.0.fc1.bias is F32 "
+      "[48] (step 1: F32 [32]); model.decoder.layers.0.fc1.weight is F32 [48, 16] (step 1: F32 "
+      "[32, 16]) and 4 more")
+
+
+def test_a_checkpoint_stored_in_another_dtype_is_found(tmp_path, sources):
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  single, _ = sources
+  half = str(tmp_path / "half")
+  transformers.OPTForCausalLM.from_pretrained(single[2]).to(torch.float16).save_pretrained(half)
+  rows = _by_step(integrity.check_suite(_suite(tmp_path, {1: single[0], 2: single[1],
+                                                          3: half})))
+  assert rows[3].status == "layout_differs"   # torch_dtype in config.json is ignored, not this
+  assert "model.decoder.embed_positions.weight is F16 [34, 16] (step 1: F32 [34, 16])" in \
+      rows[3].problems[0]
 
 
 def test_step_order_problems_are_found(tmp_path, sources):

@@ -36,6 +36,8 @@ _PARAMS = flags.DEFINE_integer("params", None, "Parameter count for repos withou
 _STAGE2 = flags.DEFINE_enum("olmo2_stage2", "separate", hf_cache.STAGE2_MODES,
                             "OLMo 2 stage-2 (mid-training) revisions: each ingredient a separate "
                             "model, or dropped.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out / --download_script even if "
+                                "they were not written by make_suite.")
 _SCRIPT = flags.DEFINE_string("download_script", None, "With --template: where to write the "
                               "download commands (default: <out without .json>.download.sh).")
 
@@ -46,6 +48,10 @@ def main(argv):
     templates = suite_templates.family_templates(_TEMPLATE.value) if _TEMPLATE.value else []
     repos = _REPOS.value or [t.repo for t in templates]
     name = _NAME.value or os.path.splitext(os.path.basename(_OUT.value))[0]
+    script = _SCRIPT.value or os.path.splitext(_OUT.value)[0] + ".download.sh"
+    hf_cache.check_replaceable(_OUT.value, _OVERWRITE.value)
+    if templates:
+      hf_cache.check_replaceable(script, _OVERWRITE.value)
     build = hf_cache.build_suite(repos, cache_dir=_CACHE.value, name=name,
                                  tokens_per_step=_TOKENS.value, params=_PARAMS.value,
                                  olmo2_stage2=_STAGE2.value, missing_ok=bool(templates))
@@ -66,7 +72,6 @@ def main(argv):
     by_repo = {t.repo: t for t in templates}
     missing = {r: [v for v in by_repo[r].revisions if v not in build.present(r)]
                for r in repos if r in by_repo}
-    script = _SCRIPT.value or os.path.splitext(_OUT.value)[0] + ".download.sh"
     files.write_text(script, hf_cache.download_commands(
         {r: v for r, v in missing.items() if v}, _CACHE.value))
     print(f"wrote {script}: {sum(len(v) for v in missing.values())} revision(s) to download")
