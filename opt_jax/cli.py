@@ -230,6 +230,7 @@ class Summary:
   skipped: list[str] = dataclasses.field(default_factory=list)
   out_dir: str | None = None
   files: list[str] = dataclasses.field(default_factory=list)
+  exit_code: int = 0            # non-zero: the binary exits with it after printing (a finding)
 
   def render(self, seconds: float | None = None) -> str:
     took = f" in {format_seconds(seconds)}" if seconds is not None else ""
@@ -388,5 +389,7 @@ def main(settings_cls: type, fn: Callable[[Any], Summary | None], *,
       sys.exit(2)
     if summary is not None and _is_main_process():
       print(summary.render(time.perf_counter() - start), flush=True)
+    if summary is not None and summary.exit_code:
+      sys.exit(summary.exit_code)
 
   app.run(run, flags_parser=_parse_flags)

@@ -7,6 +7,10 @@ A manifest is JSON (or YAML, by extension .yaml/.yml):
                "aliases": ["facebook/opt-125m"],
                "checkpoints": {"2000": "ckpt/125m/step2000", "6000": "ckpt/125m/step6000"}}]}
 
+A checkpoint may also be an object naming where it came from (what `tools/make_suite.py` writes
+for the HF cache): {"path": ".../snapshots/<sha>", "revision": "step2000", "sha": "<commit sha>"}.
+A model's optional "refs" maps refs that name no step to the step they point at ({"main": 143000}).
+
 Relative checkpoint paths resolve against the manifest's folder. Derived per checkpoint:
   tokens seen    = step x tokens_per_step
   training FLOPs = 6 x params x tokens seen          (forward + backward, Kaplan et al. 2020)
@@ -28,7 +32,9 @@ from opt_jax import files
 from opt_jax.config import PRESETS, OPTConfig
 
 _SUITE_FIELDS = ("name", "models", "description")
-_MODEL_FIELDS = ("name", "params", "tokens_per_step", "aliases", "checkpoints", "description")
+_MODEL_FIELDS = ("name", "params", "tokens_per_step", "aliases", "checkpoints", "description",
+                 "refs")
+_CHECKPOINT_FIELDS = ("path", "revision", "sha")
 _PARAMS_TOLERANCE = 0.05  # manifest `params` may be rounded; a larger gap means a wrong checkpoint
 
 
@@ -48,6 +54,8 @@ class SuiteModel:
 
   checkpoints: step -> absolute checkpoint directory, in increasing step order.
   params: parameter count used for FLOPs; tokens_per_step: training batch size in tokens.
+  revisions / shas: step -> HF revision name / snapshot commit sha, for the checkpoints whose
+  manifest entry names them. refs: refs that name no step (e.g. "main") -> the step they point at.
   """
   name: str
   params: int
@@ -55,6 +63,9 @@ class SuiteModel:
   aliases: tuple[str, ...]
   checkpoints: dict[int, str]
   description: str = ""
+  revisions: dict[int, str] = dataclasses.field(default_factory=dict)
+  shas: dict[int, str] = dataclasses.field(default_factory=dict)
+  refs: dict[str, int] = dataclasses.field(default_factory=dict)
 
   @property
   def steps(self) -> list[int]:
@@ -66,6 +77,16 @@ class SuiteModel:
     except KeyError:
       raise KeyError(f"model {self.name!r} has no checkpoint at step {step}; "
                      f"steps: {self.steps}") from None
+
+  def revision(self, step: int) -> str | None:
+    """The HF revision name of the checkpoint at `step`, None if its entry names none."""
+    self.path(step)
+    return self.revisions.get(step)
+
+  def sha(self, step: int) -> str | None:
+    """The snapshot commit sha of the checkpoint at `step`, None if its entry names none."""
+    self.path(step)
+    return self.shas.get(step)
 
   def tokens(self, step: int) -> int:
     """Training tokens seen at `step`."""
@@ -120,11 +141,24 @@ class Suite:
     out["models"] = []
     for m in self.models:
       d = {"name": m.name, "params": m.params, "tokens_per_step": m.tokens_per_step,
-           "aliases": list(m.aliases), "checkpoints": {str(s): p for s, p in m.checkpoints.items()}}
+           "aliases": list(m.aliases), "checkpoints": {str(s): _checkpoint_entry(m, s, p)
+                                                       for s, p in m.checkpoints.items()}}
       if m.description:
         d["description"] = m.description
+      if m.refs:
+        d["refs"] = dict(m.refs)
       out["models"].append(d)
     return out
+
+
+def _checkpoint_entry(m: SuiteModel, step: int, path: str) -> str | dict[str, str]:
+  if step not in m.revisions and step not in m.shas:
+    return path
+  entry = {"path": path}
+  for field, values in (("revision", m.revisions), ("sha", m.shas)):
+    if step in values:
+      entry[field] = values[step]
+  return entry
 
 
 def find_model(suite: Suite, name: str) -> SuiteModel:
@@ -294,6 +328,8 @@ def _parse_model(raw: Any, index: int, base_dir: str, problems: list[str]
 
   raw_ckpts = _as_pairs(fields.get("checkpoints"))
   checkpoints: dict[int, str] = {}
+  revisions: dict[int, str] = {}
+  shas: dict[int, str] = {}
   if raw_ckpts is None or not raw_ckpts:
     problems.append(f"{where}: 'checkpoints' must be a non-empty mapping step -> directory, got "
                     f"{fields.get('checkpoints')!r}")
@@ -311,6 +347,13 @@ def _parse_model(raw: Any, index: int, base_dir: str, problems: list[str]
         ok = False
         continue
       first_key[step] = key
+      entry = _as_pairs(path)
+      if entry is not None:
+        path, entry_ok = _parse_checkpoint_entry(entry, step, f"{where}: checkpoint {key!r}",
+                                                 revisions, shas, problems)
+        if not entry_ok:
+          ok = False
+          continue
       if not isinstance(path, str) or not path.strip():
         problems.append(f"{where}: checkpoint {key!r} must map to a directory path, got {path!r}")
         ok = False
@@ -318,12 +361,44 @@ def _parse_model(raw: Any, index: int, base_dir: str, problems: list[str]
       path = os.path.expanduser(path)
       checkpoints[step] = os.path.normpath(path if os.path.isabs(path)
                                            else os.path.join(base_dir, path))
+  refs: dict[str, int] = {}
+  raw_refs = _as_pairs(fields.get("refs", {}))
+  if raw_refs is None:
+    problems.append(f"{where}: 'refs' must be a mapping ref name -> step, got "
+                    f"{fields.get('refs')!r}")
+    raw_refs, ok = _Pairs(), False
+  for ref, step in raw_refs:
+    if not isinstance(ref, str) or _parse_step(step) not in checkpoints:
+      problems.append(f"{where}: 'refs' must map ref names to steps of its checkpoints, got "
+                      f"{ref!r}: {step!r}")
+      ok = False
+      continue
+    refs[ref] = _parse_step(step)
   count = lambda f: int(fields[f]) if _is_count(fields.get(f)) else 0
   model = SuiteModel(name=name.strip(), params=count("params"),
                      tokens_per_step=count("tokens_per_step"),
                      aliases=tuple(a.strip() for a in aliases),
-                     checkpoints=dict(sorted(checkpoints.items())), description=description)
+                     checkpoints=dict(sorted(checkpoints.items())), description=description,
+                     revisions=revisions, shas=shas, refs=refs)
   return model, ok
+
+
+def _parse_checkpoint_entry(entry: _Pairs, step: int, where: str, revisions: dict[int, str],
+                            shas: dict[int, str], problems: list[str]) -> tuple[Any, bool]:
+  """(path, ok) of an object entry {"path", "revision", "sha"}; records revision and sha."""
+  fields = dict(entry)
+  bad = [k for k, _ in entry if k not in _CHECKPOINT_FIELDS]
+  if bad or len(fields) != len(entry):
+    problems.append(f"{where}: unknown or repeated field(s) {bad or [k for k, _ in entry]} "
+                    f"(expected {list(_CHECKPOINT_FIELDS)})")
+    return None, False
+  for field, values in (("revision", revisions), ("sha", shas)):
+    if field in fields:
+      if not isinstance(fields[field], str) or not fields[field].strip():
+        problems.append(f"{where}: {field!r} must be a non-empty string, got {fields[field]!r}")
+        return None, False
+      values[step] = fields[field].strip()
+  return fields.get("path"), True
 
 
 def _load_config(directory: str) -> OPTConfig:

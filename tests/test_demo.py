@@ -93,7 +93,7 @@ def test_fast_demo_end_to_end_then_reruns_only_what_changed(tmp_path):
               states=(state1, state2, state3))
   _check_report_has_headline_sections_and_the_csv_numbers(demo)
   _check_csvs_have_the_expected_columns_and_rows(demo)
-  _check_ci_budget_and_second_run_reuses_everything(demo)
+  _check_second_run_reuses_everything(demo)
   _check_changing_one_knob_reruns_only_its_stage(demo)
   _check_readme_images_are_small_pngs(demo)
 
@@ -194,9 +194,9 @@ def _check_csvs_have_the_expected_columns_and_rows(demo):
       assert abs(nll - h["val_loss"]) < 0.15, (m["name"], h["step"], nll, h["val_loss"])
 
 
-def _check_ci_budget_and_second_run_reuses_everything(demo):
-  t1, t2, _ = demo["seconds"]
-  assert t1 < 180, f"fast demo took {t1:.0f} s (CI budget 3 minutes)"
+def _check_second_run_reuses_everything(demo):
+  # Wall times are printed above, not asserted: a loaded CI machine must not turn a correct run
+  # red. What a re-run reuses is asserted from the files it left alone.
   s1, s2, _ = demo["states"]
   # Nothing retrained: same checkpoint files with the same times (train_family rewrites the
   # family's suite.json with the same content).
@@ -209,7 +209,6 @@ def _check_ci_budget_and_second_run_reuses_everything(demo):
   run2 = demo["runs"][1]["stages"]
   assert not any(run2[s]["ran"] for s in ("train", *STAGE_DIRS)), run2
   assert "already trained" in demo["logs"][1] and "up to date" in demo["logs"][1]
-  assert t2 < 60, f"unchanged re-run took {t2:.0f} s"
 
 
 def _check_changing_one_knob_reruns_only_its_stage(demo):

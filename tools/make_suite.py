@@ -1,0 +1,87 @@
+r"""Writes a suite manifest of the checkpoints of HF repos in the HF hub cache.
+
+  python -m tools.make_suite --repos=EleutherAI/pythia-160m,EleutherAI/pythia-410m --out=pythia.json
+  python -m tools.make_suite --repos=allenai/OLMo-2-1124-7B --out=olmo2.json --olmo2_stage2=drop
+  python -m tools.make_suite --repos=my-org/my-model --tokens_per_step=4194304 --out=mine.json
+  # every published revision of a family: manifest of those present + download script for the rest
+  python -m tools.make_suite --template=pythia --out=pythia.json   # writes pythia.download.sh too
+
+Every cached revision whose name gives a step (step1000, stage1-step...-tokens...B, step-125000,
+...) becomes a checkpoint with its revision name and snapshot sha; refs such as `main` that point
+at one of them are noted in the model's "refs"; other names and incomplete snapshots are listed,
+never guessed. --hf_cache defaults to HF's own ($HF_HUB_CACHE, $HF_HOME/hub,
+~/.cache/huggingface/hub).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from opt_jax import cli, files, hf_cache, suite_templates
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(cli.Settings):
+  hf_cache: str | None = cli.option(None, "HF hub cache folder (default: HF's default).")
+  repos: tuple[str, ...] = cli.option((), "HF model repos (ORG/NAME) to take checkpoints from.")
+  template: str | None = cli.option(
+      None, "A family whose published revisions are listed: its repos (or those of --repos) go "
+            "into the manifest, and the revisions missing from the cache into --download_script.",
+      choices=suite_templates.TEMPLATE_FAMILIES)
+  out: str = cli.option(help="Manifest to write (.json).")
+  name: str | None = cli.option(None, "Suite name (default: the --out file name).")
+  tokens_per_step: int | None = cli.option(None, "Training tokens per step for repos without a "
+                                           "template.", ge=1)
+  params: int | None = cli.option(None, "Parameter count for repos without safetensors weights "
+                                  "or a template.", ge=1)
+  olmo2_stage2: str = cli.option("separate", "OLMo 2 stage-2 (mid-training) revisions: each "
+                                 "ingredient a separate model, or dropped.",
+                                 choices=hf_cache.STAGE2_MODES)
+  overwrite: bool = cli.option(False, "Replace --out / --download_script even if they were not "
+                               "written by make_suite.")
+  download_script: str | None = cli.option(
+      None, "With --template: where to write the download commands (default: <out without "
+            ".json>.download.sh).")
+
+
+def run(s: Settings) -> cli.Summary:
+  templates = suite_templates.family_templates(s.template) if s.template else []
+  repos = list(s.repos) or [t.repo for t in templates]
+  name = s.name or os.path.splitext(os.path.basename(s.out))[0]
+  script = s.download_script or os.path.splitext(s.out)[0] + ".download.sh"
+  hf_cache.check_replaceable(s.out, s.overwrite)
+  if templates:
+    hf_cache.check_replaceable(script, s.overwrite)
+  build = hf_cache.build_suite(repos, cache_dir=s.hf_cache, name=name,
+                               tokens_per_step=s.tokens_per_step, params=s.params,
+                               olmo2_stage2=s.olmo2_stage2, missing_ok=bool(templates))
+  for title, lines in (("note", build.notes), ("unknown", build.unknown),
+                       ("problem", build.problems)):
+    for line in lines:
+      cli.say(f"{title}: {line}")
+  written, results = [], []
+  if build.manifest:
+    files.write_json(s.out, build.manifest)
+    n = sum(len(m["checkpoints"]) for m in build.manifest["models"])
+    results.append(f"{len(build.manifest['models'])} model(s), {n} checkpoint(s)")
+    written.append(os.path.abspath(s.out))
+  else:
+    results.append("no checkpoints in the cache: no manifest written")
+  if templates:
+    by_repo = {t.repo: t for t in templates}
+    missing = {r: [v for v in by_repo[r].revisions if v not in build.present(r)]
+               for r in repos if r in by_repo}
+    files.write_text(script, hf_cache.download_commands(
+        {r: v for r, v in missing.items() if v}, s.hf_cache))
+    results.append(f"{sum(len(v) for v in missing.values())} revision(s) to download: {script}")
+    written.append(os.path.abspath(script))
+  return cli.Summary("make_suite", evaluated=[f"{len(repos)} repo(s) in the HF cache"],
+                     results=results,
+                     skipped=[f"{len(build.unknown)} revision name(s) without a step, "
+                              f"{len(build.problems)} problem(s) (listed above)"]
+                     if build.unknown or build.problems else [], files=written)
+
+
+if __name__ == "__main__":
+  cli.main(Settings, run)
