@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from opt_jax import cli, files, hf_cache, suite_templates
+from opt_jax import cli, files, suite_templates
+from opt_jax import hf_cache as hub   # the name hf_cache is a setting
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,7 +38,7 @@ class Settings(cli.Settings):
                                   "or a template.", ge=1)
   olmo2_stage2: str = cli.option("separate", "OLMo 2 stage-2 (mid-training) revisions: each "
                                  "ingredient a separate model, or dropped.",
-                                 choices=hf_cache.STAGE2_MODES)
+                                 choices=hub.STAGE2_MODES)
   overwrite: bool = cli.option(False, "Replace --out / --download_script even if they were not "
                                "written by make_suite.")
   download_script: str | None = cli.option(
@@ -50,10 +51,10 @@ def run(s: Settings) -> cli.Summary:
   repos = list(s.repos) or [t.repo for t in templates]
   name = s.name or os.path.splitext(os.path.basename(s.out))[0]
   script = s.download_script or os.path.splitext(s.out)[0] + ".download.sh"
-  hf_cache.check_replaceable(s.out, s.overwrite)
+  hub.check_replaceable(s.out, s.overwrite)
   if templates:
-    hf_cache.check_replaceable(script, s.overwrite)
-  build = hf_cache.build_suite(repos, cache_dir=s.hf_cache, name=name,
+    hub.check_replaceable(script, s.overwrite)
+  build = hub.build_suite(repos, cache_dir=s.hf_cache, name=name,
                                tokens_per_step=s.tokens_per_step, params=s.params,
                                olmo2_stage2=s.olmo2_stage2, missing_ok=bool(templates))
   for title, lines in (("note", build.notes), ("unknown", build.unknown),
@@ -72,7 +73,7 @@ def run(s: Settings) -> cli.Summary:
     by_repo = {t.repo: t for t in templates}
     missing = {r: [v for v in by_repo[r].revisions if v not in build.present(r)]
                for r in repos if r in by_repo}
-    files.write_text(script, hf_cache.download_commands(
+    files.write_text(script, hub.download_commands(
         {r: v for r, v in missing.items() if v}, s.hf_cache))
     results.append(f"{sum(len(v) for v in missing.values())} revision(s) to download: {script}")
     written.append(os.path.abspath(script))
