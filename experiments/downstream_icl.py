@@ -360,9 +360,12 @@ def results_table(ctx: Experiment, key, items: Sequence[Item], encoded: dict[str
   notes += [f"every example of {t} (k={k}) is longer than the {window}: no metrics"
             for k, t in missing]
   if notes:
-    ctx.skipped.append(f"{int(skipped.sum())} examples of {len(skipped)} task(s) and every "
-                       f"example of {len(missing)} task(s) longer than the {window} (summary.md "
-                       f"lists them)")
+    some = sorted({t for _, t in skipped.index})
+    every = sorted({t for _, t in missing})
+    ctx.skipped.append(
+        f"longer than the {window}: {int(skipped.sum())} examples of {len(some)} task(s)"
+        + (f", every example of {', '.join(every)}" if every else "")
+        + " (summary.md lists them per k-shot)")
   table = icl.check_results(table[list(icl.RESULT_COLUMNS) + ["k_shot"]], "icl_results")
   return table.sort_values(["k_shot", "model", "step", "task"], ignore_index=True), notes
 

@@ -491,7 +491,7 @@ def run(settings: Settings, *, progress: bool = True, run_info: dict | None = No
   few = [f"{m.name} ({len(m.steps)})" for m in ctx.suite.models if len(m.steps) < 2]
   if few:   # a trajectory's fall and rise need two checkpoints at least
     raise InputError(f"--suite={s.suite}: every model needs at least 2 checkpoints; "
-                     f"{', '.join(few)} has fewer")
+                     f"{', '.join(few)} {'has' if len(few) == 1 else 'have'} fewer")
   suites = [(ctx, ctx.suite.name, s.validation_ppl)]
   if s.cross_suite:
     cross = ctx.with_suite(s.cross_suite)

@@ -208,9 +208,10 @@ def test_bad_input_is_named(world, tmp_path):
   mixed = tmp_path / "mixed.json"
   mixed.write_text(json.dumps({"name": "mixed", "models": [
       {"name": "small-other", "params": U.SIZES["tiny-a"].num_params(), "tokens_per_step": 1,
-       "checkpoints": {"5": os.path.join(cross_root, "ckpt", "step5")}},
+       "checkpoints": {str(k): os.path.join(cross_root, "ckpt", f"step{k}") for k in (5, 15)}},
       {"name": "large-tiny", "params": U.SIZES["tiny-b"].num_params(), "tokens_per_step": 1,
-       "checkpoints": {"30": os.path.join(root, "ckpt", "tiny-b", "step30")}}]}))
+       "checkpoints": {str(k): os.path.join(root, "ckpt", "tiny-b", f"step{k}")
+                       for k in (20, 30)}}]}))
   with pytest.raises(ValueError, match=r"\['small-other'\] tokenize text differently from "
                                        "large-tiny"):
     S.run(world["settings"].replace(suite=str(mixed), out=str(tmp_path / "out"),
