@@ -320,7 +320,10 @@ def param_metadata(directory: str | os.PathLike) -> Any:
 
   Checks first that every tensor's files are there (InputError naming the tensor otherwise).
   """
-  directory = require_checkpoint(directory)
+  return _param_metadata(require_checkpoint(directory))
+
+
+def _param_metadata(directory: str) -> Any:
   _check_tensor_files(directory)
   try:
     with _checkpointer() as ckptr:
@@ -347,7 +350,7 @@ def restore(directory: str | os.PathLike, *, shardings: Any = None, dtype: Any =
   file, truncated chunk, unreadable metadata) is an InputError naming the checkpoint and tensor.
   """
   directory = require_checkpoint(directory)
-  stored = param_metadata(directory)
+  stored = _param_metadata(directory)
   if shardings is None:
     shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if isinstance(shardings, jax.sharding.Sharding):
