@@ -34,7 +34,11 @@ _DTYPE = flags.DEFINE_enum("dtype", None, convert.DTYPES,
 _CONFIG = flags.DEFINE_string("config", None, "metaseq only: HF-style config.json to use instead "
                               "of inferring the config from tensor shapes and the stored args.")
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "--to=hf only: largest safetensors shard.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --output if it is an earlier output "
+                               "of the same kind (an opt_jax checkpoint, or with --to=hf an HF "
+                               "safetensors folder) with nothing else in it; any other existing "
+                               "--output (a folder holding the input, other files) is refused "
+                               "before the input is read.")
 
 
 def main(argv):
