@@ -51,6 +51,9 @@ class ExperimentSettings(cli.Settings):
                           choices=inputs.DTYPES)
   prefetch: bool = cli.option(True, "Restore the next checkpoint while evaluating the current one.",
                               key=False)
+  stop_on_failure: bool = cli.option(
+      False, "Stop at the first checkpoint that fails to restore or evaluate (default: report it "
+             "in one line, leave it out and go on).", key=False)
 
 
 @dataclasses.dataclass
@@ -80,6 +83,7 @@ class Experiment:
     self.reports: list[tuple[str, Any]] = []
     self.skipped: list[str] = []
     self._scorers: Any = None
+    self._failed: dict[tuple, str] = {}   # shared with with_suite() copies, like reports
     self._load(suite_path or settings.suite, settings.models)
     # Checked, not created: the first file written creates it, so a run that fails its checks
     # leaves nothing behind.
@@ -158,15 +162,22 @@ class Experiment:
           self.suite, evaluate, self.store, experiment=tuple(key), prefetch=s.prefetch,
           mesh=self.mesh, progress=self.progress and self.is_main,
           dtype=None if self.dtype.name == "float32" else self.dtype, run_info=info,
-          out_dir=self.out_dir)
+          out_dir=self.out_dir, stop_on_failure=s.stop_on_failure)
     finally:
       self._scorers.clear()
     self.reports.append((label or self.suite.name, report))
+    self._failed.update(report.failed)
     return report
 
   def scorer(self, model, config, params):
     """The Scorer of this size holding `params` (inside evaluate)."""
     return self._scorers.get(config, params, self.tokenizers[model.name])
+
+  def checkpoints(self, key: Sequence[str]):
+    """(model, step) of every checkpoint with a result under `key`, in sweep order: those that
+    failed (listed in the closing summary) are left out of the tables."""
+    return [(m, step) for m, step, _ in self.suite.checkpoints()
+            if (*key, m.name, step) not in self._failed]
 
   def read(self, key: Sequence[str], model, step: int):
     """(arrays, meta) stored for one checkpoint."""
@@ -204,13 +215,18 @@ class Experiment:
               evaluated: Sequence[str] = (), analysis: Any = None) -> Outcome:
     """The Outcome with its closing summary: what the sweeps did, `evaluated` (what was scored:
     tokens, tasks), `results` (headline), what was skipped (self.skipped) and the files."""
-    lines = list(evaluated)
+    lines, failed = list(evaluated), []
     for label, report in self.reports:
-      done, reused = len(report.evaluated), len(report.skipped)
-      lines.append(f"{label}: {done + reused} checkpoints ({done} evaluated now, {reused} already "
-                   f"in {self.store.root})")
+      done, reused, bad = len(report.evaluated), len(report.skipped), len(report.failed)
+      stale = f", {len(report.recomputed)} of them recomputed (stale)" if report.recomputed else ""
+      lines.append(f"{label}: {done + reused + bad} checkpoints ({done} evaluated now{stale}, "
+                   f"{reused} already in {self.store.root}"
+                   + (f", {bad} failed" if bad else "") + ")")
+      failed += [f"{label} {k[-2]} step {k[-1]} failed and is left out: {why}"
+                 for k, why in report.failed.items()]
     summary = cli.Summary(self.name, evaluated=lines, results=list(results),
-                          skipped=list(self.skipped), out_dir=self.out_dir, files=list(files_))
+                          skipped=failed + list(self.skipped), out_dir=self.out_dir,
+                          files=list(files_))
     return Outcome(table, summary, analysis)
 
 

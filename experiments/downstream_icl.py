@@ -341,7 +341,7 @@ def results_table(ctx: Experiment, key, items: Sequence[Item], encoded: dict[str
   """(the icl_results table of every checkpoint, one note per task with examples longer than
   the window); ppl_of(model, step, stored arrays) -> its validation perplexity."""
   rows = []
-  for m, step, _ in ctx.suite.checkpoints():
+  for m, step in ctx.checkpoints(key):
     arrays, _ = ctx.read(key, m, step)
     base = {"model": m.name, "step": step, "params": m.params, "tokens": m.tokens(step),
             "flops": m.flops(step), "validation_ppl": ppl_of(m, step, arrays)}

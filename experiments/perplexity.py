@@ -84,11 +84,11 @@ def nll_ppl(nll_sum: float, n: int) -> dict[str, Any]:
   return {"nll": nll, "ppl": math.exp(nll) if n else math.nan, "num_tokens": n}
 
 
-def ppl_table(suite: Any, read: Any, scorer: CorpusScorer) -> pd.DataFrame:
-  """The tidy table (COLUMNS) of every checkpoint: one row per corpus, plus a pooled row with
-  corpus "all" when there are several. read(model, step) -> (arrays, meta) of that checkpoint."""
+def ppl_table(checkpoints: Any, read: Any, scorer: CorpusScorer) -> pd.DataFrame:
+  """The tidy table (COLUMNS) of the (model, step) `checkpoints`: one row per corpus, plus a
+  pooled row with corpus "all" when there are several. read(model, step) -> (arrays, meta)."""
   rows = []
-  for m, step, _ in suite.checkpoints():
+  for m, step in checkpoints:
     arrays, _ = read(m, step)
     base = {"model": m.name, "step": step, "params": m.params, "tokens": m.tokens(step),
             "flops": m.flops(step)}

@@ -466,7 +466,7 @@ def score_suite(ctx: Experiment, label: str, sets: Sequence[SequenceSet],
   key = (*ctx.key([st.digest() for st in sets], valid and valid.digest()), label)
   ctx.sweep(make_evaluator(ctx, sets, valid), key, label=label, max_length=s.context_length)
   rows = []
-  for m, step, _ in ctx.suite.checkpoints():
+  for m, step in ctx.checkpoints(key):
     arrays, _ = ctx.read(key, m, step)
     vppl = (valid_table.get((m.name, step), float("nan")) if valid_table is not None
             else valid.ppl(arrays, "validation/"))

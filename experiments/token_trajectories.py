@@ -189,15 +189,16 @@ def run(settings: Settings, *, progress: bool = True, run_info: dict | None = No
 def _matrix(ctx: Experiment, key, m, corpus: Corpus, val, windows
             ) -> trajectories.ModelTrajectories:
   """One size's [N, C] loss matrix from the store (also stored as one file)."""
-  losses = np.empty((corpus.num_tokens, len(m.steps)), np.float32)         # [N, C] nats
-  for c, step in enumerate(m.steps):
+  kept = [step for model, step in ctx.checkpoints(key) if model.name == m.name]
+  losses = np.empty((corpus.num_tokens, len(kept)), np.float32)            # [N, C] nats
+  for c, step in enumerate(kept):
     lp = ctx.read(key, m, step)[0]["logprobs"]
     if lp.shape != (corpus.num_tokens,):
       raise InputError(f"{ctx.store.path((*key, m.name, step))}: {lp.shape[0]} token log-probs, "
                        f"expected {corpus.num_tokens} (the corpus's scored tokens): mismatched "
                        f"token counts; delete the file to rescore it")
     losses[:, c] = -lp
-  steps = np.asarray(m.steps, np.int64)
+  steps = np.asarray(kept, np.int64)
   if val is None:
     val_ppl = np.exp(losses.astype(np.float64).mean(0))                    # this corpus, per token
   else:

@@ -60,7 +60,7 @@ def run(settings: Settings, *, progress: bool = True, run_info: dict | None = No
   ctx.say(f"{ctx.describe_suite()}; {sum(len(c.documents) for c in corpora)} documents of "
           f"{len(corpora)} corpus file(s)")
   ctx.sweep(evaluate, key, max_length=settings.context_length)
-  table = perplexity.ppl_table(ctx.suite, lambda m, s: ctx.read(key, m, s), scorer)
+  table = perplexity.ppl_table(ctx.checkpoints(key), lambda m, s: ctx.read(key, m, s), scorer)
   written = [ctx.write_csv(CSV_NAME, table, float_format="%.8g")]
   if settings.plots and ctx.is_main:
     from experiments.analysis import ppl_plots  # pylint: disable=import-outside-toplevel

@@ -8,19 +8,28 @@ A checkpoint is a directory:
   DIR/tokenizer.json | vocab.json + merges.txt (+ tokenizer_config.json, special_tokens_map.json)
 
 `save` writes everything under a hidden temporary sibling and renames it into place, so a crash
-never leaves a directory that `is_checkpoint` accepts. `restore` reads every array straight into
-the sharding the caller asks for: with a mesh, each process reads only the chunks its devices hold.
-Saving is synchronous and meant for one process (conversion); restoring works on any mesh.
+never leaves a directory that `is_checkpoint` accepts; the next save to the same place removes the
+temporaries of writers that were killed (opt_jax.files). Overwriting replaces only what is
+recognisably an earlier output of the same kind (`check_can_overwrite`). `restore` reads every
+array straight into the sharding the caller asks for: with a mesh, each process reads only the
+chunks its devices hold; a missing or truncated chunk is an InputError naming the tensor. Saving
+is synchronous and meant for one process (conversion); restoring works on any mesh.
+
+`checkpoint_problem` is the one test of whether opt_jax can read a directory (cheap, no arrays);
+`identity` is what a stored result records of the checkpoint it was computed from.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import json
 import logging
+import math
 import os
+import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -28,7 +37,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from opt_jax import files
 from opt_jax.config import OPTConfig
+from opt_jax.errors import InputError, MissingFileError, OutputExistsError
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -36,6 +47,13 @@ METADATA_FILE = "opt_jax.json"
 PARAMS_DIR = "params"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
                    "special_tokens_map.json")
+ORBAX_METADATA = "_METADATA"   # orbax's tree metadata in PARAMS_DIR: present once params are saved
+# What an HF safetensors directory written by opt_jax.convert.hf.write_hf holds, besides tokenizer
+# files: the only HF folders an overwrite may replace.
+_HF_OUTPUT = re.compile(r"config\.json|model\.safetensors(\.index\.json)?|"
+                        r"model-\d{5}-of-\d{5}\.safetensors")
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")
 # Storage chunks of at most 64 MiB: a process restoring one shard of a large tensor reads only the
 # chunks that intersect it instead of the whole tensor.
 _CHUNK_BYTES = 64 << 20
@@ -84,7 +102,7 @@ def _check_params_match_config(params: Any, config: OPTConfig) -> None:
   problems += [f"{k} has shape {got[k]}, config expects {want[k]}"
                for k in want if k in got and got[k] != want[k]]
   if problems:
-    raise ValueError("params do not match the config: " + "; ".join(problems))
+    raise InputError("params do not match the config: " + "; ".join(problems))
 
 
 def _dtype_name(params: Any) -> str:
@@ -102,11 +120,12 @@ def save(directory: str | os.PathLike, params: Any, config: OPTConfig, *,
     before anything is written). tokenizer_files: paths copied into the checkpoint by base name,
     or (path, name) pairs to store a file under another name.
   extra: JSON-serialisable entries added to opt_jax.json (e.g. the source of a conversion).
-  overwrite: replace an existing directory; otherwise an existing `directory` is an error.
+  overwrite: replace an existing directory if it is an earlier opt_jax checkpoint
+    (`check_can_overwrite`); otherwise an existing `directory` is an OutputExistsError. Checked
+    before anything is written.
   """
   directory = os.path.abspath(os.fspath(directory))
-  if os.path.lexists(directory) and not overwrite:
-    raise FileExistsError(f"{directory} already exists; pass overwrite=True to replace it")
+  _check_output(directory, overwrite, "opt_jax")
   tokenizer_files = file_pairs(tokenizer_files)
   _check_params_match_config(params, config)
   metadata = {"format": FORMAT_VERSION, "dtype": _dtype_name(params),
@@ -114,7 +133,7 @@ def save(directory: str | os.PathLike, params: Any, config: OPTConfig, *,
   metadata.update(extra or {})
   json.dumps(metadata)  # Fail before writing if `extra` is not JSON.
 
-  with atomic_directory(directory, overwrite=overwrite) as tmp:
+  with atomic_directory(directory, overwrite=overwrite, kind="opt_jax") as tmp:
     save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES), params)
     with _saving_checkpointer() as ckptr:
       ckptr.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(params, save_args))
@@ -133,7 +152,7 @@ def file_pairs(files: Iterable[str | os.PathLike | tuple[str | os.PathLike, str]
     src, name = (f if isinstance(f, tuple) else (f, os.path.basename(os.fspath(f))))
     src = os.fspath(src)
     if not os.path.isfile(src):
-      raise FileNotFoundError(f"tokenizer file not found: {src}")
+      raise MissingFileError(f"tokenizer file not found: {src}")
     pairs.append((src, name))
   return pairs
 
@@ -144,71 +163,126 @@ def copy_files(files: Iterable[tuple[str, str]], directory: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(directory: str | os.PathLike, *, overwrite: bool = False) -> Iterator[str]:
+def atomic_directory(directory: str | os.PathLike, *, overwrite: bool = False,
+                     kind: str | None = None) -> Iterator[str]:
   """Yields a hidden temporary sibling of `directory` to fill; renames it to `directory` when the
-  block completes, removes it when the block raises (so a failure leaves nothing behind)."""
+  block completes, removes it when the block raises (so a failure leaves nothing behind).
+
+  overwrite: replace an existing `directory` if `check_can_overwrite(directory, kind)` allows it
+  (checked before the block runs and again before the replace); otherwise it is an
+  OutputExistsError. kind: 'opt_jax', 'hf' or None (either).
+  """
   directory = os.path.abspath(os.fspath(directory))
   if os.path.lexists(directory) and not overwrite:
-    raise FileExistsError(f"{directory} already exists; pass overwrite=True to replace it")
-  parent, name = os.path.split(directory)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-  try:
+    raise OutputExistsError(f"{directory} already exists; pass overwrite=True to replace it")
+  may_replace = (lambda d: check_can_overwrite(d, kind)) if overwrite else None
+  with files.atomic_directory(directory, may_replace=may_replace) as tmp:
     yield tmp
-    _move_into_place(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
-def _move_into_place(tmp: str, directory: str) -> None:
+def _check_output(directory: str, overwrite: bool, kind: str | None) -> None:
   if not os.path.lexists(directory):
-    os.rename(tmp, directory)
     return
-  # Overwrite: move the old one aside first so that `directory` is never a mix of the two.
-  old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-",
-                         dir=os.path.dirname(directory))
-  os.rmdir(old)
-  os.rename(directory, old)
-  os.rename(tmp, directory)
-  if os.path.isdir(old) and not os.path.islink(old):
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.remove(old)
+  if not overwrite:
+    raise OutputExistsError(f"{directory} already exists; pass overwrite=True to replace it")
+  check_can_overwrite(directory, kind)
 
 
-def _missing_parts(directory: str) -> list[str]:
+def check_can_overwrite(directory: str | os.PathLike, kind: str | None = "opt_jax") -> None:
+  """Raises OutputExistsError unless `directory` is absent or recognisably an earlier output of
+  `kind` with nothing else in it, so that replacing it deletes only what opt_jax wrote.
+
+  kind 'opt_jax': a complete opt_jax checkpoint (config.json, opt_jax.json, params/, tokenizer
+  files); 'hf': config.json + model.safetensors (or numbered shards + their index) + tokenizer
+  files, as opt_jax.convert.hf.write_hf writes; None: either.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if not os.path.lexists(directory):
+    return
+  kinds = ("opt_jax", "hf") if kind is None else (kind,)
+  refusal = f"refusing to overwrite {directory}"
+  if not os.path.isdir(directory) or os.path.islink(directory):
+    raise OutputExistsError(f"{refusal}: it is not a directory; give another output directory")
+  entries = sorted(os.listdir(directory))
+  reasons = []
+  for k in kinds:
+    if k == "opt_jax":
+      # A damaged earlier checkpoint is still recognisably ours: a rerun is what replaces it.
+      allowed = lambda e: e in (CONFIG_FILE, METADATA_FILE, PARAMS_DIR, *TOKENIZER_FILES)
+      lacks = [p for p in (CONFIG_FILE, METADATA_FILE, PARAMS_DIR) if p not in entries]
+      what = "an opt_jax checkpoint"
+    elif k == "hf":
+      allowed = lambda e: e in TOKENIZER_FILES or _HF_OUTPUT.fullmatch(e) is not None
+      lacks = [] if CONFIG_FILE in entries else [CONFIG_FILE]
+      if not {"model.safetensors", "model.safetensors.index.json"} & set(entries):
+        lacks.append("model.safetensors")
+      what = "an HF safetensors checkpoint as opt_jax writes it"
+    else:
+      raise ValueError(f"kind must be 'opt_jax', 'hf' or None, got {kind!r}")
+    others = [e + ("/" if os.path.isdir(os.path.join(directory, e)) else "")
+              for e in entries if not allowed(e)]
+    if not lacks and not others:
+      return
+    if lacks:
+      reasons.append(f"it is not {what} (it lacks {', '.join(lacks)})")
+    else:
+      reasons.append(f"it holds {', '.join(others[:8])}{' ...' if len(others) > 8 else ''} "
+                     f"besides the files of {what}")
+  raise OutputExistsError(f"{refusal}: {'; '.join(reasons)}; overwrite replaces only an earlier "
+                          "output of the same kind, nothing else: give a new output directory")
+
+
+def _problem(directory: str) -> tuple[type[Exception], str] | None:
+  """(error class, message): why opt_jax cannot read `directory` as a checkpoint; None if it can."""
+  expected = (f"expected an opt_jax checkpoint directory ({CONFIG_FILE}, {PARAMS_DIR}/, "
+              f"{METADATA_FILE}) as written by opt_jax.checkpoint.save or `python -m "
+              "tools.convert_checkpoint`")
+  if not os.path.isdir(directory):
+    return MissingFileError, f"{directory}: no such directory; {expected}"
   parts = [(CONFIG_FILE, os.path.isfile), (METADATA_FILE, os.path.isfile),
            (PARAMS_DIR, os.path.isdir)]
-  return [p for p, exists in parts if not exists(os.path.join(directory, p))]
+  missing = [p for p, exists in parts if not exists(os.path.join(directory, p))]
+  if CONFIG_FILE in missing:
+    return MissingFileError, f"{os.path.join(directory, CONFIG_FILE)} not found; {expected}"
+  if missing:
+    hint = ""
+    if any(os.path.exists(os.path.join(directory, f)) for f in _HF_WEIGHTS):
+      hint = (" (it looks like an HF checkpoint: convert it with "
+              "`python -m tools.convert_checkpoint`)")
+    return InputError, (f"{directory} is not an opt_jax checkpoint: it lacks {', '.join(missing)}"
+                        f"{hint}; {expected}")
+  if not os.path.isfile(os.path.join(directory, PARAMS_DIR, ORBAX_METADATA)):
+    return InputError, (f"{directory} is not a complete opt_jax checkpoint: "
+                        f"{PARAMS_DIR}/{ORBAX_METADATA} is missing (the params were never fully "
+                        "written); convert or save it again")
+  try:
+    _read_metadata(directory)
+    OPTConfig.from_json_file(os.path.join(directory, CONFIG_FILE))
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return InputError, f"{directory}: {e}"
+  return None
+
+
+def checkpoint_problem(directory: str | os.PathLike) -> str | None:
+  """Why opt_jax cannot read `directory` as a checkpoint, in one line naming the file at fault;
+  None when it can. Cheap (reads config.json and opt_jax.json, checks orbax's metadata file is
+  there, reads no array): suites run it on every entry before a sweep starts."""
+  problem = _problem(os.path.abspath(os.fspath(directory)))
+  return None if problem is None else problem[1]
 
 
 def is_checkpoint(directory: str | os.PathLike) -> bool:
-  """True iff `directory` holds a complete opt_jax checkpoint (cheap: no arrays are read)."""
-  directory = os.fspath(directory)
-  return os.path.isdir(directory) and not _missing_parts(directory)
+  """True iff `directory` holds a checkpoint opt_jax can read (`checkpoint_problem` is None)."""
+  return checkpoint_problem(directory) is None
 
 
 def require_checkpoint(directory: str | os.PathLike) -> str:
-  """The absolute path of `directory`; raises an error naming what is missing unless it holds a
-  complete opt_jax checkpoint."""
+  """The absolute path of `directory`; raises MissingFileError / InputError with
+  `checkpoint_problem`'s message unless it holds a checkpoint opt_jax can read."""
   directory = os.path.abspath(os.fspath(directory))
-  expected = (f"an opt_jax checkpoint directory ({CONFIG_FILE}, {PARAMS_DIR}/, {METADATA_FILE}) "
-              "as written by opt_jax.checkpoint.save or `python -m tools.convert_checkpoint`")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{directory}: no such directory; expected {expected}")
-  missing = _missing_parts(directory)
-  if CONFIG_FILE in missing:
-    raise FileNotFoundError(f"{os.path.join(directory, CONFIG_FILE)} not found; "
-                            f"expected {expected}")
-  if missing:
-    hint = ""
-    if any(os.path.exists(os.path.join(directory, f))
-           for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")):
-      hint = (" (it looks like an HF checkpoint: convert it with "
-              "`python -m tools.convert_checkpoint`)")
-    raise ValueError(f"{directory} is not an opt_jax checkpoint: it lacks {', '.join(missing)}"
-                     f"{hint}; expected {expected}")
+  problem = _problem(directory)
+  if problem is not None:
+    raise problem[0](problem[1])
   return directory
 
 
@@ -216,34 +290,51 @@ def load_config(directory: str | os.PathLike) -> OPTConfig:
   """The OPTConfig of the checkpoint at `directory`."""
   directory = os.path.abspath(os.fspath(directory))
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{directory}: no such directory; expected an opt_jax checkpoint")
+    raise MissingFileError(f"{directory}: no such directory; expected an opt_jax checkpoint")
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found; expected the HF-style OPT config of the checkpoint")
+    raise MissingFileError(f"{path} not found; expected the HF-style OPT config of the checkpoint")
   return OPTConfig.from_json_file(path)
 
 
 def load_metadata(directory: str | os.PathLike) -> dict[str, Any]:
   """The contents of opt_jax.json (format version, stored dtype, extra entries)."""
-  directory = require_checkpoint(directory)
+  return _read_metadata(require_checkpoint(directory))
+
+
+def _read_metadata(directory: str) -> dict[str, Any]:
   path = os.path.join(directory, METADATA_FILE)
   try:
     with open(path) as f:
       metadata = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise InputError(f"{path}: not valid JSON ({e})") from None
   if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_VERSION:
-    raise ValueError(f"{path}: expected an object with \"format\": {FORMAT_VERSION}, got "
+    raise InputError(f"{path}: expected an object with \"format\": {FORMAT_VERSION}, got "
                      f"{metadata!r:.200}")
   return metadata
 
 
 def param_metadata(directory: str | os.PathLike) -> Any:
-  """Pytree of jax.ShapeDtypeStruct (no sharding) of the stored params; reads no arrays."""
-  directory = require_checkpoint(directory)
-  with _checkpointer() as ckptr:
-    tree = ckptr.metadata(os.path.join(directory, PARAMS_DIR)).item_metadata
+  """Pytree of jax.ShapeDtypeStruct (no sharding) of the stored params; reads no arrays.
+
+  Checks first that every tensor's files are there (InputError naming the tensor otherwise).
+  """
+  return _param_metadata(require_checkpoint(directory))
+
+
+def _param_metadata(directory: str) -> Any:
+  _check_tensor_files(directory)
+  try:
+    with _checkpointer() as ckptr:
+      tree = ckptr.metadata(os.path.join(directory, PARAMS_DIR)).item_metadata
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise InputError(f"{directory}: cannot read the params' metadata ({PARAMS_DIR}/"
+                     f"{ORBAX_METADATA}): {_first_line(e)}") from e
   tree = getattr(tree, "tree", tree)
+  if tree is None:
+    raise InputError(f"{directory}: {PARAMS_DIR}/ holds no params metadata; convert or save the "
+                     "checkpoint again")
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree,
                       is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
 
@@ -255,11 +346,11 @@ def restore(directory: str | os.PathLike, *, shardings: Any = None, dtype: Any =
     array, or a pytree of Shardings matching the params (e.g. `opt_jax.sharding.param_shardings`).
     Each array is read straight into its layout: a process reads only what its devices hold.
   dtype: cast every array to this dtype while reading (None keeps the stored dtype).
-  Returns the params pytree of jax.Arrays.
+  Returns the params pytree of jax.Arrays. A damaged checkpoint (missing tensor folder or chunk
+  file, truncated chunk, unreadable metadata) is an InputError naming the checkpoint and tensor.
   """
   directory = require_checkpoint(directory)
-  load_metadata(directory)
-  stored = param_metadata(directory)
+  stored = _param_metadata(directory)
   if shardings is None:
     shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if isinstance(shardings, jax.sharding.Sharding):
@@ -270,8 +361,140 @@ def restore(directory: str | os.PathLike, *, shardings: Any = None, dtype: Any =
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype if dtype is not None else s.dtype,
                                          sharding=sh),
       stored, shardings)
-  with _checkpointer() as ckptr:
-    return ckptr.restore(os.path.join(directory, PARAMS_DIR), args=ocp.args.StandardRestore(target))
+  try:
+    with _checkpointer() as ckptr:
+      return ckptr.restore(os.path.join(directory, PARAMS_DIR),
+                           args=ocp.args.StandardRestore(target))
+  except Exception as e:  # orbax / tensorstore: name the tensor if a file of it is at fault
+    error = _read_error(directory, e)
+    if error is None:
+      raise
+    raise error from e
+
+
+def _first_line(e: BaseException) -> str:
+  # tensorstore appends its whole spec to messages; the first line says what went wrong.
+  text = str(e).split(" [tensorstore_spec")[0].strip()
+  return (text.splitlines() or [type(e).__name__])[0][:300]
+
+
+def _read_error(directory: str, e: BaseException) -> InputError | None:
+  """An InputError naming the tensor whose file is named in `e`'s chain (innermost first)."""
+  chain = []
+  while e is not None and len(chain) < 16:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  where = re.compile(re.escape(os.path.join(directory, PARAMS_DIR)) + r"/([^/\"'\s]+)")
+  for x in reversed(chain):
+    m = where.search(str(x))
+    if m:
+      return InputError(f"{directory}: cannot read tensor {m.group(1).replace('.', '/')}: "
+                        f"{_first_line(x)}")
+  return None
+
+
+def _tensor_names(directory: str) -> list[str]:
+  """'layers/fc1/kernel', ... as listed in orbax's tree metadata file (read as JSON)."""
+  rel = f"{PARAMS_DIR}/{ORBAX_METADATA}"
+  try:
+    with open(os.path.join(directory, rel)) as f:
+      tree = json.load(f)["tree_metadata"]
+    return ["/".join(str(k["key"]) for k in v["key_metadata"]) for v in tree.values()]
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise InputError(f"{directory}: {rel} is not orbax tree metadata ({type(e).__name__}: "
+                     f"{_first_line(e)}); convert or save the checkpoint again") from None
+
+
+def _check_tensor_files(directory: str) -> None:
+  """InputError naming the tensor when its zarr folder, .zarray or a chunk file is missing or a
+  chunk has the wrong size. orbax reads tensors concurrently and would fail mid-read, buried in
+  asyncio noise; this costs one listdir per tensor and one stat per chunk file."""
+  params_dir = os.path.join(directory, PARAMS_DIR)
+  if os.path.exists(os.path.join(params_dir, "manifest.ocdbt")):
+    return  # an OCDBT checkpoint (not written by opt_jax): no per-tensor folders to check
+  again = "the checkpoint is damaged or incomplete: convert or save it again"
+  for name in _tensor_names(directory):
+    rel = f"{PARAMS_DIR}/{name.replace('/', '.')}"
+    folder = os.path.join(directory, rel)
+    try:
+      with open(os.path.join(folder, ".zarray")) as f:
+        zarray = json.load(f)
+      shape, chunks = list(zarray["shape"]), list(zarray["chunks"])
+      separator = zarray.get("dimension_separator", ".")
+    except FileNotFoundError:
+      raise InputError(f"{directory}: tensor {name} is missing ({rel}/.zarray not found); "
+                       f"{again}") from None
+    except (ValueError, KeyError, TypeError) as e:
+      raise InputError(f"{directory}: tensor {name}: {rel}/.zarray is not valid zarr metadata "
+                       f"({e}); {again}") from None
+    try:
+      itemsize = np.dtype(zarray.get("dtype")).itemsize
+    except TypeError:
+      itemsize = 0
+    plain = zarray.get("compressor") is None and not zarray.get("filters") and itemsize
+    size = math.prod(chunks) * itemsize if plain else None
+    present = set(os.listdir(folder))
+    for index in itertools.product(*(range(-(-n // max(c, 1))) for n, c in zip(shape, chunks))):
+      chunk = separator.join(map(str, index)) or "0"
+      if chunk not in present:
+        raise InputError(f"{directory}: tensor {name}: chunk file {rel}/{chunk} is missing; "
+                         f"{again}")
+      if size is not None:
+        got = os.path.getsize(os.path.join(folder, chunk))
+        if got != size:
+          raise InputError(f"{directory}: tensor {name}: chunk file {rel}/{chunk} has {got} "
+                           f"bytes, expected {size}; {again}")
+
+
+# Identity -------------------------------------------------------------------------------------
+
+_FINGERPRINTED_BYTES = 1 << 20   # metadata files up to this size are hashed byte for byte
+
+
+def fingerprint(directory: str | os.PathLike) -> str:
+  """A cheap content fingerprint of a checkpoint directory: 'files:<sha256 hex>'.
+
+  Hashes the name, size and modification time (ns) of every entry of the directory and of its
+  sub-folders (params/'s per-tensor folders, whose mtimes change when their chunk files are
+  written), and the bytes of the small metadata files among them (*.json, orbax's _METADATA and
+  _CHECKPOINT_METADATA, which records the save time in ns). Reads no array data: a few dozen
+  stat calls whatever the model's size. Re-converting or replacing the checkpoint changes it,
+  copying it without keeping mtimes changes it, reading it does not. Names starting with "."
+  (file system litter) are left out. The scheme prefix leaves room for others, e.g. a snapshot
+  commit sha for checkpoints in an HF cache.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  h = hashlib.sha256()
+  for rel in _fingerprinted_entries(directory):
+    path = os.path.join(directory, rel)
+    st = os.stat(path)
+    h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    name = os.path.basename(rel)
+    if (os.path.isfile(path) and st.st_size <= _FINGERPRINTED_BYTES
+        and (name.endswith(".json") or name in (ORBAX_METADATA, "_CHECKPOINT_METADATA"))):
+      with open(path, "rb") as f:
+        h.update(hashlib.sha256(f.read()).digest())
+  return "files:" + h.hexdigest()
+
+
+def _fingerprinted_entries(directory: str) -> list[str]:
+  out = []
+  for entry in sorted(os.listdir(directory)):
+    if entry.startswith("."):
+      continue
+    out.append(entry)
+    sub = os.path.join(directory, entry)
+    if os.path.isdir(sub):
+      out += [f"{entry}/{e}" for e in sorted(os.listdir(sub)) if not e.startswith(".")]
+  return out
+
+
+def identity(directory: str | os.PathLike) -> dict[str, str]:
+  """{"path": absolute path, "fingerprint": `fingerprint(path)`}: what a stored result records
+  of the checkpoint it was computed from; opt_jax.sweep recomputes a result whose checkpoint's
+  identity has changed."""
+  directory = os.path.abspath(os.fspath(directory))
+  return {"path": directory, "fingerprint": fingerprint(directory)}
 
 
 def _check_same_tree(stored: Any, shardings: Any, directory: str) -> None:

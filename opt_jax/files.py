@@ -1,35 +1,213 @@
-"""Atomic file writes: everything goes to a hidden temporary sibling first, then os.replace.
+"""Atomic writes: everything goes to a hidden temporary sibling first, then os.replace / rename.
 
-A crash (or kill -9) never leaves a half-written file under the final name: readers see the old
-file or the new one. The temporary name keeps the extension (`.tmp-<pid>-name.png`), so writers
-that infer a format from it (matplotlib, numpy) work unchanged.
+A crash (or kill -9) never leaves a half-written file or folder under the final name: readers see
+the old one or the new one. Temporaries are named after their final name and their writer,
+
+  .NAME.tmp-PID.START@HOST-RAND[.EXT]      (START: the writer's start time, so a reused pid is
+                                            not taken for the writer; HOST: host name and pid
+                                            namespace)
+
+so that the next write of NAME can tell which temporaries were left by a writer that is gone (a
+killed conversion leaves one nearly the size of the model) and remove them, and never touches one
+whose writer may still be running (alive on this host, or on another host). A file temporary
+keeps NAME's extension at its end: writers that infer a format from it (matplotlib, numpy) work
+unchanged. Files and folders are created with the default modes, so the user's umask applies.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
+import logging
 import os
-from typing import Any, Iterator
+import re
+import secrets
+import shutil
+import socket
+from typing import Any, Callable, Iterator
+
+from opt_jax.errors import OutputExistsError
+
+log = logging.getLogger(__name__)
+
+
+def _host() -> str:
+  """This machine's name plus the id of its pid namespace: processes of two containers that share
+  a host name and a file system must not take each other's pids for their own."""
+  name = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "localhost"
+  try:
+    return f"{name}.{os.stat('/proc/self/ns/pid').st_ino}"
+  except OSError:
+    return name
+
+
+_HOST = _host()
+_TMP, _OLD = "tmp", "old"   # a temporary being filled; a previous version moved aside
+
+
+def _start_ticks(pid: int) -> int:
+  """Start time of process `pid` in clock ticks since boot (Linux /proc); 0 where unknown."""
+  try:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+      stat = f.read()
+    # Field 22; the command name (field 2) may hold spaces, so count after its closing ')'.
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+  except (OSError, ValueError, IndexError):
+    return 0
+
+
+def process_tag() -> str:
+  """'PID.START@HOST' of this process: what temporaries and run manifests record of their writer."""
+  pid = os.getpid()
+  return f"{pid}.{_start_ticks(pid)}@{_HOST}"
+
+
+def writer_is_gone(tag: str) -> bool:
+  """True only when the process of `tag` (from process_tag) has certainly ended: it ran on this
+  host and no process with its pid and start time exists. False for other hosts (unknowable)."""
+  m = re.fullmatch(r"(\d+)\.(\d+)@(.+)", tag)
+  if not m or m.group(3) != _HOST:
+    return False
+  pid, start = int(m.group(1)), int(m.group(2))
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:
+    pass  # it exists, under another user
+  now = _start_ticks(pid)
+  return bool(start and now and now != start)  # the pid was reused by a later process
+
+
+def utc_stamp() -> str:
+  """'20250101T120000Z': the current UTC time, for names of files moved aside."""
+  return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _suffix(name: str) -> str:
+  ext = os.path.splitext(name)[1]
+  return ext if ext != name else ""
+
+
+def temporary_sibling(path: str | os.PathLike, kind: str = _TMP, suffix: str = "") -> str:
+  """A fresh hidden name beside `path` that names this process (see the module docstring)."""
+  parent, name = os.path.split(os.fspath(path))
+  return os.path.join(parent, f".{name}.{kind}-{process_tag()}-{secrets.token_hex(4)}{suffix}")
+
+
+def _temporaries_of(path: str) -> list[tuple[str, str, str]]:
+  """(path, kind, writer tag) of every temporary of `path` in its folder."""
+  parent, name = os.path.split(path)
+  pattern = re.compile(rf"\.{re.escape(name)}\.({_TMP}|{_OLD})-(\d+\.\d+@[A-Za-z0-9._-]+?)"
+                       rf"-[0-9a-f]{{8}}(?:{re.escape(_suffix(name))})?")
+  try:
+    entries = os.listdir(parent or ".")
+  except FileNotFoundError:
+    return []
+  found = []
+  for entry in sorted(entries):
+    m = pattern.fullmatch(entry)
+    if m:
+      found.append((os.path.join(parent, entry), m.group(1), m.group(2)))
+  return found
+
+
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path)
+  else:
+    os.remove(path)
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+  """Removes the temporaries of `path` left by interrupted writers (gone, on this host); says so.
+
+  A previous version moved aside by an interrupted replace (`.NAME.old-...`) is renamed back to
+  `path` when `path` is missing (the writer died between its two renames), else removed. Returns
+  what was removed. Temporaries of writers that may be alive are left, with a warning for other
+  hosts' (this host cannot tell whether they are still running).
+  """
+  path = os.path.abspath(os.fspath(path))
+  removed = []
+  for tmp, kind, tag in _temporaries_of(path):
+    if not writer_is_gone(tag):
+      if not tag.endswith("@" + _HOST):
+        log.warning("left %s: written by process %s on another host, which may still be running; "
+                    "delete it by hand if not", tmp, tag)
+      continue
+    if kind == _OLD and not os.path.lexists(path):
+      os.rename(tmp, path)
+      log.warning("restored %s from %s, moved aside by an interrupted run (process %s)", path, tmp,
+                  tag)
+      continue
+    _remove(tmp)
+    removed.append(tmp)
+    log.warning("removed %s, left by an interrupted run (process %s)", tmp, tag)
+  return removed
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
   """Yields a temporary path to write; on success it replaces `path`, on error it is removed.
 
-  Creates the parent folder if needed.
+  Creates the parent folder if needed and first removes temporaries of `path` left by
+  interrupted writers.
   """
-  path = os.fspath(path)
-  parent = os.path.dirname(path) or "."
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+  path = os.path.abspath(os.fspath(path))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  remove_stale_temporaries(path)
+  tmp = temporary_sibling(path, suffix=_suffix(os.path.basename(path)))
   try:
     yield tmp
     os.replace(tmp, path)
   finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+    if os.path.lexists(tmp):
+      _remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | os.PathLike, *,
+                     may_replace: Callable[[str], None] | None = None) -> Iterator[str]:
+  """Yields a new hidden sibling folder of `directory` to fill; renames it to `directory` when the
+  block completes, removes it when the block raises (a failure leaves nothing behind).
+
+  An existing `directory` is an OutputExistsError unless `may_replace` is given: it is called on
+  the existing directory before anything is written and again just before the replace, and
+  raises (OutputExistsError naming what is in the way) unless the directory may be deleted. The
+  old directory is moved aside, the new one renamed into place, then the old one is deleted, so
+  `directory` is never a mix of the two. Temporaries of interrupted writers are removed first.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  os.makedirs(os.path.dirname(directory), exist_ok=True)
+  remove_stale_temporaries(directory)   # first: it may put back a version moved aside
+  check = may_replace or _refuse_existing
+  if os.path.lexists(directory):
+    check(directory)
+  tmp = temporary_sibling(directory)
+  os.mkdir(tmp)
+  try:
+    yield tmp
+    if os.path.lexists(directory):
+      check(directory)
+      old = temporary_sibling(directory, _OLD)
+      os.rename(directory, old)
+      os.rename(tmp, directory)
+      try:
+        _remove(old)
+      except OSError as e:  # the new directory is in place; a later write removes `old`
+        log.warning("could not remove %s (the previous %s): %s", old, directory, e)
+    else:
+      os.rename(tmp, directory)
+  except BaseException:
+    if os.path.lexists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _refuse_existing(directory: str) -> None:
+  raise OutputExistsError(f"{directory} already exists")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -66,37 +244,6 @@ def user_cache_dir(*parts: str) -> str:
   downloads and the compilation cache live between runs."""
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   return os.path.join(base, "opt_jax", *parts)
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, replace: bool = False) -> Iterator[str]:
-  """Yields a hidden temporary sibling folder to fill; when the block completes it becomes
-  `path`, when it raises it is removed (so a failure leaves nothing that looks complete).
-
-  An existing `path` is an error unless replace=True: then it is renamed aside, the new folder
-  renamed into place, and the old one removed. Only for folders this tool owns (a cache it fills).
-  """
-  import shutil  # pylint: disable=import-outside-toplevel
-  import tempfile  # pylint: disable=import-outside-toplevel
-
-  path = os.path.abspath(os.fspath(path))
-  if os.path.lexists(path) and not replace:
-    raise FileExistsError(f"{path} already exists")
-  parent, name = os.path.split(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-  try:
-    yield tmp
-    if os.path.lexists(path):
-      old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-      os.rename(path, os.path.join(old, name))
-      os.rename(tmp, path)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def check_output(path: str | os.PathLike, *, folder: bool, what: str) -> str:

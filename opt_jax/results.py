@@ -4,7 +4,10 @@ A key is a tuple of str/int components, e.g. ("validation_ppl", "opt-125m", 2000
 key is ROOT/<component>/.../<last>.npz, each component escaped to a safe file name. The file holds
 the result's arrays plus its metadata as JSON (array "__meta__", a 0-d unicode string, readable
 without pickle), so one rename publishes arrays and metadata together: after a crash a key is
-either complete or absent, never half-written. Temporary files start with "." and are ignored.
+either complete or absent, never half-written. Temporary files start with "." and are ignored
+(opt_jax.files names them after their writer; the next write of a key removes those of writers
+that are gone). A file that is not a readable result raises CorruptResultError naming it;
+`move_aside` renames it to `<file>.corrupt-<UTC time>` (no longer a key) so it can be recomputed.
 
 Only the main process writes (multi-host runs evaluate on every process; one copy of the result
 is enough); every process can read.
@@ -14,15 +17,32 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import urllib.parse
+import zipfile
+import zlib
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from opt_jax import files
+from opt_jax.errors import InputError
+
 Key = tuple[str | int, ...]
 _META = "__meta__"
 _SUFFIX = ".npz"
+
+
+class CorruptResultError(InputError):
+  """A stored result file that cannot be read (truncated, not an .npz, metadata missing)."""
+
+  def __init__(self, path: str, reason: str):
+    self.path = path
+    super().__init__(f"{path}: not a readable result ({reason})")
+
+
+# What numpy, zipfile and json raise on a damaged file (not OSError: an unreadable disk is not a
+# damaged result, and must not get the file moved aside).
+_DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, KeyError, ValueError)
 
 
 def _is_main_process() -> bool:
@@ -32,6 +52,22 @@ def _is_main_process() -> bool:
     import jax  # pylint: disable=import-outside-toplevel
     return jax.process_index() == 0
   return is_main_process()
+
+
+def _load_file(path: str, arrays: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """(arrays or {}, meta with "key") of one result file; CorruptResultError when damaged."""
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError("an .npy array, not an .npz archive")
+      meta = json.loads(str(z[_META]))
+      if not isinstance(meta, dict) or not isinstance(meta.get("key"), list):
+        raise ValueError(f"metadata without a key: {str(meta)[:100]}")
+      data = {k: z[k] for k in z.files if k != _META} if arrays else {}
+  except _DAMAGED as e:
+    reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    raise CorruptResultError(path, reason.splitlines()[0][:200]) from None
+  return data, meta
 
 
 def _component(part: str | int) -> str:
@@ -100,44 +136,43 @@ class ResultStore:
                            sort_keys=True)
     if not self.is_writer:
       return False
-    path = self.path(key)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=os.path.dirname(path))
-    try:
-      with os.fdopen(fd, "wb") as f:
+    with files.atomic_path(self.path(key)) as tmp:
+      with open(tmp, "wb") as f:
         np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}, **{_META: np.array(meta_json)})
         f.flush()
         os.fsync(f.fileno())
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-      raise
     return True
 
   def read(self, key: Sequence[str | int]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(arrays, meta) stored under `key`; KeyError naming the file if absent."""
-    path = self.path(key)
-    try:
-      with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files if k != _META}
-        meta = json.loads(str(z[_META]))
-    except FileNotFoundError:
-      raise KeyError(f"no result for key {tuple(key)!r} in {self.root} (expected {path})") from None
-    meta.pop("key", None)
-    return arrays, meta
+    """(arrays, meta) stored under `key`; KeyError naming the file if absent, CorruptResultError
+    if the file is damaged."""
+    return self._load(key, arrays=True)
 
   def read_meta(self, key: Sequence[str | int]) -> dict[str, Any]:
-    """Only the metadata of `key` (the arrays are not decompressed)."""
+    """Only the metadata of `key` (no array is read); errors as `read`."""
+    return self._load(key, arrays=False)[1]
+
+  def _load(self, key: Sequence[str | int], arrays: bool
+            ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     path = self.path(key)
     try:
-      with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(str(z[_META]))
+      data, meta = _load_file(path, arrays)
     except FileNotFoundError:
       raise KeyError(f"no result for key {tuple(key)!r} in {self.root} (expected {path})") from None
     meta.pop("key", None)
-    return meta
+    return data, meta
+
+  def move_aside(self, key: Sequence[str | int], reason: str = "corrupt") -> str:
+    """Renames the file of `key` to `<file>.<reason>-<UTC time>`, which is no longer a key (kept
+    for inspection, never deleted); returns the new path. Only the writer renames (else: "")."""
+    if not self.is_writer:
+      return ""
+    path = self.path(key)
+    aside = f"{path}.{reason}-{files.utc_stamp()}"
+    while os.path.lexists(aside):
+      aside += "x"
+    os.rename(path, aside)
+    return aside
 
   def keys(self, prefix: Sequence[str | int] = ()) -> list[Key]:
     """Every stored key starting with `prefix`, sorted (ints sort numerically)."""
@@ -149,8 +184,7 @@ class ResultStore:
     found += list(self._files(start)) if os.path.isdir(start) else []
     keys = set()
     for path in found:
-      with np.load(path, allow_pickle=False) as z:
-        key = tuple(json.loads(str(z[_META]))["key"])
+      key = tuple(_load_file(path, arrays=False)[1]["key"])
       if key[:len(prefix)] == prefix:
         keys.add(key)
     return sorted(keys, key=lambda k: [(isinstance(p, str), p) for p in k])

@@ -39,6 +39,7 @@ from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from opt_jax.config import OPTConfig
+from opt_jax.errors import InputError
 
 # Mesh axes, outermost first: `model` is innermost so tensor-parallel groups are neighbouring
 # devices (same host, fastest links); `data` is outermost (crosses hosts / slices).
@@ -71,34 +72,52 @@ _DIM_FIELD = {
 
 # Meshes ---------------------------------------------------------------------------------------
 
-def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
-  """"data:2,fsdp:1,model:4" -> {"data": 2, "fsdp": 1, "model": 4}; -1 = the devices left over.
-
-  Axes not named get size 1. Raises ValueError naming the problem and the fix.
-  """
-  spec = (spec or "").strip() or "data:-1"
+def _axis_sizes(spec: str) -> dict[str, int]:
+  """The axes `spec` names -> their sizes (-1 kept); InputError naming the problem and the fix."""
   sizes: dict[str, int] = {}
   for part in spec.split(","):
     m = re.fullmatch(r"\s*([A-Za-z_]+)\s*:\s*(-?\d+)\s*", part)
     if not m:
-      raise ValueError(f"mesh spec {spec!r}: cannot parse {part!r}; expected name:size pairs "
+      raise InputError(f"mesh spec {spec!r}: cannot parse {part!r}; expected name:size pairs "
                        f"separated by commas, e.g. 'data:2,fsdp:1,model:4' (-1 = what is left)")
     name, size = m.group(1), int(m.group(2))
     if name not in AXES:
-      raise ValueError(f"mesh spec {spec!r}: unknown axis {name!r}; axes are {', '.join(AXES)}")
+      raise InputError(f"mesh spec {spec!r}: unknown axis {name!r}; axes are {', '.join(AXES)}")
     if name in sizes:
-      raise ValueError(f"mesh spec {spec!r}: axis {name!r} given twice")
+      raise InputError(f"mesh spec {spec!r}: axis {name!r} given twice")
     if size == 0 or size < -1:
-      raise ValueError(f"mesh spec {spec!r}: axis {name!r} has size {size}; expected a positive "
+      raise InputError(f"mesh spec {spec!r}: axis {name!r} has size {size}; expected a positive "
                        f"size or -1 (whatever is left)")
     sizes[name] = size
   free = [a for a, s in sizes.items() if s == -1]
   if len(free) > 1:
-    raise ValueError(f"mesh spec {spec!r}: only one axis may be -1, got {free}")
+    raise InputError(f"mesh spec {spec!r}: only one axis may be -1, got {free}")
+  return sizes
+
+
+def devices_needed(spec: str) -> int | None:
+  """How many devices mesh spec `spec` uses (the product of its sizes); None when one axis is -1
+  (it takes whatever devices there are). InputError for a spec that cannot be parsed.
+
+  Needs no devices: a caller that creates them (tools/plan_mesh.py simulates CPU devices) checks
+  the spec with this before creating any.
+  """
+  sizes = _axis_sizes((spec or "").strip() or "data:-1")
+  return None if -1 in sizes.values() else math.prod(sizes.values())
+
+
+def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
+  """"data:2,fsdp:1,model:4" -> {"data": 2, "fsdp": 1, "model": 4}; -1 = the devices left over.
+
+  Axes not named get size 1. Raises InputError naming the problem and the fix.
+  """
+  spec = (spec or "").strip() or "data:-1"
+  sizes = _axis_sizes(spec)
+  free = [a for a, s in sizes.items() if s == -1]
   fixed = math.prod(s for s in sizes.values() if s != -1)
   if free:
     if num_devices % fixed:
-      raise ValueError(f"mesh spec {spec!r}: the fixed axes use {fixed} devices, which does not "
+      raise InputError(f"mesh spec {spec!r}: the fixed axes use {fixed} devices, which does not "
                        f"divide the {num_devices} devices available; choose sizes whose product "
                        f"divides {num_devices}")
     sizes[free[0]] = num_devices // fixed
@@ -106,7 +125,7 @@ def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
     model = sizes.get("model", 1)
     hint = (f"give one axis -1 (e.g. 'data:-1,model:{model}')" if num_devices % model == 0
             else "use axis sizes whose product divides the device count")
-    raise ValueError(f"mesh spec {spec!r} needs {fixed} devices but {num_devices} are available "
+    raise InputError(f"mesh spec {spec!r} needs {fixed} devices but {num_devices} are available "
                      f"({jax.process_count()} process(es)); make the sizes multiply to "
                      f"{num_devices}, or {hint}")
   return {a: sizes.get(a, 1) for a in AXES}
@@ -127,7 +146,7 @@ def make_mesh(spec: str = "data:-1", devices: Sequence[jax.Device] | None = None
     from jax.experimental import mesh_utils
     n = len(slices)
     if sizes["data"] % n:
-      raise ValueError(f"mesh spec {spec!r}: the data axis ({sizes['data']}) must be a multiple "
+      raise InputError(f"mesh spec {spec!r}: the data axis ({sizes['data']}) must be a multiple "
                        f"of the number of TPU slices ({n}); only `data` crosses slices")
     grid = mesh_utils.create_hybrid_device_mesh(
         (sizes["data"] // n, sizes["fsdp"], sizes["model"]), (n, 1, 1), devices)

@@ -15,7 +15,8 @@ Relative checkpoint paths resolve against the manifest's folder. Derived per che
   tokens seen    = step x tokens_per_step
   training FLOPs = 6 x params x tokens seen          (forward + backward, Kaplan et al. 2020)
 
-`load_suite` validates everything and raises one `SuiteError` that lists every problem.
+`load_suite` validates everything and raises one `SuiteError` that lists every problem, including
+every entry that is not a checkpoint opt_jax can read (checked cheaply, before any sweep starts).
 `opt_suite_template` / `write_opt_template` give the OPT suite analysed by Xia et al. (2023) with
 placeholder paths that users point at their converted checkpoints.
 """
@@ -30,6 +31,7 @@ from typing import Any, Iterator, Mapping
 
 from opt_jax import files
 from opt_jax.config import PRESETS, OPTConfig
+from opt_jax.errors import InputError, MissingFileError
 
 _SUITE_FIELDS = ("name", "models", "description")
 _MODEL_FIELDS = ("name", "params", "tokens_per_step", "aliases", "checkpoints", "description",
@@ -38,7 +40,7 @@ _CHECKPOINT_FIELDS = ("path", "revision", "sha")
 _PARAMS_TOLERANCE = 0.05  # manifest `params` may be rounded; a larger gap means a wrong checkpoint
 
 
-class SuiteError(ValueError):
+class SuiteError(InputError):
   """A manifest with problems; `problems` lists each one (file, model and key named)."""
 
   def __init__(self, source: str, problems: list[str]):
@@ -401,24 +403,22 @@ def _parse_checkpoint_entry(entry: _Pairs, step: int, where: str, revisions: dic
   return fields.get("path"), True
 
 
-def _load_config(directory: str) -> OPTConfig:
-  from opt_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  return checkpoint.load_config(directory)
-
-
 def _check_checkpoints(m: SuiteModel) -> list[str]:
-  """Missing directories, configs that differ within the model, params far from the config's."""
+  """Missing directories, entries opt_jax cannot read (opt_jax.checkpoint.checkpoint_problem:
+  e.g. an unconverted HF folder), configs that differ within the model, params far from the
+  config's."""
+  from opt_jax import checkpoint  # pylint: disable=import-outside-toplevel
   problems = []
   configs: dict[int, OPTConfig] = {}
   for step, path in m.checkpoints.items():
     if not os.path.isdir(path):
       problems.append(f"model {m.name!r} step {step}: checkpoint directory {path} does not exist")
       continue
-    try:
-      configs[step] = _load_config(path)
-    except (OSError, ValueError, KeyError) as e:
-      problems.append(f"model {m.name!r} step {step}: cannot read the checkpoint config in "
-                      f"{path}: {e}")
+    problem = checkpoint.checkpoint_problem(path)
+    if problem is not None:
+      problems.append(f"model {m.name!r} step {step}: {problem}")
+      continue
+    configs[step] = checkpoint.load_config(path)
   if not configs:
     return problems
   # The most common config is the model's; every checkpoint that differs is named.
@@ -445,7 +445,7 @@ def load_suite(path: str | os.PathLike, *, check_paths: bool = True) -> Suite:
   """Reads and validates a manifest (.json, .yaml or .yml); SuiteError lists every problem."""
   path = os.path.abspath(os.fspath(path))
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"suite manifest not found: {path}")
+    raise MissingFileError(f"suite manifest not found: {path}")
   data = _read_manifest(path)
   return parse_suite(data, os.path.dirname(path), source=path, check_paths=check_paths)
 

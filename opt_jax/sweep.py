@@ -3,13 +3,21 @@
   store = ResultStore(out_dir)
   report = run_sweep(suite, evaluate, store, experiment="validation_ppl")
 
-For every (model, step) whose key (experiment..., model.name, step) is not in the store yet:
-restore the checkpoint (onto `mesh` when given), call `evaluate(model, step, config, params)`,
-which returns (arrays: dict[str, array], meta: dict), and write that result atomically. The next
-checkpoint is restored in a background thread while the current one is evaluated, so when
-restoring costs about as much as evaluating the sweep costs the evaluations alone (at most two
-checkpoints' parameters are alive at once; prefetch=False keeps one). A re-run skips finished
-keys; a crash or kill -9 loses at most the checkpoint in flight.
+For every (model, step) whose key (experiment..., model.name, step) has no valid result in the
+store: restore the checkpoint (onto `mesh` when given), call `evaluate(model, step, config,
+params)`, which returns (arrays: dict[str, array], meta: dict), and write that result atomically
+with the checkpoint's identity (path, content fingerprint, restore dtype). The next checkpoint is
+restored in a background thread while the current one is evaluated, so when restoring costs about
+as much as evaluating the sweep costs the evaluations alone (at most two checkpoints' parameters
+are alive at once; prefetch=False keeps one). A re-run skips finished keys; a crash or kill -9
+loses at most the checkpoint in flight, and the killed run's manifest is marked interrupted.
+
+A stored result is valid only for the checkpoint identity it records: after a checkpoint is
+re-converted or replaced, its manifest path edited, or the restore dtype changed, the result is
+stale: said in one line, recomputed, replaced atomically. A damaged result file is named, moved
+aside (`<file>.corrupt-<time>`) and recomputed. A checkpoint that fails to restore or evaluate is
+reported in one line naming it, recorded in `SweepReport.failed` and the run manifest, and the
+sweep goes on (`stop_on_failure=True`: it stops there).
 
 Parameters are arguments of the evaluator's jitted functions, so one compiled program serves every
 checkpoint of a size: `ScorerCache` keeps one `opt_jax.scoring.Scorer` per config and moves it to
@@ -40,7 +48,8 @@ from tqdm.auto import tqdm
 
 from opt_jax import checkpoint, files
 from opt_jax.config import OPTConfig
-from opt_jax.results import Key, ResultStore
+from opt_jax.errors import InputError, UserError
+from opt_jax.results import CorruptResultError, Key, ResultStore
 from opt_jax.suite import Suite, SuiteModel
 
 Evaluate = Callable[[SuiteModel, int, OPTConfig, Any],
@@ -54,11 +63,17 @@ log = logging.getLogger(__name__)
 class SweepReport:
   """What a sweep did. Times in seconds; per-key dicts cover the evaluated keys only.
 
+  failed: key -> one line saying why that checkpoint was not evaluated (restore or evaluation
+  failed; the file is named); its key has no result in the store afterwards.
+  recomputed: keys whose stored result was stale (another checkpoint identity or restore dtype)
+  or damaged, evaluated again (they are in `evaluated` or `failed` as well).
   restore_seconds: time each restore took (in the background thread when prefetching);
   wait_seconds: time the main loop waited for a restore to finish (the restore cost not hidden).
   """
   evaluated: list[Key] = dataclasses.field(default_factory=list)
   skipped: list[Key] = dataclasses.field(default_factory=list)
+  failed: dict[Key, str] = dataclasses.field(default_factory=dict)
+  recomputed: list[Key] = dataclasses.field(default_factory=list)
   eval_seconds: dict[Key, float] = dataclasses.field(default_factory=dict)
   restore_seconds: dict[Key, float] = dataclasses.field(default_factory=dict)
   wait_seconds: dict[Key, float] = dataclasses.field(default_factory=dict)
@@ -98,7 +113,10 @@ def _package_versions() -> dict[str, str]:
 
 
 class _RunManifest:
-  """runs/<experiment>-<UTC time>.json in the output folder: flags, suite, versions, times."""
+  """runs/<experiment>-<UTC time>-<pid>.json in the output folder: flags, suite, versions, times,
+  status ("running", then "finished", "finished_with_failures", "stopped" (stop_on_failure),
+  "failed" (an error ended the sweep) or "interrupted": set by a later sweep when the process
+  that wrote "running" is gone, e.g. after kill -9) and the failed checkpoints."""
 
   def __init__(self, out_dir: str, experiment: tuple[str, ...], suite: Suite, mesh: Any,
                run_info: Mapping[str, Any] | None, enabled: bool):
@@ -118,9 +136,11 @@ class _RunManifest:
         "versions": _package_versions(),
         "python": platform.python_version(),
         "host": socket.gethostname(),
+        "writer": files.process_tag(),
         "process_count": jax.process_count(),
         "devices": [str(d) for d in jax.devices()],
         "mesh": dict(mesh.shape) if mesh is not None else None,
+        "failed": {},
     }
 
   def update(self, **fields: Any) -> None:
@@ -129,36 +149,132 @@ class _RunManifest:
       files.write_json(self.path, self.data)
 
 
+def mark_interrupted_runs(runs_dir: str) -> list[str]:
+  """Sets "status": "interrupted" in every run manifest of `runs_dir` still "running" whose
+  process is certainly gone (it ran on this host and has ended: files.writer_is_gone); says so.
+  Manifests from other hosts are left as they are. Returns the manifests marked."""
+  marked = []
+  names = sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []
+  for name in names:
+    path = os.path.join(runs_dir, name)
+    if name.startswith(".") or not name.endswith(".json"):
+      continue
+    try:
+      with open(path) as f:
+        data = json.load(f)
+    except (OSError, ValueError):
+      continue  # not a manifest this code can read: leave it alone
+    if not isinstance(data, dict) or data.get("status") != "running":
+      continue
+    writer = data.get("writer")
+    if not isinstance(writer, str) or not files.writer_is_gone(writer):
+      continue
+    data.update(status="interrupted", interrupted_noticed=_utc_now())
+    files.write_json(path, data)
+    marked.append(path)
+    log.warning("run manifest %s: its process %s ended without finishing; marked it interrupted",
+                path, writer)
+  return marked
+
+
+def _restore_dtype(path: str, dtype: Any) -> str:
+  # What the evaluator gets: the cast dtype, or the stored one (cast to float32 on a float32
+  # checkpoint is the same numbers as no cast).
+  if dtype is not None:
+    return np.dtype(dtype).name
+  return str(checkpoint.load_metadata(path).get("dtype", "unknown"))
+
+
+def checkpoint_identity(path: str, dtype: Any = None) -> dict[str, str]:
+  """What a stored result records of its input: checkpoint.identity (path, content fingerprint)
+  plus the dtype its parameters were restored in."""
+  return {**checkpoint.identity(path), "restore_dtype": _restore_dtype(path, dtype)}
+
+
+def _stale_reason(stored: Any, current: Mapping[str, str]) -> str | None:
+  """Why a result stored with identity `stored` does not hold for `current`; None if it does."""
+  if not isinstance(stored, Mapping):
+    return "it records no checkpoint identity (written by an earlier opt_jax)"
+  if stored.get("path") != current["path"]:
+    return f"computed from {stored.get('path')}, the suite now gives {current['path']}"
+  if stored.get("fingerprint") != current["fingerprint"]:
+    return f"checkpoint {current['path']} changed since (re-converted or replaced)"
+  if stored.get("restore_dtype") != current["restore_dtype"]:
+    return f"restored as {stored.get('restore_dtype')}, now as {current['restore_dtype']}"
+  return None
+
+
+def _one_line(e: BaseException, path: str) -> str:
+  text = (str(e).strip().splitlines() or [""])[0][:400] or type(e).__name__
+  if not isinstance(e, UserError):
+    text = f"{type(e).__name__}: {text}"
+  # Messages of opt_jax's errors start with the checkpoint's path: name it once.
+  for lead in (f"{path}: ", f"{path} "):
+    if text.startswith(lead):
+      return text[len(lead):]
+  return text
+
+
 def run_sweep(suite: Suite, evaluate: Evaluate, store: ResultStore, *,
               experiment: str | Sequence[str] = "eval", prefetch: bool = True, mesh: Any = None,
               progress: bool = True, dtype: Any = None, run_info: Mapping[str, Any] | None = None,
-              out_dir: str | None = None, restore: Restore | None = None) -> SweepReport:
-  """Evaluates every checkpoint of `suite` not yet in `store`; see the module docstring.
+              out_dir: str | None = None, restore: Restore | None = None,
+              stop_on_failure: bool = False) -> SweepReport:
+  """Evaluates every checkpoint of `suite` without a valid result in `store`; see the module
+  docstring.
 
   evaluate(model, step, config, params) -> (arrays, meta): arrays name -> array (stored as npz);
     meta JSON-serialisable; meta["num_tokens"] (tokens scored) feeds the tokens/s of the progress
-    bar. The stored meta also gets model, step, params, tokens, flops, path and timings.
+    bar. The stored meta also gets model, step, params, tokens, flops, path, timings and
+    "identity" (`checkpoint_identity`).
   experiment: first component(s) of every key: (*experiment, model.name, step).
-  mesh: restore each checkpoint onto it (opt_jax.sharding.param_shardings); None: one device.
+  mesh: restore each checkpoint onto it (opt_jax.sharding.param_shardings); every size's config
+    is checked against it (sharding.check_divisible) before anything is restored. None: one
+    device.
   dtype: cast parameters while restoring (e.g. jnp.bfloat16); None keeps the stored dtype.
   run_info: flags etc. recorded in the run manifest, written to out_dir (default store.root)/runs/.
   restore: replaces opt_jax.checkpoint.restore (signature restore(path, shardings=, dtype=)).
+  stop_on_failure: raise the first restore or evaluation error (after recording it) instead of
+    recording it in SweepReport.failed and the run manifest and going on.
   """
   prefix = _key_prefix(experiment)
   restore = restore or checkpoint.restore
   start = time.perf_counter()
+  out_dir = out_dir or store.root
   report = SweepReport()
-  todo = []
+  name = "/".join(prefix)
+  if store.is_writer:
+    mark_interrupted_runs(os.path.join(out_dir, "runs"))
+
+  # Which keys to (re)compute is decided here, once, from the shared store (multi-host: every
+  # process decides the same; only the writer moves damaged or stale files aside).
+  todo: list[tuple[Key, SuiteModel, int, dict[str, str]]] = []
+  unreadable = []                            # (key, model, step, error): no identity
+  stale: set[Key] = set()                    # stale stored results, kept until replaced
   for key, model, step in sweep_keys(suite, prefix):
+    path = model.path(step)
+    try:
+      ident = checkpoint_identity(path, dtype)
+    except (OSError, ValueError) as e:
+      unreadable.append((key, model, step, e))
+      continue
     if store.has(key):
-      report.skipped.append(key)
-    else:
-      todo.append((key, model, step))
-  manifest = _RunManifest(out_dir or store.root, prefix, suite, mesh, run_info, store.is_writer)
-  manifest.update(num_checkpoints=len(report.skipped) + len(todo), skipped=len(report.skipped))
-  report.run_manifest = manifest.path if store.is_writer else None
-  log.info("sweep %s: %d checkpoints to evaluate, %d already done", "/".join(prefix), len(todo),
-           len(report.skipped))
+      try:
+        reason = _stale_reason(store.read_meta(key).get("identity"), ident)
+      except CorruptResultError as e:
+        aside = store.move_aside(key)
+        log.warning("%s; %s and recomputing", e, f"moved it to {aside}" if aside else "ignoring it")
+        report.recomputed.append(key)
+      except KeyError:
+        pass  # removed meanwhile (by the writer process): compute it
+      else:
+        if reason is None:
+          report.skipped.append(key)
+          continue
+        log.warning("%s: stale result (%s): recomputing", store.path(key), reason)
+        stale.add(key)
+        report.recomputed.append(key)
+    todo.append((key, model, step, ident))
 
   configs: dict[str, OPTConfig] = {}
   shardings: dict[OPTConfig, Any] = {}
@@ -167,6 +283,30 @@ def run_sweep(suite: Suite, evaluate: Evaluate, store: ResultStore, *,
     if path not in configs:
       configs[path] = checkpoint.load_config(path)
     return configs[path]
+
+  if mesh is not None:
+    from opt_jax import sharding  # pylint: disable=import-outside-toplevel
+    checked = set()
+    for key, model, step, _ in todo:
+      path = model.path(step)
+      try:
+        config = config_of(path)
+      except (OSError, ValueError):
+        continue  # reported when its restore fails
+      if config not in checked:
+        checked.add(config)
+        try:
+          sharding.check_divisible(config, mesh)
+        except ValueError as e:
+          raise InputError(f"model {model.name} ({os.path.join(path, checkpoint.CONFIG_FILE)}): "
+                           f"{e}") from None
+
+  manifest = _RunManifest(out_dir, prefix, suite, mesh, run_info, store.is_writer)
+  manifest.update(num_checkpoints=len(report.skipped) + len(todo) + len(unreadable),
+                  skipped=len(report.skipped))
+  report.run_manifest = manifest.path if store.is_writer else None
+  log.info("sweep %s: %d checkpoints to evaluate, %d already done", name,
+           len(todo) + len(unreadable), len(report.skipped))
 
   def load(path: str) -> tuple[Any, float]:
     t0 = time.perf_counter()
@@ -177,32 +317,53 @@ def run_sweep(suite: Suite, evaluate: Evaluate, store: ResultStore, *,
         from opt_jax import sharding  # pylint: disable=import-outside-toplevel
         shardings[config] = sharding.param_shardings(config, mesh)
       sh = shardings[config]
-    try:
-      params = restore(path, shardings=sh, dtype=dtype)
-    except Exception as e:
-      raise RuntimeError(f"restoring checkpoint {path} failed: {e}") from e
+    params = restore(path, shardings=sh, dtype=dtype)
     # Wait for the arrays here, in the background thread, not in the evaluator.
     params = jax.block_until_ready(params)
     return params, time.perf_counter() - t0
 
-  bar = tqdm(total=len(todo), desc="/".join(prefix), unit="ckpt", dynamic_ncols=True,
+  bar = tqdm(total=len(todo) + len(unreadable), desc=name, unit="ckpt", dynamic_ncols=True,
              disable=not progress or not store.is_writer)
+
+  def fail(key: Key, model: SuiteModel, step: int, doing: str, e: BaseException) -> None:
+    path = model.path(step)
+    reason = f"{doing} {path} failed: {_one_line(e, path)}"
+    report.failed[key] = reason
+    log.error("sweep %s: %s step %s: %s", name, model.name, step, reason)
+    log.debug("sweep %s: %s step %s", name, model.name, step, exc_info=e)
+    if key in stale:  # must not pass for a result of the checkpoint now at this path
+      aside = store.move_aside(key, "stale")
+      if aside:
+        log.warning("moved the stale result of %s step %s to %s", model.name, step, aside)
+    manifest.update(failed={"/".join(map(str, k)): r for k, r in report.failed.items()})
+    bar.update(1)
+    if stop_on_failure:
+      if not isinstance(e, UserError):
+        e.add_note(f"while {doing} {model.name} step {step} ({path})")
+      raise e
+
   tokens_done, eval_done = 0.0, 0.0
   executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch")
   status = "failed"
   try:
+    for key, model, step, e in unreadable:
+      fail(key, model, step, "reading", e)
     pending = executor.submit(load, todo[0][1].path(todo[0][2])) if (todo and prefetch) else None
-    for i, (key, model, step) in enumerate(todo):
+    for i, (key, model, step, ident) in enumerate(todo):
       path = model.path(step)
       t_wait = time.perf_counter()
-      if prefetch:
-        params, restore_s = pending.result()
-        pending = None
-        if i + 1 < len(todo):
-          nxt_model, nxt_step = todo[i + 1][1], todo[i + 1][2]
-          pending = executor.submit(load, nxt_model.path(nxt_step))
-      else:
-        params, restore_s = load(path)
+      try:
+        if prefetch:
+          future = pending
+          # Queued behind the current restore: at most two checkpoints' parameters are alive.
+          pending = (executor.submit(load, todo[i + 1][1].path(todo[i + 1][2]))
+                     if i + 1 < len(todo) else None)
+          params, restore_s = future.result()
+        else:
+          params, restore_s = load(path)
+      except Exception as e:  # pylint: disable=broad-except
+        fail(key, model, step, "restoring", e)
+        continue
       report.wait_seconds[key] = time.perf_counter() - t_wait
       report.restore_seconds[key] = restore_s
       bar.set_postfix_str(f"{model.name} step {step}", refresh=False)
@@ -212,17 +373,19 @@ def run_sweep(suite: Suite, evaluate: Evaluate, store: ResultStore, *,
         arrays, meta = evaluate(model, step, config_of(path), params)
         # The evaluator may return device arrays: materialise before stopping the clock.
         arrays = {k: np.asarray(v) for k, v in dict(arrays).items()}
-      except Exception as e:
-        e.add_note(f"while evaluating {model.name} step {step} ({path})")
-        raise
+      except Exception as e:  # pylint: disable=broad-except
+        del params
+        fail(key, model, step, "evaluating", e)
+        continue
       eval_s = time.perf_counter() - t_eval
       del params
 
       meta = dict(meta or {})
       stored_meta = {"model": model.name, "step": step, "params": model.params,
                      "tokens": model.tokens(step), "flops": model.flops(step), "path": path,
-                     "eval_seconds": eval_s, "restore_seconds": restore_s, **meta}
-      store.write(key, arrays, stored_meta)
+                     "eval_seconds": eval_s, "restore_seconds": restore_s, **meta,
+                     "identity": ident}
+      store.write(key, arrays, stored_meta)   # replaces a stale result atomically
       report.evaluated.append(key)
       report.eval_seconds[key] = eval_s
       tokens_done += float(meta.get("num_tokens", 0) or 0)
@@ -230,9 +393,20 @@ def run_sweep(suite: Suite, evaluate: Evaluate, store: ResultStore, *,
       postfix = f"{model.name} step {step}"
       if tokens_done:
         postfix += f", {tokens_done / max(eval_done, 1e-9):,.0f} tok/s"
+      if report.failed:
+        postfix += f", {len(report.failed)} failed"
       bar.set_postfix_str(postfix, refresh=False)
       bar.update(1)
-    status = "finished"
+    status = "finished_with_failures" if report.failed else "finished"
+    if report.failed:
+      log.warning("sweep %s: %d of %d checkpoints failed (listed in %s)", name,
+                  len(report.failed), len(todo) + len(unreadable), manifest.path)
+  except KeyboardInterrupt:
+    status = "interrupted"
+    raise
+  except Exception:
+    status = "stopped" if stop_on_failure and report.failed else "failed"
+    raise
   finally:
     executor.shutdown(wait=True, cancel_futures=True)
     bar.close()

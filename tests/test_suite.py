@@ -14,9 +14,12 @@ TINY = OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attenti
 
 
 def _fake_checkpoint(directory, config=TINY):
-  # Manifest validation reads only config.json (through opt_jax.checkpoint.load_config).
-  os.makedirs(directory, exist_ok=True)
+  # Manifest validation reads config.json and opt_jax.json and checks that orbax's metadata file
+  # is there (opt_jax.checkpoint.checkpoint_problem); it reads no arrays.
+  os.makedirs(os.path.join(directory, "params"), exist_ok=True)
   config.to_json_file(os.path.join(directory, "config.json"))
+  _write(os.path.join(directory, "opt_jax.json"), '{"format": 1}')
+  _write(os.path.join(directory, "params", "_METADATA"), "{}")
 
 
 def _write(path, text):
@@ -92,7 +95,7 @@ def test_every_manifest_problem_is_listed_at_once(tmp_path):
       "alias 'Shared' of model 'b' is also used by model 'a'",
       f"model 'a' step 5: checkpoint directory {tmp_path / 'missing'} does not exist",
       "model 'a' step 4: config.json in",
-      "model 'b' step 2: cannot read the checkpoint config",
+      f"model 'b' step 2: {tmp_path / 'not_a_checkpoint' / 'config.json'} not found",
       "model 'b': manifest says params=999999999",
       "model 'c': manifest says params=10 but its checkpoints' config.json has 3824",
   ]

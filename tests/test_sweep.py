@@ -120,7 +120,8 @@ def test_kill_9_mid_sweep_loses_at_most_the_checkpoint_in_flight(tiny, tmp_path)
   assert done == [("kill", "tiny-a", 10), ("kill", "tiny-a", 20)]
   before = {k: store.read(k)[0]["sums"] for k in done}
   manifests = os.listdir(os.path.join(store.root, "runs"))
-  with open(os.path.join(store.root, "runs", manifests[0])) as f:
+  killed = os.path.join(store.root, "runs", manifests[0])
+  with open(killed) as f:
     assert json.load(f)["status"] == "running"                  # killed: never finished
 
   evaluated = []
@@ -131,6 +132,8 @@ def test_kill_9_mid_sweep_loses_at_most_the_checkpoint_in_flight(tiny, tmp_path)
   report = sweep.run_sweep(tiny, evaluate, store, experiment="kill", progress=False)
   assert evaluated == [("tiny-a", 30), ("tiny-a", 40)] + [("tiny-b", s) for s in U.STEPS]
   assert report.skipped == done
+  with open(killed) as f:
+    assert json.load(f)["status"] == "interrupted"              # noticed by the next run
   assert len(store.keys(("kill",))) == 8
   for k, sums in before.items():
     np.testing.assert_array_equal(store.read(k)[0]["sums"], sums)
@@ -188,7 +191,7 @@ def test_mesh_restores_onto_param_shardings(tiny, tmp_path):
   assert jax.tree.structure(seen[0]) == jax.tree.structure(sharding.param_shardings(config, mesh))
 
 
-def test_broken_checkpoint_is_named_and_earlier_results_kept(tiny, tmp_path):
+def test_unconverted_folder_is_rejected_by_the_manifest_check_before_any_sweep(tiny, tmp_path):
   m = tiny.models[0]
   broken = tmp_path / "broken"
   os.makedirs(broken)
@@ -198,8 +201,6 @@ def test_broken_checkpoint_is_named_and_earlier_results_kept(tiny, tmp_path):
                                                        "3": m.path(20)}}]}
   path = tmp_path / "s.json"
   path.write_text(json.dumps(manifest))
-  s = suite.load_suite(path)          # config.json is all the manifest check needs
-  store = results.ResultStore(tmp_path / "store")
-  with pytest.raises(RuntimeError, match=f"restoring checkpoint {broken} failed"):
-    sweep.run_sweep(s, lambda *a: (U.param_summary(a[3]), {}), store, progress=False)
-  assert store.keys() == [("eval", "m", 1)]
+  with pytest.raises(suite.SuiteError, match=f"model 'm' step 2: {broken} is not an opt_jax "
+                                             f"checkpoint: it lacks opt_jax.json, params"):
+    suite.load_suite(path)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -145,3 +146,21 @@ def test_binary_runs_resumes_and_closes_with_a_summary(setup):
   run = _last_run(out)
   assert run["evaluated"] == 0 and run["run_info"]["settings"]["context_length"] == 64
   assert run["run_info"]["settings"]["corpus"] == list(settings.corpus)
+
+
+def test_a_damaged_checkpoint_is_left_out_and_named_in_the_summary(setup, tmp_path):
+  s, settings, _, df, _ = setup
+  root = tmp_path / "copy"
+  shutil.copytree(os.path.dirname(s.source), root)
+  bad = root / "ckpt" / "tiny-a" / "step20"
+  os.remove(bad / "params" / "layers.fc2.kernel" / "0.0.0")
+  outcome = V.run(settings.replace(suite=str(root / "suite.json"), out=str(tmp_path / "out"),
+                                   models=("tiny-a",), plots=False), progress=False)
+  table = outcome.table
+  assert sorted(set(table["step"])) == [10, 30, 40]       # the others are all there
+  pd.testing.assert_frame_equal(
+      table.reset_index(drop=True),
+      df[(df.model == "tiny-a") & (df.step != 20)].reset_index(drop=True))
+  text = outcome.summary.render()
+  assert "tiny: 4 checkpoints (3 evaluated now, 0 already in" in text and "1 failed)" in text
+  assert f"tiny tiny-a step 20 failed and is left out: restoring {bad} failed" in text

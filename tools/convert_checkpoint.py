@@ -37,7 +37,11 @@ class Settings(cli.Settings):
   config: str | None = cli.option(None, "metaseq only: HF-style config.json to use instead of "
                                   "inferring the config from tensor shapes and the stored args.")
   max_shard_gb: float = cli.option(5.0, "--to=hf only: largest safetensors shard.", gt=0)
-  overwrite: bool = cli.option(False, "Replace an existing output directory.")
+  overwrite: bool = cli.option(False, "Replace --output if it is an earlier output of the same "
+                               "kind (an opt_jax checkpoint, or with --to=hf an HF safetensors "
+                               "folder) with nothing else in it; any other existing --output (a "
+                               "folder holding the input, other files) is refused before the "
+                               "input is read.")
 
 
 def run(s: Settings) -> cli.Summary:

