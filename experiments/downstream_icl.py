@@ -8,11 +8,12 @@ r"""Downstream in-context learning across checkpoints and what predicts it (Xia 
   python -m experiments.downstream_icl --lm_eval_results=DIR --suite=MANIFEST \
       --tasks=hellaswag,piqa --metric=acc --ppl_task=lambada_openai --out=DIR
 
-Tasks: the BIG-bench JSON tasks under --bigbench_dir that pass the paper's selection rule (or the
---tasks named there), plus cloze tasks made from --cloze_text. --bigbench_dir defaults to
-tools/fetch_bigbench.py's cache ($XDG_CACHE_HOME/opt_jax/bigbench/benchmark_tasks); when that is
-absent and no cloze text is given the run stops and says how to fetch the tasks. A malformed task
-is skipped and listed in summary.md.
+Tasks: the BIG-bench JSON tasks under --bigbench_dir that pass the paper's selection rule (the
+others are listed with the reason), or the --tasks named there (an unknown name is an error that
+names the closest known ones), plus cloze tasks made from --cloze_text. --bigbench_dir defaults
+to tools/fetch_bigbench.py's cache ($XDG_CACHE_HOME/opt_jax/bigbench/benchmark_tasks); when that
+is absent and no cloze text is given the run stops and says how to fetch the tasks; an empty
+value disables BIG-bench. A malformed task is skipped and listed in summary.md.
 
 Each option of each example is one harness-style request (experiments.tasks.bigbench): the prompt
 (k-shot, BIG-bench's prefixes) is the context, the option the continuation. Requests are encoded
@@ -24,7 +25,7 @@ window is skipped (counted in summary.md).
 Validation perplexity (the x-axis): --validation_ppl (experiments/validation_ppl.py's CSV or its
 folder; --validation_corpus picks a corpus), or --validation_text scored in the same sweep
 (token-weighted over the files, windows of the model's length), or missing (NaN: perplexity
-correlations are then unavailable).
+correlations and the plots against it are then skipped, and the summary says so).
 
 Outputs in --out:
   icl_results.csv     model, step, params, tokens, flops, validation_ppl, task, n, accuracy,
@@ -35,16 +36,14 @@ Outputs in --out:
                       task_scaling.csv, summary.md, plots/*.{png,pdf} beside it
   k{K}shot/           the same analysis for every further k_shot
   store/, runs/       per-checkpoint results (a re-run scores only what is missing), run manifests
-
-This file is the library function `run` (tests call it) plus thin absl flags (`main`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
-import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -52,21 +51,72 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from experiments import context, perplexity
 from experiments.analysis import icl
+from experiments.context import Experiment, ExperimentSettings, Outcome
 from experiments.tasks import bigbench as bb
 from experiments.tasks import cloze
-from opt_jax import files
+from opt_jax import cli, files, inputs
+from opt_jax.errors import InputError
 
-log = logging.getLogger(__name__)
-
-EXPERIMENT = "downstream_icl"
+NAME = "downstream_icl"
 DEFAULT_K_SHOT = (0, 2)
+RESULTS_CSV = "icl_results.csv"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(ExperimentSettings):
+  # The tasks, prompts and validation texts are in the result key through their contents.
+  bigbench_dir: str | None = cli.option(
+      None, "Folder of BIG-bench task folders (default: tools/fetch_bigbench.py's cache, "
+            "$XDG_CACHE_HOME/opt_jax/bigbench/benchmark_tasks); empty: no BIG-bench (cloze tasks "
+            "only).", key=False)
+  tasks: tuple[str, ...] | None = cli.option(
+      None, "BIG-bench tasks to evaluate (default: those passing the paper's selection rule); "
+            "with --lm_eval_results: the harness tasks.", key=False)
+  cloze_text: tuple[str, ...] | None = cli.option(
+      None, "Held-out text file(s) to make cloze tasks from.", key=False)
+  cloze_examples: int = cli.option(200, "Examples per cloze task.", ge=1, key=False)
+  k_shot: tuple[int, ...] = cli.option(
+      DEFAULT_K_SHOT, "Shots per prompt; the first value's analysis goes to --out, the others' to "
+      "--out/k{K}shot.", ge=0, key=False)
+  seed: int = cli.option(0, "Seed of the few-shot draws and the listed-choice order.", ge=0,
+                         key=False)
+  max_examples: int = cli.option(0, "Examples per task (0: all).", ge=0, key=False)
+  validation_ppl: str | None = cli.option(
+      None, "validation_ppl.csv (or its folder) of experiments/validation_ppl.py.", key=False)
+  validation_corpus: str | None = cli.option(None, "Corpus of --validation_ppl to use.",
+                                             key=False)
+  validation_text: tuple[str, ...] | None = cli.option(
+      None, "Text file(s) whose perplexity is scored in this sweep as the validation perplexity "
+            "(.jsonl: JSON lines with a \"text\" field; any other file: one document).", key=False)
+  # Same numbers either way (the shared prompt is computed once or with every option).
+  share_prefix: bool = cli.option(True, "Score each prompt once for all its options (KV cache).",
+                                  key=False)
+  n_bins: int = cli.option(10, "Bins of the perplexity order for linearity and breakthroughness "
+                           "(0: every checkpoint).", ge=0, key=False)
+  top_k: int = cli.option(5, "Tasks plotted per linearity / breakthroughness ranking.", ge=0,
+                          key=False)
+  plots: bool = cli.option(True, "Draw the plots (PNG and PDF).", key=False)
+  lm_eval_results: str | None = cli.option(
+      None, "Folder of lm-evaluation-harness result JSON files to analyse instead of scoring "
+            "checkpoints.", key=False)
+  metric: str = cli.option("acc", "lm-eval metric used as accuracy.", key=False)
+  ppl_task: str = cli.option("lambada_openai", "lm-eval task whose perplexity is the validation "
+                             "perplexity.", key=False)
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not self.k_shot or len(set(self.k_shot)) != len(self.k_shot):
+      raise InputError(f"--k_shot={','.join(map(str, self.k_shot))}: expected distinct "
+                       f"non-negative integers")
+    if self.validation_ppl and self.validation_text:
+      raise InputError("give --validation_ppl or --validation_text, not both")
 
 
 def default_bigbench_dir() -> str:
   """Where tools/fetch_bigbench.py puts the tasks by default."""
-  from tools import fetch_bigbench  # pylint: disable=import-outside-toplevel
-  return os.path.join(fetch_bigbench.default_cache_dir(), fetch_bigbench.TASKS_DIR)
+  return files.user_cache_dir("bigbench", "benchmark_tasks")
 
 
 # Tasks and requests ----------------------------------------------------------------------------
@@ -79,58 +129,82 @@ class Item:
   requests: bb.ExampleRequests
 
 
+@dataclasses.dataclass
+class TaskList:
+  """tasks: what is evaluated; failures {task: error} (malformed, skipped); dropped {task:
+  reason} (the selection rule); notes: lines for summary.md."""
+  tasks: list[bb.Task]
+  failures: dict[str, str]
+  dropped: dict[str, str]
+  notes: list[str]
+
+
 def load_tasks(bigbench_dir: str | None, task_names: Sequence[str] | None,
                cloze_texts: Sequence[str] = (), *, cloze_examples: int = 200, seed: int = 0
-               ) -> tuple[list[bb.Task], dict[str, str], list[str]]:
-  """(tasks, failures {task: error}, notes) for a run; see the module docstring."""
-  tasks: list[bb.Task] = []
-  failures: dict[str, str] = {}
-  notes: list[str] = []
+               ) -> TaskList:
+  """The run's tasks (module docstring). InputError for an unknown task name (naming the
+  closest known ones) and when nothing is left to evaluate."""
+  out = TaskList([], {}, {}, [])
   explicit = bigbench_dir is not None
   root = os.path.expanduser(bigbench_dir) if explicit else default_bigbench_dir()
   if bigbench_dir == "":  # explicitly none: cloze tasks only, even if a fetched copy exists
     if not cloze_texts:
-      raise ValueError("bigbench_dir='' disables BIG-bench, and no cloze text was given: "
+      raise InputError("--bigbench_dir='' disables BIG-bench, and no --cloze_text was given: "
                        "nothing to evaluate")
-    notes.append("BIG-bench disabled (empty --bigbench_dir)")
+    out.notes.append("BIG-bench disabled (empty --bigbench_dir)")
   elif os.path.isdir(root):
-    loaded, failures = bb.load_tasks(root, task_names)
-    if task_names:
-      for t in loaded:
-        problems = bb.selection_problems(t)
-        if problems and not bb.paper_selection(t):
-          notes.append(f"task {t.name} fails the paper's selection rule ({'; '.join(problems)}); "
-                       f"its multiple-choice examples are evaluated because --tasks names it")
-      tasks += [t.multiple_choice() for t in loaded]
-    else:
-      tasks += bb.select_tasks(loaded)
-    for t in [t for t in tasks if not t.examples]:
-      failures[t.name] = "no multiple-choice examples"
-    tasks = [t for t in tasks if t.examples]
-    notes.append(f"BIG-bench tasks from {root}: {len(tasks)} evaluated"
-                 + ("" if task_names else " (the paper's selection rule)"))
+    available = bb.task_names(root)
+    unknown = [n for n in task_names or () if n not in available]
+    if unknown:
+      raise InputError("--tasks: " + "; ".join(
+          f"no task {n!r} in {root} (closest: "
+          f"{', '.join(difflib.get_close_matches(n, available, n=3, cutoff=0.5)) or 'none'})"
+          for n in unknown) + f"; {len(available)} tasks there")
+    loaded, out.failures = bb.load_tasks(root, task_names)
+    for t in loaded:
+      problems = bb.selection_problems(t)
+      if not task_names and not bb.paper_selection(t):
+        out.dropped[t.name] = "; ".join(problems)
+      elif problems and not bb.paper_selection(t):
+        out.notes.append(f"task {t.name} fails the paper's selection rule ({'; '.join(problems)});"
+                         f" its multiple-choice examples are evaluated because --tasks names it")
+    out.tasks += [t.multiple_choice() for t in loaded if t.name not in out.dropped]
+    for t in [t for t in out.tasks if not t.examples]:
+      out.failures[t.name] = "no multiple-choice examples"
+    out.tasks = [t for t in out.tasks if t.examples]
+    out.notes.append(f"BIG-bench tasks from {root}: {len(out.tasks)} evaluated"
+                     + ("" if task_names else f" (the paper's selection rule; {len(out.dropped)} "
+                        f"not selected)"))
   elif explicit or not cloze_texts:
     bb.task_names(root)  # raises FileNotFoundError saying how to fetch the tasks
   else:
-    notes.append(f"no BIG-bench tasks: {root} does not exist (python -m tools.fetch_bigbench)")
+    out.notes.append(f"no BIG-bench tasks: {root} does not exist (python -m tools.fetch_bigbench)")
   for path in cloze_texts:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
+    text = "\n".join(inputs.read_corpus(path, "cloze text").texts)
     stem = os.path.splitext(os.path.basename(path))[0]
     for t in cloze.cloze_tasks(text, n_examples=cloze_examples, seed=seed):
       name = t.name if len(cloze_texts) == 1 else f"{t.name}_{stem}"
-      tasks.append(dataclasses.replace(t, name=name))
-    notes.append(f"cloze tasks from {path}")
-  if not tasks:
-    raise ValueError("no task to evaluate: every task failed to load:\n  " + "\n  ".join(
-        f"{k}: {v}" for k, v in sorted(failures.items())))
-  return tasks, failures, notes
+      out.tasks.append(dataclasses.replace(t, name=name))
+    out.notes.append(f"cloze tasks from {path}")
+  if not out.tasks:
+    raise InputError("no task to evaluate: every task failed to load or was not selected:\n  "
+                     + "\n  ".join(f"{k}: {v}" for k, v in sorted({**out.failures,
+                                                                   **out.dropped}.items())))
+  return out
 
 
 def make_items(tasks: Sequence[bb.Task], k_shots: Sequence[int], seed: int,
                max_examples: int | None) -> list[Item]:
   return [Item(k, t.name, r) for k in k_shots for t in tasks
           for r in bb.requests_for(t, k, seed, max_examples)]
+
+
+def items_digest(items: Sequence[Item]) -> str:
+  """sha256 over every request of every item (what the stored numbers depend on)."""
+  h = hashlib.sha256()
+  for it in items:
+    h.update(json.dumps([it.k, it.task, it.requests.context, it.requests.continuations]).encode())
+  return h.hexdigest()
 
 
 @dataclasses.dataclass
@@ -166,19 +240,10 @@ def encode(items: Sequence[Item], tokenizer, max_length: int) -> Encoded:
   return Encoded(pairs, np.array(kept, bool))
 
 
-def items_tag(items: Sequence[Item], fingerprints: Sequence[str], max_length: int,
-              dtype: str) -> str:
-  """12 hex digits naming what the stored numbers depend on."""
-  h = hashlib.sha256(json.dumps({"fp": sorted(set(fingerprints)), "max_length": max_length,
-                                 "dtype": dtype}).encode())
-  for it in items:
-    h.update(json.dumps([it.k, it.task, it.requests.context, it.requests.continuations]).encode())
-  return h.hexdigest()[:12]
-
-
 def task_rows(items: Sequence[Item], enc: Encoded, logprobs: np.ndarray
               ) -> list[dict[str, Any]]:
-  """Per (k, task) metrics (icl.task_metrics) from the flat per-option log-probs of `enc`."""
+  """Per (k, task) metrics (icl.task_metrics) from the flat per-option log-probs of `enc`; a task
+  whose every example is too long has no row (skipped_examples counts the others)."""
   groups: dict[tuple[int, str], list] = {}
   ntok = enc.n_tokens
   o = 0
@@ -194,239 +259,182 @@ def task_rows(items: Sequence[Item], enc: Encoded, logprobs: np.ndarray
     g[3].append(it.requests.example.scores)
     o += n
   if o != len(logprobs):
-    raise ValueError(f"{len(logprobs)} option log-probs for {o} options: stale stored results?")
-  rows = []
-  for (k, task), (lp, nt, nc, sc, skipped) in groups.items():
-    if not lp:
-      log.warning("task %s (k=%d): every example is longer than the window; no metrics", task, k)
-      continue
-    rows.append({"k_shot": k, "task": task, **icl.task_metrics(lp, nt, nc, sc),
-                 "skipped_examples": skipped})
-  return rows
+    raise InputError(f"{len(logprobs)} option log-probs for {o} options: stale stored results?")
+  return [{"k_shot": k, "task": task, **icl.task_metrics(lp, nt, nc, sc), "skipped_examples": skip}
+          for (k, task), (lp, nt, nc, sc, skip) in groups.items() if lp]
 
 
 # The run -----------------------------------------------------------------------------------------
 
-def run(suite_path: str, out_dir: str, *, bigbench_dir: str | None = None,
-        tasks: Sequence[str] | None = None, cloze_text: Sequence[str] = (),
-        cloze_examples: int = 200, k_shot: Sequence[int] = DEFAULT_K_SHOT, seed: int = 0,
-        max_examples: int | None = None, validation_ppl: str | None = None,
-        validation_corpus: str | None = None, validation_text: Sequence[str] = (),
-        models: Sequence[str] | None = None, mesh_spec: str | None = None, batch_size: int = 8,
-        dtype: str = "float32", share_prefix: bool = True, n_bins: int | None = 10,
-        top_k: int = 5, plots: bool = True, progress: bool = True,
-        run_info: dict | None = None) -> pd.DataFrame | None:
+def run(settings: Settings, *, progress: bool = True, run_info: dict | None = None) -> Outcome:
   """Evaluates every checkpoint of the suite on the tasks, writes icl_results.csv and the
-  analysis (module docstring). Returns the results table (None on processes other than the
-  main one)."""
-  import jax.numpy as jnp  # the engine is imported here so that `--help` stays fast
-
-  from opt_jax import checkpoint, sharding, suite as suite_lib, sweep
-  from opt_jax.results import ResultStore
-
-  if validation_ppl and validation_text:
-    raise ValueError("give --validation_ppl or --validation_text, not both")
-  k_shot = [int(k) for k in k_shot]
-  if not k_shot or min(k_shot) < 0 or len(set(k_shot)) != len(k_shot):
-    raise ValueError(f"k_shot={k_shot}: expected distinct non-negative integers")
-  suite = suite_lib.load_suite(suite_path).select(list(models) if models else None)
-  task_list, failures, notes = load_tasks(bigbench_dir, tasks, cloze_text,
-                                          cloze_examples=cloze_examples, seed=seed)
-  items = make_items(task_list, k_shot, seed, max_examples)
-  val: dict[tuple[str, int], float] = {}
-  if validation_ppl:  # read before scoring: a bad file fails now, not after the sweep
-    from experiments import validation_ppl as vp  # pylint: disable=import-outside-toplevel
-    val = vp.read_validation_ppl(validation_ppl, validation_corpus, suite=suite)
-
-  configs = {m.name: checkpoint.load_config(next(iter(m.checkpoints.values())))
-             for m in suite.models}
-  max_length = min(c.max_position_embeddings for c in configs.values())
-  mesh = sharding.make_mesh(mesh_spec) if mesh_spec else None
-  compute_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype]
-  cache = sweep.ScorerCache(batch_size=batch_size, max_length=max_length, dtype=compute_dtype,
-                            mesh=mesh, share_prefix=share_prefix)
-  toks = {m.name: cache.tokenizer(m) for m in suite.models}
-  fps = {name: t.fingerprint() for name, t in toks.items()}
-  encoded: dict[str, Encoded] = {}
-  for name, t in toks.items():
-    if fps[name] not in encoded:
-      encoded[fps[name]] = encode(items, t, max_length)
-
-  val_corpora = []
-  if validation_text:
-    from experiments import validation_ppl as vp  # pylint: disable=import-outside-toplevel
-    val_corpora = vp.load_corpora(list(validation_text))
-    score_validation = vp.corpus_scorer(val_corpora, None, None)
-  tag = items_tag(items, list(fps.values()), max_length, dtype)
-  if val_corpora:
-    tag = hashlib.sha256((tag + vp.fingerprint(val_corpora, None, None, dtype)).encode()
-                         ).hexdigest()[:12]
-  experiment = (EXPERIMENT, tag)
+  analysis (module docstring). Outcome.table: the results table (None on processes other than
+  the main one)."""
+  s = settings
+  if s.lm_eval_results:
+    return run_import(s)
+  ctx = Experiment(NAME, s, progress=progress, run_info=run_info)
+  tasks = load_tasks(s.bigbench_dir, s.tasks, s.cloze_text or (), cloze_examples=s.cloze_examples,
+                     seed=s.seed)
+  items = make_items(tasks.tasks, s.k_shot, s.seed, s.max_examples or None)
+  # Read before scoring: a bad file fails now, not after the sweep.
+  val = (perplexity.read_validation_ppl(s.validation_ppl, ctx.suite, s.validation_corpus)
+         if s.validation_ppl else {})
+  val_scorer = (perplexity.CorpusScorer(inputs.read_corpora(s.validation_text, "validation text"))
+                if s.validation_text else None)
+  max_length = ctx.max_positions
+  encoded: dict[str, Encoded] = {}   # one encoding per tokenizer
+  for name, fp in ctx.fingerprints.items():
+    if fp not in encoded:
+      encoded[fp] = encode(items, ctx.tokenizers[name], max_length)
+  key = ctx.key(items_digest(items), max_length, val_scorer and val_scorer.digest())
 
   def evaluate(model, step, config, params):
-    tokenizer = toks[model.name]
-    enc = encoded[fps[model.name]]
-    scorer = cache.get(config, params, tokenizer)
+    enc = encoded[ctx.fingerprints[model.name]]
+    scorer = ctx.scorer(model, config, params)
     results = scorer.loglikelihood_tokens(enc.pairs)
     arrays = {"logprob": np.array([r[0] for r in results], np.float64),
               "greedy": np.array([r[1] for r in results], bool)}
     num_tokens = int(sum(len(c) for _, c in enc.pairs))
-    if val_corpora:
-      val_arrays, val_tokens = score_validation(scorer, tokenizer)
-      arrays.update({"validation/" + k: v for k, v in val_arrays.items()})
+    if val_scorer:
+      val_arrays, val_tokens = val_scorer(scorer, ctx.tokenizers[model.name], "validation/")
+      arrays.update(val_arrays)
       num_tokens += val_tokens
     return arrays, {"num_tokens": num_tokens, "num_requests": len(enc.pairs)}
 
-  info = {"suite": os.path.abspath(suite_path), "tasks": [t.name for t in task_list],
-          "k_shot": k_shot, "seed": seed, "max_examples": max_examples, "mesh": mesh_spec,
-          "dtype": dtype, "batch_size": batch_size, "share_prefix": share_prefix,
-          "max_length": max_length, "tag": tag, "num_items": len(items), **(run_info or {})}
-  store = ResultStore(os.path.join(out_dir, "store"))
-  sweep.run_sweep(suite, evaluate, store, experiment=experiment, mesh=mesh, progress=progress,
-                  dtype=None if dtype == "float32" else compute_dtype, run_info=info,
-                  out_dir=out_dir)
-  cache.clear()
-  if not sharding.is_main_process():
-    return None
+  ctx.say(f"{ctx.describe_suite()}; {len(tasks.tasks)} tasks, k-shot "
+          f"{','.join(map(str, s.k_shot))}: {len(items):,} examples, "
+          f"{sum(len(it.requests.continuations) for it in items):,} option requests per checkpoint")
+  ctx.sweep(evaluate, key, max_length=max_length, share_prefix=s.share_prefix)
+  evaluated = [f"{len(tasks.tasks)} tasks x k-shot {','.join(map(str, s.k_shot))}: "
+               f"{len(items):,} examples per checkpoint"]
+  ctx.skipped += _skip_lines(tasks)
+  if not ctx.is_main:
+    return ctx.outcome(None, evaluated=evaluated)
 
+  ppl_of = ((lambda m, step, arrays: val_scorer.ppl(arrays, "validation/")) if val_scorer else
+            (lambda m, step, arrays: val.get((m.name, step), np.nan)))
+  table, too_long = results_table(ctx, key, items, encoded, ppl_of)
+  ctx.write_csv(RESULTS_CSV, table)
+  notes = [*tasks.notes, *_validation_notes(ctx, val), *too_long,
+           f"seed {s.seed}; at most {s.max_examples or 'all'} examples per task; options scored "
+           f"by summed log-prob (accuracy) and per character (accuracy_norm)"]
+  analyses = []
+  for i, k in enumerate(s.k_shot):
+    sub_dir = ctx.out_dir if i == 0 else ctx.path(f"k{k}shot")
+    a, plot_notes = analyze_and_report(
+        table[table["k_shot"] == k], sub_dir, notes=[f"{k}-shot prompts"] + notes,
+        failures=tasks.failures, dropped=tasks.dropped, n_bins=s.n_bins or None, top_k=s.top_k,
+        plots=s.plots)
+    analyses.append(a)
+    if i == 0:
+      ctx.skipped += plot_notes
+  return ctx.outcome(table, analysis=analyses[0], evaluated=evaluated,
+                     results=icl.headline(analyses[0], s.k_shot[0]),
+                     files_=[RESULTS_CSV, "correlations.csv", "summary.md",
+                             *(["plots/"] if s.plots else []),
+                             *(f"k{k}shot/" for k in s.k_shot[1:])])
+
+
+def results_table(ctx: Experiment, key, items: Sequence[Item], encoded: dict[str, Encoded],
+                  ppl_of) -> tuple[pd.DataFrame, list[str]]:
+  """(the icl_results table of every checkpoint, one note per task with examples longer than
+  the window); ppl_of(model, step, stored arrays) -> its validation perplexity."""
   rows = []
-  for m, step, _ in suite.checkpoints():
-    arrays, _ = store.read((*experiment, m.name, step))
-    ppl = val.get((m.name, step), np.nan)
-    if val_corpora:
-      nll = sum(float(arrays[f"validation/{c.name}/nll_sum"].sum()) for c in val_corpora)
-      n = sum(int(arrays[f"validation/{c.name}/num_tokens"].sum()) for c in val_corpora)
-      ppl = float(np.exp(nll / n)) if n else np.nan
+  for m, step in ctx.checkpoints(key):
+    arrays, _ = ctx.read(key, m, step)
     base = {"model": m.name, "step": step, "params": m.params, "tokens": m.tokens(step),
-            "flops": m.flops(step), "validation_ppl": ppl}
-    rows += [{**base, **r} for r in task_rows(items, encoded[fps[m.name]], arrays["logprob"])]
+            "flops": m.flops(step), "validation_ppl": ppl_of(m, step, arrays)}
+    rows += [{**base, **r} for r in task_rows(items, encoded[ctx.fingerprints[m.name]],
+                                              arrays["logprob"])]
+  if not rows:
+    raise InputError(f"every example of every task is longer than the {ctx.max_positions}-token "
+                     f"window: nothing to analyse")
   table = pd.DataFrame(rows)
   skipped = table.groupby(["k_shot", "task"])["skipped_examples"].max()
   skipped = skipped[skipped > 0]
-  table = table.drop(columns=["skipped_examples"])
+  missing = sorted({(it.k, it.task) for it in items} - set(zip(table["k_shot"], table["task"])))
+  window = f"{ctx.max_positions}-token window"
+  notes = [f"{int(v)} examples of {t} (k={k}) skipped: an option is longer than the {window}"
+           for (k, t), v in skipped.items()]
+  notes += [f"every example of {t} (k={k}) is longer than the {window}: no metrics"
+            for k, t in missing]
+  if notes:
+    some = sorted({t for _, t in skipped.index})
+    every = sorted({t for _, t in missing})
+    ctx.skipped.append(
+        f"longer than the {window}: {int(skipped.sum())} examples of {len(some)} task(s)"
+        + (f", every example of {', '.join(every)}" if every else "")
+        + " (summary.md lists them per k-shot)")
   table = icl.check_results(table[list(icl.RESULT_COLUMNS) + ["k_shot"]], "icl_results")
-  table = table.sort_values(["k_shot", "model", "step", "task"], ignore_index=True)
-  files.write_csv(table, os.path.join(out_dir, "icl_results.csv"))
+  return table.sort_values(["k_shot", "model", "step", "task"], ignore_index=True), notes
 
-  if not validation_ppl and not val_corpora:
-    notes.append("no --validation_ppl or --validation_text: perplexity correlations unavailable")
-  elif validation_ppl:
-    notes.append(f"validation perplexity from {validation_ppl}")
-  else:
-    notes.append(f"validation perplexity: token-weighted over {list(validation_text)}")
-  notes += [f"{int(v)} examples of {t} (k={k}) skipped: an option is longer than the "
-            f"{max_length}-token window" for (k, t), v in skipped.items()]
-  notes.append(f"seed {seed}; at most {max_examples or 'all'} examples per task; options scored "
-               f"by summed log-prob (accuracy) and per character (accuracy_norm)")
-  for i, k in enumerate(k_shot):
-    sub_dir = out_dir if i == 0 else os.path.join(out_dir, f"k{k}shot")
-    analyze_and_report(table[table["k_shot"] == k], sub_dir, notes=[f"{k}-shot prompts"] + notes,
-                       failures=failures, n_bins=n_bins, top_k=top_k, plots=plots)
-  return table
+
+def _validation_notes(ctx: Experiment, val: dict) -> list[str]:
+  s = ctx.settings
+  if s.validation_text:
+    return [f"validation perplexity: token-weighted over {list(s.validation_text)}"]
+  if not s.validation_ppl:
+    return ["no --validation_ppl or --validation_text: perplexity correlations unavailable"]
+  absent = perplexity.missing_checkpoints(val, ctx.suite)
+  if absent:
+    ctx.skipped.append(f"no validation perplexity for {len(absent)} checkpoint(s) in "
+                       f"{s.validation_ppl} ({', '.join(absent[:3])}...): NaN")
+  return [f"validation perplexity from {s.validation_ppl}"]
+
+
+def _skip_lines(tasks: TaskList) -> list[str]:
+  lines = [f"task {name}: {why}" for name, why in sorted(tasks.failures.items())]
+  if tasks.dropped:
+    shown = ", ".join(sorted(tasks.dropped)[:5]) + (" ..." if len(tasks.dropped) > 5 else "")
+    lines.append(f"{len(tasks.dropped)} BIG-bench task(s) not selected by the paper's rule "
+                 f"({shown}; summary.md gives each reason)")
+  return lines
 
 
 def analyze_and_report(results: pd.DataFrame, out_dir: str, *, notes: Sequence[str] = (),
-                       failures: dict[str, str] | None = None, n_bins: int | None = 10,
-                       top_k: int = 5, plots: bool = True) -> icl.Analysis:
-  """Tables, plots and summary.md of one results table into out_dir."""
+                       failures: dict[str, str] | None = None,
+                       dropped: dict[str, str] | None = None, n_bins: int | None = 10,
+                       top_k: int = 5, plots: bool = True) -> tuple[icl.Analysis, list[str]]:
+  """Tables, plots and summary.md of one results table into out_dir; returns the analysis and
+  the plots skipped for lack of data (each with its reason)."""
   a = icl.analyze(results, n_bins=n_bins, top_k=top_k)
-  icl.write_tables(a, out_dir)
+  for name, table in a.tables().items():
+    files.write_csv(table, os.path.join(out_dir, f"{name}.csv"))
+  skipped: list[str] = []
   if plots:
     from experiments.analysis import icl_plots  # pylint: disable=import-outside-toplevel
-    icl_plots.plot_all(a, out_dir)
+    _, skipped = icl_plots.plot_all(a, out_dir)
   files.write_text(os.path.join(out_dir, "summary.md"),
-                   icl.summary_markdown(a, notes=notes, failures=failures))
-  return a
+                   icl.summary_markdown(a, notes=[*notes, *skipped], failures=failures,
+                                        dropped=dropped))
+  return a, skipped
 
 
-def run_import(lm_eval_results: str, suite_path: str, out_dir: str, *, tasks: Sequence[str],
-               metric: str = "acc", ppl_task: str = "lambada_openai", n_bins: int | None = 10,
-               top_k: int = 5, plots: bool = True) -> pd.DataFrame:
+def run_import(settings: Settings) -> Outcome:
   """The analysis on lm-evaluation-harness result files (icl.import_lm_eval): writes
-  icl_results.csv (k_shot empty), the tables, plots and summary.md into out_dir."""
+  icl_results.csv (k_shot empty), the tables, plots and summary.md into --out."""
   from opt_jax import suite as suite_lib  # pylint: disable=import-outside-toplevel
 
-  if not tasks:
-    raise ValueError("--tasks must name the lm-evaluation-harness tasks to analyse")
-  suite = suite_lib.load_suite(suite_path, check_paths=False)
-  table, problems = icl.import_lm_eval(lm_eval_results, suite.models, tasks, metric, ppl_task)
-  files.write_csv(table, os.path.join(out_dir, "icl_results.csv"))
-  notes = [f"lm-evaluation-harness results from {lm_eval_results}: metric {metric!r}, validation "
-           f"perplexity from task {ppl_task!r}; no random baselines or option perplexities"]
+  s = settings
+  if not s.tasks:
+    raise InputError("--tasks must name the lm-evaluation-harness tasks to analyse")
+  suite = suite_lib.load_suite(s.suite, check_paths=False)
+  table, problems = icl.import_lm_eval(s.lm_eval_results, suite.models, s.tasks, s.metric,
+                                       s.ppl_task)
+  files.write_csv(table, os.path.join(s.out, RESULTS_CSV))
+  notes = [f"lm-evaluation-harness results from {s.lm_eval_results}: metric {s.metric!r}, "
+           f"validation perplexity from task {s.ppl_task!r}; no random baselines or option "
+           f"perplexities"]
   notes += [f"import problem: {p}" for p in problems]
-  analyze_and_report(table, out_dir, notes=notes, n_bins=n_bins, top_k=top_k, plots=plots)
-  return table
-
-
-# --- binary -----------------------------------------------------------------------------------
-
-_FLAG_NAMES = ("suite", "out", "bigbench_dir", "tasks", "cloze_text", "cloze_examples", "k_shot",
-               "seed", "max_examples", "validation_ppl", "validation_corpus", "validation_text",
-               "models", "mesh", "batch_size", "dtype", "share_prefix", "n_bins", "top_k", "plots",
-               "lm_eval_results", "metric", "ppl_task")
-
-
-def main(argv):
-  from absl import flags
-
-  from opt_jax import sharding  # pylint: disable=import-outside-toplevel
-
-  del argv
-  f = flags.FLAGS
-  sharding.initialize_distributed()  # before anything touches a device; no-op for one process
-  if f.lm_eval_results:
-    run_import(f.lm_eval_results, f.suite, f.out, tasks=f.tasks or [], metric=f.metric,
-               ppl_task=f.ppl_task, n_bins=f.n_bins or None, top_k=f.top_k, plots=f.plots)
-    return
-  run(f.suite, f.out, bigbench_dir=f.bigbench_dir, tasks=f.tasks, cloze_text=f.cloze_text or (),
-      cloze_examples=f.cloze_examples, k_shot=[int(k) for k in f.k_shot], seed=f.seed,
-      max_examples=f.max_examples or None, validation_ppl=f.validation_ppl,
-      validation_corpus=f.validation_corpus, validation_text=f.validation_text or (),
-      models=f.models, mesh_spec=f.mesh or None, batch_size=f.batch_size, dtype=f.dtype,
-      share_prefix=f.share_prefix, n_bins=f.n_bins or None, top_k=f.top_k, plots=f.plots,
-      run_info={"flags": {name: getattr(f, name) for name in _FLAG_NAMES}})
-
-
-def _define_flags():
-  from absl import flags
-
-  flags.DEFINE_string("suite", None, "suite manifest (.json/.yaml)", required=True)
-  flags.DEFINE_string("out", None, "output folder", required=True)
-  flags.DEFINE_string("bigbench_dir", None, "folder of BIG-bench task folders (default: "
-                      "tools/fetch_bigbench.py's cache, $XDG_CACHE_HOME/opt_jax/bigbench/"
-                      "benchmark_tasks); an empty value disables BIG-bench (cloze tasks only)")
-  flags.DEFINE_list("tasks", None, "BIG-bench tasks to evaluate (default: those passing the "
-                    "paper's selection rule); with --lm_eval_results: the harness tasks")
-  flags.DEFINE_list("cloze_text", None, "held-out text file(s) to make cloze tasks from")
-  flags.DEFINE_integer("cloze_examples", 200, "examples per cloze task")
-  flags.DEFINE_list("k_shot", [str(k) for k in DEFAULT_K_SHOT], "shots per prompt; the first "
-                    "value's analysis goes to --out, the others' to --out/k{K}shot")
-  flags.DEFINE_integer("seed", 0, "seed of the few-shot draws and the listed-choice order")
-  flags.DEFINE_integer("max_examples", 0, "examples per task (0: all)")
-  flags.DEFINE_string("validation_ppl", None, "validation_ppl.csv (or its folder) of "
-                      "experiments/validation_ppl.py")
-  flags.DEFINE_string("validation_corpus", None, "corpus of --validation_ppl to use")
-  flags.DEFINE_list("validation_text", None, "text/jsonl file(s) whose perplexity is scored in "
-                    "this sweep as the validation perplexity")
-  flags.DEFINE_list("models", None, "subset of the suite's models (names or aliases)")
-  flags.DEFINE_string("mesh", "", "device mesh spec, e.g. data:-1 ('': one device)")
-  flags.DEFINE_integer("batch_size", 8, "rows per forward pass")
-  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "compute dtype")
-  flags.DEFINE_bool("share_prefix", True, "score each prompt once for all its options (KV cache)")
-  flags.DEFINE_integer("n_bins", 10, "bins of the perplexity order for linearity and "
-                       "breakthroughness (0: every checkpoint)")
-  flags.DEFINE_integer("top_k", 5, "tasks plotted per linearity / breakthroughness ranking")
-  flags.DEFINE_bool("plots", True, "draw plots (PNG and PDF)")
-  flags.DEFINE_string("lm_eval_results", None, "folder of lm-evaluation-harness result JSON files "
-                      "to analyse instead of scoring checkpoints")
-  flags.DEFINE_string("metric", "acc", "lm-eval metric used as accuracy")
-  flags.DEFINE_string("ppl_task", "lambada_openai", "lm-eval task whose perplexity is the "
-                      "validation perplexity")
+  a, plot_notes = analyze_and_report(table, s.out, notes=notes, n_bins=s.n_bins or None,
+                                     top_k=s.top_k, plots=s.plots)
+  summary = cli.Summary(NAME, evaluated=[f"{len(table)} result rows from {s.lm_eval_results}"],
+                        results=icl.headline(a, None), skipped=[*problems, *plot_notes],
+                        out_dir=os.path.abspath(s.out),
+                        files=[RESULTS_CSV, "correlations.csv", "summary.md"])
+  return Outcome(table, summary, a)
 
 
 if __name__ == "__main__":
-  from absl import app
-
-  _define_flags()
-  logging.basicConfig(level=logging.INFO)
-  app.run(main)
+  context.main(Settings, run)

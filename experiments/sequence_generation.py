@@ -39,7 +39,9 @@ small_minus_large) and are counted in sets/manifest.json and summary.md; prompts
 max_position_embeddings - max_new_tokens keep </s> and their last tokens, counted and reported;
 prompt files and corpora that are empty or malformed raise errors naming the file and line.
 
-This file is the library function `run` (tests call it) plus thin absl flags (`main`).
+Decoding runs on the mesh like scoring does (--mesh): the decoding models are restored straight
+into the mesh's layout and generate / joint_generate run sharded, with the same tokens as on one
+device.
 """
 
 from __future__ import annotations
@@ -47,20 +49,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
+from experiments import context, perplexity
 from experiments.analysis import sequences as A
+from experiments.context import Experiment, ExperimentSettings, Outcome
 from experiments.tasks import perturb
-from opt_jax import files
+from opt_jax import cli, files, inputs
+from opt_jax.errors import InputError
 
-log = logging.getLogger(__name__)
-
-EXPERIMENT = "sequence_generation"
+NAME = "sequence_generation"
 CSV_NAME = "sequence_ppl.csv"
 SETS_DIR = "sets"
 FORMAT = 1
@@ -68,34 +70,48 @@ FORMAT = 1
 _SPECIAL_IDS = frozenset((0, 1, 2, 3))
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  """Everything a run depends on besides the suites (see the module docstring)."""
-  corpus: tuple[str, ...]
-  prompts: str | None = None
-  num_prompts: int = 32
-  prompt_tokens: int = 32
-  max_new_tokens: int = 64
-  small: str | None = None          # default: the suite's smallest model (by params)
-  large: str | None = None          # default: the largest
-  sample_models: tuple[str, ...] | None = None   # default: every model
-  top_p: float = 0.9
-  temperature: float = 1.0
-  seed: int = 0
-  noise_rates: tuple[float, ...] = (0.1, 0.3, 0.5)
-  shuffle_window: int = 4
-  num_passages: int = 32
-  passage_tokens: int = 128
-  swaps_per_kind: int = 2
-  validation_ppl: str | None = None
-  cross_suite: str | None = None
-  cross_validation_ppl: str | None = None
-  context_length: int | None = None
-  stride: int | None = None
-  batch_size: int = 8
-  generation_batch_size: int = 32
-  dtype: str = "float32"
-  tolerance: float = 0.05
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(ExperimentSettings):
+  """Everything a run depends on (see the module docstring)."""
+  corpus: tuple[str, ...] = cli.option(
+      help="Validation corpus: .jsonl (JSON lines with a \"text\" field) or any other file (one "
+           "plain-text document).", key=False)          # its text is in the keys
+  prompts: str | None = cli.option(
+      None, "Prompt file (.jsonl: a \"prompt\" or \"text\" string per line; any other file: one "
+            "prompt per non-empty line); default: --num_prompts spans drawn from the corpus.",
+      key=False)                                        # its contents are in the sets' key
+  num_prompts: int = cli.option(32, "Prompts drawn from the corpus.", ge=1)
+  prompt_tokens: int = cli.option(32, "Tokens per drawn prompt.", ge=1)
+  max_new_tokens: int = cli.option(64, "Tokens generated per prompt.", ge=1)
+  small: str | None = cli.option(None, "Small model of the joint decoder (default: smallest).")
+  large: str | None = cli.option(None, "Large model of the joint decoder (default: largest).")
+  sample_models: tuple[str, ...] | None = cli.option(
+      None, "Models to sample plain sets from (default: all).")
+  top_p: float = cli.option(0.9, "Nucleus sampling mass.", gt=0, le=1)
+  temperature: float = cli.option(1.0, "Sampling temperature.", gt=0)
+  seed: int = cli.option(0, "Seed of prompts, passages, noise and sampling.", ge=0)
+  noise_rates: tuple[float, ...] = cli.option((0.1, 0.3, 0.5), "Token noise rates.", ge=0, le=1)
+  shuffle_window: int = cli.option(4, "Tokens per shuffling window.", ge=1)
+  num_passages: int = cli.option(32, "Corpus passages to perturb.", ge=1)
+  passage_tokens: int = cli.option(128, "Tokens per passage.", ge=1)
+  swaps_per_kind: int = cli.option(2, "Entity and number swaps per passage.", ge=0)
+  validation_ppl: str | None = cli.option(
+      None, "validation_ppl.csv (or its folder) of --suite; default: computed from --corpus.",
+      key=False)
+  cross_suite: str | None = cli.option(
+      None, "A second suite manifest that also scores every set.", key=False)
+  cross_validation_ppl: str | None = cli.option(
+      None, "validation_ppl.csv of --cross_suite.", key=False)
+  context_length: int | None = cli.option(None, "Scoring window (default: max positions).", ge=2)
+  stride: int | None = cli.option(None, "Scoring stride (default: context_length).", ge=1)
+  generation_batch_size: int = cli.option(32, "Prompts per decode.", ge=1, key=False)
+  tolerance: float = cli.option(0.05, "Relative change that counts as a fall or rise.", ge=0,
+                                key=False)
+  plots: bool = cli.option(True, "Draw the plots (PNG and PDF).", key=False)
+
+
+# Settings that change the scores of the sets, not the sets themselves.
+SCORING_ONLY = ("context_length", "stride")
 
 
 @dataclasses.dataclass
@@ -139,7 +155,7 @@ def save_set(s: SequenceSet, directory: str) -> str:
 def load_set(path: str) -> SequenceSet:
   rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
   if not rows:
-    raise ValueError(f"{path}: empty sequence set")
+    raise InputError(f"{path}: empty sequence set; delete the sets folder to rebuild it")
   core = ("index", "set", "kind", "context", "text", "context_ids", "ids", "tokenizer")
   return SequenceSet(rows[0]["set"], rows[0]["kind"], rows[0]["tokenizer"],
                      [r["context"] for r in rows], [r["text"] for r in rows],
@@ -148,32 +164,27 @@ def load_set(path: str) -> SequenceSet:
 
 
 def read_prompts(path: str) -> list[str]:
-  """Prompts from a .txt file (one per non-empty line) or .jsonl ({"prompt"|"text": ...} or a
-  JSON string per line). Errors name the file and line."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"prompt file not found: {path}")
+  """Prompts from a .jsonl file ({"prompt"|"text": ...} or a JSON string per line) or any other
+  file (one prompt per non-empty line), UTF-8. Errors name the file and line."""
+  content = inputs.read_text(path, "prompt file")
   prompts = []
-  with open(path, encoding="utf-8") as f:
-    for i, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      if path.endswith(".jsonl"):
-        try:
-          item = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
-        text = item.get("prompt", item.get("text")) if isinstance(item, dict) else item
-        if not isinstance(text, str) or not text.strip():
-          raise ValueError(f"{path}:{i}: expected a non-empty string or an object with a "
-                           f"\"prompt\" or \"text\" string, got {line.strip()[:80]!r}")
-        prompts.append(text)
-      elif path.endswith(".txt"):
-        prompts.append(line.rstrip("\n"))
-      else:
-        raise ValueError(f"{path}: unknown prompt file format; expected .txt (one prompt per line)"
-                         " or .jsonl")
+  for i, line in enumerate(content.splitlines(), 1):
+    if not line.strip():
+      continue
+    if not path.endswith(inputs.JSONL):
+      prompts.append(line)
+      continue
+    try:
+      item = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise InputError(f"{path}:{i}: not valid JSON ({e})") from None
+    text = item.get("prompt", item.get("text")) if isinstance(item, dict) else item
+    if not isinstance(text, str) or not text.strip():
+      raise InputError(f"{path}:{i}: expected a non-empty string or an object with a "
+                       f"\"prompt\" or \"text\" string, got {line.strip()[:80]!r}")
+    prompts.append(text)
   if not prompts:
-    raise ValueError(f"{path}: no prompt (the file has no non-empty line)")
+    raise InputError(f"{path}: no prompt (the file is empty or has no non-empty line)")
   return prompts
 
 
@@ -185,7 +196,7 @@ def draw_spans(docs: Sequence[Sequence[int]], num: int, length: int, rng: np.ran
   document (token ids without the leading </s>) where a whole span fits."""
   fits = np.array([max(len(d) - length + 1, 0) for d in docs], np.int64)
   if fits.sum() == 0:
-    raise ValueError(f"{what}: no document has {length} tokens (longest: "
+    raise InputError(f"{what}: no document has {length} tokens (longest: "
                      f"{max((len(d) for d in docs), default=0)}); use shorter spans")
   picks = rng.choice(int(fits.sum()), size=num, replace=num > fits.sum())
   bounds = np.cumsum(fits)
@@ -200,11 +211,6 @@ def draw_spans(docs: Sequence[Sequence[int]], num: int, length: int, rng: np.ran
 def _decode(tok, ids: Sequence[int]) -> str:
   # OPT's model vocabulary (50272) is larger than its tokenizer's (50265): unknown ids have no text.
   return tok.decode([i for i in ids if i < tok.vocab_size])
-
-
-def _corpus_docs(corpus_paths: Sequence[str]) -> list[str]:
-  from experiments import validation_ppl  # pylint: disable=import-outside-toplevel
-  return [t for c in validation_ppl.load_corpora(corpus_paths) for t in c.texts]
 
 
 def make_prompts(settings: Settings, tok, docs: Sequence[str], max_tokens: int
@@ -233,42 +239,56 @@ def _final(model) -> tuple[int, str]:
   return step, model.checkpoints[step]
 
 
-def generated_sets(suite, settings: Settings, docs: Sequence[str]) -> tuple[list[SequenceSet],
-                                                                           dict[str, Any]]:
-  """Sets (a), (b), (c) from the final checkpoints; also generation stats for the manifest."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+def _model(ctx: Experiment, name: str | None, default):
+  if not name:
+    return default
+  try:
+    return ctx.suite.model(name)
+  except KeyError as e:
+    raise InputError(e.args[0]) from None
 
-  from opt_jax import checkpoint, generation  # pylint: disable=import-outside-toplevel
-  from opt_jax.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
 
-  by_size = sorted(suite.models, key=lambda m: m.params)
-  small = suite.model(settings.small) if settings.small else by_size[0]
-  large = suite.model(settings.large) if settings.large else by_size[-1]
+def generated_sets(ctx: Experiment, docs: Sequence[str]) -> tuple[list[SequenceSet],
+                                                                  dict[str, Any]]:
+  """Sets (a), (b), (c) from the final checkpoints, decoded on ctx.mesh; also generation stats
+  for the manifest."""
+  from opt_jax import checkpoint, generation, sharding  # pylint: disable=import-outside-toplevel
+
+  settings = ctx.settings
+  by_size = sorted(ctx.suite.models, key=lambda m: m.params)
+  small, large = _model(ctx, settings.small, by_size[0]), _model(ctx, settings.large, by_size[-1])
   if small.name == large.name:
-    raise ValueError(f"small and large are the same model ({small.name}); the suite needs two "
-                     "sizes, or name them with small/large")
-  dtype = getattr(jnp, settings.dtype)
+    raise InputError(f"--small and --large are the same model ({small.name}); the suite needs two "
+                     "sizes, or name them with --small/--large")
+  sample = ([_model(ctx, n, None) for n in settings.sample_models] if settings.sample_models
+            else by_size)
 
   def load(model):
     step, path = _final(model)
-    return (checkpoint.load_config(path), checkpoint.restore(path, dtype=dtype),
-            load_tokenizer(path), step)
+    config = ctx.configs[model.name]
+    # Restored straight into the mesh's layout: a large model never sits whole on one device.
+    shardings = sharding.param_shardings(config, ctx.mesh) if ctx.mesh is not None else None
+    return (config, checkpoint.restore(path, shardings=shardings, dtype=ctx.dtype),
+            ctx.tokenizers[model.name], step)
 
-  # Small and large stay in memory for the joint sets; other sizes are loaded one at a time.
-  loaded = {large.name: load(large), small.name: load(small)}
-  (lc, lp, ltok, lstep), (sc, sp, stok, sstep) = loaded[large.name], loaded[small.name]
-  generation.check_joint_models([lc, sc], [ltok, stok], [large.name, small.name])
-  sample = ([suite.model(n) for n in settings.sample_models] if settings.sample_models
-            else by_size)
+  lc, sc = ctx.configs[large.name], ctx.configs[small.name]
+  ltok, stok = ctx.tokenizers[large.name], ctx.tokenizers[small.name]
+  try:
+    generation.check_joint_models([lc, sc], [ltok, stok], [large.name, small.name])
+  except ValueError as e:
+    raise InputError(str(e)) from None
   max_new = settings.max_new_tokens
   max_prompt = min(lc.max_position_embeddings, sc.max_position_embeddings) - max_new
   if max_prompt < 2:
-    raise ValueError(f"max_new_tokens={max_new} leaves no room for a prompt in a context of "
+    raise InputError(f"--max_new_tokens={max_new} leaves no room for a prompt in a context of "
                      f"{min(lc.max_position_embeddings, sc.max_position_embeddings)} positions")
   texts, prompt_ids, truncated = make_prompts(settings, ltok, docs, max_prompt)
+  # Small and large stay in memory for the joint sets; other sizes are loaded one at a time.
+  loaded = {large.name: load(large), small.name: load(small)}
+  (_, lp, _, lstep), (_, sp, _, sstep) = loaded[large.name], loaded[small.name]
   common = dict(max_new_tokens=max_new, sampler="sample", temperature=settings.temperature,
-                top_p=settings.top_p, eos_id=None, dtype=dtype,
-                batch_size=settings.generation_batch_size)
+                top_p=settings.top_p, eos_id=None, dtype=ctx.dtype,
+                batch_size=settings.generation_batch_size, mesh=ctx.mesh)
   stats: dict[str, Any] = {"prompts": len(prompt_ids), "prompts_truncated": truncated,
                            "max_prompt_tokens": max_prompt, "small": f"{small.name}@{sstep}",
                            "large": f"{large.name}@{lstep}", "sets": {}}
@@ -284,6 +304,8 @@ def generated_sets(suite, settings: Settings, docs: Sequence[str]) -> tuple[list
       stats["sets"][name].update(fallback_steps=fallback["fallback_steps"],
                                  fallback_steps_per_prompt=fallback["fallback_steps_per_prompt"])
 
+  ctx.say(f"decoding {len(prompt_ids)} prompts x {max_new} tokens: {large.name} - {small.name}, "
+          f"{small.name} - {large.name}, then samples of {', '.join(m.name for m in sample)}")
   pair = [(lc, lp), (sc, sp)]
   outs, st = generation.joint_generate(pair, (1.0, -1.0), prompt_ids, seed=settings.seed,
                                        tokenizers=[ltok, stok], names=[large.name, small.name],
@@ -354,41 +376,36 @@ def perturbed_sets(settings: Settings, tok, docs: Sequence[str]) -> tuple[list[S
   return sets, stats
 
 
-def build_sets(suite, settings: Settings, out_dir: str, docs: Sequence[str]
-               ) -> tuple[list[SequenceSet], dict]:
+def build_sets(ctx: Experiment, docs: Sequence[str]) -> tuple[list[SequenceSet], dict]:
   """The generated and perturbed sets from the corpus documents `docs`, reused from
-  out_dir/sets when the settings match."""
-  from opt_jax.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
-
-  key_fields = {k: v for k, v in dataclasses.asdict(settings).items()
-                if k not in ("validation_ppl", "cross_suite", "cross_validation_ppl",
-                             "context_length", "stride", "batch_size", "tolerance")}
+  out/sets when everything they depend on is unchanged."""
+  settings = ctx.settings
   key = hashlib.sha256(json.dumps({
-      "format": FORMAT, "settings": key_fields,
+      "format": FORMAT,
+      "settings": {k: v for k, v in cli.key(settings).items() if k not in SCORING_ONLY},
       "prompt_file": (files.sha256_file(settings.prompts)
                       if settings.prompts and os.path.isfile(settings.prompts) else None),
       "corpus": hashlib.sha256("\0".join(docs).encode()).hexdigest(),
-      "checkpoints": {m.name: _final(m)[1] for m in suite.models}}, sort_keys=True,
+      "checkpoints": {m.name: _final(m)[1] for m in ctx.suite.models}}, sort_keys=True,
       default=str).encode()).hexdigest()[:16]
-  directory = os.path.join(out_dir, SETS_DIR)
+  directory = ctx.path(SETS_DIR)
   manifest_path = os.path.join(directory, "manifest.json")
   if os.path.isfile(manifest_path):
     with open(manifest_path) as f:
       manifest = json.load(f)
     if manifest.get("key") == key:
-      log.info("reusing the sequence sets in %s", directory)
+      ctx.say(f"reusing the sequence sets in {directory}")
       return [load_set(os.path.join(directory, f"{n}.jsonl")) for n in manifest["sets"]], manifest
-  sets, gen_stats = generated_sets(suite, settings, docs)
-  small_path = _final(suite.model(settings.small) if settings.small
-                      else min(suite.models, key=lambda m: m.params))[1]
-  more, pert_stats = perturbed_sets(settings, load_tokenizer(small_path), docs)
+  sets, gen_stats = generated_sets(ctx, docs)
+  small = _model(ctx, settings.small, min(ctx.suite.models, key=lambda m: m.params))
+  more, pert_stats = perturbed_sets(settings, ctx.tokenizers[small.name], docs)
   sets += more
-  for s in sets:
-    save_set(s, directory)
   manifest = {"key": key, "sets": [s.name for s in sets], "generation": gen_stats,
-              "perturbation": pert_stats,
-              "digests": {s.name: s.digest() for s in sets}}
-  files.write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")   # last: marks completion
+              "perturbation": pert_stats, "digests": {s.name: s.digest() for s in sets}}
+  if ctx.is_main:
+    for s in sets:
+      save_set(s, directory)
+    files.write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")  # last: marks completion
   return sets, manifest
 
 
@@ -404,136 +421,114 @@ def scoring_inputs(s: SequenceSet, tok) -> tuple[list[list[int]], list[int]]:
   return [c + x for c, x in zip(ctx, tgt)], [len(x) for x in tgt]
 
 
-def make_evaluator(sets: Sequence[SequenceSet], valid_docs: Sequence[str] | None, cache,
-                   context_length: int | None, stride: int | None):
+def make_evaluator(ctx: Experiment, sets: Sequence[SequenceSet],
+                   valid: perplexity.CorpusScorer | None):
   """The sweep's evaluate(): per set and sequence the summed NLL (float64 nats) of its target
-  tokens and their number; with valid_docs, the same for the validation documents."""
-  inputs: dict[str, Any] = {}
+  tokens and their number; with `valid`, the validation corpus's arrays under "validation/"."""
+  inputs_: dict[str, Any] = {}
+  settings = ctx.settings
 
   def evaluate(model, step, config, params):
-    tok = cache.tokenizer(model)
-    scorer = cache.get(config, params, tok)
+    tok = ctx.tokenizers[model.name]
+    scorer = ctx.scorer(model, config, params)
     fp = tok.fingerprint()
-    if fp not in inputs:
-      per_set = [scoring_inputs(s, tok) for s in sets]
-      valid = tok.encode_batch(list(valid_docs)) if valid_docs else []
-      inputs[fp] = per_set, valid
-    per_set, valid = inputs[fp]
+    if fp not in inputs_:
+      inputs_[fp] = [scoring_inputs(s, tok) for s in sets]
+    per_set = inputs_[fp]
     lists = [f for full, ns in per_set for f, n in zip(full, ns) if n > 0]
-    lps = iter(scorer.rolling_tokens(lists + valid, context_length, stride))
+    # The validation documents go in the same call: one batched pass over everything.
+    extra = valid.token_lists(tok) if valid else []
+    lps = scorer.rolling_tokens(lists + extra, settings.context_length, settings.stride)
+    it = iter(lps[:len(lists)])
     arrays, total = {}, 0
     for s, (full, ns) in zip(sets, per_set):
       nll = np.zeros(len(ns))
       for i, n in enumerate(ns):
         if n > 0:
-          nll[i] = -np.sum(next(lps)[-n:], dtype=np.float64)
+          nll[i] = -np.sum(next(it)[-n:], dtype=np.float64)
       arrays[f"{s.name}/nll_sum"] = nll
       arrays[f"{s.name}/num_tokens"] = np.asarray(ns, np.int64)
       total += sum(ns)
     if valid:
-      lv = [next(lps) for _ in valid]
-      arrays["validation/nll_sum"] = np.array([-np.sum(x, dtype=np.float64) for x in lv])
-      arrays["validation/num_tokens"] = np.array([len(x) for x in lv], np.int64)
+      arrays.update(valid.arrays(lps[len(lists):], "validation/")[0])
     return arrays, {"num_tokens": total}
   return evaluate
 
 
-def _valid_ppl_from_csv(path: str, suite) -> dict[tuple[str, int], float]:
-  from experiments import validation_ppl  # pylint: disable=import-outside-toplevel
-  table = validation_ppl.read_validation_ppl(path, suite=suite)   # CSV names or aliases
-  missing = [(m.name, s) for m, s, _ in suite.checkpoints() if (m.name, s) not in table]
-  if missing:
-    raise ValueError(f"{path}: no validation perplexity for {len(missing)} checkpoint(s) of suite "
-                     f"{suite.name!r}, e.g. {missing[:3]}; run experiments.validation_ppl on this "
-                     "suite, or leave validation_ppl unset to compute it from the corpus")
-  return table
-
-
-def score_suite(suite, label: str, sets: Sequence[SequenceSet], settings: Settings, out_dir: str,
-                valid_csv: str | None, *, mesh=None, progress: bool = True,
-                docs: Sequence[str] | None = None) -> pd.DataFrame:
-  """Sweeps `suite` over every set; rows of the trajectory table (A.COLUMNS). Without valid_csv
-  the validation perplexity comes from the corpus documents (`docs`, read from settings.corpus
-  when not given)."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
-  from opt_jax import results, sweep  # pylint: disable=import-outside-toplevel
-
-  valid_table = _valid_ppl_from_csv(valid_csv, suite) if valid_csv else None
-  valid_docs = None if valid_table else (docs if docs is not None
-                                         else _corpus_docs(settings.corpus))
-  tag = hashlib.sha256(json.dumps({
-      "sets": [s.digest() for s in sets], "context_length": settings.context_length,
-      "stride": settings.stride, "dtype": settings.dtype,
-      "valid": hashlib.sha256("\0".join(valid_docs).encode()).hexdigest() if valid_docs else None,
-  }).encode()).hexdigest()[:12]
-  store = results.ResultStore(os.path.join(out_dir, "store"))
-  experiment = (EXPERIMENT, label, tag)
-  dtype = getattr(jnp, settings.dtype)
-  cache = sweep.ScorerCache(batch_size=settings.batch_size, max_length=settings.context_length,
-                            dtype=dtype, mesh=mesh)
-  sweep.run_sweep(suite, make_evaluator(sets, valid_docs, cache, settings.context_length,
-                                        settings.stride),
-                  store, experiment=experiment, mesh=mesh, progress=progress,
-                  dtype=None if settings.dtype == "float32" else dtype, out_dir=out_dir,
-                  run_info={"settings": dataclasses.asdict(settings), "scored_by": label})
-  cache.clear()
+def score_suite(ctx: Experiment, label: str, sets: Sequence[SequenceSet],
+                valid_table: dict | None, corpora: Sequence[inputs.Corpus]) -> pd.DataFrame:
+  """Sweeps ctx's suite over every set; rows of the trajectory table (A.COLUMNS). Without
+  valid_table (a validation_ppl.csv lookup) the validation perplexity is the corpora's, scored
+  in the same sweep."""
+  s = ctx.settings
+  valid = None if valid_table is not None else perplexity.CorpusScorer(corpora, s.context_length,
+                                                                       s.stride)
+  key = (*ctx.key([st.digest() for st in sets], valid and valid.digest()), label)
+  ctx.sweep(make_evaluator(ctx, sets, valid), key, label=label, max_length=s.context_length)
   rows = []
-  for m, step, _ in suite.checkpoints():
-    arrays, _ = store.read((*experiment, m.name, step))
-    if valid_table is not None:
-      vppl = valid_table[(m.name, step)]
-    else:
-      vppl = float(np.exp(arrays["validation/nll_sum"].sum() /
-                          arrays["validation/num_tokens"].sum()))
-    for s in sets:
-      nll_sum = float(arrays[f"{s.name}/nll_sum"].sum())
-      n = int(arrays[f"{s.name}/num_tokens"].sum())
+  for m, step in ctx.checkpoints(key):
+    arrays, _ = ctx.read(key, m, step)
+    vppl = (valid_table.get((m.name, step), float("nan")) if valid_table is not None
+            else valid.ppl(arrays, "validation/"))
+    for st in sets:
+      nll_sum = float(arrays[f"{st.name}/nll_sum"].sum())
+      n = int(arrays[f"{st.name}/num_tokens"].sum())
       nll = nll_sum / n if n else float("nan")
-      rows.append({"scored_by": label, "set": s.name, "kind": s.kind, "model": m.name,
+      rows.append({"scored_by": label, "set": st.name, "kind": st.kind, "model": m.name,
                    "params": m.params, "step": step, "tokens": m.tokens(step),
                    "flops": m.flops(step), "valid_ppl": vppl, "nll": nll, "ppl": float(np.exp(nll)),
                    "num_tokens": n,
-                   "num_sequences": int((arrays[f"{s.name}/num_tokens"] > 0).sum())})
+                   "num_sequences": int((arrays[f"{st.name}/num_tokens"] > 0).sum())})
   return pd.DataFrame(rows, columns=A.COLUMNS)
 
 
-def run(suite_path: str, out_dir: str, settings: Settings, *, mesh=None, progress: bool = True,
-        plots: bool = True) -> pd.DataFrame:
-  """Builds the sets, scores them with every suite, writes CSV, plots and summary.md."""
-  from opt_jax import sharding  # pylint: disable=import-outside-toplevel
-  from opt_jax.suite import load_suite  # pylint: disable=import-outside-toplevel
+def run(settings: Settings, *, progress: bool = True, run_info: dict | None = None) -> Outcome:
+  """Builds the sets, scores them with every suite, writes CSV, plots and summary.md.
+  Outcome.table: the trajectory table (A.COLUMNS)."""
+  s = settings
+  ctx = Experiment(NAME, s, progress=progress, run_info=run_info)
+  ctx.window(s.context_length, s.stride)
+  few = [f"{m.name} ({len(m.steps)})" for m in ctx.suite.models if len(m.steps) < 2]
+  if few:   # a trajectory's fall and rise need two checkpoints at least
+    raise InputError(f"--suite={s.suite}: every model needs at least 2 checkpoints; "
+                     f"{', '.join(few)} {'has' if len(few) == 1 else 'have'} fewer")
+  suites = [(ctx, ctx.suite.name, s.validation_ppl)]
+  if s.cross_suite:
+    cross = ctx.with_suite(s.cross_suite)
+    cross.window(s.context_length, s.stride)
+    label = cross.suite.name if cross.suite.name != ctx.suite.name else f"{cross.suite.name}_2"
+    suites.append((cross, label, s.cross_validation_ppl))
+  corpora = inputs.read_corpora(s.corpus)
+  docs = [t for c in corpora for t in c.texts]
+  # Read before decoding: a wrong file fails now.
+  valid = [perplexity.read_validation_ppl(csv, c.suite) if csv else None for c, _, csv in suites]
+  sets, manifest = build_sets(ctx, docs)
+  df = pd.concat([score_suite(c, label, sets, v, corpora)
+                  for (c, label, _), v in zip(suites, valid)], ignore_index=True)
+  for (c, label, csv), v in zip(suites, valid):
+    absent = perplexity.missing_checkpoints(v, c.suite) if v is not None else []
+    if absent:
+      ctx.skipped.append(f"{label}: no validation perplexity for {', '.join(absent)} in {csv}")
+  ctx.skipped += [f"{c.skipped} empty document(s) of {c.path}" for c in corpora if c.skipped]
+  gen = manifest["generation"]
+  evaluated = [f"{len(sets)} sets ({gen['prompts']} prompts x {s.max_new_tokens} new tokens; "
+               f"{manifest['perturbation']['passages']} perturbed passages)"]
+  if not ctx.is_main:
+    return ctx.outcome(None, evaluated=evaluated)
+  ctx.write_csv(CSV_NAME, df, float_format="%.8g")
+  if s.plots:
+    ctx.skipped += A.write_plots(df, ctx.path("plots"))[1]
+  info = _summary_info(ctx, [label for _, label, _ in suites], manifest)
+  ctx.write_text("summary.md", A.summary_markdown(df, ctx.suite.name, info, s.tolerance))
+  answer = A.fall_then_rise_answer(A.shapes(df, A.SMALL_PREFERRED, ctx.suite.name, s.tolerance))
+  headline = (f"{A.SMALL_PREFERRED} set, does perplexity fall early for every size and rise later "
+              f"for the large ones only? {answer.text.replace('**', '')}")
+  return ctx.outcome(df, evaluated=evaluated, results=[headline],
+                     files_=[CSV_NAME, "summary.md", "sets/", *(["plots/"] if s.plots else [])])
 
-  if not settings.corpus:
-    raise ValueError("no corpus given: pass at least one .txt or .jsonl validation corpus")
-  suite = load_suite(suite_path)
-  os.makedirs(out_dir, exist_ok=True)
-  docs = _corpus_docs(settings.corpus)
-  sets, manifest = build_sets(suite, settings, out_dir, docs)
-  labels = [suite.name]
-  tables = [score_suite(suite, suite.name, sets, settings, out_dir, settings.validation_ppl,
-                        mesh=mesh, progress=progress, docs=docs)]
-  if settings.cross_suite:
-    cross = load_suite(settings.cross_suite)
-    label = cross.name if cross.name != suite.name else f"{cross.name}_2"
-    labels.append(label)
-    tables.append(score_suite(cross, label, sets, settings, out_dir,
-                              settings.cross_validation_ppl, mesh=mesh, progress=progress,
-                              docs=docs))
-  df = pd.concat(tables, ignore_index=True)
-  if not sharding.is_main_process():
-    return df
-  files.write_csv(df, os.path.join(out_dir, CSV_NAME), float_format="%.8g")
-  if plots:
-    A.write_plots(df, os.path.join(out_dir, "plots"))
-  files.write_text(os.path.join(out_dir, "summary.md"),
-                   A.summary_markdown(df, suite.name,
-                                      _summary_info(suite, labels, settings, manifest),
-                                      settings.tolerance))
-  return df
 
-
-def _summary_info(suite, labels, settings: Settings, manifest: dict) -> dict[str, str]:
+def _summary_info(ctx: Experiment, labels, manifest: dict) -> dict[str, str]:
+  settings, suite = ctx.settings, ctx.suite
   gen, pert = manifest["generation"], manifest["perturbation"]
   fallback = {n: s["fallback_steps"] for n, s in gen["sets"].items() if "fallback_steps" in s}
   source = f"file {settings.prompts}" if settings.prompts else "drawn from the corpus"
@@ -555,70 +550,5 @@ def _summary_info(suite, labels, settings: Settings, manifest: dict) -> dict[str
   }
 
 
-# Binary ---------------------------------------------------------------------------------------
-
-def main(argv: Sequence[str]) -> None:
-  from absl import flags  # pylint: disable=import-outside-toplevel
-
-  from opt_jax import sharding  # pylint: disable=import-outside-toplevel
-
-  del argv
-  f = flags.FLAGS
-  sharding.initialize_distributed()
-  settings = Settings(
-      corpus=tuple(f.corpus), prompts=f.prompts, num_prompts=f.num_prompts,
-      prompt_tokens=f.prompt_tokens, max_new_tokens=f.max_new_tokens, small=f.small,
-      large=f.large, sample_models=tuple(f.sample_models) if f.sample_models else None,
-      top_p=f.top_p, temperature=f.temperature, seed=f.seed,
-      noise_rates=tuple(float(r) for r in f.noise_rates), shuffle_window=f.shuffle_window,
-      num_passages=f.num_passages, passage_tokens=f.passage_tokens,
-      swaps_per_kind=f.swaps_per_kind, validation_ppl=f.validation_ppl,
-      cross_suite=f.cross_suite, cross_validation_ppl=f.cross_validation_ppl,
-      context_length=f.context_length, stride=f.stride, batch_size=f.batch_size,
-      generation_batch_size=f.generation_batch_size, dtype=f.dtype, tolerance=f.tolerance)
-  mesh = sharding.make_mesh(f.mesh) if f.mesh else None
-  run(f.suite, f.out, settings, mesh=mesh)
-  if sharding.is_main_process():
-    print(open(os.path.join(f.out, "summary.md")).read())
-
-
-def _define_flags() -> None:
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  d = Settings(corpus=())
-  flags.DEFINE_string("suite", None, "Suite manifest (.json/.yaml).", required=True)
-  flags.DEFINE_list("corpus", None, "Validation corpus: .txt (one document) or .jsonl files.",
-                    required=True)
-  flags.DEFINE_string("out", None, "Output folder.", required=True)
-  flags.DEFINE_string("prompts", None, "Prompt file (.txt one per line, or .jsonl); default: "
-                      "--num_prompts spans drawn from the corpus.")
-  flags.DEFINE_integer("num_prompts", d.num_prompts, "Prompts drawn from the corpus.")
-  flags.DEFINE_integer("prompt_tokens", d.prompt_tokens, "Tokens per drawn prompt.")
-  flags.DEFINE_integer("max_new_tokens", d.max_new_tokens, "Tokens generated per prompt.")
-  flags.DEFINE_string("small", None, "Small model of the joint decoder (default: smallest).")
-  flags.DEFINE_string("large", None, "Large model of the joint decoder (default: largest).")
-  flags.DEFINE_list("sample_models", None, "Models to sample plain sets from (default: all).")
-  flags.DEFINE_float("top_p", d.top_p, "Nucleus sampling mass.")
-  flags.DEFINE_float("temperature", d.temperature, "Sampling temperature.")
-  flags.DEFINE_integer("seed", d.seed, "Seed of prompts, passages, noise and sampling.")
-  flags.DEFINE_list("noise_rates", [str(r) for r in d.noise_rates], "Token noise rates.")
-  flags.DEFINE_integer("shuffle_window", d.shuffle_window, "Tokens per shuffling window.")
-  flags.DEFINE_integer("num_passages", d.num_passages, "Corpus passages to perturb.")
-  flags.DEFINE_integer("passage_tokens", d.passage_tokens, "Tokens per passage.")
-  flags.DEFINE_integer("swaps_per_kind", d.swaps_per_kind, "Entity and number swaps per passage.")
-  flags.DEFINE_string("validation_ppl", None, "validation_ppl.csv (or its folder) of --suite; "
-                      "default: computed from --corpus.")
-  flags.DEFINE_string("cross_suite", None, "A second suite manifest that also scores every set.")
-  flags.DEFINE_string("cross_validation_ppl", None, "validation_ppl.csv of --cross_suite.")
-  flags.DEFINE_integer("context_length", None, "Scoring window (default: max positions).")
-  flags.DEFINE_integer("stride", None, "Scoring stride (default: context_length).")
-  flags.DEFINE_integer("batch_size", d.batch_size, "Scoring rows per forward pass.")
-  flags.DEFINE_integer("generation_batch_size", d.generation_batch_size, "Prompts per decode.")
-  flags.DEFINE_enum("dtype", d.dtype, ["float32", "bfloat16", "float16"], "Parameter dtype.")
-  flags.DEFINE_float("tolerance", d.tolerance, "Relative change that counts as a fall or rise.")
-  flags.DEFINE_string("mesh", "", "Device mesh spec, e.g. 'data:-1'; empty: one device.")
-
-
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=import-outside-toplevel
-  _define_flags()
-  app.run(main)
+  context.main(Settings, run)

@@ -12,44 +12,59 @@ same settings.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
-from absl import app, flags, logging
-
-from experiments.tasks import corpus
-from opt_jax import train
-
-_OUT = flags.DEFINE_string("out", "results/demo", "Output folder: tokenizer/ and family/ go "
-                            "there.")
-_CORPUS_DIR = flags.DEFINE_string("corpus_dir", None, "Corpus cache folder (default "
-                                  "~/.cache/opt_jax/corpus).")
-_FAST = flags.DEFINE_bool("fast", False, "The CI variant: tiny sizes, few steps, small vocab.")
-_SIZES = flags.DEFINE_list("sizes", None, "Train only these sizes of the family (names as in "
-                           "opt_jax.train.demo_family, e.g. demo-0.3m,demo-1m).")
-_STEPS = flags.DEFINE_integer("steps", None, "Training steps (default: the family's).")
-_BATCH = flags.DEFINE_integer("batch_size", None, "Sequences per batch (default: the family's).")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Tokens per sequence, also the models' "
-                                "max_position_embeddings (default: the family's).")
-_VOCAB = flags.DEFINE_integer("vocab_size", None, "BPE vocabulary size (default 2048, fast 512).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the data order and of the initialisation.")
+from opt_jax import cli
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
-  if _FAST.value:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(cli.Settings):
+  out: str = cli.option("results/demo", "Output folder: tokenizer/ and family/ go there.")
+  corpus_dir: str | None = cli.option(None, "Corpus cache folder (default "
+                                      "~/.cache/opt_jax/corpus).")
+  fast: bool = cli.option(False, "The CI variant: tiny sizes, few steps, small vocab.")
+  sizes: tuple[str, ...] | None = cli.option(
+      None, "Train only these sizes of the family (names as in opt_jax.train.demo_family, e.g. "
+            "demo-0.3m,demo-1m).")
+  steps: int | None = cli.option(None, "Training steps (default: the family's).", ge=1)
+  batch_size: int | None = cli.option(None, "Sequences per batch (default: the family's).", ge=1)
+  seq_len: int | None = cli.option(None, "Tokens per sequence, also the models' "
+                                   "max_position_embeddings (default: the family's).", ge=2)
+  vocab_size: int | None = cli.option(None, "BPE vocabulary size (default 2048, fast 512).",
+                                      ge=260)
+  seed: int = cli.option(0, "Seed of the data order and of the initialisation.", ge=0)
+
+
+def run(s: Settings) -> cli.Summary:
+  """Trains the family; returns the closing summary (final validation loss of each size)."""
+  from experiments.tasks import corpus  # pylint: disable=import-outside-toplevel
+  from opt_jax import train  # pylint: disable=import-outside-toplevel
+
+  data = corpus.demo_training_data(os.path.join(s.out, "tokenizer"), corpus_dir=s.corpus_dir,
+                                   fast=s.fast, vocab_size=s.vocab_size)
+  family = os.path.join(s.out, "family")
+  suite_path = train.train_demo_family(
+      family, data.train_ids, data.validation_ids, data.tokenizer_file, fast=s.fast,
+      sizes=s.sizes, steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len, seed=s.seed)
+  with open(os.path.join(family, train.TRAINING_FILE)) as f:
+    models = json.load(f)["models"]
+  return cli.Summary(
+      "train_family", evaluated=[f"{len(models)} sizes on {len(data.train_ids):,} training tokens"],
+      results=["final validation loss (nats/token): " + ", ".join(
+          f"{m['name']} {m['history'][-1]['val_loss']:.3f} (step {m['history'][-1]['step']})"
+          for m in models)],
+      out_dir=os.path.abspath(family),
+      files=[os.path.basename(suite_path), train.TRAINING_FILE, "ckpt/"])
+
+
+def _before_jax(s: Settings) -> None:
+  if s.fast:
+    from opt_jax import train  # pylint: disable=import-outside-toplevel
     # Tiny models: compiling dominates, and LLVM's -O0 halves it (set before JAX starts).
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + train.FAST_COMPILE_XLA_FLAG)
-  data = corpus.demo_training_data(os.path.join(_OUT.value, "tokenizer"),
-                                  corpus_dir=_CORPUS_DIR.value, fast=_FAST.value,
-                                  vocab_size=_VOCAB.value)
-  suite_path = train.train_demo_family(
-      os.path.join(_OUT.value, "family"), data.train_ids, data.validation_ids,
-      data.tokenizer_file, fast=_FAST.value, sizes=_SIZES.value, steps=_STEPS.value,
-      batch_size=_BATCH.value, seq_len=_SEQ_LEN.value, seed=_SEED.value)
-  print(f"suite manifest: {suite_path}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.main(Settings, run, before=_before_jax)

@@ -237,3 +237,31 @@ def write_csv(frame: Any, path: str | os.PathLike, float_format: str | None = No
   with atomic_path(path) as tmp:
     frame.to_csv(tmp, index=False, float_format=float_format)
   return os.fspath(path)
+
+
+def user_cache_dir(*parts: str) -> str:
+  """$XDG_CACHE_HOME/opt_jax/<parts> (~/.cache/opt_jax/... when XDG_CACHE_HOME is unset): where
+  downloads and the compilation cache live between runs."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "opt_jax", *parts)
+
+
+def check_output(path: str | os.PathLike, *, folder: bool, what: str) -> str:
+  """The absolute path of an output to be written later, checked now (nothing is created): a
+  folder output must not be a file, a file output must not be a folder, and the nearest existing
+  folder above it must be writable. Raises opt_jax.errors.InputError naming `what` (a flag)."""
+  from opt_jax.errors import InputError  # pylint: disable=import-outside-toplevel
+
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  if folder and os.path.exists(path) and not os.path.isdir(path):
+    raise InputError(f"{what}={path} is a file; expected a folder (it is created if absent)")
+  if not folder and os.path.isdir(path):
+    raise InputError(f"{what}={path} is a folder; expected the path of a file to write")
+  existing = path if folder and os.path.isdir(path) else os.path.dirname(path)
+  while not os.path.isdir(existing):
+    if os.path.exists(existing):
+      raise InputError(f"{what}={path}: {existing} is a file, so no folder can be created there")
+    existing = os.path.dirname(existing)
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise InputError(f"{what}={path}: cannot write into {existing} (permission denied)")
+  return path

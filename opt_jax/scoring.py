@@ -536,78 +536,56 @@ class Scorer:
 
 # Files ----------------------------------------------------------------------------------------
 
-def read_documents(path: str) -> list[str]:
-  """Documents of a .txt file (the whole file is one document) or a .jsonl file (one JSON object
-  per non-blank line, its "text" field a string)."""
-  import json
-  import os
-  ext = os.path.splitext(path)[1].lower()
-  if ext not in (".txt", ".jsonl"):
-    raise ValueError(f"{path}: expected a .txt or .jsonl file")
-  with open(path, encoding="utf-8") as f:
-    if ext == ".txt":
-      return [f.read()]
-    docs = []
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-      if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise ValueError(f"{path}:{n}: expected an object with a string \"text\" field")
-      docs.append(record["text"])
-  return docs
-
-
 def score_text_file(checkpoint_dir: str, input_path: str, output_path: str, *,
                     context_length: int | None = None, stride: int | None = None,
                     batch_size: int = 8, dtype: str = "float32", attention: str = "auto",
-                    progress: bool = True) -> dict[str, float]:
-  """Scores every document of `input_path` (see `read_documents`) with the checkpoint.
+                    progress: bool = True) -> dict[str, Any]:
+  """Scores every document of `input_path` (opt_jax.inputs: .jsonl is JSON lines with a "text"
+  field, any other file one plain-text document) with the checkpoint.
 
   Writes `output_path` (JSONL, atomically: temporary name, then rename), one line per document:
-    {"doc": i, "num_tokens": n, "nll": -sum(logprobs), "token_ids": [n ids], "tokens": [n strings],
-     "logprobs": [n floats]}
+    {"doc": i, "source": "path[:line]", "num_tokens": n, "nll": -sum(logprobs),
+     "token_ids": [n ids], "tokens": [n strings], "logprobs": [n floats]}
   over the n tokens after the leading </s>, log-probs in nats, each token scored once in sliding
-  windows (`Scorer.rolling_tokens`). Returns {"nll", "num_tokens", "perplexity", "documents"}:
-  totals over all documents (perplexity = exp(nll / num_tokens)).
+  windows (`Scorer.rolling_tokens`). Returns {"nll", "num_tokens", "perplexity", "documents",
+  "skipped"}: totals over all documents (perplexity = exp(nll / num_tokens)), empty documents
+  skipped. The input, the output location and the windows are checked before any restore.
   """
-  import json
-  import os
-  import tempfile
+  import json  # pylint: disable=import-outside-toplevel
 
-  from opt_jax import checkpoint
-  from opt_jax.tokenizer import load_tokenizer
+  from opt_jax import checkpoint, files, inputs  # pylint: disable=import-outside-toplevel
+  from opt_jax.errors import InputError  # pylint: disable=import-outside-toplevel
+  from opt_jax.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
 
-  docs = read_documents(input_path)
+  output_path = files.check_output(output_path, folder=False, what="--output")
+  corpus = inputs.read_corpus(input_path, "--input")
+  compute = inputs.parse_dtype(dtype)
   config = checkpoint.load_config(checkpoint_dir)
+  positions = config.max_position_embeddings
+  if context_length is not None and not 2 <= context_length <= positions:
+    raise InputError(f"--context_length={context_length}: expected 2 to {positions} (the "
+                     f"model's max_position_embeddings)")
+  if stride is not None and not 1 <= stride <= (context_length or positions):
+    raise InputError(f"--stride={stride}: expected 1 to the context length "
+                     f"({context_length or positions})")
+  if batch_size < 1:
+    raise InputError(f"--batch_size={batch_size}: expected an integer >= 1")
   tok = load_tokenizer(checkpoint_dir)
-  compute = jnp.dtype(dtype)
+  token_lists = tok.encode_batch(list(corpus.texts))
   params = checkpoint.restore(checkpoint_dir, dtype=compute)
   scorer = Scorer(config, params, tokenizer=tok, batch_size=batch_size, dtype=compute,
                   attention=attention, progress=progress)
-  token_lists = tok.encode_batch(docs)
   logprobs = scorer.rolling_tokens(token_lists, context_length, stride)
 
-  out_dir = os.path.dirname(os.path.abspath(output_path))
-  os.makedirs(out_dir, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output_path)}.tmp-", dir=out_dir)
-  total_nll, total_tokens = 0.0, 0
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for i, (ids, lp) in enumerate(zip(token_lists, logprobs)):
-        nll = -float(lp.astype(np.float64).sum())
-        total_nll += nll
-        total_tokens += len(lp)
-        f.write(json.dumps({"doc": i, "num_tokens": len(lp), "nll": nll, "token_ids": ids[1:],
-                            "tokens": tok.tokens(ids[1:]), "logprobs": lp.tolist()},
-                           ensure_ascii=False) + "\n")
-    os.replace(tmp, output_path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  total_nll, total_tokens, lines = 0.0, 0, []
+  for i, (doc, ids, lp) in enumerate(zip(corpus.documents, token_lists, logprobs)):
+    nll = -float(lp.astype(np.float64).sum())
+    total_nll += nll
+    total_tokens += len(lp)
+    lines.append(json.dumps({"doc": i, "source": doc.source, "num_tokens": len(lp), "nll": nll,
+                             "token_ids": ids[1:], "tokens": tok.tokens(ids[1:]),
+                             "logprobs": lp.tolist()}, ensure_ascii=False) + "\n")
+  files.write_text(output_path, "".join(lines))
   ppl = math.exp(total_nll / total_tokens) if total_tokens else float("nan")
-  return {"nll": total_nll, "num_tokens": total_tokens, "perplexity": ppl, "documents": len(docs)}
+  return {"nll": total_nll, "num_tokens": total_tokens, "perplexity": ppl,
+          "documents": len(corpus.documents), "skipped": corpus.skipped}

@@ -425,6 +425,6 @@ def test_cli_converts_and_reports_errors(hf_pre, tmp_path):
   assert ok.returncode == 0, ok.stderr[-2000:]
   assert checkpoint.load_metadata(tmp_path / "out")["dtype"] == "bfloat16"
   bad = run(f"--input={tmp_path / 'nope'}", f"--output={tmp_path / 'out2'}")
-  assert bad.returncode == 1
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr
   assert f"error: {tmp_path / 'nope'}: no such file or directory" in bad.stderr
   assert sorted(os.listdir(tmp_path)) == ["out"]

@@ -13,6 +13,7 @@ from experiments import downstream_icl
 from experiments.analysis import icl
 from experiments.tasks import bigbench as bb
 from opt_jax.config import OPTConfig
+from opt_jax.errors import InputError
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "bigbench")
 TASKS = ("anachronisms", "entailed_polarity", "emoji_movie")
@@ -53,13 +54,16 @@ def env(tmp_path_factory):
     f.write(TEXT)
   out = os.path.join(root, "out")
   # Plots are drawn once below (analyze_and_report, what run calls per k) to keep the test short.
-  kwargs = dict(bigbench_dir=bench, cloze_text=[text], cloze_examples=4, k_shot=[0, 1],
-                max_examples=3, validation_text=[text], batch_size=4, n_bins=2, top_k=2,
-                plots=False, progress=False)
-  table = downstream_icl.run(suite, out, **kwargs)
+  settings = downstream_icl.Settings(
+      suite=suite, out=out, bigbench_dir=bench, cloze_text=(text,), cloze_examples=4,
+      k_shot=(0, 1), max_examples=3, validation_text=(text,), batch_size=4, n_bins=2, top_k=2,
+      plots=False)
+  outcome = downstream_icl.run(settings, progress=False)
+  table = outcome.table
   downstream_icl.analyze_and_report(table[table["k_shot"] == 0], os.path.join(root, "plotted"),
                                     n_bins=2, top_k=2, plots=True)
-  return {"root": root, "suite": suite, "out": out, "table": table, "kwargs": kwargs}
+  return {"root": root, "suite": suite, "out": out, "table": table, "settings": settings,
+          "summary": outcome.summary, "bench": bench}
 
 
 def test_results_table_has_every_checkpoint_task_and_k(env):
@@ -159,7 +163,7 @@ def test_second_run_scores_nothing(env):
   files = {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
            for d, _, fs in os.walk(store) for f in fs}
   assert len(files) == 6
-  table = downstream_icl.run(env["suite"], env["out"], **env["kwargs"])
+  table = downstream_icl.run(env["settings"], progress=False).table
   after = {p: os.path.getmtime(p) for p in files}
   assert after == files
   pd.testing.assert_frame_equal(table, env["table"])
@@ -167,8 +171,10 @@ def test_second_run_scores_nothing(env):
 
 def test_missing_bigbench_folder_says_how_to_fetch(env):
   with pytest.raises(FileNotFoundError, match="fetch_bigbench"):
-    downstream_icl.run(env["suite"], os.path.join(env["root"], "x"),
-                       bigbench_dir=os.path.join(env["root"], "nowhere"), progress=False)
+    downstream_icl.run(downstream_icl.Settings(suite=env["suite"],
+                                               out=os.path.join(env["root"], "x"),
+                                               bigbench_dir=os.path.join(env["root"], "nowhere")),
+                       progress=False)
 
 
 def test_lm_eval_import_with_a_manifest_without_checkpoints(tmp_path):
@@ -191,8 +197,10 @@ def test_lm_eval_import_with_a_manifest_without_checkpoints(tmp_path):
             "config": {"model_args": f"pretrained=facebook/{model},revision=step{step}"}}
     (results / f"r{i}.json").write_text(json.dumps(data))
   out = str(tmp_path / "out")
-  table = downstream_icl.run_import(str(results), str(manifest), out, tasks=["hellaswag", "piqa"],
-                                    plots=False)
+  outcome = downstream_icl.run(downstream_icl.Settings(
+      suite=str(manifest), out=out, lm_eval_results=str(results), tasks=("hellaswag", "piqa"),
+      plots=False))
+  table = outcome.table
   assert len(table) == 12
   corr = pd.read_csv(os.path.join(out, "correlations.csv")).set_index("x")
   assert corr.loc["validation_ppl", "spearman"] == pytest.approx(-1.0)
@@ -209,8 +217,65 @@ def test_empty_bigbench_dir_means_cloze_tasks_only(tmp_path, monkeypatch):
   text = tmp_path / "held_out.txt"
   text.write_text("\n".join(f"line {i} of the held out text, with words like king and crown "
                             f"and {i % 7} ghosts" for i in range(200)))
-  tasks, failures, notes = downstream_icl.load_tasks("", None, [str(text)], cloze_examples=10)
-  assert tasks and all(t.name.startswith("cloze") for t in tasks), [t.name for t in tasks]
-  assert not failures and any("BIG-bench disabled" in n for n in notes)
+  got = downstream_icl.load_tasks("", None, [str(text)], cloze_examples=10)
+  assert got.tasks and all(t.name.startswith("cloze") for t in got.tasks)
+  assert not got.failures and any("BIG-bench disabled" in n for n in got.notes)
   with pytest.raises(ValueError, match="nothing to evaluate"):
     downstream_icl.load_tasks("", None, [])
+
+
+def test_closing_summary_says_what_ran_and_what_was_skipped(env):
+  text = env["summary"].render(3.0)
+  assert text.startswith("== downstream_icl finished in 3.0 s")
+  assert "5 tasks x k-shot 0,1:" in text and "tiny: 6 checkpoints (6 evaluated now" in text
+  corr = pd.read_csv(os.path.join(env["out"], "correlations.csv")).set_index("x")
+  assert f"Spearman rho {corr.loc['validation_ppl', 'spearman']:.3f}" in text
+  assert "task broken: " in text and "example 1" in text
+  assert f"outputs:   {env['out']}/ icl_results.csv, correlations.csv, summary.md" in text
+
+
+def test_without_validation_ppl_plots_skip_what_has_no_data(env, tmp_path):
+  """Issue: without --validation_ppl the run scored everything, wrote the CSVs, then died in
+  matplotlib ("Data cannot be log-scaled because all values are <= 0")."""
+  table = env["table"][env["table"]["k_shot"] == 0].assign(validation_ppl=np.nan)
+  a, skipped = downstream_icl.analyze_and_report(table, str(tmp_path), n_bins=2, top_k=2,
+                                                 plots=True)
+  assert skipped == ["plots against validation perplexity not drawn: no checkpoint has a positive "
+                     "value (no --validation_ppl or --validation_text)"]
+  plots = sorted(os.listdir(tmp_path / "plots"))
+  assert plots == ["mean_accuracy.pdf", "mean_accuracy.png"]
+  summary = (tmp_path / "summary.md").read_text()
+  assert "plots against validation perplexity not drawn" in summary
+  assert "the paper's claim cannot be tested" in summary
+  assert "no perplexity correlation" in " ".join(icl.headline(a, 0))
+
+
+def test_misspelled_task_names_the_closest_known_ones(env):
+  settings = env["settings"].replace(tasks=("anachronism", "emoji_movei", "zzz"),
+                                     out=os.path.join(env["root"], "typo"))
+  with pytest.raises(InputError) as e:
+    downstream_icl.run(settings, progress=False)
+  msg = str(e.value)
+  assert "no task 'anachronism'" in msg and "(closest: anachronisms)" in msg
+  assert "no task 'emoji_movei'" in msg and "(closest: emoji_movie)" in msg
+  assert "no task 'zzz'" in msg and "(closest: none)" in msg
+  assert not os.path.exists(os.path.join(env["root"], "typo", "store"))
+
+
+def test_tasks_dropped_by_the_selection_rule_are_listed_with_the_reason(tmp_path):
+  bench = tmp_path / "bench"
+  for name, examples in (("good", [{"input": "q", "target_scores": {"a": 1, "b": 0}}] * 3),
+                         ("two_right", [{"input": "q", "target_scores": {"a": 1, "b": 1}}] * 3),
+                         ("generative", [{"input": "q", "target": "a"}] * 3)):
+    (bench / name).mkdir(parents=True)
+    (bench / name / "task.json").write_text(json.dumps({"examples": examples}))
+  got = downstream_icl.load_tasks(str(bench), None)
+  assert [t.name for t in got.tasks] == ["good"]
+  assert got.dropped == {
+      "generative": "3 of 3 examples are not multiple choice (first: subtask '' "
+                    "example 0)",
+      "two_right": "3 examples do not have exactly one option scored 1 (first: subtask '' "
+                   "example 0)"}
+  lines = downstream_icl._skip_lines(got)
+  assert lines == ["2 BIG-bench task(s) not selected by the paper's rule (generative, two_right; "
+                   "summary.md gives each reason)"]

@@ -163,7 +163,7 @@ def test_make_suite_manifest_round_trips_through_load_suite(tmp_path, sources):
   res = _run(["tools.make_suite", "--repos=org/opt-a,org/opt-b", f"--out={out}",
               "--tokens_per_step=1000"], env={"HF_HUB_CACHE": cache})
   assert res.returncode == 0, res.stderr
-  assert "ref 'main' is step200" in res.stdout and "2 model(s), 4 checkpoint(s)" in res.stdout
+  assert "ref 'main' is step200" in res.stderr and "2 model(s), 4 checkpoint(s)" in res.stdout
 
   # A re-run replaces its own manifest, never a file it did not write.
   assert _run(["tools.make_suite", f"--hf_cache={cache}", "--repos=org/opt-a", f"--out={out}",
@@ -258,7 +258,7 @@ def test_template_mode_writes_the_download_commands_of_missing_revisions(tmp_pat
   res = _run(["tools.make_suite", f"--hf_cache={cache}", "--template=pythia",
               "--repos=EleutherAI/pythia-70m,EleutherAI/pythia-160m", f"--out={out}"])
   assert res.returncode == 0, res.stderr
-  assert "EleutherAI/pythia-160m: not in the HF cache" in res.stdout
+  assert "EleutherAI/pythia-160m: not in the HF cache" in res.stderr
   script = (tmp_path / "pythia.download.sh").read_text().splitlines()
   commands = [line for line in script if line.startswith("hf download")]
   assert len(commands) == 152 + 154

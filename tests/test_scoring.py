@@ -1,5 +1,6 @@
 import functools
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -268,8 +269,7 @@ def test_rolling_windows_cover_each_token_once():
 
 # tools/score_text ------------------------------------------------------------------------------
 
-def test_score_text_end_to_end_matches_hf(tmp_path, capsys):
-  from absl import flags
+def test_score_text_end_to_end_matches_hf(tmp_path):
   from opt_jax import checkpoint
   from opt_jax.config import OPTConfig
   from opt_jax.tokenizer import load_tokenizer
@@ -287,11 +287,10 @@ def test_score_text_end_to_end_matches_hf(tmp_path, capsys):
            "Perplexity predicts behaviour."]
   (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
   out = tmp_path / "out.jsonl"
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(["score_text", f"--checkpoint={ckpt}", f"--input={tmp_path / 'in.jsonl'}",
-               f"--output={out}", "--context_length=16", "--stride=6", "--batch_size=2"])
-  score_text.main([])
-  printed = capsys.readouterr().out
+  summary = score_text.run(score_text.Settings(
+      checkpoint=str(ckpt), input=str(tmp_path / "in.jsonl"), output=str(out), context_length=16,
+      stride=6, batch_size=2))
+  printed = summary.render()
 
   tok = load_tokenizer(ckpt)
   records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -306,19 +305,40 @@ def test_score_text_end_to_end_matches_hf(tmp_path, capsys):
     np.testing.assert_allclose(r["logprobs"], want, atol=1e-4, rtol=0)
     total_nll -= want.sum()
     total_n += len(want)
-  assert f"tokens {total_n} " in printed
+  assert f"2 document(s) of {tmp_path / 'in.jsonl'}, {total_n:,} tokens" in printed
   assert f"perplexity {np.exp(total_nll / total_n):.4f}" in printed
+  assert [r["source"] for r in records] == [f"{tmp_path / 'in.jsonl'}:{i}" for i in (1, 2)]
   assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # no temp left
 
 
-def test_read_documents_formats_and_errors(tmp_path):
-  (tmp_path / "a.txt").write_text("line one\nline two\n")
-  assert S.read_documents(str(tmp_path / "a.txt")) == ["line one\nline two\n"]
-  (tmp_path / "b.jsonl").write_text('{"text": "x"}\n\n{"text": "y"}\n{"txt": 1}\n')
-  with pytest.raises(ValueError, match=r"b\.jsonl:4: expected an object with a string \"text\""):
-    S.read_documents(str(tmp_path / "b.jsonl"))
-  (tmp_path / "c.jsonl").write_text('{"text": "x"}\n{oops\n')
-  with pytest.raises(ValueError, match=r"c\.jsonl:2: not valid JSON"):
-    S.read_documents(str(tmp_path / "c.jsonl"))
-  with pytest.raises(ValueError, match=r"d\.csv: expected a \.txt or \.jsonl"):
-    S.read_documents(str(tmp_path / "d.csv"))
+def test_score_text_checks_output_and_windows_before_restoring(tmp_path, monkeypatch):
+  from opt_jax import checkpoint
+  from opt_jax.config import OPTConfig
+  from opt_jax.errors import InputError
+
+  config = OPTConfig(vocab_size=320, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     ffn_dim=32, max_position_embeddings=32)
+  (tmp_path / "ckpt").mkdir()
+  config.to_json_file(tmp_path / "ckpt" / "config.json")
+  (tmp_path / "in.txt").write_text("some text")
+  monkeypatch.setattr(checkpoint, "restore", lambda *a, **k: pytest.fail("restored"))
+  score = lambda **kw: S.score_text_file(str(tmp_path / "ckpt"), kw.pop("input", str(
+      tmp_path / "in.txt")), kw.pop("output", str(tmp_path / "o.jsonl")), **kw)
+  with pytest.raises(InputError, match=r"--output=.* is a folder; expected the path of a file"):
+    score(output=str(tmp_path))
+  with pytest.raises(InputError, match=r"--context_length=64: expected 2 to 32"):
+    score(context_length=64)
+  with pytest.raises(InputError, match=r"--stride=9: expected 1 to the context length \(8\)"):
+    score(context_length=8, stride=9)
+  with pytest.raises(InputError, match=r"in.txt is a file, so no folder can be created there"):
+    score(output=str(tmp_path / "in.txt" / "o.jsonl"))
+  (tmp_path / "ro").mkdir()
+  # A read-only folder (simulated: these tests may run as root, who can write anywhere).
+  real_access = os.access
+  monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and not str(p).endswith(
+      "ro"))
+  with pytest.raises(InputError, match=r"cannot write into .*ro \(permission denied\)"):
+    score(output=str(tmp_path / "ro" / "sub" / "o.jsonl"))
+  (tmp_path / "empty.txt").write_text("")
+  with pytest.raises(InputError, match=r"--input .*empty.txt is empty"):
+    score(input=str(tmp_path / "empty.txt"))

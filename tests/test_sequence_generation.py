@@ -1,10 +1,11 @@
 """Sequence-level experiment end to end on a tiny suite (2 sizes x 3 checkpoints) and a second
 family with another tokenizer; perplexities checked against a direct forward pass."""
 
-import dataclasses
 import functools
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -18,9 +19,9 @@ from experiments import sequence_generation as S
 from experiments.analysis import sequences as A
 from opt_jax import checkpoint, generation
 from opt_jax import model as M
-from opt_jax.suite import load_suite
 from opt_jax.tokenizer import load_tokenizer
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Short documents (< 64 tokens each, the tiny models' context) dense in names and numbers.
 DOCS = [
     "In 1848 Ada met Bob in Paris, and in 1851 Carl met Dora in Rome.",
@@ -70,10 +71,11 @@ def world(tmp_path_factory):
   with open(corpus, "w") as f:
     f.writelines(json.dumps({"text": d}) + "\n" for d in DOCS)
   out = os.path.join(root, "out")
-  settings = S.Settings(corpus=(corpus,), cross_suite=cross_path, **SETTINGS)
-  df = S.run(suite_path, out, settings, progress=False)
-  return dict(root=root, suite=suite_path, cross=cross_path, corpus=corpus, out=out, df=df,
-              settings=settings)
+  settings = S.Settings(suite=suite_path, out=out, corpus=(corpus,), cross_suite=cross_path,
+                        **SETTINGS)
+  outcome = S.run(settings, progress=False)
+  return dict(root=root, suite=suite_path, cross=cross_path, corpus=corpus, out=out,
+              df=outcome.table, settings=settings, summary=outcome.summary)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -195,7 +197,7 @@ def test_summary_answers_with_the_numbers(world):
 def test_rerun_reuses_sets_and_results(world):
   before = {f: os.path.getmtime(os.path.join(world["out"], "sets", f))
             for f in os.listdir(os.path.join(world["out"], "sets"))}
-  df = S.run(world["suite"], world["out"], world["settings"], progress=False, plots=False)
+  df = S.run(world["settings"].replace(plots=False), progress=False).table
   pd.testing.assert_frame_equal(df, world["df"])
   after = {f: os.path.getmtime(os.path.join(world["out"], "sets", f)) for f in before}
   assert after == before
@@ -206,13 +208,14 @@ def test_bad_input_is_named(world, tmp_path):
   mixed = tmp_path / "mixed.json"
   mixed.write_text(json.dumps({"name": "mixed", "models": [
       {"name": "small-other", "params": U.SIZES["tiny-a"].num_params(), "tokens_per_step": 1,
-       "checkpoints": {"5": os.path.join(cross_root, "ckpt", "step5")}},
+       "checkpoints": {str(k): os.path.join(cross_root, "ckpt", f"step{k}") for k in (5, 15)}},
       {"name": "large-tiny", "params": U.SIZES["tiny-b"].num_params(), "tokens_per_step": 1,
-       "checkpoints": {"30": os.path.join(root, "ckpt", "tiny-b", "step30")}}]}))
+       "checkpoints": {str(k): os.path.join(root, "ckpt", "tiny-b", f"step{k}")
+                       for k in (20, 30)}}]}))
   with pytest.raises(ValueError, match=r"\['small-other'\] tokenize text differently from "
                                        "large-tiny"):
-    S.run(str(mixed), str(tmp_path / "out"),
-          dataclasses.replace(world["settings"], sample_models=None), progress=False)
+    S.run(world["settings"].replace(suite=str(mixed), out=str(tmp_path / "out"),
+                                    sample_models=None, cross_suite=None), progress=False)
   assert not os.path.exists(tmp_path / "out" / "sets")
   empty = tmp_path / "prompts.txt"
   empty.write_text("\n\n")
@@ -224,16 +227,51 @@ def test_bad_input_is_named(world, tmp_path):
     S.read_prompts(str(bad))
   csv = tmp_path / "validation_ppl.csv"
   csv.write_text("model,step,corpus,ppl\ntiny-a,10,valid,5.0\n")
-  with pytest.raises(ValueError, match="no validation perplexity for 5 checkpoint"):
-    S.score_suite(load_suite(world["suite"]), "tiny", [],
-                  world["settings"], str(tmp_path), str(csv))
+  with pytest.raises(ValueError, match="no validation perplexity for model 'tiny-b'"):
+    S.run(world["settings"].replace(validation_ppl=str(csv), out=str(tmp_path / "o2")),
+          progress=False)
+  assert not os.path.exists(tmp_path / "o2" / "sets")   # read before anything is decoded
+
+
+def test_mesh_data2_model4_gives_the_same_sets_and_scores_as_one_device(world, tmp_path):
+  """Decoding (sharded restore, generate/joint_generate with mesh=) and scoring on 8 simulated
+  devices, in a subprocess (the device count is fixed when JAX starts), against the one-device
+  run of the module's fixture."""
+  from opt_jax import cli
+  settings = world["settings"].replace(out=str(tmp_path / "mesh"), mesh="data:2,model:4",
+                                       cross_suite=None, plots=False)
+  (tmp_path / "settings.json").write_text(json.dumps(cli.as_dict(settings)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "_sequence_mesh_child.py"),
+                         str(tmp_path / "settings.json"), str(tmp_path / "result.json")],
+                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  got = json.load(open(tmp_path / "result.json"))
+  assert got["devices"] == 8
+  names = [n for n in os.listdir(os.path.join(world["out"], "sets")) if n.endswith(".jsonl")]
+  assert sorted(got["sets"]) == sorted(n[:-len(".jsonl")] for n in names)
+  for name in names:
+    one = S.load_set(os.path.join(world["out"], "sets", name))
+    assert got["sets"][one.name] == {"context_ids": one.context_ids, "ids": one.ids}, one.name
+  a = world["df"][world["df"]["scored_by"] == "tiny"].reset_index(drop=True)
+  b = pd.DataFrame(got["table"])
+  pd.testing.assert_frame_equal(a.drop(columns=["nll", "ppl", "valid_ppl"]),
+                                b.drop(columns=["nll", "ppl", "valid_ppl"]), check_dtype=False)
+  for column in ("nll", "ppl", "valid_ppl"):
+    np.testing.assert_allclose(b[column], a[column], rtol=2e-5, err_msg=column)
+  runs = [json.load(open(tmp_path / "mesh" / "runs" / f))
+          for f in os.listdir(tmp_path / "mesh" / "runs")]
+  assert [r["mesh"] for r in runs] == [{"data": 2, "fsdp": 1, "model": 4}]
 
 
 def test_long_prompts_keep_bos_and_their_last_tokens(world, tmp_path):
   tok = load_tokenizer(os.path.join(os.path.dirname(world["suite"]), "tok"))
   prompts = tmp_path / "p.txt"
   prompts.write_text("Ada met Bob.\n" + " ".join(["Carl met Dora in Rome."] * 10) + "\n")
-  settings = S.Settings(corpus=(world["corpus"],), prompts=str(prompts))
+  settings = S.Settings(suite=world["suite"], out=str(tmp_path), corpus=(world["corpus"],),
+                        prompts=str(prompts))
   texts, ids, truncated = S.make_prompts(settings, tok, DOCS, max_tokens=20)
   full = tok.encode(" ".join(["Carl met Dora in Rome."] * 10))
   assert truncated == 1 and ids[0] == tok.encode("Ada met Bob.")

@@ -81,17 +81,17 @@ def first_run(tiny_suite):
   suite_path, corpus, _, root = tiny_suite
   out = str(root / "out")
   # A one-device mesh: the sharded restore and scoring path, on the one CPU device tests see.
-  result = tt.run(suite_path, [corpus], out, context_length=CONTEXT, stride=STRIDE,
-                  start_fractions=(0.1, 0.5), mesh_spec="data:-1", progress=False)
-  return out, result
+  settings = tt.Settings(suite=suite_path, corpus=(corpus,), out=out, context_length=CONTEXT,
+                         stride=STRIDE, start_fractions=(0.1, 0.5), mesh="data:-1")
+  return out, tt.run(settings, progress=False).analysis, settings
 
 
 def test_matrices_equal_hf_per_token_losses(tiny_suite, first_run):
   suite_path, corpus_path, hf_models, _ = tiny_suite
-  out, result = first_run
+  out, result, _ = first_run
   tok = tokenizers.Tokenizer.from_file(os.path.join(os.path.dirname(suite_path), "tokenizer.json"))
   ids = [2] + tok.encode(TEXT, add_special_tokens=False).ids      # OPT: </s> first
-  matrix_files = sorted(glob.glob(os.path.join(out, "results", "token_trajectories_matrix", "*",
+  matrix_files = sorted(glob.glob(os.path.join(out, "store", "token_trajectories_matrix", "*",
                                                "*.npz")))
   assert [os.path.basename(p) for p in matrix_files] == ["tiny-m.npz", "tiny-s.npz"]
   for name in SIZES:
@@ -114,7 +114,7 @@ def test_matrices_equal_hf_per_token_losses(tiny_suite, first_run):
 
 
 def test_outputs_written(first_run):
-  out, result = first_run
+  out, result, _ = first_run
   for name in ("trend_percentages.csv", "agreement.csv", "double_descent.csv",
                "double_descent_examples.csv", "group_means.csv", "token_labels_f0.1.csv",
                "token_labels_f0.5.csv", "summary.md"):
@@ -136,55 +136,87 @@ def test_outputs_written(first_run):
   assert f"context_length {CONTEXT}, stride {STRIDE}" in summary
 
 
-def test_second_run_scores_nothing(tiny_suite, first_run):
-  suite_path, corpus, _, _ = tiny_suite
-  out, _ = first_run
-  files = sorted(glob.glob(os.path.join(out, "results", "token_trajectories", "**", "*.npz"),
-                           recursive=True))
-  assert len(files) == len(SIZES) * len(STEPS)
-  before = {p: os.stat(p).st_mtime_ns for p in files}
-  tt.run(suite_path, [corpus], out, context_length=CONTEXT, stride=STRIDE, start_fractions=(0.1,),
-         plots=False, progress=False)
-  assert {p: os.stat(p).st_mtime_ns for p in files} == before
+def _stored(out):
+  return {p: os.stat(p).st_mtime_ns for p in glob.glob(
+      os.path.join(out, "store", "token_trajectories", "**", "*.npz"), recursive=True)}
+
+
+def _last_manifest(out):
   manifests = sorted(glob.glob(os.path.join(out, "runs", "*.json")), key=os.path.getmtime)
-  assert json.load(open(manifests[-1]))["evaluated"] == 0
+  return json.load(open(manifests[-1]))
+
+
+def test_second_run_scores_nothing(first_run):
+  out, _, settings = first_run
+  before = _stored(out)
+  assert len(before) == len(SIZES) * len(STEPS)
+  # Analysis settings (start fractions, plots) are not part of the key: nothing is rescored.
+  tt.run(settings.replace(start_fractions=(0.1,), plots=False), progress=False)
+  assert _stored(out) == before
+  assert _last_manifest(out)["evaluated"] == 0
+
+
+def test_resumed_with_another_dtype_never_reuses_float32_results(first_run):
+  """Issue: a run resumed with --dtype=bfloat16 into the same --out reused the float32 results
+  (and an interrupted one mixed both in one matrix)."""
+  out, _, settings = first_run
+  before = _stored(out)
+  bf16 = settings.replace(dtype="bfloat16", models=("tiny-s",), start_fractions=(0.1,),
+                          plots=False)
+  tt.run(bf16, progress=False)
+  manifest = _last_manifest(out)
+  assert manifest["evaluated"] == len(STEPS) and manifest["run_info"]["settings"]["dtype"] == (
+      "bfloat16")
+  after = _stored(out)
+  assert {p: t for p, t in after.items() if p in before} == before   # float32 results untouched
+  new = sorted(set(after) - set(before))
+  assert len(new) == len(STEPS) and all("tiny-s" in p for p in new)
+  old = [p for p in before if os.sep + "tiny-s" + os.sep in p and p.endswith("400.npz")]
+  f32, b16 = np.load(old[0])["logprobs"], np.load(new[-1])["logprobs"]
+  assert f32.shape == b16.shape and 1e-4 < np.abs(f32 - b16).max() < 0.5
 
 
 def test_stale_result_with_other_token_count_is_a_clear_error(tiny_suite, first_run, tmp_path):
   suite_path, corpus, _, _ = tiny_suite
   out = str(tmp_path / "out")
   shutil.copytree(first_run[0], out)
-  victim = glob.glob(os.path.join(out, "results", "token_trajectories", "*", "tiny-m", "200.npz"))
+  victim = glob.glob(os.path.join(out, "store", "token_trajectories", "*", "tiny-m", "200.npz"))
   assert len(victim) == 1
   z = dict(np.load(victim[0]))
   z["logprobs"] = z["logprobs"][:-3]
   np.savez(victim[0], **z)
   with pytest.raises(ValueError, match=r"tiny-m.*200\.npz.*expected \d+.*mismatched token counts"):
-    tt.run(suite_path, [corpus], out, context_length=CONTEXT, stride=STRIDE,
-           start_fractions=(0.1,), plots=False, progress=False)
+    tt.run(first_run[2].replace(out=out, plots=False), progress=False)
 
 
 def test_bad_inputs_fail_before_scoring_with_the_cause(tiny_suite, tmp_path):
   suite_path, corpus, _, _ = tiny_suite
   out = str(tmp_path / "out")
+  base = tt.Settings(suite=suite_path, corpus=(corpus,), out=out, context_length=CONTEXT,
+                     start_fractions=(0.1,))
+  run = lambda **kw: tt.run(base.replace(**kw), progress=False)
   empty = tmp_path / "empty.txt"
   empty.write_text("  \n")
-  with pytest.raises(ValueError, match="empty corpus"):
-    tt.run(suite_path, [str(empty)], out, context_length=CONTEXT, start_fractions=(0.1,),
-           progress=False)
+  with pytest.raises(ValueError, match="empty.txt is empty"):
+    run(corpus=(str(empty),))
   short = tmp_path / "short.txt"
   short.write_text("The keeper lit its lamps.")
-  with pytest.raises(ValueError, match=r"short\.txt.*shorter than one window of context_length=32"):
-    tt.run(suite_path, [str(short)], out, context_length=CONTEXT, start_fractions=(0.1,),
-           progress=False)
+  with pytest.raises(ValueError, match=r"short\.txt has \d+ tokens, shorter than one window of "
+                                       r"context_length=32"):
+    run(corpus=(str(short),))
   with pytest.raises(ValueError, match=r"start fraction 0\.9 keeps 1 checkpoint"):
-    tt.run(suite_path, [corpus], out, start_fractions=(0.1, 0.9), progress=False)
-  with pytest.raises(ValueError, match="context_length=100 must be in"):
-    tt.run(suite_path, [corpus], out, context_length=100, start_fractions=(0.1,), progress=False)
-  assert not os.path.exists(os.path.join(out, "results"))
+    run(start_fractions=(0.1, 0.9))
+  with pytest.raises(ValueError, match=r"--context_length=100: expected 2 to 64"):
+    run(context_length=100)
+  with pytest.raises(ValueError, match=r"--stride=0: expected an integer >= 1"):
+    run(stride=0)
+  with pytest.raises(ValueError, match=r"--context_length=0: expected an integer >= 2"):
+    run(context_length=0)
+  assert not os.path.exists(os.path.join(out, "store"))
 
 
 def test_validation_ppl_csv_is_read_by_name_or_alias(tiny_suite, tmp_path):
+  from experiments import perplexity
   from opt_jax.suite import load_suite
   suite = load_suite(tiny_suite[0])
   csv = tmp_path / "validation_ppl.csv"
@@ -193,12 +225,12 @@ def test_validation_ppl_csv_is_read_by_name_or_alias(tiny_suite, tmp_path):
           for c in ("a", "b")]
   pd.DataFrame(rows).to_csv(csv, index=False)
   with pytest.raises(ValueError, match=r"several corpora \['a', 'b'\]"):
-    tt.read_validation_ppl(str(csv), suite)
-  got = tt.read_validation_ppl(str(csv), suite, corpus="b")
-  assert got["tiny-s"][300] == pytest.approx(100.0 / 3 + 1)
+    perplexity.read_validation_ppl(str(csv), suite)
+  got = perplexity.read_validation_ppl(str(csv), suite, corpus="b")
+  assert got[("tiny-s", 300)] == pytest.approx(100.0 / 3 + 1)
   pd.DataFrame(rows[:8]).to_csv(csv, index=False)
   with pytest.raises(ValueError, match="no validation perplexity for model 'tiny-m'"):
-    tt.read_validation_ppl(str(csv), suite, corpus="a")
+    perplexity.read_validation_ppl(str(csv), suite, corpus="a")
 
 
 class _CharTokenizer:
@@ -218,8 +250,6 @@ def test_corpus_rows_and_truncation_keep_documents_in_order():
   assert cut.token_ids.tolist() == [97, 98, 99, 100] and cut.document.tolist() == [0, 0, 0, 1]
   short = tt._truncate(corpus, 2)
   assert short.documents == [[2, 97, 98]] and short.names == ["a.txt"]
-  with pytest.raises(ValueError, match=r"empty corpus document\(s\): \['b.txt'\]"):
-    tt.tokenize_corpus(["a.txt", "b.txt"], ["abc", " \n"], _CharTokenizer())
 
 
 # --- the analysis on planted trajectories ------------------------------------------------------
@@ -233,29 +263,29 @@ def test_analyze_finds_planted_tokens_in_its_tables(tmp_path):
             trajectories.ModelTrajectories("big", steps, big, tokens=steps * 1e3,
                                            flops=steps * 6e10, val_ppl=np.geomspace(150, 8, 30))]
   ids = np.arange(len(kinds)) + 1000
-  result = trajectories.analyze(models, ids, np.arange(len(kinds)), out_dir=str(tmp_path),
-                                start_fractions=(0.1,), plots=False, num_examples=3,
-                                ema=0.5, min_rise=0.1,   # the planted rise and fall are small
+  result = trajectories.analyze(models, ids, np.arange(len(kinds)), start_fractions=(0.1,),
+                                num_examples=3, ema=0.5, min_rise=0.1,   # small planted moves
                                 describe_token=lambda row: f"ctx [[{row}]]")
-  labels = pd.read_csv(tmp_path / "token_labels_f0.1.csv")
+  labels = result.token_labels(models, 0.1)
   for name in ("small", "big"):
     rows = labels[labels.model == name]
     assert (rows.label[kinds == "upward"] == "upward").all()
     assert (rows.label[kinds == "downward"] == "downward").all()
     assert rows.double_descent.tolist() == (kinds == "double_descent").tolist()
     np.testing.assert_array_equal(rows.token_id, ids)
-  dd = pd.read_csv(tmp_path / "double_descent.csv").set_index("model")
+  tables = result.tables()
+  dd = tables["double_descent"].set_index("model")
   planted = int((kinds == "double_descent").sum())
   assert dd.loc["small", "n_double_descent"] == planted
   n_up = int((labels[labels.model == "small"].label == "upward").sum())
   assert dd.loc["small", "fraction_of_upward"] == pytest.approx(planted / n_up)
-  examples = pd.read_csv(tmp_path / "double_descent_examples.csv")
+  examples = tables["double_descent_examples"]
   assert len(examples) == 6 and (kinds[examples.token_index] == "double_descent").all()
   assert examples.context.iloc[0] == f"ctx [[{examples.token_index.iloc[0]}]]"
   # Group means are plain means of exp(loss) over each label's tokens.
-  means = pd.read_csv(tmp_path / "group_means.csv")
+  means = tables["group_means"]
   down = means[(means.model == "big") & (means.label == "downward")].mean_ppl.to_numpy()
   codes = result.fits[("big", 0.1)].codes
   np.testing.assert_allclose(down, np.exp(big[codes == trends.DOWNWARD].astype(np.float64)).mean(0))
-  summary = (tmp_path / "summary.md").read_text()
+  summary = trajectories.summary_markdown(result, models)
   assert "| 0.1 | small |" in summary and "ctx [[" in summary

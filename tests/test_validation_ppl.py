@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import torch
 import transformers
 
 import _suite_util as U
+from experiments import perplexity
 from experiments import validation_ppl as V
 from oracle import hf_logprobs
 from opt_jax import checkpoint, suite
@@ -33,9 +35,10 @@ def setup(tmp_path_factory):
                             json.dumps({"text": ""}), json.dumps({"text": U.CORPUS[4]})]) + "\n")
   out = root / "out"
   # One window per document (context 64 = max_position_embeddings) so HF scores each in one pass.
-  df = V.compute_validation_ppl(s, [str(book), str(web)], str(out), context_length=64,
-                                batch_size=4, progress=False)
-  return s, [str(book), str(web)], out, df
+  settings = V.Settings(suite=s.source, out=str(out), corpus=(str(book), str(web)),
+                        context_length=64, batch_size=4)
+  outcome = V.run(settings, progress=False)
+  return s, settings, out, outcome.table, outcome.summary
 
 
 def _hf_model(params, config):
@@ -49,13 +52,13 @@ def _hf_model(params, config):
 
 
 def test_perplexity_matches_hf_oracle(setup):
-  s, _, out, df = setup
+  s, _, out, df, _ = setup
   docs = {"book": [U.CORPUS[0] + "\nThe end.\n"],
           "web": [U.CORPUS[2], U.CORPUS[3], U.CORPUS[4]]}
-  assert list(df.columns) == V.COLUMNS
+  assert list(df.columns) == perplexity.COLUMNS
   assert len(df) == 8 * 3 and set(df["corpus"]) == {"book", "web", "all"}
   on_disk = pd.read_csv(out / V.CSV_NAME)
-  assert list(on_disk.columns) == V.COLUMNS and len(on_disk) == len(df)
+  assert list(on_disk.columns) == perplexity.COLUMNS and len(on_disk) == len(df)
   for name, step in (("tiny-a", 20), ("tiny-b", 40)):
     m = s.model(name)
     config = checkpoint.load_config(m.path(step))
@@ -92,64 +95,72 @@ def _last_run(out):
 
 
 def test_rerun_scores_nothing_and_new_windows_score_again(setup):
-  s, corpora, out, first = setup
-  again = V.compute_validation_ppl(s, corpora, str(out), context_length=64, batch_size=4,
-                                   progress=False, plots=False)
+  s, settings, out, first, _ = setup
+  again = V.run(settings.replace(plots=False), progress=False).table
   assert _last_run(out)["evaluated"] == 0
   pd.testing.assert_frame_equal(again, first)
   # Other windows are other numbers: a new key space, every checkpoint scored again.
-  slid = V.compute_validation_ppl(s, corpora, str(out / "slid"), context_length=16, stride=8,
-                                  batch_size=4, progress=False, plots=False)
+  slid = V.run(settings.replace(out=str(out / "slid"), context_length=16, stride=8, plots=False),
+               progress=False).table
   assert _last_run(out / "slid")["evaluated"] == 8
   # Each token is still scored exactly once; with at most 15 tokens of context the values move.
   np.testing.assert_array_equal(slid["num_tokens"], first["num_tokens"])
   assert np.abs(slid["nll"].to_numpy() - first["nll"].to_numpy()).max() > 1e-3
 
 
+def test_closing_summary_names_the_checkpoints_headline_and_files(setup):
+  _, _, out, df, summary = setup
+  text = summary.render(12.0)
+  assert text.splitlines()[0] == "== validation_ppl finished in 12.0 s"
+  assert "tiny: 8 checkpoints (8 evaluated now, 0 already in" in text
+  last = df[(df.corpus == "all") & (df.model == "tiny-b") & (df.step == 40)].iloc[0]
+  assert f"tiny-b {last.ppl:.4g} (step 40)" in text
+  assert "skipped:   1 empty document(s) of " in text and "web.jsonl" in text
+  assert f"outputs:   {out}/ validation_ppl.csv" in text
+
+
 def test_read_validation_ppl_for_other_experiments(setup):
-  _, _, out, df = setup
-  pooled = V.read_validation_ppl(out)
+  s, _, out, df, _ = setup
+  pooled = perplexity.read_validation_ppl(out, s)
   assert len(pooled) == 8
   row = df[(df.model == "tiny-b") & (df.step == 30) & (df.corpus == "all")].iloc[0]
   np.testing.assert_allclose(pooled[("tiny-b", 30)], row["ppl"], rtol=1e-7)
-  assert V.read_validation_ppl(out / V.CSV_NAME, corpus="book")[("tiny-a", 10)] == pytest.approx(
+  book = perplexity.read_validation_ppl(out / V.CSV_NAME, s, corpus="book")
+  assert book[("tiny-a", 10)] == pytest.approx(
       df[(df.model == "tiny-a") & (df.step == 10) & (df.corpus == "book")]["ppl"].iloc[0])
   with pytest.raises(ValueError, match="no corpus 'wiki'"):
-    V.read_validation_ppl(out, corpus="wiki")
+    perplexity.read_validation_ppl(out, s, corpus="wiki")
 
 
-def test_binary_runs_and_resumes(setup):
-  s, corpora, out, _ = setup
+def test_binary_runs_resumes_and_closes_with_a_summary(setup):
+  s, settings, out, _, _ = setup
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.validation_ppl", f"--suite={s.source}",
-       f"--corpus={','.join(corpora)}", f"--out={out}", "--context_length=64", "--batch_size=4"],
+       f"--corpus={','.join(settings.corpus)}", f"--out={out}", "--context_length=64",
+       "--batch_size=4"],
       cwd=REPO, capture_output=True, text=True, timeout=300,
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "wrote" in proc.stdout and "tiny-b" in proc.stdout
+  assert "== validation_ppl finished in" in proc.stdout and "tiny-b" in proc.stdout
+  assert "(0 evaluated now, 8 already in" in proc.stdout
   run = _last_run(out)
-  assert run["evaluated"] == 0 and run["run_info"]["context_length"] == 64
+  assert run["evaluated"] == 0 and run["run_info"]["settings"]["context_length"] == 64
+  assert run["run_info"]["settings"]["corpus"] == list(settings.corpus)
 
 
-def test_bad_corpora_are_named(tmp_path):
-  empty = tmp_path / "empty.txt"
-  empty.write_text("  \n")
-  with pytest.raises(ValueError, match="empty.txt: the corpus has no non-empty document"):
-    V.load_corpus(empty)
-  bad = tmp_path / "bad.jsonl"
-  bad.write_text('{"text": "fine"}\n{"title": "no text"}\n')
-  with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON string or an object"):
-    V.load_corpus(bad)
-  broken = tmp_path / "broken.jsonl"
-  broken.write_text('{"text": \n')
-  with pytest.raises(ValueError, match=r"broken.jsonl:1: not valid JSON"):
-    V.load_corpus(broken)
-  with pytest.raises(ValueError, match="unknown corpus format"):
-    V.load_corpus(tmp_path / "x.csv") if (tmp_path / "x.csv").write_text("a") else None
-  with pytest.raises(FileNotFoundError, match="corpus file not found"):
-    V.load_corpus(tmp_path / "absent.txt")
-  (tmp_path / "d").mkdir()
-  (tmp_path / "d" / "all.txt").write_text("x")
-  (tmp_path / "all.txt").write_text("y")
-  assert [c.name for c in V.load_corpora([tmp_path / "d" / "all.txt", tmp_path / "all.txt"])] == [
-      "all_2", "all_3"]
+def test_a_damaged_checkpoint_is_left_out_and_named_in_the_summary(setup, tmp_path):
+  s, settings, _, df, _ = setup
+  root = tmp_path / "copy"
+  shutil.copytree(os.path.dirname(s.source), root)
+  bad = root / "ckpt" / "tiny-a" / "step20"
+  os.remove(bad / "params" / "layers.fc2.kernel" / "0.0.0")
+  outcome = V.run(settings.replace(suite=str(root / "suite.json"), out=str(tmp_path / "out"),
+                                   models=("tiny-a",), plots=False), progress=False)
+  table = outcome.table
+  assert sorted(set(table["step"])) == [10, 30, 40]       # the others are all there
+  pd.testing.assert_frame_equal(
+      table.reset_index(drop=True),
+      df[(df.model == "tiny-a") & (df.step != 20)].reset_index(drop=True))
+  text = outcome.summary.render()
+  assert "tiny: 4 checkpoints (3 evaluated now, 0 already in" in text and "1 failed)" in text
+  assert f"tiny tiny-a step 20 failed and is left out: restoring {bad} failed" in text

@@ -8,41 +8,45 @@ second check reads no weights of unchanged files. Exits 1 when it finds a proble
 suite is clean. The checks are described in opt_jax/integrity.py.
 """
 
+from __future__ import annotations
+
+import dataclasses
 import os
-import sys
 
-from absl import app, flags
-
-from opt_jax import integrity, suite
-from opt_jax.errors import UserError
-
-_SUITE = flags.DEFINE_string("suite", None, "Suite manifest (.json/.yaml).", required=True)
-_DEEP = flags.DEFINE_bool("deep", False, "Hash every byte instead of a fixed sample per tensor.")
-_OUT = flags.DEFINE_string("out", None, "Folder for the CSV and the hash cache (default: the "
-                           "manifest's folder).")
+from opt_jax import cli
+from opt_jax.errors import InputError, UserError
 
 
-def main(argv):
-  del argv
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(cli.Settings):
+  suite: str = cli.option(help="Suite manifest (.json/.yaml).")
+  deep: bool = cli.option(False, "Hash every byte instead of a fixed sample per tensor.")
+  out: str | None = cli.option(None, "Folder for the CSV and the hash cache (default: the "
+                               "manifest's folder).")
+
+
+def run(s: Settings) -> cli.Summary:
+  from opt_jax import integrity, suite  # pylint: disable=import-outside-toplevel
   try:
     # Only sizes, steps and paths are needed here: the checks read the files themselves.
-    s = suite.load_suite(_SUITE.value, check_paths=False)
-  except (UserError, suite.SuiteError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  out = _OUT.value or os.path.dirname(os.path.abspath(_SUITE.value))
-  report = integrity.check_suite(s, deep=_DEEP.value, cache_dir=out, progress=True)
-  csv = report.write_csv(os.path.join(out, f"{s.name}_integrity.csv"))
-  for line in report.problems:
-    print(f"problem: {line}")
-  counts = {}
+    manifest = suite.load_suite(s.suite, check_paths=False)
+  except (suite.SuiteError, FileNotFoundError) as e:
+    if isinstance(e, UserError):
+      raise
+    raise InputError(str(e)) from None
+  out = s.out or os.path.dirname(os.path.abspath(s.suite))
+  report = integrity.check_suite(manifest, deep=s.deep, cache_dir=out, progress=True)
+  csv = report.write_csv(os.path.join(out, f"{manifest.name}_integrity.csv"))
+  counts: dict[str, int] = {}
   for r in report.rows:
     counts[r.status] = counts.get(r.status, 0) + 1
-  summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-  print(f"{len(report.rows)} checkpoint(s) ({summary}), {'deep' if report.deep else 'fast'} "
-        f"check; wrote {csv}")
-  sys.exit(0 if report.ok else 1)
+  return cli.Summary(
+      "check_suite", evaluated=[f"{len(report.rows)} checkpoint(s) of {manifest.name}, "
+                                f"{'deep' if report.deep else 'fast'} check"],
+      results=[", ".join(f"{n} {k}" for k, n in sorted(counts.items()))]
+      + [f"problem: {line}" for line in report.problems], files=[os.path.abspath(csv)],
+      exit_code=0 if report.ok else 1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.main(Settings, run)

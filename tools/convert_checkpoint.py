@@ -13,48 +13,54 @@ Tokenizer files beside the input (tokenizer.json, vocab.json + merges.txt, ...; 
 gpt2-vocab.json + gpt2-merges.txt + dict.txt) are stored with the output.
 """
 
-import sys
+from __future__ import annotations
 
-from absl import app, flags, logging
+import dataclasses
+import os
 
-from opt_jax import convert
-
-_INPUT = flags.DEFINE_string("input", None, "Checkpoint to convert: a directory or a weights file.",
-                             required=True)
-_OUTPUT = flags.DEFINE_string("output", None, "Output directory (must not exist unless "
-                              "--overwrite).", required=True)
-_FORMAT = flags.DEFINE_enum("format", "auto", convert.INPUT_FORMATS,
-                            "Input format: hf (config.json + safetensors/.bin), metaseq (.pt "
-                            "consolidated or *model_part-N.pt), opt_jax, or auto (detect).")
-_TO = flags.DEFINE_enum("to", "opt_jax", convert.OUTPUT_FORMATS,
-                        "Output format: opt_jax (orbax params + config.json + tokenizer) or hf "
-                        "(config.json + model.safetensors for OPTForCausalLM.from_pretrained).")
-_DTYPE = flags.DEFINE_enum("dtype", None, convert.DTYPES,
-                           "Cast parameters to this dtype (default: keep the stored dtype).")
-_CONFIG = flags.DEFINE_string("config", None, "metaseq only: HF-style config.json to use instead "
-                              "of inferring the config from tensor shapes and the stored args.")
-_MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "--to=hf only: largest safetensors shard.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --output if it is an earlier output "
-                               "of the same kind (an opt_jax checkpoint, or with --to=hf an HF "
-                               "safetensors folder) with nothing else in it; any other existing "
-                               "--output (a folder holding the input, other files) is refused "
-                               "before the input is read.")
+from opt_jax import cli, convert
+from opt_jax.errors import InputError, MissingFileError, OutputExistsError, UserError
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # orbax logs every array at INFO
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(cli.Settings):
+  input: str = cli.option(help="Checkpoint to convert: a directory or a weights file.")
+  output: str = cli.option(help="Output directory (must not exist unless --overwrite).")
+  format: str = cli.option("auto", "Input format: hf (config.json + safetensors/.bin), metaseq "
+                           "(.pt consolidated or *model_part-N.pt), opt_jax, or auto (detect).",
+                           choices=convert.INPUT_FORMATS)
+  to: str = cli.option("opt_jax", "Output format: opt_jax (orbax params + config.json + "
+                       "tokenizer) or hf (config.json + model.safetensors for "
+                       "OPTForCausalLM.from_pretrained).", choices=convert.OUTPUT_FORMATS)
+  dtype: str | None = cli.option(None, "Cast parameters to this dtype (default: keep the stored "
+                                 "dtype).", choices=convert.DTYPES)
+  config: str | None = cli.option(None, "metaseq only: HF-style config.json to use instead of "
+                                  "inferring the config from tensor shapes and the stored args.")
+  max_shard_gb: float = cli.option(5.0, "--to=hf only: largest safetensors shard.", gt=0)
+  overwrite: bool = cli.option(False, "Replace --output if it is an earlier output of the same "
+                               "kind (an opt_jax checkpoint, or with --to=hf an HF safetensors "
+                               "folder) with nothing else in it; any other existing --output (a "
+                               "folder holding the input, other files) is refused before the "
+                               "input is read.")
+
+
+def run(s: Settings) -> cli.Summary:
   try:
-    out = convert.convert(_INPUT.value, _OUTPUT.value, input_format=_FORMAT.value,
-                          output_format=_TO.value, dtype=_DTYPE.value, config_path=_CONFIG.value,
-                          overwrite=_OVERWRITE.value, progress=True,
-                          max_shard_bytes=int(_MAX_SHARD_GB.value * 1e9))
-  except (convert.ConversionError, FileExistsError, FileNotFoundError) as e:
-    # Bad input: the message names the file and tensor; a traceback would only bury it.
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  print(f"wrote {out}")
+    out = convert.convert(s.input, s.output, input_format=s.format, output_format=s.to,
+                          dtype=s.dtype, config_path=s.config, overwrite=s.overwrite,
+                          progress=True, max_shard_bytes=int(s.max_shard_gb * 1e9))
+  except UserError:
+    raise
+  except convert.ConversionError as e:   # names the file and tensor at fault
+    raise InputError(str(e)) from None
+  except FileExistsError as e:
+    raise OutputExistsError(str(e)) from None
+  except FileNotFoundError as e:   # the message names the missing input
+    raise MissingFileError(str(e)) from None
+  cast = f", cast to {s.dtype}" if s.dtype else ""
+  return cli.Summary("convert_checkpoint", evaluated=[f"{s.input} ({s.format}) -> {s.to}{cast}"],
+                     files=[os.path.abspath(out)])
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.main(Settings, run)

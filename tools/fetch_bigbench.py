@@ -14,6 +14,7 @@ dependencies do not install on current Python); nothing is imported from it.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import importlib.metadata
 import json
@@ -23,14 +24,16 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import zipfile
 from collections.abc import Sequence
 
-from absl import app, flags
 from tqdm import tqdm
 
+from opt_jax import cli, files
+from opt_jax.errors import InputError, OutputExistsError, UserError
+
 TASKS_DIR = "benchmark_tasks"
+TASK_FILE = "task.json"
 RECORD = "FETCHED.json"
 _MARKER = "bigbench/benchmark_tasks/"
 OLD_PIP = "24.2"  # the newest pip line known to save the bigbench sdist; see _pip_download_command
@@ -38,9 +41,8 @@ OLD_PIP = "24.2"  # the newest pip line known to save the bigbench sdist; see _p
 
 def default_cache_dir() -> str:
   """$XDG_CACHE_HOME/opt_jax/bigbench (~/.cache/opt_jax/bigbench); tasks land in its
-  benchmark_tasks/ folder."""
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "opt_jax", "bigbench")
+  benchmark_tasks/ folder (where experiments/downstream_icl.py looks by default)."""
+  return files.user_cache_dir("bigbench")
 
 
 def _task_relpath(member_name: str) -> str | None:
@@ -79,40 +81,34 @@ def extract_tasks(sdist: str, out_dir: str, *, version: str | None = None,
   """Extract every benchmark_tasks/**/task.json of `sdist` into OUT_DIR/benchmark_tasks.
 
   Atomic: written under a temporary sibling and renamed; an existing complete folder is replaced.
-  Returns the number of files extracted. Raises ValueError when the archive holds none.
+  Returns the number of files extracted. Raises InputError when the archive holds none.
   """
-  os.makedirs(out_dir, exist_ok=True)
   final = os.path.join(out_dir, TASKS_DIR)
-  tmp = tempfile.mkdtemp(prefix=f".{TASKS_DIR}.tmp-", dir=out_dir)
-  try:
-    n = 0
+  n = 0
+  with files.atomic_directory(final, may_replace=_own_tasks) as tmp:
     bar = tqdm(desc="extracting task.json", unit=" files", disable=not progress)
     for rel, f in _archive_entries(sdist):
       dest = os.path.join(tmp, *rel.split("/"))
       os.makedirs(os.path.dirname(dest), exist_ok=True)
-      with open(dest, "wb") as out:
+      with open(dest, "wb") as out:   # inside the temporary folder: published by its rename
         shutil.copyfileobj(f, out)
       n += 1
       bar.update(1)
     bar.close()
     if n == 0:
-      raise ValueError(f"{sdist}: no bigbench/benchmark_tasks/**/task.json inside; is this the "
+      raise InputError(f"{sdist}: no bigbench/benchmark_tasks/**/task.json inside; is this the "
                        f"bigbench source distribution?")
-    with open(os.path.join(tmp, RECORD), "w") as f:
-      json.dump({"source": os.path.basename(sdist), "version": version, "task_files": n}, f,
-                indent=1)
-    if os.path.exists(final):
-      old = final + ".old"
-      shutil.rmtree(old, ignore_errors=True)
-      os.rename(final, old)
-      os.rename(tmp, final)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, final)
-    return n
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    files.write_json(os.path.join(tmp, RECORD),
+                     {"source": os.path.basename(sdist), "version": version, "task_files": n},
+                     indent=1)
+  return n
+
+
+def _own_tasks(final: str) -> None:
+  """An existing tasks folder is replaced only when this tool wrote it (it has FETCHED.json)."""
+  if not os.path.isfile(os.path.join(final, RECORD)):
+    raise OutputExistsError(f"{final} exists but holds no {RECORD} (not written by "
+                            f"tools.fetch_bigbench); move it away or choose another --out")
 
 
 def _find_sdist(download_dir: str, version: str) -> str | None:
@@ -170,22 +166,26 @@ def fetch(out_dir: str | None = None, version: str = "1.0.0", *,
     res = subprocess.run(cmd)
     sdist = _find_sdist(downloads, version)
     if sdist is None:
-      raise RuntimeError(f"`{' '.join(cmd)}` (exit status {res.returncode}) left no "
-                         f"bigbench-{version}.tar.gz in {downloads}")
+      raise UserError(f"`{' '.join(cmd)}` (exit status {res.returncode}) left no "
+                      f"bigbench-{version}.tar.gz in {downloads}")
   n = extract_tasks(sdist, out_dir, version=version, progress=progress)
   print(f"extracted {n} task.json files of bigbench {version} into {final}")
   return final
 
 
-_OUT = flags.DEFINE_string("out", None, "cache folder (default: $XDG_CACHE_HOME/opt_jax/bigbench);"
-                           " the tasks land in OUT/benchmark_tasks")
-_VERSION = flags.DEFINE_string("version", "1.0.0", "bigbench version on the package index")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(cli.Settings):
+  out: str | None = cli.option(None, "Cache folder (default: $XDG_CACHE_HOME/opt_jax/bigbench); "
+                               "the tasks land in OUT/benchmark_tasks.")
+  version: str = cli.option("1.0.0", "bigbench version on the package index.")
 
 
-def main(argv):
-  del argv
-  fetch(_OUT.value, _VERSION.value)
+def run(s: Settings) -> cli.Summary:
+  final = fetch(s.out, s.version)
+  count = sum(TASK_FILE in names for _, _, names in os.walk(final))
+  return cli.Summary("fetch_bigbench", evaluated=[f"bigbench {s.version}: {count} task.json files"],
+                     out_dir=final, files=[RECORD, "<task>/task.json"])
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.main(Settings, run)

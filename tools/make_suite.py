@@ -13,69 +13,76 @@ never guessed. --hf_cache defaults to HF's own ($HF_HUB_CACHE, $HF_HOME/hub,
 ~/.cache/huggingface/hub).
 """
 
+from __future__ import annotations
+
+import dataclasses
 import os
-import sys
 
-from absl import app, flags
-
-from opt_jax import files, hf_cache, suite_templates
-from opt_jax.errors import UserError
-
-_CACHE = flags.DEFINE_string("hf_cache", None, "HF hub cache folder (default: HF's default).")
-_REPOS = flags.DEFINE_list("repos", [], "HF model repos (ORG/NAME) to take checkpoints from.")
-_TEMPLATE = flags.DEFINE_enum("template", None, suite_templates.TEMPLATE_FAMILIES,
-                              "A family whose published revisions are listed: its repos (or "
-                              "those of --repos) go into the manifest, and the revisions missing "
-                              "from the cache into --download_script.")
-_OUT = flags.DEFINE_string("out", None, "Manifest to write (.json).", required=True)
-_NAME = flags.DEFINE_string("name", None, "Suite name (default: the --out file name).")
-_TOKENS = flags.DEFINE_integer("tokens_per_step", None, "Training tokens per step for repos "
-                               "without a template.")
-_PARAMS = flags.DEFINE_integer("params", None, "Parameter count for repos without safetensors "
-                               "weights or a template.")
-_STAGE2 = flags.DEFINE_enum("olmo2_stage2", "separate", hf_cache.STAGE2_MODES,
-                            "OLMo 2 stage-2 (mid-training) revisions: each ingredient a separate "
-                            "model, or dropped.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out / --download_script even if "
-                                "they were not written by make_suite.")
-_SCRIPT = flags.DEFINE_string("download_script", None, "With --template: where to write the "
-                              "download commands (default: <out without .json>.download.sh).")
+from opt_jax import cli, files, suite_templates
+from opt_jax import hf_cache as hub   # the name hf_cache is a setting
 
 
-def main(argv):
-  del argv
-  try:
-    templates = suite_templates.family_templates(_TEMPLATE.value) if _TEMPLATE.value else []
-    repos = _REPOS.value or [t.repo for t in templates]
-    name = _NAME.value or os.path.splitext(os.path.basename(_OUT.value))[0]
-    script = _SCRIPT.value or os.path.splitext(_OUT.value)[0] + ".download.sh"
-    hf_cache.check_replaceable(_OUT.value, _OVERWRITE.value)
-    if templates:
-      hf_cache.check_replaceable(script, _OVERWRITE.value)
-    build = hf_cache.build_suite(repos, cache_dir=_CACHE.value, name=name,
-                                 tokens_per_step=_TOKENS.value, params=_PARAMS.value,
-                                 olmo2_stage2=_STAGE2.value, missing_ok=bool(templates))
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(cli.Settings):
+  hf_cache: str | None = cli.option(None, "HF hub cache folder (default: HF's default).")
+  repos: tuple[str, ...] = cli.option((), "HF model repos (ORG/NAME) to take checkpoints from.")
+  template: str | None = cli.option(
+      None, "A family whose published revisions are listed: its repos (or those of --repos) go "
+            "into the manifest, and the revisions missing from the cache into --download_script.",
+      choices=suite_templates.TEMPLATE_FAMILIES)
+  out: str = cli.option(help="Manifest to write (.json).")
+  name: str | None = cli.option(None, "Suite name (default: the --out file name).")
+  tokens_per_step: int | None = cli.option(None, "Training tokens per step for repos without a "
+                                           "template.", ge=1)
+  params: int | None = cli.option(None, "Parameter count for repos without safetensors weights "
+                                  "or a template.", ge=1)
+  olmo2_stage2: str = cli.option("separate", "OLMo 2 stage-2 (mid-training) revisions: each "
+                                 "ingredient a separate model, or dropped.",
+                                 choices=hub.STAGE2_MODES)
+  overwrite: bool = cli.option(False, "Replace --out / --download_script even if they were not "
+                               "written by make_suite.")
+  download_script: str | None = cli.option(
+      None, "With --template: where to write the download commands (default: <out without "
+            ".json>.download.sh).")
+
+
+def run(s: Settings) -> cli.Summary:
+  templates = suite_templates.family_templates(s.template) if s.template else []
+  repos = list(s.repos) or [t.repo for t in templates]
+  name = s.name or os.path.splitext(os.path.basename(s.out))[0]
+  script = s.download_script or os.path.splitext(s.out)[0] + ".download.sh"
+  hub.check_replaceable(s.out, s.overwrite)
+  if templates:
+    hub.check_replaceable(script, s.overwrite)
+  build = hub.build_suite(repos, cache_dir=s.hf_cache, name=name,
+                               tokens_per_step=s.tokens_per_step, params=s.params,
+                               olmo2_stage2=s.olmo2_stage2, missing_ok=bool(templates))
   for title, lines in (("note", build.notes), ("unknown", build.unknown),
                        ("problem", build.problems)):
     for line in lines:
-      print(f"{title}: {line}")
+      cli.say(f"{title}: {line}")
+  written, results = [], []
   if build.manifest:
-    files.write_json(_OUT.value, build.manifest)
+    files.write_json(s.out, build.manifest)
     n = sum(len(m["checkpoints"]) for m in build.manifest["models"])
-    print(f"wrote {_OUT.value}: {len(build.manifest['models'])} model(s), {n} checkpoint(s)")
+    results.append(f"{len(build.manifest['models'])} model(s), {n} checkpoint(s)")
+    written.append(os.path.abspath(s.out))
   else:
-    print("no checkpoints in the cache: no manifest written")
+    results.append("no checkpoints in the cache: no manifest written")
   if templates:
     by_repo = {t.repo: t for t in templates}
     missing = {r: [v for v in by_repo[r].revisions if v not in build.present(r)]
                for r in repos if r in by_repo}
-    files.write_text(script, hf_cache.download_commands(
-        {r: v for r, v in missing.items() if v}, _CACHE.value))
-    print(f"wrote {script}: {sum(len(v) for v in missing.values())} revision(s) to download")
+    files.write_text(script, hub.download_commands(
+        {r: v for r, v in missing.items() if v}, s.hf_cache))
+    results.append(f"{sum(len(v) for v in missing.values())} revision(s) to download: {script}")
+    written.append(os.path.abspath(script))
+  return cli.Summary("make_suite", evaluated=[f"{len(repos)} repo(s) in the HF cache"],
+                     results=results,
+                     skipped=[f"{len(build.unknown)} revision name(s) without a step, "
+                              f"{len(build.problems)} problem(s) (listed above)"]
+                     if build.unknown or build.problems else [], files=written)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.main(Settings, run)

@@ -19,26 +19,29 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 
-from absl import app, flags
+from opt_jax import cli
+from opt_jax.errors import InputError
 
 GIB = 1024 ** 3
 
-_MODEL = flags.DEFINE_string("model", "125m", "A preset (125m, 350m, 1.3b, 2.7b, 6.7b, 13b, 30b, 66b, "
-                             "175b) or the path of an HF-style config.json.")
-_MESH = flags.DEFINE_string("mesh", "data:-1", "Mesh spec, e.g. data:2,fsdp:1,model:4.")
-_NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Devices to simulate; needed only when "
-                                    "--mesh has a -1 axis (default: the product of its sizes).")
-_BATCH = flags.DEFINE_integer("batch", 8, "Rows per step (global, all devices).")
-_LENGTH = flags.DEFINE_integer("length", 2048, "Tokens per row.")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"],
-                           "Parameter and compute dtype.")
-_ATTENTION = flags.DEFINE_enum("attention", "xla", ["xla", "blocked"],
-                               "Attention implementation to plan for (cudnn does not compile on "
-                               "CPU; xla materialises [B, N, T, T] scores and is the upper bound).")
-_VOCAB_CHUNK = flags.DEFINE_integer("vocab_chunk", 8192, "Vocabulary rows per log-softmax chunk.")
-_DEVICE_MEMORY_GIB = flags.DEFINE_float("device_memory_gib", 80.0, "Memory of one device (GiB).")
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(cli.Settings):
+  model: str = cli.option("125m", "A preset (125m, 350m, 1.3b, 2.7b, 6.7b, 13b, 30b, 66b, 175b) "
+                          "or the path of an HF-style config.json.")
+  mesh: str = cli.option("data:-1", "Mesh spec, e.g. data:2,fsdp:1,model:4.")
+  num_devices: int | None = cli.option(None, "Devices to simulate; needed only when --mesh has a "
+                                       "-1 axis (default: the product of its sizes).", ge=1)
+  batch: int = cli.option(8, "Rows per step (global, all devices).", ge=1)
+  length: int = cli.option(2048, "Tokens per row.", ge=1)
+  dtype: str = cli.option("bfloat16", "Parameter and compute dtype.",
+                          choices=("bfloat16", "float16", "float32"))
+  attention: str = cli.option("xla", "Attention implementation to plan for (cudnn does not "
+                              "compile on CPU; xla materialises [B, N, T, T] scores and is the "
+                              "upper bound).", choices=("xla", "blocked"))
+  vocab_chunk: int = cli.option(8192, "Vocabulary rows per log-softmax chunk.", ge=1)
+  device_memory_gib: float = cli.option(80.0, "Memory of one device (GiB).", gt=0)
 
 
 # The planning itself (also called by tests and benchmarks; JAX must already see enough devices).
@@ -103,12 +106,17 @@ def plan(config, mesh_spec: str, *, batch: int, length: int, dtype: str = "bfloa
 
   devices = jax.devices()[:num_devices] if num_devices else jax.devices()
   if num_devices and len(devices) < num_devices:
-    raise ValueError(f"{num_devices} devices requested but JAX sees {len(devices)}")
-  if length > config.max_position_embeddings:
-    raise ValueError(f"length={length} exceeds max_position_embeddings="
+    raise InputError(f"{num_devices} devices requested but JAX sees {len(devices)}")
+  if not 1 <= length <= config.max_position_embeddings:
+    raise InputError(f"--length={length}: expected 1 to max_position_embeddings="
                      f"{config.max_position_embeddings}")
-  mesh = sharding.make_mesh(mesh_spec, devices=devices)
-  sharding.check_divisible(config, mesh, batch_size=batch)
+  if batch < 1:
+    raise InputError(f"--batch={batch}: expected an integer >= 1")
+  try:
+    mesh = sharding.make_mesh(mesh_spec, devices=devices)
+    sharding.check_divisible(config, mesh, batch_size=batch)
+  except ValueError as e:   # a spec that does not parse, or does not divide the model
+    raise InputError(f"--mesh={mesh_spec}: {e}") from None
   dt = jnp.dtype(dtype)
   shardings = sharding.param_shardings(config, mesh)
   params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dt, sharding=sh),
@@ -148,43 +156,42 @@ _MAX_SIMULATED_DEVICES = 2048
 def _num_devices(spec: str, num_devices: int | None) -> int:
   """Devices to simulate for `spec`; a spec that cannot be satisfied fails here, before any
   device is created."""
-  from opt_jax import errors, sharding
-  try:
-    n = num_devices or sharding.devices_needed(spec)
-    if n is None:
-      raise app.UsageError(f"--mesh={spec!r} has a -1 axis: give --num_devices as well")
-    sharding.parse_mesh_spec(spec, n)
-  except errors.InputError as e:
-    raise app.UsageError(str(e)) from None
+  from opt_jax import sharding  # pylint: disable=import-outside-toplevel
+  n = num_devices or sharding.devices_needed(spec)
+  if n is None:
+    raise InputError(f"--mesh={spec!r} has a -1 axis: give --num_devices as well")
+  sharding.parse_mesh_spec(spec, n)   # InputError naming what is wrong with the spec
   if n > _MAX_SIMULATED_DEVICES:
-    raise app.UsageError(
+    raise InputError(
         f"--mesh={spec!r} needs {n} simulated devices; the planner simulates at most "
         f"{_MAX_SIMULATED_DEVICES} (creating more takes many minutes). Per-device memory is the "
         f"same with a smaller data axis and the batch divided by the same factor")
   return n
 
 
-def main(argv):
-  del argv
-  n = _num_devices(_MESH.value, _NUM_DEVICES.value)
-  # Must happen before JAX creates its CPU backend: one simulated device per mesh device.
+def _simulate_devices(s: Settings) -> None:
+  """One simulated CPU device per mesh device; must happen before JAX creates its backend."""
+  n = _num_devices(s.mesh, s.num_devices)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  import jax
+  import jax  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", n)
 
+
+def run(s: Settings) -> None:
+  """Prints the plan (its last line: per_device_total_gib=<float> fits=<true|false>)."""
+  import jax  # pylint: disable=import-outside-toplevel
   try:
-    config = load_model_config(_MODEL.value)
-    result = plan(config, _MESH.value, batch=_BATCH.value, length=_LENGTH.value,
-                        dtype=_DTYPE.value, attention=_ATTENTION.value,
-                        vocab_chunk=_VOCAB_CHUNK.value, device_memory_gib=_DEVICE_MEMORY_GIB.value,
-                        num_devices=n)
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    config = load_model_config(s.model)
+  except KeyError as e:   # an unknown preset: the message lists the known ones
+    raise InputError(f"--model={s.model}: {e.args[0]}") from None
+  result = plan(config, s.mesh, batch=s.batch, length=s.length, dtype=s.dtype,
+                attention=s.attention, vocab_chunk=s.vocab_chunk,
+                device_memory_gib=s.device_memory_gib, num_devices=_num_devices(s.mesh,
+                                                                             s.num_devices))
   if jax.process_index() == 0:
-    print(result.report(_MODEL.value))
+    print(result.report(s.model))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.main(Settings, run, before=_simulate_devices)

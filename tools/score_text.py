@@ -3,47 +3,51 @@ r"""Per-token log-probabilities of text under an opt_jax checkpoint, in sliding 
   python -m tools.score_text --checkpoint=/ckpts/opt-125m-jax --input=wiki.txt \
       --output=/tmp/wiki_scores.jsonl --context_length=2048 --stride=1024
 
---input: a .txt file (one document) or a .jsonl file with a "text" field per line. The output
-JSONL has, per document, the token ids, token strings and natural-log log-probs of every token
-after the leading </s> (see opt_jax.scoring.score_text_file); totals are printed at the end.
+--input: a .jsonl file (JSON lines with a "text" field: one document per line) or any other file
+(one plain-text document), UTF-8. The output JSONL has, per document, the token ids, token
+strings and natural-log log-probs of every token after the leading </s> (see
+opt_jax.scoring.score_text_file); the totals are in the closing summary. The output location,
+the input and the windows are checked before the checkpoint is restored.
 """
 
-import sys
+from __future__ import annotations
 
-from absl import app, flags
+import dataclasses
+import os
 
-from opt_jax import scoring
-
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "opt_jax checkpoint directory (with "
-                                  "tokenizer files).", required=True)
-_INPUT = flags.DEFINE_string("input", None, ".txt or .jsonl (\"text\" field) file.", required=True)
-_OUTPUT = flags.DEFINE_string("output", None, "Output .jsonl (written atomically).", required=True)
-_CONTEXT = flags.DEFINE_integer("context_length", None, "Tokens per window (default: the model's "
-                                "max_position_embeddings).")
-_STRIDE = flags.DEFINE_integer("stride", None, "New tokens scored per window after the first "
-                               "(default: context_length, i.e. disjoint windows).")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
-                           "Compute and parameter dtype (log-probs are fp32 regardless).")
-_ATTENTION = flags.DEFINE_enum("attention", "auto", ["auto", "xla", "blocked", "cudnn"],
-                               "Attention implementation (auto: blocked on CPU, cudnn on GPU).")
+from opt_jax import cli, inputs
 
 
-def main(argv):
-  del argv
-  try:
-    s = scoring.score_text_file(_CHECKPOINT.value, _INPUT.value, _OUTPUT.value,
-                                context_length=_CONTEXT.value, stride=_STRIDE.value,
-                                batch_size=_BATCH.value, dtype=_DTYPE.value,
-                                attention=_ATTENTION.value)
-  except (FileNotFoundError, ValueError) as e:
-    # Bad input: the message names the file (and line); a traceback would only bury it.
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  print(f"documents {s['documents']}  tokens {s['num_tokens']}  total NLL {s['nll']:.4f} nats  "
-        f"perplexity {s['perplexity']:.4f}")
-  print(f"wrote {_OUTPUT.value}")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(cli.Settings):
+  checkpoint: str = cli.option(help="opt_jax checkpoint directory (with tokenizer files).")
+  input: str = cli.option(help=".jsonl (JSON lines with a \"text\" field) or any other text file "
+                          "(one document).")
+  output: str = cli.option(help="Output .jsonl (written atomically).")
+  context_length: int | None = cli.option(None, "Tokens per window (default: the model's "
+                                          "max_position_embeddings).", ge=2)
+  stride: int | None = cli.option(None, "New tokens scored per window after the first (default: "
+                                  "context_length, i.e. disjoint windows).", ge=1)
+  batch_size: int = cli.option(8, "Windows per forward pass.", ge=1)
+  dtype: str = cli.option("float32", "Compute and parameter dtype (log-probs are fp32 "
+                          "regardless).", choices=inputs.DTYPES)
+  attention: str = cli.option("auto", "Attention implementation (auto: blocked on CPU, cudnn on "
+                              "GPU).", choices=("auto", "xla", "blocked", "cudnn"))
+
+
+def run(s: Settings) -> cli.Summary:
+  from opt_jax import scoring  # pylint: disable=import-outside-toplevel
+  r = scoring.score_text_file(s.checkpoint, s.input, s.output, context_length=s.context_length,
+                              stride=s.stride, batch_size=s.batch_size, dtype=s.dtype,
+                              attention=s.attention)
+  return cli.Summary(
+      "score_text", evaluated=[f"{r['documents']} document(s) of {s.input}, {r['num_tokens']:,} "
+                               f"tokens, with {s.checkpoint}"],
+      results=[f"total NLL {r['nll']:.4f} nats, {r['nll'] / max(r['num_tokens'], 1):.4f} nats per "
+               f"token, perplexity {r['perplexity']:.4f}"],
+      skipped=[f"{r['skipped']} empty document(s)"] if r["skipped"] else [],
+      out_dir=None, files=[os.path.abspath(s.output)])
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.main(Settings, run)

@@ -50,7 +50,7 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from opt_jax.files import write_csv
+from opt_jax.errors import InputError
 
 RESULT_COLUMNS = ("model", "step", "params", "tokens", "flops", "validation_ppl", "task", "n",
                   "accuracy", "accuracy_norm", "correct_option_ppl", "incorrect_option_ppl",
@@ -116,7 +116,7 @@ def check_results(df: pd.DataFrame, source: str = "results") -> pd.DataFrame:
   """
   missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
   if missing:
-    raise ValueError(f"{source}: missing column(s) {missing}; required: {list(REQUIRED_COLUMNS)}")
+    raise InputError(f"{source}: missing column(s) {missing}; required: {list(REQUIRED_COLUMNS)}")
   df = df.copy()
   for c in RESULT_COLUMNS:
     if c not in df.columns:
@@ -128,14 +128,14 @@ def check_results(df: pd.DataFrame, source: str = "results") -> pd.DataFrame:
     try:
       df[c] = pd.to_numeric(df[c])
     except (ValueError, TypeError) as e:
-      raise ValueError(f"{source}: column {c!r} must be numeric ({e})") from e
+      raise InputError(f"{source}: column {c!r} must be numeric ({e})") from e
   df["step"] = df["step"].astype(np.int64)
   # Extra key columns (k_shot) tell apart rows of several settings in one table.
   key = ["model", "step", "task"] + [c for c in ("k_shot",) if c in df.columns]
   dup = df.duplicated(key, keep=False)
   if dup.any():
     first = df[dup].iloc[0]
-    raise ValueError(f"{source}: {int(dup.sum())} rows repeat a ({', '.join(key)}), e.g. "
+    raise InputError(f"{source}: {int(dup.sum())} rows repeat a ({', '.join(key)}), e.g. "
                      f"({', '.join(str(first[k]) for k in key)})")
   extra = [c for c in df.columns if c not in RESULT_COLUMNS]
   return df[list(RESULT_COLUMNS) + extra].sort_values(key[-1:] + key[:-1] if len(key) > 3
@@ -158,7 +158,7 @@ def mean_accuracy(results: pd.DataFrame, tasks: Sequence[str] | None = None) -> 
   incorrect_option_ppl (geometric means over tasks)."""
   tasks = common_tasks(results) if tasks is None else list(tasks)
   if not tasks:
-    raise ValueError("no task has an accuracy at every checkpoint; nothing to average")
+    raise InputError("no task has an accuracy at every checkpoint; nothing to average")
   df = results[results["task"].isin(tasks)].copy()
   df["accuracy_above_random"] = df["accuracy"] - df["random_baseline"]
   for c in ("correct_option_ppl", "incorrect_option_ppl"):
@@ -387,7 +387,7 @@ def import_lm_eval(results_dir: str, models: Sequence[Any], tasks: Sequence[str]
   files = sorted(os.path.join(d, f) for d, _, fs in os.walk(results_dir) for f in fs
                  if f.endswith(".json"))
   if not files:
-    raise ValueError(f"{results_dir}: no .json result files")
+    raise InputError(f"{results_dir}: no .json result files")
   rows, problems, seen = [], [], {}
   for path in files:
     rel = os.path.relpath(path, results_dir)
@@ -411,7 +411,7 @@ def import_lm_eval(results_dir: str, models: Sequence[Any], tasks: Sequence[str]
                       f"file name has no stepN")
       continue
     if (model.name, step) in seen:
-      raise ValueError(f"{results_dir}: {seen[(model.name, step)]} and {rel} are both "
+      raise InputError(f"{results_dir}: {seen[(model.name, step)]} and {rel} are both "
                        f"{model.name} step {step}")
     seen[(model.name, step)] = rel
     results = data["results"]
@@ -445,7 +445,7 @@ def import_lm_eval(results_dir: str, models: Sequence[Any], tasks: Sequence[str]
                    "correct_option_ppl": np.nan, "incorrect_option_ppl": np.nan,
                    "random_baseline": np.nan})
   if not rows:
-    raise ValueError(f"{results_dir}: no usable results; problems:\n  " + "\n  ".join(problems))
+    raise InputError(f"{results_dir}: no usable results; problems:\n  " + "\n  ".join(problems))
   return check_results(pd.DataFrame(rows), results_dir), problems
 
 
@@ -456,7 +456,7 @@ ACCURACY_YS = ("accuracy", "accuracy_above_random", "accuracy_norm")
 
 @dataclasses.dataclass
 class Analysis:
-  """Everything the report and plots need; each table is also written as CSV by `write_tables`.
+  """Everything the report and plots need; `tables` gives the CSVs.
 
   means: mean_accuracy(); correlations: y = accuracy rows (the correlations.csv of the issue);
   correlations_by_metric: every y of ACCURACY_YS and the option perplexities; residuals:
@@ -471,6 +471,12 @@ class Analysis:
   scaling: pd.DataFrame
   top_linearity: list[str]
   top_breakthroughness: list[str]
+
+  def tables(self) -> dict[str, pd.DataFrame]:
+    """{file stem: table} of the CSVs written beside icl_results.csv."""
+    return {"mean_accuracy": self.means, "correlations": self.correlations,
+            "correlations_by_metric": self.correlations_by_metric,
+            "residuals_by_model": self.residuals, "task_scaling": self.scaling}
 
 
 def analyze(results: pd.DataFrame, *, n_bins: int | None = 10, top_k: int = 5) -> Analysis:
@@ -489,12 +495,22 @@ def analyze(results: pd.DataFrame, *, n_bins: int | None = 10, top_k: int = 5) -
       top_tasks(scaling, "linearity", top_k), top_tasks(scaling, "breakthroughness", top_k))
 
 
-def write_tables(a: Analysis, out_dir: str) -> list[str]:
-  return [write_csv(a.means, os.path.join(out_dir, "mean_accuracy.csv")),
-          write_csv(a.correlations, os.path.join(out_dir, "correlations.csv")),
-          write_csv(a.correlations_by_metric, os.path.join(out_dir, "correlations_by_metric.csv")),
-          write_csv(a.residuals, os.path.join(out_dir, "residuals_by_model.csv")),
-          write_csv(a.scaling, os.path.join(out_dir, "task_scaling.csv"))]
+def headline(a: Analysis, k_shot: int | None) -> list[str]:
+  """One line: Spearman rho and R^2 of mean accuracy with each predictor (or why there is none)."""
+  c = a.correlations.set_index("x")
+  shots = f"{k_shot}-shot " if k_shot is not None else ""
+  n_ckpt = a.means.shape[0]
+  if not np.isfinite(c.loc["validation_ppl", "r2"]):
+    head = (f"mean {shots}accuracy over {len(a.tasks)} tasks and {n_ckpt} checkpoints: "
+            f"{_fmt(a.means['accuracy'].min())} to {_fmt(a.means['accuracy'].max())}; "
+            f"no validation perplexity, so no perplexity correlation")
+  else:
+    v = c.loc["validation_ppl"]
+    head = (f"mean {shots}accuracy vs log validation perplexity: Spearman rho "
+            f"{_fmt(v['spearman'])}, R^2 {_fmt(v['r2'])} (n = {int(v['n'])})")
+  others = "; ".join(f"log {name}: rho {_fmt(c.loc[x, 'spearman'])}, R^2 {_fmt(c.loc[x, 'r2'])}"
+                     for x, name in (("flops", "FLOPs"), ("params", "parameters")) if x in c.index)
+  return [head, f"against {others}"] if others else [head]
 
 
 def _fmt(v: float, spec: str = ".3f") -> str:
@@ -552,7 +568,10 @@ def verdict(a: Analysis) -> list[str]:
 
 
 def summary_markdown(a: Analysis, *, title: str = "Downstream in-context learning",
-                     notes: Sequence[str] = (), failures: Mapping[str, str] | None = None) -> str:
+                     notes: Sequence[str] = (), failures: Mapping[str, str] | None = None,
+                     dropped: Mapping[str, str] | None = None) -> str:
+  """summary.md: notes, the verdict on the paper's claim, correlation and residual tables,
+  linearity and breakthroughness, failed tasks and tasks not selected (each with its reason)."""
   lines = [f"# {title}", ""]
   lines += [f"- {n}" for n in notes]
   lines += [f"- {len(a.tasks)} tasks at every checkpoint; {a.means.shape[0]} checkpoints of "
@@ -593,4 +612,7 @@ def summary_markdown(a: Analysis, *, title: str = "Downstream in-context learnin
   if failures:
     lines += ["## Tasks that failed", ""] + [f"- {k}: {v}" for k, v in sorted(failures.items())]
     lines.append("")
+  if dropped:
+    lines += ["## BIG-bench tasks not selected by the paper's rule", ""]
+    lines += [f"- {k}: {v}" for k, v in sorted(dropped.items())] + [""]
   return "\n".join(lines)

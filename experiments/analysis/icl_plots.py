@@ -40,14 +40,23 @@ def _lines(ax, df: pd.DataFrame, x: str, y: str, models: Sequence[str]):
   ax.set_xscale("log")
 
 
-def plot_mean_accuracy(a: icl.Analysis, path_stem: str) -> list[str]:
-  """Mean accuracy (raw, above random) against validation perplexity, FLOPs and parameters."""
+def has_data(values) -> bool:
+  """Whether a column has a value a log axis can show (finite and positive)."""
+  v = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(float)
+  return bool((np.isfinite(v) & (v > 0)).any())
+
+
+def plot_mean_accuracy(a: icl.Analysis, path_stem: str,
+                       xs: Sequence[str] = icl.X_COLUMNS) -> list[str]:
+  """Mean accuracy (raw, above random) against each of `xs` (validation perplexity, FLOPs,
+  parameters)."""
   ys = [y for y in ("accuracy", "accuracy_above_random") if a.means[y].notna().any()]
-  fig, axes = plt.subplots(len(ys), 3, figsize=(13, 3.4 * len(ys)), squeeze=False)
+  fig, axes = plt.subplots(len(ys), len(xs), figsize=(4.3 * len(xs), 3.4 * len(ys)),
+                           squeeze=False)
   models = figures.model_order(a.means)
   corr = a.correlations_by_metric.set_index(["y", "x"])
   for r, y in enumerate(ys):
-    for c, x in enumerate(icl.X_COLUMNS):
+    for c, x in enumerate(xs):
       ax = axes[r, c]
       _lines(ax, a.means, x, y, models)
       if y == "accuracy" and a.means["accuracy_above_random"].notna().any():
@@ -128,16 +137,21 @@ def plot_tasks(a: icl.Analysis, tasks: Sequence[str], path_stem: str, title: str
   return save(fig, path_stem)
 
 
-def plot_all(a: icl.Analysis, out_dir: str) -> list[str]:
-  """Every plot of the analysis under out_dir/plots/; returns the files written."""
+def plot_all(a: icl.Analysis, out_dir: str) -> tuple[list[str], list[str]]:
+  """Every plot of the analysis that has data, under out_dir/plots/; returns (files written,
+  what was not drawn and why)."""
   d = os.path.join(out_dir, "plots")
-  paths = plot_mean_accuracy(a, os.path.join(d, "mean_accuracy"))
-  paths += plot_option_ppl(a, os.path.join(d, "option_ppl"))
-  if a.results["validation_ppl"].notna().any():
+  xs = [x for x in icl.X_COLUMNS if has_data(a.means[x])]
+  skipped = [f"plots against {X_TITLES[x]} not drawn: no checkpoint has a positive value"
+             + (" (no --validation_ppl or --validation_text)" if x == "validation_ppl" else "")
+             for x in icl.X_COLUMNS if x not in xs]
+  paths = plot_mean_accuracy(a, os.path.join(d, "mean_accuracy"), xs) if xs else []
+  if "validation_ppl" in xs:
+    paths += plot_option_ppl(a, os.path.join(d, "option_ppl"))
     paths += plot_tasks(a, a.top_linearity, os.path.join(d, "top_linearity"),
                         "Tasks with the highest linearity")
     paths += plot_tasks(a, a.top_breakthroughness, os.path.join(d, "top_breakthroughness"),
                         "Tasks with the highest breakthroughness")
     paths += plot_tasks(a, a.tasks, os.path.join(d, "task_trajectories"), "Every task",
                         columns=8)
-  return paths
+  return paths, skipped

@@ -6,8 +6,8 @@ Reads what the stages wrote under the demo's output folder:
   token_trajectories/*.csv                trends, agreement, double descent (token_trajectories.py)
   sequences/sequence_ppl.csv, sets/       joint decoding and perturbed sets (sequence_generation.py)
   icl/icl_results.csv, correlations.csv   cloze/BIG-bench accuracy (downstream_icl.py)
-and writes OUT/REPORT.md with the plots embedded by relative paths, plus OUT/report_plots/
-(training curves). Every sentence that states a finding is computed from these tables, so it says
+and gives the text of OUT/REPORT.md with the plots embedded by relative paths, plus
+OUT/report_plots/ (training curves). Every sentence that states a finding is computed from these tables, so it says
 what the data shows whichever way it comes out. `export_readme_images` writes the main pictures
 as small PNGs for the README.
 """
@@ -477,8 +477,8 @@ def _icl_section(out_dir: str, info: RunInfo) -> list[str]:
   return lines
 
 
-def write_report(out_dir: str, info: RunInfo) -> str:
-  """Writes OUT_DIR/REPORT.md (and OUT_DIR/report_plots/); returns its path."""
+def report_markdown(out_dir: str, info: RunInfo) -> str:
+  """The text of OUT_DIR/REPORT.md (the caller writes it); draws OUT_DIR/report_plots/."""
   training = None
   path = os.path.join(out_dir, "family", "training.json")
   if os.path.isfile(path):
@@ -495,5 +495,5 @@ def write_report(out_dir: str, info: RunInfo) -> str:
             "`family/` checkpoints, suite.json, training.json · `validation_ppl/` · "
             "`token_trajectories/` · `sequences/` · `icl/`: each with its CSV tables, "
             "summary.md, plots (PNG + PDF) and run manifests (`runs/`).", ""]
-  return files.write_text(os.path.join(out_dir, REPORT_FILE), "\n".join(lines))
+  return "\n".join(lines)
 

@@ -175,21 +175,30 @@ def plot_sets(df: pd.DataFrame, sets: Sequence[str], x: str, title: str) -> Figu
   return fig
 
 
-def write_plots(df: pd.DataFrame, plot_dir: str) -> list[str]:
-  """For every scoring suite and kind of set (generated, perturbed) and x axis: PNG + PDF."""
+def write_plots(df: pd.DataFrame, plot_dir: str) -> tuple[list[str], list[str]]:
+  """For every scoring suite and kind of set (generated, perturbed) and x axis with data: PNG +
+  PDF. Returns (files written, what was not drawn and why)."""
   os.makedirs(plot_dir, exist_ok=True)
-  written = []
+  written, skipped = [], []
   for scored_by in dict.fromkeys(df["scored_by"]):
     sub = df[df["scored_by"] == scored_by]
+    for x in X_AXES:
+      values = sub[x].to_numpy(float)
+      if not (np.isfinite(values) & (values > 0)).any():
+        skipped.append(f"plots of {scored_by}'s sets against {X_AXES[x]} not drawn: no "
+                       f"checkpoint has a positive value")
     for kind in dict.fromkeys(sub["kind"]):
       part = sub[sub["kind"] == kind]
       sets = list(dict.fromkeys(part["set"]))
       for x in X_AXES:
+        values = part[x].to_numpy(float)
+        if not (np.isfinite(values) & (values > 0)).any():
+          continue
         fig = plot_sets(part, sets, x, f"{kind} sets scored by {scored_by}")
         # the constrained layout already fits the labels
         written += figures.save(fig, os.path.join(plot_dir, f"{scored_by}_{kind}_vs_{x}"),
                                 dpi=150)
-  return written
+  return written, skipped
 
 
 # Summary --------------------------------------------------------------------------------------

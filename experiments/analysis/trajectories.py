@@ -1,8 +1,9 @@
 """Token trajectories across model sizes: trend shares, agreement, matched perplexity, double descent.
 
 Inputs are per-token loss matrices (nats) of several models scored on one tokenised corpus
-(`ModelTrajectories`); `analyze` turns them into CSV tables, plots and summary.md. Everything here
-is numpy/pandas/scipy; plotting lives in trajectory_plots.py. Never imports JAX.
+(`ModelTrajectories`); `analyze` turns them into tables (`Analysis`) and `summary_markdown` into
+summary.md; the caller writes them, trajectory_plots.py draws them. Everything here is
+numpy/pandas/scipy and writes no file. Never imports JAX.
 
 Rules (each one is what a reader can recompute from the CSVs):
 
@@ -34,14 +35,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import os
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from experiments.analysis import trends
-from opt_jax.files import write_csv, write_text
 
 QUANTITIES = ("perplexity", "loss")
 
@@ -292,7 +291,8 @@ def group_mean_perplexity(losses, codes) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclasses.dataclass
 class Analysis:
-  """Tables of the analysis (also written as CSV by `analyze`). fits[(model, start_fraction)]."""
+  """Tables of the analysis. fits[(model, start_fraction)]: trends.TrendFit; token_ids and
+  positions [N]: each row's token (for `token_labels`)."""
 
   percentages: pd.DataFrame
   agreement: pd.DataFrame
@@ -301,24 +301,41 @@ class Analysis:
   group_means: pd.DataFrame
   fits: dict
   double_descent_tokens: dict
-  files: list
   settings: dict
+  token_ids: np.ndarray
+  positions: np.ndarray
+
+  def tables(self) -> dict[str, pd.DataFrame]:
+    """{file stem: table} of the CSVs every run writes (the per-token tables are `token_labels`)."""
+    return {"trend_percentages": self.percentages, "agreement": self.agreement,
+            "double_descent": self.double_descent, "double_descent_examples": self.examples,
+            "group_means": self.group_means}
+
+  def token_labels(self, models: Sequence[ModelTrajectories], fraction: float) -> pd.DataFrame:
+    """One row per (model, token): position, token id, the trend fit and the double-descent flag."""
+    num_tokens = self.token_ids.shape[0]
+    return pd.concat([
+        pd.DataFrame({"model": m.name, "token_index": np.arange(num_tokens),
+                      "position": self.positions, "token_id": self.token_ids})
+        .join(self.fits[(m.name, fraction)].to_frame())
+        .assign(double_descent=self.double_descent_tokens[m.name].found
+                & (self.fits[(m.name, fraction)].codes == trends.UPWARD))
+        for m in models], ignore_index=True)
 
 
-def analyze(models: Sequence[ModelTrajectories], token_ids=None, positions=None, *, out_dir: str,
+def analyze(models: Sequence[ModelTrajectories], token_ids=None, positions=None, *,
             start_fractions: Sequence[float] = (0.1, 0.3, 0.7), alpha: float = 0.05,
             quantity: str = "perplexity", ema: float = 0.7, min_rise: float = 0.5,
             num_examples: int = 5, describe_token: Callable[[int], str] | None = None,
-            plots: bool = True, progress: Callable[[str], None] | None = None,
-            notes: Sequence[str] = ()) -> Analysis:
-  """Runs every analysis on the models' loss matrices and writes tables, plots and summary.md.
+            progress: Callable[[str], None] | None = None) -> Analysis:
+  """Runs every analysis on the models' loss matrices; returns the tables (nothing is written:
+  `Analysis.tables`, `Analysis.token_labels`, `summary_markdown` and trajectory_plots give the
+  files).
 
-  token_ids, positions: [N] token id and position in the corpus of each row (for the CSVs).
+  token_ids, positions: [N] token id and position in the corpus of each row (for the tables).
   describe_token(row) -> the token in its context, for double-descent examples.
-  notes: lines added to summary.md (corpus, settings of the caller).
-  Files in out_dir: trend_percentages.csv, agreement.csv, double_descent.csv,
-  double_descent_examples.csv, group_means.csv, token_labels_f{fraction}.csv, summary.md and
-  plots/*.png|pdf. Raises ValueError on mismatched inputs or a start fraction keeping < 3 checkpoints.
+  progress(message): told what is being computed. Raises ValueError on mismatched inputs or a
+  start fraction keeping < 3 checkpoints.
   """
   check_models(models)
   num_tokens = np.shape(models[0].losses)[0]
@@ -330,8 +347,6 @@ def analyze(models: Sequence[ModelTrajectories], token_ids=None, positions=None,
   describe_token = describe_token or (
       lambda row: f"id {int(token_ids[row])} at {int(positions[row])}")
   say = progress or (lambda message: None)
-  os.makedirs(out_dir, exist_ok=True)
-  files = []
 
   fits, dd = {}, {}
   for m in models:   # one size at a time: a float64 copy of one matrix is alive at once
@@ -376,21 +391,13 @@ def analyze(models: Sequence[ModelTrajectories], token_ids=None, positions=None,
             "start_fraction": fraction, "model": m.name, "label": label, "n_tokens": int(counts[k]),
             "step": np.asarray(m.steps), "tokens": m.column("tokens"), "flops": m.column("flops"),
             "val_ppl": m.column("val_ppl"), "mean_ppl": means[k]}))
-    token_table = pd.concat([
-        pd.DataFrame({"model": m.name, "token_index": np.arange(num_tokens), "position": positions,
-                      "token_id": token_ids}).join(fits[(m.name, fraction)].to_frame())
-        .assign(double_descent=dd[m.name].found & (fits[(m.name, fraction)].codes == trends.UPWARD))
-        for m in models], ignore_index=True)
-    # 9 significant digits: a third smaller and faster to write than repr-exact floats.
-    files.append(write_csv(token_table, os.path.join(out_dir, f"token_labels_f{fraction:g}.csv"),
-                           float_format="%.9g"))
 
   say("matched validation perplexity")
   matched = matched_perplexity_agreement(models, quantity=quantity, alpha=alpha)
   matched.insert(0, "comparison", "matched_ppl")
   matched.insert(0, "start_fraction", math.nan)
 
-  result = Analysis(
+  return Analysis(
       percentages=pd.concat(pct_rows, ignore_index=True),
       agreement=pd.concat(agree_rows + [matched], ignore_index=True),
       double_descent=pd.DataFrame(dd_rows),
@@ -398,29 +405,17 @@ def analyze(models: Sequence[ModelTrajectories], token_ids=None, positions=None,
           "start_fraction", "model", "token_index", "position", "token_id", "relative_rise",
           "valley_step", "peak_step", "context"]),
       group_means=pd.concat(mean_rows, ignore_index=True),
-      fits=fits, double_descent_tokens=dd, files=files,
+      fits=fits, double_descent_tokens=dd,
       settings={"alpha": alpha, "quantity": quantity, "ema": ema, "min_rise": min_rise,
-                "start_fractions": list(start_fractions)})
-  for name, table in (("trend_percentages", result.percentages), ("agreement", result.agreement),
-                      ("double_descent", result.double_descent),
-                      ("double_descent_examples", result.examples),
-                      ("group_means", result.group_means)):
-    files.append(write_csv(table, os.path.join(out_dir, f"{name}.csv")))
-  if plots:
-    say("plots")
-    from experiments.analysis import trajectory_plots  # matplotlib only when plotting
-    files += trajectory_plots.plot_all(result, models, os.path.join(out_dir, "plots"))
-  files.append(write_text(os.path.join(out_dir, "summary.md"),
-                          summary_markdown(result, models, start_fractions=start_fractions,
-                                           alpha=alpha, quantity=quantity, ema=ema,
-                                           min_rise=min_rise, notes=notes)))
-  return result
+                "start_fractions": list(start_fractions)},
+      token_ids=token_ids, positions=positions)
 
 
-def summary_markdown(result: Analysis, models: Sequence[ModelTrajectories], *, start_fractions,
-                     alpha: float, quantity: str, ema: float, min_rise: float,
+def summary_markdown(result: Analysis, models: Sequence[ModelTrajectories],
                      notes: Sequence[str] = ()) -> str:
-  """The key numbers as markdown tables."""
+  """summary.md: the key numbers as markdown tables; notes: lines about the corpus and run."""
+  alpha, quantity = result.settings["alpha"], result.settings["quantity"]
+  ema, min_rise = result.settings["ema"], result.settings["min_rise"]
   num_tokens = np.shape(models[0].losses)[0]
   lines = [
       "# Token trajectories", "",

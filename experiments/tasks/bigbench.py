@@ -49,6 +49,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from opt_jax.errors import InputError, MissingFileError
+
 TASK_FILE = "task.json"
 
 DEFAULT_FORMAT = {
@@ -64,7 +66,7 @@ PAPER_EXTRA_TASKS = ("periodic_elements",)
 MAX_EXAMPLES = 1000  # the rule keeps tasks with fewer than this many examples
 
 
-class TaskFormatError(ValueError):
+class TaskFormatError(InputError):
   """A task.json that is not a readable BIG-bench JSON task; the message names task and example."""
 
 
@@ -237,7 +239,7 @@ def load_task(directory: str | os.PathLike, name: str | None = None) -> Task:
   name = name or os.path.basename(os.path.normpath(directory))
   top = os.path.join(directory, TASK_FILE)
   if not os.path.isfile(top):
-    raise FileNotFoundError(f"BIG-bench task {name!r}: no {TASK_FILE} in {directory}")
+    raise MissingFileError(f"BIG-bench task {name!r}: no {TASK_FILE} in {directory}")
   data = _read_json(top, name)
   if "examples" in data:
     return Task(name, (_read_subtask(top, name, ""),), directory)
@@ -256,7 +258,7 @@ def task_names(root: str | os.PathLike) -> list[str]:
   """Sorted names of the folders under `root` that hold a task.json."""
   root = os.fspath(root)
   if not os.path.isdir(root):
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"BIG-bench tasks folder {root!r} does not exist. Get the tasks with "
         f"`python -m tools.fetch_bigbench --out=DIR` (downloads the bigbench==1.0.0 source "
         f"distribution through pip) and pass --bigbench_dir=DIR/benchmark_tasks.")

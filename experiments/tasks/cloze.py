@@ -27,6 +27,7 @@ import re
 import numpy as np
 
 from experiments.tasks import bigbench as bb
+from opt_jax.errors import InputError
 
 WORD_FORMAT = bb.Format(task_prefix="", example_input_prefix="", example_output_prefix=" ",
                         choice_prefix="", append_choices_to_input=False,
@@ -65,11 +66,11 @@ def next_word_task(text: str, *, n_examples: int = 200, n_options: int = 4,
   ranked = sorted(counts, key=lambda w: (-counts[w], w))                 # most frequent first
   rank = {w: r for r, w in enumerate(ranked)}
   if len(ranked) < n_options:
-    raise ValueError(f"{name}: the text has {len(ranked)} distinct words; {n_options} options need "
+    raise InputError(f"{name}: the text has {len(ranked)} distinct words; {n_options} options need "
                      f"at least {n_options}")
   eligible = np.arange(min_context_words, len(words))
   if eligible.size == 0:
-    raise ValueError(f"{name}: the text has {len(words)} words; a context needs "
+    raise InputError(f"{name}: the text has {len(words)} words; a context needs "
                      f"{min_context_words} words before the answer")
   pool_size = min(max(frequency_pool, n_options - 1), len(ranked) - 1)
   rng = np.random.RandomState(seed)
@@ -99,12 +100,12 @@ def next_line_task(text: str, *, n_examples: int = 100, n_options: int = 4, cont
   lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
   candidates = sorted({ln for ln in lines if len(ln) >= min_line_chars})
   if len(candidates) < n_options:
-    raise ValueError(f"{name}: the text has {len(candidates)} distinct lines of at least "
+    raise InputError(f"{name}: the text has {len(candidates)} distinct lines of at least "
                      f"{min_line_chars} characters; {n_options} options need at least {n_options}")
   eligible = np.array([i for i in range(context_lines, len(lines))
                        if len(lines[i]) >= min_line_chars])
   if eligible.size == 0:
-    raise ValueError(f"{name}: no line of at least {min_line_chars} characters has "
+    raise InputError(f"{name}: no line of at least {min_line_chars} characters has "
                      f"{context_lines} lines before it")
   lengths = np.array([len(c) for c in candidates])
   rng = np.random.RandomState(seed)

