@@ -39,11 +39,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from opt_jax import checkpoint, files
-from opt_jax.config import OPTConfig
+from opt_jax.config import DecoderConfig
 from opt_jax.results import Key, ResultStore
 from opt_jax.suite import Suite, SuiteModel
 
-Evaluate = Callable[[SuiteModel, int, OPTConfig, Any],
+Evaluate = Callable[[SuiteModel, int, DecoderConfig, Any],
                     tuple[Mapping[str, Any], Mapping[str, Any]]]
 Restore = Callable[..., Any]
 
@@ -160,10 +160,10 @@ def run_sweep(suite: Suite, evaluate: Evaluate, store: ResultStore, *,
   log.info("sweep %s: %d checkpoints to evaluate, %d already done", "/".join(prefix), len(todo),
            len(report.skipped))
 
-  configs: dict[str, OPTConfig] = {}
-  shardings: dict[OPTConfig, Any] = {}
+  configs: dict[str, DecoderConfig] = {}
+  shardings: dict[DecoderConfig, Any] = {}
 
-  def config_of(path: str) -> OPTConfig:
+  def config_of(path: str) -> DecoderConfig:
     if path not in configs:
       configs[path] = checkpoint.load_config(path)
     return configs[path]
@@ -249,10 +249,13 @@ class ScorerCache:
   Only the most recently used scorer is kept (a sweep goes size by size), so a finished size does
   not keep its last parameters alive.
   scorer_kwargs: passed to every Scorer (batch_size, max_length, dtype, attention, mesh).
+  conventions: "native" or "lm_eval", the text convention of the tokenizers it loads and of its
+    Scorers (opt_jax/tokenizer.py).
   """
 
-  def __init__(self, **scorer_kwargs: Any):
-    self._kwargs = scorer_kwargs
+  def __init__(self, conventions: str = "native", **scorer_kwargs: Any):
+    self.conventions = conventions
+    self._kwargs = dict(scorer_kwargs, conventions=conventions)
     self._key: Any = None
     self._scorer: Any = None
     self._tokenizers: dict[str, Any] = {}
@@ -264,7 +267,7 @@ class ScorerCache:
       errors = []
       for path in model.checkpoints.values():
         try:
-          self._tokenizers[model.name] = load_tokenizer(path)
+          self._tokenizers[model.name] = load_tokenizer(path, conventions=self.conventions)
           break
         except (OSError, ValueError) as e:
           errors.append(str(e))
@@ -274,7 +277,7 @@ class ScorerCache:
                                 f"{errors[0] if errors else '-'}")
     return self._tokenizers[model.name]
 
-  def get(self, config: OPTConfig, params: Any, tokenizer: Any = None) -> Any:
+  def get(self, config: DecoderConfig, params: Any, tokenizer: Any = None) -> Any:
     """A Scorer for `config` holding `params`."""
     key = (config, tokenizer.fingerprint() if tokenizer is not None else None)
     if key == self._key:

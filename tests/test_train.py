@@ -17,12 +17,12 @@ from experiments.tasks import corpus
 from opt_jax import checkpoint, suite
 from opt_jax import model as model_lib
 from opt_jax import train as train_lib
-from opt_jax.config import OPTConfig
+from opt_jax import families
 
 VOCAB = 320  # room for the test tokenizer (300 ids); the data uses ids 4..67
-SMALL = OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  ffn_dim=64, max_position_embeddings=32)
-WIDER = SMALL.replace(hidden_size=48, ffn_dim=96)
+SMALL = families.get("opt").config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, ffn_dim=64, max_position_embeddings=32)
+WIDER = SMALL.replace(hidden_size=48, intermediate_size=96)
 # One optimiser setting (same steps) everywhere, so every test reuses the compiled programs.
 TC = train_lib.TrainConfig(steps=50, batch_size=8, seq_len=32, num_checkpoints=5, eval_batches=2)
 LR = 1e-2
@@ -124,7 +124,7 @@ def test_checkpoints_restore_and_score_bit_exactly(trained, tokenizer_file):
 
   @jax.jit
   def logprobs(params):
-    hidden, _ = model_lib.OPT(SMALL).apply({"params": params}, ids)
+    hidden, _ = model_lib.Decoder(SMALL).apply({"params": params}, ids)
     return jax.nn.log_softmax(model_lib.logits(params, hidden), -1)
 
   np.testing.assert_array_equal(np.asarray(logprobs(final)), np.asarray(logprobs(result.params)))
@@ -208,10 +208,10 @@ def test_log_spaced_steps_and_schedule():
 
 def test_weight_decay_skips_biases_and_layer_norms():
   mask = train_lib._decay_mask(model_lib.param_shapes(SMALL))
-  assert mask["embed_tokens"]["embedding"] and mask["layers"]["fc1"]["kernel"]
-  assert mask["layers"]["self_attn"]["qkv_kernel"]
-  assert not mask["layers"]["fc1"]["bias"] and not mask["layers"]["final_layer_norm"]["scale"]
-  assert not mask["final_layer_norm"]["scale"]
+  assert mask["embed"]["embedding"] and mask["layers"]["mlp"]["up_kernel"]
+  assert mask["layers"]["attn"]["q_kernel"] and mask["layers"]["attn"]["o_kernel"]
+  assert not mask["layers"]["mlp"]["up_bias"] and not mask["layers"]["mlp_norm"]["scale"]
+  assert not mask["final_norm"]["scale"]
 
 
 def test_demo_family_sizes():
