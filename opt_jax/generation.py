@@ -27,7 +27,8 @@ Meshes (`mesh=`, from opt_jax.sharding.make_mesh): the decoding program is jitte
 shardings: parameters laid out by the rules table (sharding.shard_params; params restored straight
 into that layout are used as they are), prompt rows over the batch axes (data x fsdp; batch
 buckets are rounded up to a multiple of that split), each KV cache with sharding.cache_shardings
-(kv heads over `model`, or replicated when they do not split), tracing under sharding.activate. Divisibility is checked before anything is
+(kv heads over `model`, or replicated when they do not split), tracing under sharding.activate.
+Divisibility is checked before anything is
 placed or compiled. Every process of a multi-process run must make the same call with the same
 arguments; each gets the whole result. The tokens are those of the single-device run up to float
 rounding (tensor-parallel sums add in another order), which decides a token only at a near tie.
@@ -291,7 +292,7 @@ def _check_prompts(prompts, vocab_size: int, max_len: int, truncate: bool) -> li
 
 def _run(configs: tuple[DecoderConfig, ...], params: tuple, prompts, weights: np.ndarray, *,
          max_new_tokens: int, sampler: str, temperature: float, top_k: int, top_p: float,
-         eos_id: int | None, pad_id: int | None, seed: int, dtype, batch_size: int,
+         eos_id: int | None | str, pad_id: int | None, seed: int, dtype, batch_size: int,
          truncate_prompts: bool, attention: str, joint: bool, fallback_model: int = 0,
          mesh=None):
   """Shared driver of generate / joint_generate -> (list of new-token lists, fallback counts)."""
@@ -362,12 +363,12 @@ def _run(configs: tuple[DecoderConfig, ...], params: tuple, prompts, weights: np
   return results, fallbacks
 
 
-def generate(config: DecoderConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             sampler: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int | None | str = "config", pad_id: int | None = None, seed: int = 0,
-             dtype=jnp.float32,
-             batch_size: int = 32, truncate_prompts: bool = False, attention: str = "xla",
-             mesh=None) -> list[list[int]]:
+def generate(config: DecoderConfig, params, prompts: Sequence[Sequence[int]], *,
+             max_new_tokens: int, sampler: str = "greedy", temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, eos_id: int | None | str = "config",
+             pad_id: int | None = None, seed: int = 0, dtype=jnp.float32, batch_size: int = 32,
+             truncate_prompts: bool = False, attention: str = "xla", mesh=None
+             ) -> list[list[int]]:
   """Decode up to max_new_tokens after each prompt; returns the new tokens only, eos included.
 
   sampler: "greedy" (argmax of the logits; temperature/top-k/top-p ignored) or "sample"

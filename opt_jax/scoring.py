@@ -153,8 +153,9 @@ def target_logprobs(params: Any, input_ids: Array, attention_mask: Array, target
   return head_logprobs(M.lm_head(params), hidden, targets, vocab_chunk, vocab_shards)
 
 
-def token_logprobs(params: Any, input_ids: Array, attention_mask: Array, *, config: DecoderConfig,
-                   dtype=jnp.float32, attention: str = "xla", vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+def token_logprobs(params: Any, input_ids: Array, attention_mask: Array, *,
+                   config: DecoderConfig, dtype=jnp.float32, attention: str = "xla",
+                   vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
                    attention_block: int = 256) -> tuple[Array, Array]:
   """Per-token log p(ids[:, t] | ids[:, <t]) of a right- or left-padded batch.
 
@@ -202,8 +203,9 @@ def rolling_windows(tokens: Sequence[int], context_length: int, stride: int
                     ) -> list[tuple[list[int], list[int], int]]:
   """Windows (inputs, targets, n_scored) scoring each of tokens[1:] exactly once.
 
-  tokens[0] is context only (e.g. OPT's </s>) and is never scored. Window k predicts up to `stride` new
-  tokens (the first window: up to context_length) from at most context_length inputs; this is the
+  tokens[0] is context only (e.g. OPT's </s>) and is never scored. Window k predicts up to
+  `stride` new tokens (the first window: up to context_length) from at most context_length
+  inputs; this is the
   harness's get_rolling_token_windows + make_disjoint_window with max_seq_len = context_length
   and context_len = context_length - stride + 1.
   """

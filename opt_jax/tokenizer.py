@@ -123,6 +123,7 @@ class Tokenizer:
       spec.pop(key, None)
     spec["opt_jax_prefix"] = list(self.prefix)
     spec["opt_jax_start"] = self.start_id
+    spec["opt_jax_conventions"] = self.conventions   # encode_documents differs by convention
     blob = json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()
     self._fingerprint = hashlib.sha256(blob).hexdigest()
     return self._fingerprint

@@ -93,8 +93,8 @@ def test_same_seed_gives_bit_identical_params(trained, data):
   # Another seed: another data order and another initialisation.
   order = lambda seed: train_lib.DataOrder(len(data[0]), TC.seq_len, TC.batch_size, seed)
   assert not np.array_equal(order(0).starts(0), order(1).starts(0))
-  assert not np.array_equal(model_lib.init_params(SMALL, 0)["embed_tokens"]["embedding"],
-                            model_lib.init_params(SMALL, 1)["embed_tokens"]["embedding"])
+  assert not np.array_equal(model_lib.init_params(SMALL, 0)["embed"]["embedding"],
+                            model_lib.init_params(SMALL, 1)["embed"]["embedding"])
 
 
 def test_data_order_is_the_same_for_every_size(family, trained):

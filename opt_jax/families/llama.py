@@ -50,10 +50,7 @@ def from_hf(d: dict[str, Any], source: str) -> DecoderConfig:
   families.require(d, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                        "intermediate_size"), source, "Llama")
   families.check_unsupported(d, source)
-  base, fraction = families.rope(d, source)
-  if fraction != 1.0:
-    raise InputError(f"{source}: partial_rotary_factor={fraction} is not supported for Llama "
-                     "(HF's Llama rotates the whole head)")
+  base, _ = families.rope(d, source)   # HF's Llama rotates whole heads, whatever the fraction
   return DecoderConfig(
       family=NAME, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
       num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
