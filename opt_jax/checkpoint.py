@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from opt_jax.config import DecoderConfig
-from opt_jax.errors import InputError
+from opt_jax.errors import InputError, MissingFileError
 
 FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
@@ -220,10 +220,10 @@ def load_config(directory: str | os.PathLike) -> DecoderConfig:
   """The DecoderConfig of the checkpoint at `directory` (read by the family of its model_type)."""
   directory = os.path.abspath(os.fspath(directory))
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{directory}: no such directory; expected an opt_jax checkpoint")
+    raise MissingFileError(f"{directory}: no such directory; expected an opt_jax checkpoint")
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found; expected the HF config.json of the checkpoint")
+    raise MissingFileError(f"{path} not found; expected the HF config.json of the checkpoint")
   return DecoderConfig.from_json_file(path)
 
 

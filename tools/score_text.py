@@ -5,7 +5,8 @@ r"""Per-token log-probabilities of text under an opt_jax checkpoint, in sliding 
 
 --input: a .txt file (one document) or a .jsonl file with a "text" field per line. The output
 JSONL has, per document, the token ids, token strings and natural-log log-probs of every token
-after the leading </s> (see opt_jax.scoring.score_text_file); totals are printed at the end.
+after the first (the family's prefix, e.g. OPT's </s>; see opt_jax.scoring.score_text_file); totals
+are printed at the end.
 """
 
 import sys

@@ -160,14 +160,16 @@ def _flat_shapes(config) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=64)
 def items(config, prefix: str) -> tuple[Item, ...]:
-  """Every HF tensor of `config`'s model, in table order (layer rows expanded layer by layer),
-  with the base-model tensors named `prefix` + row name. Raises ValueError when the family's
-  table leaves a parameter uncovered or covers one twice (a bug in the family file)."""
+  """Every HF tensor of `config`'s model: the rows that are not per layer in table order, then
+  layer by layer the per-layer rows (so one layer's tensors come together, as HF files and
+  metaseq's fused parts hold them), with the base-model tensors named `prefix` + row name.
+  Raises ValueError when the family's table leaves a parameter uncovered or covers one twice (a
+  bug in the family file)."""
   from opt_jax import families  # pylint: disable=import-outside-toplevel
   family = families.get(config.family)
   leaves = _flat_shapes(config)
   covered: dict[str, str] = {}
-  out = []
+  out, per_layer = [], []
   for t in family.tensors:
     present = [p in leaves for p in t.params]
     if not any(present):
@@ -184,9 +186,13 @@ def items(config, prefix: str) -> tuple[Item, ...]:
                    for p in t.params)
     hf_shape = tuple(t.transform.hf_shape(list(shapes)))
     name = t.hf if t.top_level else prefix + t.hf
-    layers = range(config.num_hidden_layers) if t.per_layer else [None]
-    for i in layers:
-      out.append(Item(name.format(i=i), t.aliases, t, i, shapes, hf_shape))
+    if t.per_layer:
+      per_layer.append((name, t, shapes, hf_shape))
+    else:
+      out.append(Item(name, t.aliases, t, None, shapes, hf_shape))
+  for i in range(config.num_hidden_layers):
+    out += [Item(name.format(i=i), t.aliases, t, i, shapes, hf_shape)
+            for name, t, shapes, hf_shape in per_layer]
   missing = sorted(set(leaves) - set(covered))
   if missing:
     raise ValueError(f"family {family.name}: its table has no row for params {missing}")
