@@ -15,9 +15,11 @@ demo's and the tests' tokenizers do.
 Conventions (`conventions=`, see opt_jax.families):
   native   encode() prepends the family's prefix: OPT `</s>`, Llama `<s>`, nothing for Pythia
            and OLMo. start_id (what an empty context becomes) is the prefix, or eos without one.
-  lm_eval  lm-evaluation-harness HFLM's defaults (add_bos_token=False): encode() prepends
-           nothing; start_id is bos, or eos when the model has no bos (HFLM's prefix_token_id),
-           used for an empty context and as the first token of every rolling document.
+  lm_eval  lm-evaluation-harness HFLM's defaults in lm_eval 0.4.9 (add_bos_token=False; newer
+           releases take the tokenizer's own default unless add_bos_token=False is passed):
+           encode() prepends nothing; start_id is bos, or eos when the model has no bos (HFLM's
+           prefix_token_id), used for an empty context and as the first token of every rolling
+           document.
 """
 
 from __future__ import annotations

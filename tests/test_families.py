@@ -65,6 +65,10 @@ def test_logits_and_logprobs_match_hf(fam, side):
   got = np.asarray(M.logits(params, hidden))
   real = mask.astype(bool)
   np.testing.assert_allclose(got[real], ref[real], atol=1e-4, rtol=0, err_msg=name)
+  if config.clip_qkv is not None and side == "right":   # the clipping really acts here
+    unclipped, _ = M.Decoder(config.replace(clip_qkv=None)).apply(
+        {"params": params}, jnp.asarray(ids), jnp.asarray(mask))
+    assert np.abs(np.asarray(M.logits(params, unclipped))[real] - ref[real]).max() > 1e-2
 
   lp, _ = map(np.asarray, _logprobs_fn(config)(params, jnp.asarray(ids), jnp.asarray(mask)))
   scored = (mask[:, 1:] & mask[:, :-1]).astype(bool)

@@ -11,8 +11,9 @@ Text conventions (what precedes a text, see opt_jax/tokenizer.py):
   native   the family's own: OPT prepends `</s>` (its bos), Llama `<s>`; Pythia and OLMo prepend
            nothing (an empty context, which needs one token to condition on, is the eos token:
            the separator they were trained with).
-  lm_eval  lm-evaluation-harness HFLM's defaults: nothing prepended to any text; an empty
-           context and the first rolling window condition on bos (eos when there is no bos).
+  lm_eval  lm-evaluation-harness HFLM's defaults (lm_eval 0.4.9, add_bos_token=False): nothing
+           prepended to any text; an empty context and the first rolling window condition on
+           bos (eos when there is no bos).
 """
 
 from __future__ import annotations
