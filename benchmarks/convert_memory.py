@@ -25,8 +25,9 @@ import tempfile
 import numpy as np
 from absl import app, flags
 
-from opt_jax.config import OPTConfig
-from opt_jax.convert import hf, hf_keys
+from opt_jax import families
+from opt_jax.config import DecoderConfig
+from opt_jax.convert import hf
 
 _HIDDEN = flags.DEFINE_integer("hidden", 1024, "Hidden size (ffn = 4x).")
 _LAYERS = flags.DEFINE_integer("layers", 16, "Decoder layers.")
@@ -48,12 +49,12 @@ print(json.dumps({"maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss *
 """
 
 
-def write_random_hf(directory: str, config: OPTConfig, seed: int = 0) -> str:
+def write_random_hf(directory: str, config: DecoderConfig, seed: int = 0) -> str:
   """config.json + one fp32 model.safetensors of random values, written tensor by tensor."""
   os.makedirs(directory, exist_ok=True)
   config.to_json_file(os.path.join(directory, "config.json"))
-  shapes = hf_keys.expected_shapes(config)
-  entries = [("model.decoder." + k, s, np.dtype("<f4")) for k, s in shapes.items()]
+  shapes = hf.expected_tensors(config)
+  entries = [(k, s, np.dtype("<f4")) for k, s in shapes.items()]
   path = os.path.join(directory, hf.SAFETENSORS)
   rng = np.random.default_rng(seed)
   with open(path, "wb") as f:
@@ -82,9 +83,9 @@ def _dir_bytes(directory: str) -> int:
 
 def main(argv):
   del argv
-  config = OPTConfig(vocab_size=_VOCAB.value, hidden_size=_HIDDEN.value,
-                     num_hidden_layers=_LAYERS.value, num_attention_heads=_HIDDEN.value // 64,
-                     ffn_dim=4 * _HIDDEN.value)
+  config = families.get("opt").config(
+      vocab_size=_VOCAB.value, hidden_size=_HIDDEN.value, num_hidden_layers=_LAYERS.value,
+      num_attention_heads=_HIDDEN.value // 64, ffn_dim=4 * _HIDDEN.value)
   with tempfile.TemporaryDirectory(dir=_KEEP.value) as work:
     src = write_random_hf(os.path.join(work, "hf"), config)
     size = os.path.getsize(src)

@@ -11,11 +11,11 @@ One process, in this order:
      attn_implementation="sdpa"; per-token log-probs = log_softmax(logits.float()).gather(target)
      under torch.inference_mode (what lm-eval does). Its weights are copied to host numpy and the
      torch model freed before JAX starts, so both sides see the whole card in turn.
-  3. opt_jax: the same weights (converted with opt_jax.convert.hf_keys) in bf16, jitted
+  3. opt_jax: the same weights (converted with opt_jax.convert.hf) in bf16, jitted
      opt_jax.scoring.token_logprobs with attention="auto" (cuDNN fused attention on GPU),
      chunked vocabulary log-softmax (no [B, T, V] array).
 Reported: tokens/s of each side (median of --reps), opt_jax / HF speed-up, MFU = model FLOPs/s
-(OPTConfig.flops_per_token: 2 x matmul params + full T x T attention) over the measured peak,
+(DecoderConfig.flops_per_token: 2 x matmul params + full T x T attention) over the measured peak,
 and the largest |log-prob difference| between the two sides (bf16 noise, a sanity check).
 Without CUDA PyTorch the HF side is skipped (random JAX weights instead) and said so.
 """
@@ -106,14 +106,15 @@ def main() -> None:
   a = ap.parse_args()
 
   import numpy as np
-  from opt_jax.config import OPTConfig, get_preset
+  from opt_jax import families
   if a.dry_run:
     os.environ["JAX_PLATFORMS"] = "cpu"
-    cfg = OPTConfig(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    ffn_dim=512, max_position_embeddings=256)
+    cfg = families.get("opt").config(vocab_size=512, hidden_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, ffn_dim=512,
+                                     max_position_embeddings=256)
     a.batch, a.length, a.matmul, a.reps = 2, 128, 256, 2
   else:
-    cfg = get_preset(a.model)
+    cfg = families.preset(a.model)
   rng = np.random.RandomState(0)
   ids = np.concatenate([np.full((a.batch, 1), cfg.bos_token_id),
                         rng.randint(3, cfg.vocab_size, (a.batch, a.length - 1))], 1).astype(np.int64)
@@ -140,15 +141,14 @@ def main() -> None:
   import jax.numpy as jnp
   import ml_dtypes
   from opt_jax import model, scoring
-  from opt_jax.convert import hf_keys
+  from opt_jax.convert import hf
   dev = jax.devices()[0]
   result.update(device=dev.device_kind, platform=dev.platform, jax=jax.__version__)
   peak = matmul_peak(a.matmul, 8 if not a.dry_run else 2, a.reps)
   result["matmul_peak_tflops"] = peak / 1e12
 
   if state is not None:
-    get = lambda name: state["model.decoder." + name]
-    params = hf_keys.params_from_hf(get, cfg, dtype=ml_dtypes.bfloat16)
+    params = hf.params_from_state_dict(state, cfg, dtype=ml_dtypes.bfloat16)
     del state
   else:
     params = model.init_params(cfg, seed=0, param_dtype=jnp.bfloat16)

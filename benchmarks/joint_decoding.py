@@ -54,11 +54,12 @@ def main(argv):
 
   from opt_jax import generation as G
   from opt_jax import model as M
-  from opt_jax.config import OPTConfig
+  from opt_jax import families
 
   d = _HIDDEN.value
-  configs = [OPTConfig(hidden_size=d, num_hidden_layers=layers, num_attention_heads=d // 64,
-                       ffn_dim=4 * d, max_position_embeddings=2048)
+  configs = [families.preset("opt-125m").replace(hidden_size=d, num_hidden_layers=layers,
+                                                 num_attention_heads=d // 64,
+                                                 intermediate_size=4 * d)
              for layers in (_LARGE.value, _SMALL.value)]
   models = [(c, M.init_params(c, seed=i)) for i, c in enumerate(configs)]
   weights = (1.0, -1.0)
@@ -82,7 +83,7 @@ def main(argv):
       ids, mask = carry
       logits = []
       for (c, _), p in zip(models, params):
-        hidden, _ = M.OPT(c).apply({"params": p}, ids, mask)            # full forward [B, L, E]
+        hidden, _ = M.Decoder(c).apply({"params": p}, ids, mask)        # full forward [B, L, E]
         last = jax.lax.dynamic_slice_in_dim(hidden, t + i - 1, 1, axis=1)
         logits.append(M.logits(p, last)[:, 0])                            # [B, V]
       scores, _ = G.mixture_log_probs(logits, w, jnp.float32(1.0))

@@ -77,7 +77,7 @@ def main(argv):
 
   from experiments import downstream_icl
   from experiments.tasks import bigbench as bb
-  from opt_jax.config import PRESETS
+  from opt_jax import families
   from opt_jax.scoring import Scorer
 
   task = bb.load_task(os.path.join(_DIR.value, _TASK.value)).multiple_choice()
@@ -86,7 +86,7 @@ def main(argv):
   with tempfile.TemporaryDirectory() as d:
     texts = [e.input + " " + " ".join(e.options) for e in task.examples]
     tokenizer = train_tokenizer(texts, d)
-  config = PRESETS["125m"].replace(num_hidden_layers=_LAYERS.value)
+  config = families.preset("opt-125m").replace(num_hidden_layers=_LAYERS.value)
   enc = downstream_icl.encode(items, tokenizer, _MAX_LENGTH.value)
   pairs = enc.pairs
   ctx_len = [len(c) for c, _ in pairs]

@@ -4,7 +4,7 @@ r"""token_logprobs vs HF PyTorch on CPU: tokens/s, peak memory and model FLOP ut
   python benchmarks/scoring_cpu.py --variants=xla,blocked:256,blocked:512 --reps=7
 
 Both sides use the same random OPT-125M-shaped fp32 weights (written once as an HF safetensors
-checkpoint; HF loads it with from_pretrained, opt_jax converts it with hf_keys). Each side runs
+checkpoint; HF loads it with from_pretrained, opt_jax converts it with convert.hf). Each side runs
 in its own long-lived worker process, so peak memories never mix; the parent sends the workers
 one forward pass at a time, interleaved (hf, jax, hf, jax, ...), so load from other processes on
 a shared machine hits both sides alike; tokens/s ratios are medians over the repetitions.
@@ -15,7 +15,7 @@ opt_jax.scoring.token_logprobs (chunked logsumexp, no [B, T, V] array).
 Memory: the worker's peak RSS (VmHWM, reset just before the measured pass through
 /proc/self/clear_refs) during one pass, and that peak minus the RSS once the weights are loaded
 ("working memory"), in a fresh worker per side and shape after one warm-up pass. MFU: model
-FLOPs (OPTConfig.flops_per_token, full T x T attention) per second over the fp32 matmul peak
+FLOPs (DecoderConfig.flops_per_token, full T x T attention) per second over the fp32 matmul peak
 (the better of jnp.dot and torch.matmul on a 2048^2 square matrix), measured in the same run.
 """
 
@@ -34,8 +34,8 @@ MARK = "@@"  # prefix of protocol lines on a worker's stdout (libraries may prin
 
 
 def _config(layers: int):
-  from opt_jax.config import PRESETS
-  return PRESETS["125m"].replace(num_hidden_layers=layers)
+  from opt_jax import families
+  return families.preset("opt-125m").replace(num_hidden_layers=layers)
 
 
 # Workers --------------------------------------------------------------------------------------
@@ -82,11 +82,11 @@ def _jax_worker(weights: str, variant: str, layers: int):
   import numpy as np
   from safetensors.numpy import load_file
   from opt_jax import scoring
-  from opt_jax.convert import hf_keys
+  from opt_jax.convert import hf
 
   config = _config(layers)
   sd = load_file(os.path.join(weights, "model.safetensors"))
-  params = jax.device_put(hf_keys.params_from_hf(lambda k: sd["model.decoder." + k], config))
+  params = jax.device_put(hf.params_from_state_dict(sd, config))
   del sd
   attention, block, chunk = (variant.split(":") + ["", ""])[:3]
   fn = jax.jit(functools.partial(scoring.token_logprobs, config=config, attention=attention,
@@ -171,18 +171,18 @@ def write_weights(directory: str, layers: int, seed: int = 0) -> None:
   """Random OPT-125M-shaped fp32 weights (normal(0.02), unit LN scales) as an HF checkpoint."""
   import numpy as np
   from safetensors.numpy import save_file
-  from opt_jax.convert import hf_keys
+  from opt_jax.convert import hf
   config = _config(layers)
   rng = np.random.default_rng(seed)
   tensors = {}
-  for name, shape in hf_keys.expected_shapes(config).items():
+  for name, shape in hf.expected_tensors(config).items():
     if "layer_norm" in name and name.endswith("weight"):
       value = np.ones(shape, np.float32)
     elif name.endswith("bias"):
       value = np.zeros(shape, np.float32)
     else:
       value = 0.02 * rng.standard_normal(shape, np.float32)
-    tensors["model.decoder." + name] = value
+    tensors[name] = value
   save_file(tensors, os.path.join(directory, "model.safetensors"))
   config.to_json_file(os.path.join(directory, "config.json"))
 

@@ -43,11 +43,12 @@ def main() -> None:
   import numpy as np
 
   from opt_jax import model, scoring, sharding
-  from opt_jax.config import OPTConfig
+  from opt_jax import families
 
-  cfg = OPTConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers,
-                  num_attention_heads=a.heads, ffn_dim=4 * a.hidden,
-                  max_position_embeddings=max(2048, a.length))
+  cfg = families.get("opt").config(vocab_size=a.vocab, hidden_size=a.hidden,
+                                   num_hidden_layers=a.layers, num_attention_heads=a.heads,
+                                   ffn_dim=4 * a.hidden,
+                                   max_position_embeddings=max(2048, a.length))
   params = model.init_params(cfg, seed=0)
   rng = np.random.RandomState(0)
   ids = rng.randint(3, a.vocab, (a.batch, a.length)).astype(np.int32)

@@ -37,7 +37,7 @@ import numpy as np
 from absl import app, flags
 
 from opt_jax import checkpoint, results, suite, sweep
-from opt_jax.config import get_preset
+from opt_jax import families
 from opt_jax.model import param_shapes
 
 _CHECKPOINTS = flags.DEFINE_integer("checkpoints", 6, "Checkpoints in the sweep.")
@@ -95,7 +95,7 @@ def _median_time(fn, repeats: int) -> float:
 
 def main(argv):
   del argv
-  config = get_preset(_PRESET.value)
+  config = families.preset(_PRESET.value)
   root = _WORKDIR.value or tempfile.mkdtemp(prefix="sweep_prefetch_")
   os.makedirs(root, exist_ok=True)
   try:

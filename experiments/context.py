@@ -54,6 +54,10 @@ class ExperimentSettings(cli.Settings):
   stop_on_failure: bool = cli.option(
       False, "Stop at the first checkpoint that fails to restore or evaluate (default: report it "
              "in one line, leave it out and go on).", key=False)
+  conventions: str = cli.option(
+      "native", "Text conventions: native (each family's own prefix: OPT </s>, Llama <s>, none for "
+                "Pythia and OLMo) or lm_eval (lm-evaluation-harness HFLM's defaults, to compare "
+                "with published lm-eval numbers).", choices=("native", "lm_eval"))
 
 
 @dataclasses.dataclass
@@ -91,7 +95,7 @@ class Experiment:
     self.store = ResultStore(os.path.join(self.out_dir, STORE_DIR))
 
   def _load(self, suite_path: str, models: Sequence[str] | None) -> None:
-    from opt_jax import checkpoint, sharding  # pylint: disable=import-outside-toplevel
+    from opt_jax import checkpoint, sharding, sweep  # pylint: disable=import-outside-toplevel
 
     self.suite = _load_suite(suite_path, models)
     self.configs = {m.name: checkpoint.load_config(next(iter(m.checkpoints.values())))
@@ -103,7 +107,8 @@ class Experiment:
           sharding.check_divisible(config, self.mesh, batch_size=self.settings.batch_size)
         except ValueError as e:
           raise InputError(f"--mesh={self.settings.mesh}: {e}") from None
-    self.tokenizers = {m.name: _tokenizer(m) for m in self.suite.models}
+    self.tokenizers = {m.name: sweep.load_model_tokenizer(m, self.settings.conventions)
+                       for m in self.suite.models}
     self.fingerprints = {name: t.fingerprint() for name, t in self.tokenizers.items()}
 
   def with_suite(self, suite_path: str) -> "Experiment":
@@ -155,6 +160,7 @@ class Experiment:
 
     s = self.settings
     self._scorers = sweep.ScorerCache(batch_size=s.batch_size, dtype=self.dtype, mesh=self.mesh,
+                                      conventions=s.conventions,
                                       **scorer_options)
     info = {"settings": cli.as_dict(s), "key": list(key), **self.run_info}
     try:
@@ -261,17 +267,3 @@ def _load_suite(path: str, models: Sequence[str] | None):
     if isinstance(e, InputError):
       raise
     raise InputError(str(e)) from None
-
-
-def _tokenizer(model):
-  """The tokenizer stored with the model's checkpoints (the first one that has its files)."""
-  from opt_jax.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
-  errors = []
-  for path in model.checkpoints.values():
-    try:
-      return load_tokenizer(path)
-    except (OSError, ValueError) as e:
-      errors.append(str(e))
-  raise InputError(f"model {model.name!r}: no checkpoint directory has tokenizer files "
-                   f"(tokenizer.json, or vocab.json + merges.txt); first error: {errors[0]}")
-

@@ -45,10 +45,11 @@ class CorpusScorer:
             "context_length": self.context_length, "stride": self.stride}
 
   def token_lists(self, tok) -> list[list[int]]:
-    """Every document of every corpus encoded by `tok` (</s> first), in order."""
+    """Every document of every corpus encoded by `tok` for rolling scoring
+    (`Tokenizer.encode_documents`: the first id, e.g. OPT's </s>, is context only), in order."""
     fp = tok.fingerprint()
     if fp not in self._encoded:
-      self._encoded[fp] = tok.encode_batch([t for c in self.corpora for t in c.texts])
+      self._encoded[fp] = tok.encode_documents([t for c in self.corpora for t in c.texts])
     return self._encoded[fp]
 
   def arrays(self, logprobs: Sequence[np.ndarray], prefix: str = "") -> tuple[dict, int]:

@@ -215,19 +215,21 @@ def _decode(tok, ids: Sequence[int]) -> str:
 
 def make_prompts(settings: Settings, tok, docs: Sequence[str], max_tokens: int
                  ) -> tuple[list[str], list[list[int]], int]:
-  """(prompt texts, prompt ids [</s>, ...], number truncated to max_tokens)."""
+  """(prompt texts, prompt ids [start, ...], number truncated to max_tokens). Every prompt starts
+  with the tokenizer's start token (the family's prefix, e.g. OPT's </s>, or its end-of-text
+  token for families without one), so that its first text token is conditioned on something."""
   if settings.prompts:
     texts = read_prompts(settings.prompts)
-    ids = tok.encode_batch(texts)
+    ids = [[tok.start_id] + b for b in tok.encode_batch(texts, add_bos=False)]
   else:
-    body = draw_spans([d[1:] for d in tok.encode_batch(list(docs))], settings.num_prompts,
+    body = draw_spans(tok.encode_batch(list(docs), add_bos=False), settings.num_prompts,
                       settings.prompt_tokens, perturb.rng_for(settings.seed, "prompts"),
                       "corpus (prompts)")
-    ids = [[tok.bos_id] + b for b in body]
+    ids = [[tok.start_id] + b for b in body]
     texts = [_decode(tok, b) for b in body]
   truncated = 0
   for i, p in enumerate(ids):
-    if len(p) > max_tokens:   # keep </s> and the most recent tokens
+    if len(p) > max_tokens:   # keep the start token and the most recent tokens
       ids[i] = [p[0]] + p[len(p) - max_tokens + 1:]
       texts[i] = _decode(tok, ids[i][1:])
       truncated += 1
@@ -337,11 +339,11 @@ def generated_sets(ctx: Experiment, docs: Sequence[str]) -> tuple[list[SequenceS
 def perturbed_sets(settings: Settings, tok, docs: Sequence[str]) -> tuple[list[SequenceSet],
                                                                          dict[str, Any]]:
   """clean, replace_<rate>, shuffle_<rate>, facts_original, facts_swapped from corpus spans."""
-  body = draw_spans([d[1:] for d in tok.encode_batch(list(docs))], settings.num_passages,
+  body = draw_spans(tok.encode_batch(list(docs), add_bos=False), settings.num_passages,
                     settings.passage_tokens, perturb.rng_for(settings.seed, "passages"),
                     "corpus (passages)")
   fp = tok.fingerprint()
-  bos = tok.bos_id
+  bos = tok.start_id
   special = _SPECIAL_IDS | {bos, tok.pad_id}
   pool = np.array([i for i in range(tok.vocab_size) if i not in special])
 
@@ -416,7 +418,7 @@ def scoring_inputs(s: SequenceSet, tok) -> tuple[list[list[int]], list[int]]:
   when `tok` is the set's tokenizer, else the texts re-tokenised (n = 0: nothing to score)."""
   if tok.fingerprint() == s.tokenizer:
     return [c + x for c, x in zip(s.context_ids, s.ids)], [len(x) for x in s.ids]
-  ctx = tok.encode_batch(s.contexts)
+  ctx = [[tok.start_id] + c for c in tok.encode_batch(s.contexts, add_bos=False)]
   tgt = tok.encode_batch(s.texts, add_bos=False)
   return [c + x for c, x in zip(ctx, tgt)], [len(x) for x in tgt]
 

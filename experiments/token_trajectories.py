@@ -87,8 +87,9 @@ class Corpus:
 
 
 def tokenize_corpus(names, texts, tokenizer) -> Corpus:
-  """Encodes each text (</s> prepended); texts are non-empty (opt_jax.inputs drops empty ones)."""
-  documents = tokenizer.encode_batch(list(texts))
+  """Encodes each text for rolling scoring (`Tokenizer.encode_documents`: its first id, e.g. OPT's
+  </s>, is context only); texts are non-empty (opt_jax.inputs drops empty ones)."""
+  documents = tokenizer.encode_documents(list(texts))
   token_ids = np.concatenate([np.asarray(d[1:], np.int32) for d in documents])
   positions = np.concatenate([np.arange(1, len(d), dtype=np.int32) for d in documents])
   document = np.concatenate([np.full(len(d) - 1, i, np.int32) for i, d in enumerate(documents)])

@@ -1,10 +1,10 @@
 """opt_jax checkpoints: an orbax params pytree plus config.json, metadata and tokenizer files.
 
 A checkpoint is a directory:
-  DIR/config.json      HF-compatible OPT config (`OPTConfig.to_json_file`)
+  DIR/config.json      the HF config.json of the model's family (`DecoderConfig.to_json_file`)
   DIR/params/          orbax checkpoint of the params pytree (zarr, uncompressed, one file per
                        chunk of <= 64 MiB); layout in the `opt_jax.model` docstring
-  DIR/opt_jax.json     {"format": 1, "dtype": "float32", "num_params": ..., **extra}; written last
+  DIR/opt_jax.json     {"format": 2, "dtype": "float32", "num_params": ..., **extra}; written last
   DIR/tokenizer.json | vocab.json + merges.txt (+ tokenizer_config.json, special_tokens_map.json)
 
 `save` writes everything under a hidden temporary sibling and renames it into place, so a crash
@@ -14,6 +14,9 @@ recognisably an earlier output of the same kind (`check_can_overwrite`). `restor
 array straight into the sharding the caller asks for: with a mesh, each process reads only the
 chunks its devices hold; a missing or truncated chunk is an InputError naming the tensor. Saving
 is synchronous and meant for one process (conversion); restoring works on any mesh.
+
+Format 2 names parameters by feature (embed, layers/attn/q_kernel, ...) for every family; format
+1 (OPT-only names, before families) is refused with a message to re-convert.
 
 `checkpoint_problem` is the one test of whether opt_jax can read a directory (cheap, no arrays);
 `identity` is what a stored result records of the checkpoint it was computed from.
@@ -38,10 +41,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from opt_jax import files
-from opt_jax.config import OPTConfig
+from opt_jax.config import DecoderConfig
 from opt_jax.errors import InputError, MissingFileError, OutputExistsError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 METADATA_FILE = "opt_jax.json"
 PARAMS_DIR = "params"
@@ -90,7 +93,7 @@ def _path_str(path: tuple[Any, ...]) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def _check_params_match_config(params: Any, config: OPTConfig) -> None:
+def _check_params_match_config(params: Any, config: DecoderConfig) -> None:
   """Raises ValueError naming every leaf whose presence or shape differs from `config`'s model."""
   from opt_jax import model  # Deferred: building the Flax module is only needed here.
 
@@ -110,7 +113,7 @@ def _dtype_name(params: Any) -> str:
   return names[0] if len(names) == 1 else "mixed:" + ",".join(names)
 
 
-def save(directory: str | os.PathLike, params: Any, config: OPTConfig, *,
+def save(directory: str | os.PathLike, params: Any, config: DecoderConfig, *,
          tokenizer_files: Iterable[str | os.PathLike | tuple[str | os.PathLike, str]] = (),
          extra: Mapping[str, Any] | None = None,
          overwrite: bool = False) -> None:
@@ -257,7 +260,7 @@ def _problem(directory: str) -> tuple[type[Exception], str] | None:
                         "written); convert or save it again")
   try:
     _read_metadata(directory)
-    OPTConfig.from_json_file(os.path.join(directory, CONFIG_FILE))
+    DecoderConfig.from_json_file(os.path.join(directory, CONFIG_FILE))
   except (OSError, ValueError, KeyError, TypeError) as e:
     return InputError, f"{directory}: {e}"
   return None
@@ -286,15 +289,15 @@ def require_checkpoint(directory: str | os.PathLike) -> str:
   return directory
 
 
-def load_config(directory: str | os.PathLike) -> OPTConfig:
-  """The OPTConfig of the checkpoint at `directory`."""
+def load_config(directory: str | os.PathLike) -> DecoderConfig:
+  """The DecoderConfig of the checkpoint at `directory` (read by the family of its model_type)."""
   directory = os.path.abspath(os.fspath(directory))
   if not os.path.isdir(directory):
     raise MissingFileError(f"{directory}: no such directory; expected an opt_jax checkpoint")
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(path):
-    raise MissingFileError(f"{path} not found; expected the HF-style OPT config of the checkpoint")
-  return OPTConfig.from_json_file(path)
+    raise MissingFileError(f"{path} not found; expected the HF config.json of the checkpoint")
+  return DecoderConfig.from_json_file(path)
 
 
 def load_metadata(directory: str | os.PathLike) -> dict[str, Any]:
@@ -309,6 +312,12 @@ def _read_metadata(directory: str) -> dict[str, Any]:
       metadata = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise InputError(f"{path}: not valid JSON ({e})") from None
+  if isinstance(metadata, dict) and metadata.get("format") == 1:
+    source = metadata.get("converted_from")
+    raise InputError(f"{directory} is an opt_jax checkpoint of format 1 (OPT-only parameter "
+                     f"names); this opt_jax reads format {FORMAT_VERSION}: re-convert it from "
+                     + (f"its source {source}" if source else "its source checkpoint")
+                     + " with python -m tools.convert_checkpoint")
   if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_VERSION:
     raise InputError(f"{path}: expected an object with \"format\": {FORMAT_VERSION}, got "
                      f"{metadata!r:.200}")

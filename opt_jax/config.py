@@ -1,4 +1,11 @@
-"""OPT model configuration: every field that changes the math, presets, HF config.json in and out."""
+"""The neutral decoder config: every field that changes the math, named by the feature it selects.
+
+A model family (opt_jax/families/) is a set of values of these fields plus its HF file formats;
+opt_jax/model.py builds the decoder from the fields alone and never asks which family it is.
+
+Dimension letters (as in model.py): V vocab, E embed_dim, D hidden_size, N heads, K kv heads,
+H head_dim, F intermediate_size, L layers, P max_position_embeddings.
+"""
 
 from __future__ import annotations
 
@@ -7,193 +14,232 @@ import json
 import os
 from typing import Any
 
-ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish")
+from opt_jax.errors import InputError, MissingFileError
+
+POSITIONS = ("learned", "rotary")
+NORMS = ("layernorm", "rmsnorm")
+BLOCKS = ("pre_norm", "post_norm", "parallel", "output_norm")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 
 
 @dataclasses.dataclass(frozen=True)
-class OPTConfig:
-  """Shape and architecture of an OPT decoder.
+class DecoderConfig:
+  """Shape and architecture of a decoder-only transformer.
 
-  `word_embed_proj_dim` is the width of the token embedding (and tied LM head); when it differs
-  from `hidden_size` the model has `project_in` [E, D] and `project_out` [D, E] (OPT-350m).
-  `do_layer_norm_before=False` is the post-LN variant (OPT-350m). `final_layer_norm` says
-  whether the decoder ends with a layer norm (HF: pre-LN and not `_remove_final_layer_norm`).
+  family: the opt_jax/families/ module that reads and writes this model's HF files.
+  vocab_size: rows of the token embedding and of the LM head. It may exceed the tokenizer's
+    vocabulary (Pythia pads 50277 tokens to 50304 rows): the extra rows take part in every
+    softmax exactly as they do in HF.
+  num_key_value_heads: K key/value heads shared by groups of N / K query heads (GQA; K = 1 is
+    MQA); None = N. head_dim: H; None = D / N. embed_dim: E, the width of the token embedding
+    and LM head; E != D adds project_in [E, D] and project_out [D, E] (OPT-350m); None = D.
+
+  positions: "learned" (a table of position_offset + P rows; position p uses row p +
+    position_offset, OPT reserves 2 rows) or "rotary" (RoPE on the first rotary_fraction * H
+    dims of each query and key head, rotate-half layout: dim j pairs with dim j + rotary_dim / 2,
+    frequencies rotary_base^(-2j / rotary_dim)).
+  norm: "layernorm" or "rmsnorm", computed in fp32; norm_affine: learned scale (and bias for
+    layernorm); False is the non-parametric norm of OLMo-1. norm_eps: added to the variance.
+  block: where the two norms of a layer sit (f = attention, then the MLP):
+    pre_norm     x = x + f(norm(x))                       (OPT, Llama, OLMo)
+    post_norm    x = norm(x + f(x))                       (OPT-350m)
+    parallel     x = x + attn(norm_a(x)) + mlp(norm_m(x)) (GPT-NeoX use_parallel_residual)
+    output_norm  x = x + norm(f(x))                       (OLMo-2)
+  final_norm: a norm after the last layer.
+  qk_norm: the norm (same kind and eps) over the whole query and the whole key projection
+    (all heads together), before rotary (OLMo-2). clip_qkv: clamp q, k and v to [-c, c] right
+    after their projections (OLMo-1); None = no clipping.
+  activation: "relu", "gelu" (exact erf), "gelu_tanh" (tanh approximation) or "silu";
+    gated_mlp: down(act(x W_gate) * (x W_up)) (SwiGLU with silu) instead of down(act(x W_up)).
+  attention_bias: biases on the q, k, v and output projections; mlp_bias: on the MLP's.
+  tie_embeddings: the LM head is the token embedding; False: a separate [V, E] head.
+  bos/eos/pad_token_id: the special ids of config.json (None where the model has none).
   """
 
-  vocab_size: int = 50272
-  hidden_size: int = 768
-  num_hidden_layers: int = 12
-  num_attention_heads: int = 12
-  ffn_dim: int = 3072
-  max_position_embeddings: int = 2048
-  word_embed_proj_dim: int | None = None
-  do_layer_norm_before: bool = True
-  final_layer_norm: bool | None = None
-  enable_bias: bool = True
-  layer_norm_elementwise_affine: bool = True
-  activation_function: str = "relu"
-  layer_norm_eps: float = 1e-5
-  pad_token_id: int = 1
-  bos_token_id: int = 2
-  eos_token_id: int = 2
+  family: str
+  vocab_size: int
+  hidden_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  intermediate_size: int
+  max_position_embeddings: int
+  num_key_value_heads: int | None = None
+  head_dim: int | None = None
+  embed_dim: int | None = None
+  positions: str = "learned"
+  position_offset: int = 0
+  rotary_base: float = 10000.0
+  rotary_fraction: float = 1.0
+  norm: str = "layernorm"
+  norm_affine: bool = True
+  norm_eps: float = 1e-5
+  block: str = "pre_norm"
+  final_norm: bool = True
+  qk_norm: bool = False
+  clip_qkv: float | None = None
+  activation: str = "relu"
+  gated_mlp: bool = False
+  attention_bias: bool = True
+  mlp_bias: bool = True
+  tie_embeddings: bool = True
+  bos_token_id: int | None = None
+  eos_token_id: int | None = None
+  pad_token_id: int | None = None
 
   def __post_init__(self):
     # Frozen dataclass: resolve defaults that depend on other fields through object.__setattr__.
-    if self.word_embed_proj_dim is None:
-      object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
-    if self.final_layer_norm is None:
-      object.__setattr__(self, "final_layer_norm", bool(self.do_layer_norm_before))
+    if self.num_key_value_heads is None:
+      object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+    d, n = self.hidden_size, self.num_attention_heads
+    if self.head_dim is None and _positive_int(d) and _positive_int(n) and d % n == 0:
+      object.__setattr__(self, "head_dim", d // n)   # otherwise validate() names the problem
+    if self.embed_dim is None:
+      object.__setattr__(self, "embed_dim", self.hidden_size)
     self.validate()
 
   def validate(self) -> None:
+    """Raises InputError naming every field whose value is invalid."""
+    from opt_jax import families  # pylint: disable=import-outside-toplevel
     problems = []
-    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim",
-                 "max_position_embeddings", "word_embed_proj_dim"):
+    if self.family not in families.NAMES:
+      problems.append(f"family={self.family!r} is not one of {families.NAMES}")
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "intermediate_size", "max_position_embeddings",
+                 "embed_dim"):
+      if not _positive_int(getattr(self, name)):
+        problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+    if not problems:
+      if self.head_dim is None:
+        problems.append(f"hidden_size={self.hidden_size} is not divisible by "
+                        f"num_attention_heads={self.num_attention_heads} (or give head_dim)")
+      elif not _positive_int(self.head_dim):
+        problems.append(f"head_dim must be a positive integer, got {self.head_dim!r}")
+      if self.num_attention_heads % self.num_key_value_heads:
+        problems.append(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                        f"num_key_value_heads={self.num_key_value_heads}")
+    for name, allowed in (("positions", POSITIONS), ("norm", NORMS), ("block", BLOCKS),
+                          ("activation", ACTIVATIONS)):
+      if getattr(self, name) not in allowed:
+        problems.append(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+    if not (isinstance(self.position_offset, int) and self.position_offset >= 0):
+      problems.append(f"position_offset must be an integer >= 0, got {self.position_offset!r}")
+    if not 0.0 < self.rotary_fraction <= 1.0:
+      problems.append(f"rotary_fraction must be in (0, 1], got {self.rotary_fraction!r}")
+    elif self.positions == "rotary" and not problems and self.rotary_dim % 2:
+      problems.append(f"rotary_fraction={self.rotary_fraction} of head_dim={self.head_dim} "
+                      f"rotates {self.rotary_dim} dims; rotate-half needs an even number")
+    if self.clip_qkv is not None and not self.clip_qkv > 0:
+      problems.append(f"clip_qkv must be > 0 or None, got {self.clip_qkv!r}")
+    if not self.norm_eps > 0:
+      problems.append(f"norm_eps must be > 0, got {self.norm_eps!r}")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
       value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        problems.append(f"{name} must be a positive integer, got {value!r}")
-    if not problems and self.hidden_size % self.num_attention_heads:
-      problems.append(f"hidden_size={self.hidden_size} is not divisible by "
-                      f"num_attention_heads={self.num_attention_heads}")
-    if self.activation_function not in ACTIVATIONS:
-      problems.append(f"activation_function={self.activation_function!r} is not one of {ACTIVATIONS}")
+      if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                    and value >= 0):
+        problems.append(f"{name} must be a token id (integer >= 0) or None, got {value!r}")
     if problems:
-      raise ValueError("invalid OPTConfig: " + "; ".join(problems))
+      raise InputError("invalid DecoderConfig: " + "; ".join(problems))
 
-  @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_attention_heads
+  # Derived quantities ---------------------------------------------------------------------------
 
   @property
   def has_projections(self) -> bool:
-    return self.word_embed_proj_dim != self.hidden_size
+    return self.embed_dim != self.hidden_size
+
+  @property
+  def rotary_dim(self) -> int:
+    """Dims of each head that rotary rotates (HF: int(head_dim * partial_rotary_factor))."""
+    return int(self.head_dim * self.rotary_fraction)
+
+  @property
+  def filler_token_id(self) -> int:
+    """A valid id for padded (masked) slots: pad, else eos, else 0."""
+    for value in (self.pad_token_id, self.eos_token_id):
+      if value is not None and value < self.vocab_size:
+        return value
+    return 0
 
   def num_params(self) -> int:
-    """Number of parameters (tied LM head counted once)."""
-    d, f, e, v = self.hidden_size, self.ffn_dim, self.word_embed_proj_dim, self.vocab_size
-    b = 1 if self.enable_bias else 0
-    ln = 2 * d if self.layer_norm_elementwise_affine else 0
-    per_layer = 4 * d * d + 4 * d * b + 2 * d * f + (f + d) * b + 2 * ln
-    total = v * e + (self.max_position_embeddings + 2) * d + self.num_hidden_layers * per_layer
+    """Number of parameters (a tied head counted once); equals the params tree's size."""
+    d, f, e, v = self.hidden_size, self.intermediate_size, self.embed_dim, self.vocab_size
+    qh, kh = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+    norm = (2 * d if self.norm == "layernorm" else d) if self.norm_affine else 0
+    per_layer = 2 * d * qh + 2 * d * kh + (2 if self.gated_mlp else 1) * d * f + f * d + 2 * norm
+    if self.attention_bias:
+      per_layer += qh + 2 * kh + d
+    if self.mlp_bias:
+      per_layer += (2 if self.gated_mlp else 1) * f + d
+    if self.qk_norm and self.norm_affine:
+      per_layer += (qh + kh) * (2 if self.norm == "layernorm" else 1)
+    total = v * e + self.num_hidden_layers * per_layer
+    if self.positions == "learned":
+      total += (self.max_position_embeddings + self.position_offset) * d
     if self.has_projections:
       total += 2 * d * e
-    if self.final_layer_norm:
-      total += ln
+    if self.final_norm:
+      total += norm
+    if not self.tie_embeddings:
+      total += v * e
     return total
 
   def flops_per_token(self, context_length: int) -> float:
     """Forward FLOPs per token: 2 x matmul parameters + attention scores and values (full T x T)."""
-    d, f, e, v = self.hidden_size, self.ffn_dim, self.word_embed_proj_dim, self.vocab_size
-    matmul = self.num_hidden_layers * (4 * d * d + 2 * d * f) + v * e
+    d, f, e, v = self.hidden_size, self.intermediate_size, self.embed_dim, self.vocab_size
+    qh, kh = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+    per_layer = 2 * d * qh + 2 * d * kh + (3 if self.gated_mlp else 2) * d * f
+    matmul = self.num_hidden_layers * per_layer + v * e
     if self.has_projections:
       matmul += 2 * d * e
-    attention = self.num_hidden_layers * 2 * d * context_length
+    attention = self.num_hidden_layers * 2 * qh * context_length
     return 2.0 * matmul + 2.0 * attention
 
-  def replace(self, **changes: Any) -> "OPTConfig":
+  def replace(self, **changes: Any) -> "DecoderConfig":
+    """A copy with `changes`. Fields left at their derived defaults (num_key_value_heads = N,
+    head_dim = D / N, embed_dim = D) are derived again from the changed fields unless given, so
+    replace(hidden_size=48) of a plain model stays plain (no project_in appears)."""
+    derived = {"num_key_value_heads": self.num_attention_heads,
+               "head_dim": self.hidden_size // self.num_attention_heads,
+               "embed_dim": self.hidden_size}
+    for name, default in derived.items():
+      if name not in changes and getattr(self, name) == default:
+        changes[name] = None
     return dataclasses.replace(self, **changes)
 
-  # HF config.json -----------------------------------------------------------------------------
+  # HF config.json, through the family -----------------------------------------------------------
 
   def to_hf_dict(self) -> dict[str, Any]:
-    return {
-        "architectures": ["OPTForCausalLM"],
-        "model_type": "opt",
-        "vocab_size": self.vocab_size,
-        "hidden_size": self.hidden_size,
-        "num_hidden_layers": self.num_hidden_layers,
-        "num_attention_heads": self.num_attention_heads,
-        "ffn_dim": self.ffn_dim,
-        "max_position_embeddings": self.max_position_embeddings,
-        "word_embed_proj_dim": self.word_embed_proj_dim,
-        "do_layer_norm_before": self.do_layer_norm_before,
-        "_remove_final_layer_norm": bool(self.do_layer_norm_before and not self.final_layer_norm),
-        "enable_bias": self.enable_bias,
-        "layer_norm_elementwise_affine": self.layer_norm_elementwise_affine,
-        "activation_function": self.activation_function,
-        "pad_token_id": self.pad_token_id,
-        "bos_token_id": self.bos_token_id,
-        "eos_token_id": self.eos_token_id,
-        "tie_word_embeddings": True,
-        "dropout": 0.0,
-        "attention_dropout": 0.0,
-        "activation_dropout": 0.0,
-        "layerdrop": 0.0,
-        "init_std": 0.02,
-        "use_cache": True,
-    }
+    """The HF config.json of this model (its family's model_type and field names)."""
+    from opt_jax import families  # pylint: disable=import-outside-toplevel
+    return families.get(self.family).to_hf(self)
 
   @classmethod
-  def from_hf_dict(cls, d: dict[str, Any], source: str = "config") -> "OPTConfig":
-    model_type = d.get("model_type", "opt")
-    if model_type != "opt":
-      raise ValueError(f"{source}: model_type is {model_type!r}, expected 'opt'")
-    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim")
-    missing = [k for k in required if k not in d]
-    if missing:
-      raise ValueError(f"{source}: missing key(s) {missing} needed for an OPT config")
-    do_ln_before = bool(d.get("do_layer_norm_before", True))
-    hidden = d["hidden_size"]
-    try:
-      return cls(
-          vocab_size=d["vocab_size"],
-          hidden_size=hidden,
-          num_hidden_layers=d["num_hidden_layers"],
-          num_attention_heads=d["num_attention_heads"],
-          ffn_dim=d["ffn_dim"],
-          max_position_embeddings=d.get("max_position_embeddings", 2048),
-          word_embed_proj_dim=d.get("word_embed_proj_dim") or hidden,
-          do_layer_norm_before=do_ln_before,
-          final_layer_norm=do_ln_before and not d.get("_remove_final_layer_norm", False),
-          enable_bias=bool(d.get("enable_bias", True)),
-          layer_norm_elementwise_affine=bool(d.get("layer_norm_elementwise_affine", True)),
-          activation_function=d.get("activation_function", "relu"),
-          pad_token_id=d.get("pad_token_id", 1) if d.get("pad_token_id") is not None else 1,
-          bos_token_id=d.get("bos_token_id", 2) if d.get("bos_token_id") is not None else 2,
-          eos_token_id=d.get("eos_token_id", 2) if d.get("eos_token_id") is not None else 2,
-      )
-    except ValueError as e:
-      raise ValueError(f"{source}: {e}") from None
+  def from_hf_dict(cls, d: dict[str, Any], source: str = "config") -> "DecoderConfig":
+    """The config of an HF config.json dict, read by the family of its model_type.
+
+    Raises InputError naming `source` for an unsupported model_type (listing the supported ones),
+    a missing key, or a field opt_jax does not implement set to a non-default value."""
+    from opt_jax import families  # pylint: disable=import-outside-toplevel
+    return families.from_hf_dict(d, source)
 
   @classmethod
-  def from_json_file(cls, path: str | os.PathLike) -> "OPTConfig":
+  def from_json_file(cls, path: str | os.PathLike) -> "DecoderConfig":
     path = os.fspath(path)
     try:
       with open(path) as f:
         d = json.load(f)
     except FileNotFoundError:
-      raise FileNotFoundError(f"config file not found: {path}") from None
+      raise MissingFileError(f"config file not found: {path}") from None
     except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: not valid JSON ({e})") from None
+      raise InputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+      raise InputError(f"{path}: expected a JSON object (an HF config.json)")
     return cls.from_hf_dict(d, source=path)
 
   def to_json_file(self, path: str | os.PathLike) -> None:
-    """Writes HF-compatible config.json atomically."""
+    """Writes the HF-compatible config.json atomically."""
     from opt_jax import files  # pylint: disable=import-outside-toplevel
     files.write_text(path, json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
 
 
-def _preset(hidden: int, layers: int, heads: int, **kw: Any) -> OPTConfig:
-  return OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                   ffn_dim=4 * hidden, **kw)
-
-
-# Published shapes of the OPT family (Zhang et al., 2022, Table 1; HF facebook/opt-* configs).
-PRESETS: dict[str, OPTConfig] = {
-    "125m": _preset(768, 12, 12),
-    "350m": _preset(1024, 24, 16, word_embed_proj_dim=512, do_layer_norm_before=False),
-    "1.3b": _preset(2048, 24, 32),
-    "2.7b": _preset(2560, 32, 32),
-    "6.7b": _preset(4096, 32, 32),
-    "13b": _preset(5120, 40, 40),
-    "30b": _preset(7168, 48, 56),
-    "66b": _preset(9216, 64, 72),
-    "175b": _preset(12288, 96, 96),
-}
-
-
-def get_preset(name: str) -> OPTConfig:
-  key = name.lower().removeprefix("facebook/").removeprefix("opt-")
-  if key not in PRESETS:
-    raise KeyError(f"unknown OPT preset {name!r}; known: {', '.join(PRESETS)}")
-  return PRESETS[key]
+def _positive_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value > 0

@@ -8,11 +8,13 @@ weights are all arguments of the program, so one compilation serves every checkp
 and every sampler setting.
 
 Conventions
-  * Prompts are lists of token ids (OPT's tokenizer prepends </s>). They are sorted by length,
+  * Prompts are lists of token ids (as the tokenizer's encode() gives them, e.g. starting with
+    OPT's </s> or Llama's <s>). They are sorted by length,
     left-padded to a bucketed length and a bucketed batch size; positions come from the attention
     mask, so a left-padded row sees exactly the positions HF gives it.
-  * Every row stops after it emits `eos_id` (the eos is part of its output); a finished row keeps
-    emitting pad and its cache slots are masked. The loop ends when every row is done.
+  * Every row stops after it emits `eos_id` (default: the config's eos_token_id; the eos is part
+    of its output); a finished row keeps emitting pad and its cache slots are masked. The loop
+    ends when every row is done.
   * Prompt too long: a prompt of n tokens needs n + max_new_tokens <= max_position_embeddings.
     By default a longer prompt is an error naming it; `truncate_prompts=True` keeps its last
     max_position_embeddings - max_new_tokens tokens instead.
@@ -25,7 +27,8 @@ Meshes (`mesh=`, from opt_jax.sharding.make_mesh): the decoding program is jitte
 shardings: parameters laid out by the rules table (sharding.shard_params; params restored straight
 into that layout are used as they are), prompt rows over the batch axes (data x fsdp; batch
 buckets are rounded up to a multiple of that split), each KV cache with sharding.cache_shardings
-(heads over `model`), tracing under sharding.activate. Divisibility is checked before anything is
+(kv heads over `model`, or replicated when they do not split), tracing under sharding.activate.
+Divisibility is checked before anything is
 placed or compiled. Every process of a multi-process run must make the same call with the same
 arguments; each gets the whole result. The tokens are those of the single-device run up to float
 rounding (tensor-parallel sums add in another order), which decides a token only at a near tie.
@@ -53,7 +56,7 @@ import numpy as np
 
 from opt_jax import model as M
 from opt_jax import sharding
-from opt_jax.config import OPTConfig
+from opt_jax.config import DecoderConfig
 
 Array = jax.Array
 FALLBACK_MASS = 1e-6
@@ -68,7 +71,7 @@ def num_compilations() -> int:
 @dataclasses.dataclass(frozen=True)
 class _Spec:
   """Everything static about one decoding program (hashable: a jit static argument)."""
-  configs: tuple[OPTConfig, ...]
+  configs: tuple[DecoderConfig, ...]
   max_new_tokens: int
   joint: bool
   dtype: str
@@ -183,7 +186,7 @@ def _decode(spec: _Spec, params: tuple, ids: Array, mask: Array, rows: Array, do
   b, t = ids.shape
   n = spec.max_new_tokens
   dtype = jnp.dtype(spec.dtype)
-  models = [M.OPT(c, dtype=dtype, attention=spec.attention) for c in spec.configs]
+  models = [M.Decoder(c, dtype=dtype, attention=spec.attention) for c in spec.configs]
 
   def forward(tok_ids, tok_mask, caches):
     """tok_ids/tok_mask [B, t'] -> (per-model logits of the last column [B, V] fp32, caches)."""
@@ -209,8 +212,8 @@ def _decode(spec: _Spec, params: tuple, ids: Array, mask: Array, rows: Array, do
 
   caches = tuple(M.init_cache(c, b, t + n, dtype) for c in spec.configs)
   if spec.mesh is not None:   # heads over `model`, rows over `data`, as the rules lay them out
-    caches = tuple(jax.lax.with_sharding_constraint(c, sharding.cache_shardings(spec.mesh))
-                   for c in caches)
+    caches = tuple(jax.lax.with_sharding_constraint(cache, sharding.cache_shardings(spec.mesh, c))
+                   for cache, c in zip(caches, spec.configs))
   logits, caches = forward(ids, mask, caches)
   tok, fell = choose(logits, jnp.int32(0), done)
   tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
@@ -242,7 +245,7 @@ _NUM_KNOBS = 9   # the scalar arguments of _decode after `done`
 
 
 @functools.lru_cache(maxsize=None)
-def _decoder(mesh, configs: tuple[OPTConfig, ...]):
+def _decoder(mesh, configs: tuple[DecoderConfig, ...]):
   """The jitted `_decode`: plain for one device; on a mesh with the layouts of its arguments and
   results pinned (params by the rules table, rows over the batch axes, knobs replicated)."""
   if mesh is None:
@@ -271,7 +274,8 @@ def _check_prompts(prompts, vocab_size: int, max_len: int, truncate: bool) -> li
   for i, p in enumerate(prompts):
     p = [int(x) for x in p]
     if not p:
-      raise ValueError(f"prompt {i} is empty; OPT prompts start with </s> (id 2)")
+      raise ValueError(f"prompt {i} is empty; give at least one token (the tokenizer's encode() "
+                       "starts a text with the family's prefix)")
     bad = [x for x in p if not 0 <= x < vocab_size]
     if bad:
       raise ValueError(f"prompt {i} has token id(s) {bad[:5]} outside [0, {vocab_size})")
@@ -286,9 +290,9 @@ def _check_prompts(prompts, vocab_size: int, max_len: int, truncate: bool) -> li
   return out
 
 
-def _run(configs: tuple[OPTConfig, ...], params: tuple, prompts, weights: np.ndarray, *,
+def _run(configs: tuple[DecoderConfig, ...], params: tuple, prompts, weights: np.ndarray, *,
          max_new_tokens: int, sampler: str, temperature: float, top_k: int, top_p: float,
-         eos_id: int | None, pad_id: int | None, seed: int, dtype, batch_size: int,
+         eos_id: int | None | str, pad_id: int | None, seed: int, dtype, batch_size: int,
          truncate_prompts: bool, attention: str, joint: bool, fallback_model: int = 0,
          mesh=None):
   """Shared driver of generate / joint_generate -> (list of new-token lists, fallback counts)."""
@@ -307,7 +311,11 @@ def _run(configs: tuple[OPTConfig, ...], params: tuple, prompts, weights: np.nda
                            truncate_prompts)
   for c in configs:   # before anything is placed or compiled
     sharding.check_divisible(c, mesh)
-  pad = configs[0].pad_token_id if pad_id is None else pad_id
+  pad = configs[0].filler_token_id if pad_id is None else pad_id
+  if isinstance(eos_id, str):
+    if eos_id != "config":
+      raise ValueError(f"eos_id={eos_id!r}: expected a token id, None or 'config'")
+    eos_id = configs[0].eos_token_id
   spec = _Spec(configs, max_new_tokens, joint, jnp.dtype(dtype).name, attention, mesh)
   greedy = sampler == "greedy"
   decode = _decoder(mesh, configs)
@@ -345,7 +353,7 @@ def _run(configs: tuple[OPTConfig, ...], params: tuple, prompts, weights: np.nda
     for r, i in enumerate(chunk):
       p = prompts[i]
       ids[r, t - len(p):], mask[r, t - len(p):], rows[r], done[r] = p, 1, i, False
-    ids[len(chunk):, -1], mask[len(chunk):, -1] = configs[0].bos_token_id, 1     # filler rows
+    ids[len(chunk):, -1], mask[len(chunk):, -1] = pad, 1                        # filler rows
     with sharding.activate(mesh):   # traced under the mesh: the model's rules apply
       out = decode(spec, params, *(put_rows(x) for x in (ids, mask, rows, done)), *knobs)
     tokens, lengths, fell = fetch(out)
@@ -355,16 +363,18 @@ def _run(configs: tuple[OPTConfig, ...], params: tuple, prompts, weights: np.nda
   return results, fallbacks
 
 
-def generate(config: OPTConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             sampler: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int | None = 2, pad_id: int | None = None, seed: int = 0, dtype=jnp.float32,
-             batch_size: int = 32, truncate_prompts: bool = False, attention: str = "xla",
-             mesh=None) -> list[list[int]]:
+def generate(config: DecoderConfig, params, prompts: Sequence[Sequence[int]], *,
+             max_new_tokens: int, sampler: str = "greedy", temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, eos_id: int | None | str = "config",
+             pad_id: int | None = None, seed: int = 0, dtype=jnp.float32, batch_size: int = 32,
+             truncate_prompts: bool = False, attention: str = "xla", mesh=None
+             ) -> list[list[int]]:
   """Decode up to max_new_tokens after each prompt; returns the new tokens only, eos included.
 
   sampler: "greedy" (argmax of the logits; temperature/top-k/top-p ignored) or "sample"
-  (temperature, then top-k (0: off), then top-p (1: off), then a seeded draw). eos_id=None never
-  stops early. pad_id defaults to config.pad_token_id. See the module docstring for conventions.
+  (temperature, then top-k (0: off), then top-p (1: off), then a seeded draw). eos_id: "config"
+  (the config's eos_token_id), a token id, or None (never stop early). pad_id defaults to
+  config.filler_token_id (pad, else eos). See the module docstring for conventions.
   mesh: optional opt_jax.sharding mesh (module docstring, "Meshes"); the same tokens as without.
   """
   results, _ = _run((config,), (params,), prompts, np.ones(1), max_new_tokens=max_new_tokens,
@@ -375,7 +385,7 @@ def generate(config: OPTConfig, params, prompts: Sequence[Sequence[int]], *, max
   return results
 
 
-def check_joint_models(configs: Sequence[OPTConfig], tokenizers: Sequence[Any] | None = None,
+def check_joint_models(configs: Sequence[DecoderConfig], tokenizers: Sequence[Any] | None = None,
                        names: Sequence[str] | None = None) -> None:
   """Raise ValueError unless the models can be mixed: same tokenizer fingerprint, same vocab size.
 
@@ -398,10 +408,11 @@ def check_joint_models(configs: Sequence[OPTConfig], tokenizers: Sequence[Any] |
                      f"{dict(zip(names, sizes))}")
 
 
-def joint_generate(models: Sequence[tuple[OPTConfig, Any]], weights: Sequence[float],
+def joint_generate(models: Sequence[tuple[DecoderConfig, Any]], weights: Sequence[float],
                    prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                    sampler: str = "greedy", temperature: float = 1.0, top_k: int = 0,
-                   top_p: float = 1.0, eos_id: int | None = 2, pad_id: int | None = None,
+                   top_p: float = 1.0, eos_id: int | None | str = "config",
+                   pad_id: int | None = None,
                    seed: int = 0, dtype=jnp.float32, batch_size: int = 32,
                    truncate_prompts: bool = False, attention: str = "xla",
                    tokenizers: Sequence[Any] | None = None, names: Sequence[str] | None = None,

@@ -367,7 +367,7 @@ class SuiteBuild:
 
 def _model_params(checkpoints: list[CachedCheckpoint], template_params: int | None,
                   given: int | None) -> int | None:
-  from opt_jax.config import OPTConfig  # pylint: disable=import-outside-toplevel
+  from opt_jax.config import DecoderConfig  # pylint: disable=import-outside-toplevel
   counted = count_params(checkpoints[-1].path)
   if counted:
     return counted
@@ -376,8 +376,7 @@ def _model_params(checkpoints: list[CachedCheckpoint], template_params: int | No
   try:
     with open(os.path.join(checkpoints[-1].path, CONFIG_FILE)) as f:
       config = json.load(f)
-    if config.get("model_type") == "opt":
-      return OPTConfig.from_hf_dict(config).num_params()
+    return DecoderConfig.from_hf_dict(config).num_params()
   except (OSError, ValueError, TypeError):
     pass
   return given

@@ -10,17 +10,24 @@ Two layers:
     run compiles a handful of programs; parameters are arguments, so `set_params` with another
     checkpoint of the same size compiles nothing.
 
-Conventions (lm-evaluation-harness, `lm_eval/api/model.py` and `lm_eval/utils.py`):
+Requests (lm-evaluation-harness, `lm_eval/api/model.py` and `lm_eval/utils.py`), with the text
+convention of the tokenizer (`conventions=`: "native", the family's, or "lm_eval", HFLM's
+defaults; opt_jax/tokenizer.py):
   * loglikelihood(context, continuation): trailing spaces of the context move to the front of the
     continuation; context + continuation is encoded as one string and the continuation is the
-    tokens after the context's own tokens. Every encoding starts with `</s>` (OPT's convention;
-    the harness adds it only for an empty context unless add_bos_token=True). The input is the
-    last max_length tokens of (context + continuation)[:-1]; the result is the sum of the
-    continuation's log-probs (nats) and whether every continuation token is the argmax.
+    tokens after the context's own tokens. Each encoding starts with the convention's prefix
+    (native: OPT's `</s>`, Llama's `<s>`, nothing for Pythia / OLMo; lm_eval: nothing); a context
+    that encodes to nothing becomes the tokenizer's start_id (lm_eval: bos, else eos, as HFLM's
+    empty-context rule). The input is the last max_length tokens of (context +
+    continuation)[:-1]; the result is the sum of the continuation's log-probs (nats) and whether
+    every continuation token is the argmax.
   * loglikelihood_rolling: windows of `get_rolling_token_windows` with max_seq_len =
-    context_length and context_len = context_length - stride + 1: every token after the leading
-    `</s>` is scored exactly once, the first window conditions on `</s>` alone, and each later
-    window predicts `stride` new tokens conditioned on the context_length - stride tokens before.
+    context_length and context_len = context_length - stride + 1 over the document's ids
+    (`Tokenizer.encode_documents`: native: the encoded text; lm_eval: start_id + the text, as
+    HFLM): every token after the first is scored exactly once, the first window conditions on
+    that first token alone, and each later window predicts `stride` new tokens conditioned on
+    the context_length - stride tokens before. lm_eval's own call is stride = context_length =
+    max_length.
   * Several continuations of one context (multiple choice): with share_prefix=True the context
     goes through the model once (KV cache), then every continuation is scored against the cached
     prefix (the cache rows repeated per continuation). Same numbers as scoring independently.
@@ -41,7 +48,7 @@ from tqdm.auto import tqdm
 
 from opt_jax import model as M
 from opt_jax import sharding
-from opt_jax.config import OPTConfig
+from opt_jax.config import DecoderConfig
 
 Array = jax.Array
 DEFAULT_VOCAB_CHUNK = 8192
@@ -74,7 +81,8 @@ def head_logprobs(head: Array, hidden: Array, targets: Array,
                   ) -> tuple[Array, Array]:
   """log p(targets) under softmax(hidden @ head.T), without materialising [B, T, V].
 
-  head [V, E] (the tied LM head, any dtype); hidden [B, T, E] (compute dtype); targets [B, T] int.
+  head [V, E] (the LM head, any dtype; every row takes part in the softmax, as in HF, padded
+  vocabulary rows included); hidden [B, T, E] (compute dtype); targets [B, T] int.
   Returns (logprobs [B, T] fp32 nats, is_greedy [B, T] bool: target is the argmax, first index
   winning ties like torch/numpy argmax).
 
@@ -132,7 +140,7 @@ def head_logprobs(head: Array, hidden: Array, targets: Array,
 
 
 def target_logprobs(params: Any, input_ids: Array, attention_mask: Array, targets: Array, *,
-                    config: OPTConfig, dtype=jnp.float32, attention: str = "xla",
+                    config: DecoderConfig, dtype=jnp.float32, attention: str = "xla",
                     attention_block: int = 256, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
                     vocab_shards: int | None = None) -> tuple[Array, Array]:
   """log p(targets[:, t] | input_ids[:, :t + 1]) for every t: the harness's (input, target) form.
@@ -140,13 +148,14 @@ def target_logprobs(params: Any, input_ids: Array, attention_mask: Array, target
   input_ids, attention_mask (1 real, 0 pad), targets: [B, T]. Returns (logprobs [B, T] fp32 nats,
   is_greedy [B, T] bool); entries at padded inputs are meaningless (callers select what they need).
   """
-  hidden, _ = M.OPT(config, dtype=dtype, attention=attention, attention_block=attention_block
-                    ).apply({"params": params}, input_ids, attention_mask)      # [B, T, E]
+  hidden, _ = M.Decoder(config, dtype=dtype, attention=attention, attention_block=attention_block
+                        ).apply({"params": params}, input_ids, attention_mask)  # [B, T, E]
   return head_logprobs(M.lm_head(params), hidden, targets, vocab_chunk, vocab_shards)
 
 
-def token_logprobs(params: Any, input_ids: Array, attention_mask: Array, *, config: OPTConfig,
-                   dtype=jnp.float32, attention: str = "xla", vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+def token_logprobs(params: Any, input_ids: Array, attention_mask: Array, *,
+                   config: DecoderConfig, dtype=jnp.float32, attention: str = "xla",
+                   vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
                    attention_block: int = 256) -> tuple[Array, Array]:
   """Per-token log p(ids[:, t] | ids[:, <t]) of a right- or left-padded batch.
 
@@ -166,7 +175,7 @@ def token_logprobs(params: Any, input_ids: Array, attention_mask: Array, *, conf
   return jnp.where(scored, lp, 0.0), greedy & scored
 
 
-def resolve_attention(attention: str, config: OPTConfig, dtype) -> str:
+def resolve_attention(attention: str, config: DecoderConfig, dtype) -> str:
   """"auto" -> "blocked" on CPU, "cudnn" on GPU for bf16/fp16 with a supported head size, else
   "xla"; any other value is returned as given (validated by the model)."""
   if attention != "auto":
@@ -194,8 +203,9 @@ def rolling_windows(tokens: Sequence[int], context_length: int, stride: int
                     ) -> list[tuple[list[int], list[int], int]]:
   """Windows (inputs, targets, n_scored) scoring each of tokens[1:] exactly once.
 
-  tokens[0] is the prefix (OPT's </s>) and is never scored. Window k predicts up to `stride` new
-  tokens (the first window: up to context_length) from at most context_length inputs; this is the
+  tokens[0] is context only (e.g. OPT's </s>) and is never scored. Window k predicts up to
+  `stride` new tokens (the first window: up to context_length) from at most context_length
+  inputs; this is the
   harness's get_rolling_token_windows + make_disjoint_window with max_seq_len = context_length
   and context_len = context_length - stride + 1.
   """
@@ -234,6 +244,8 @@ class Scorer:
 
   config, params: the model (params may be host or device arrays of any float dtype).
   tokenizer: an `opt_jax.tokenizer.Tokenizer`, needed by the string APIs only.
+  conventions: "native" or "lm_eval": the text convention of the string APIs (the tokenizer is
+    switched to it); None keeps the tokenizer's own.
   batch_size: rows per program (fixed; short batches are padded with dummy rows).
   max_length: longest model input (default config.max_position_embeddings).
   dtype: compute dtype; log-probs are fp32 whatever it is.
@@ -246,12 +258,15 @@ class Scorer:
   min_bucket: shortest padded length; buckets are min_bucket * 2^k and max_length.
   """
 
-  def __init__(self, config: OPTConfig, params: Any, *, tokenizer=None, batch_size: int = 8,
+  def __init__(self, config: DecoderConfig, params: Any, *, tokenizer=None,
+               conventions: str | None = None, batch_size: int = 8,
                max_length: int | None = None, dtype=jnp.float32, attention: str = "auto",
                mesh=None, share_prefix: bool = True, cont_batch_size: int | None = None,
                min_bucket: int = 16, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
                attention_block: int = 256, progress: bool = False):
     self.config = config
+    if tokenizer is not None and conventions is not None:
+      tokenizer = tokenizer.with_conventions(conventions)
     self.tokenizer = tokenizer
     self.batch_size = int(batch_size)
     self.cont_batch_size = int(cont_batch_size) if cont_batch_size else None
@@ -273,7 +288,8 @@ class Scorer:
       if self.cont_batch_size:
         sharding.check_divisible(config, mesh, batch_size=self.cont_batch_size)
     self._batch_sharding = sharding.batch_sharding(mesh)
-    model = M.OPT(config, dtype=dtype, attention=self.attention, attention_block=attention_block)
+    model = M.Decoder(config, dtype=dtype, attention=self.attention,
+                      attention_block=attention_block)
     # The vocab-parallel split of the head comes from the mesh active while tracing (_call).
 
     def score(params, ids, mask, targets):
@@ -355,7 +371,7 @@ class Scorer:
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].inputs))
     batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
     out: list[Any] = [None] * len(rows)
-    pad_id = self.config.pad_token_id
+    pad_id = self.config.filler_token_id
 
     def collect(batch, result):
       lp, greedy = self._host(result[0]), self._host(result[1])
@@ -390,15 +406,16 @@ class Scorer:
                            ) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context) in nats, every continuation token greedy) per request.
 
-    context: token ids, non-empty (start it with </s> as Tokenizer.encode does); continuation:
-    1 to max_length token ids. Inputs longer than max_length lose their oldest context tokens.
+    context: token ids, non-empty (at least the token to condition on: Tokenizer.encode's
+    prefix, or its start_id); continuation: 1 to max_length token ids. Inputs longer than
+    max_length lose their oldest context tokens.
     """
     reqs = []
     for i, (ctx, cont) in enumerate(requests):
       ctx, cont = [int(t) for t in ctx], [int(t) for t in cont]
       if not ctx:
-        raise ValueError(f"request {i}: empty context; start it with </s> (id "
-                         f"{self.config.bos_token_id}) as Tokenizer.encode does")
+        raise ValueError(f"request {i}: empty context; give at least one token to condition on "
+                         "(the tokenizer's start_id, as Scorer.loglikelihood does)")
       if not 1 <= len(cont) <= self.max_length:
         raise ValueError(f"request {i}: continuation has {len(cont)} tokens; expected 1 to "
                          f"max_length={self.max_length}")
@@ -432,7 +449,7 @@ class Scorer:
                   ) -> dict[int, tuple[float, bool]]:
     """Prefill each context once (all but its last token), then score [last context token] +
     continuation[:-1] -> continuation for every option against the cached context rows."""
-    pad_id = self.config.pad_token_id
+    pad_id = self.config.filler_token_id
     contexts = sorted(groups, key=len, reverse=True)
     results: dict[int, tuple[float, bool]] = {}
     total = sum(len(ix) for ix in groups.values())
@@ -478,7 +495,7 @@ class Scorer:
 
   def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
     """(sum log p(continuation | context) in nats, is_greedy) per (context, continuation) string
-    pair, with the harness's boundary convention (module docstring)."""
+    pair, with the harness's boundary rule and the tokenizer's convention (module docstring)."""
     tok = self._require_tokenizer()
     contexts, wholes = [], []
     for i, (context, continuation) in enumerate(requests):
@@ -495,7 +512,7 @@ class Scorer:
       if not cont:
         raise ValueError(f"request {i}: continuation {requests[i][1]!r} encodes to no tokens after "
                          f"the context {requests[i][0][-40:]!r}")
-      pairs.append((c, cont))
+      pairs.append((c or [tok.start_id], cont))
     return self.loglikelihood_tokens(pairs)
 
   def rolling_tokens(self, token_lists: Sequence[Sequence[int]], context_length: int | None = None,
@@ -523,9 +540,11 @@ class Scorer:
 
   def loglikelihood_rolling(self, texts: Sequence[str], context_length: int | None = None,
                             stride: int | None = None) -> list[np.ndarray]:
-    """Per-token log-probs (fp32 nats) of every token of each text after the leading </s>."""
+    """Per-token log-probs (fp32 nats) of each text's tokens after the first of
+    `Tokenizer.encode_documents` (native: after the family's prefix; with no prefix the text's
+    first token is not scored; lm_eval: every token of the text, the first given start_id)."""
     tok = self._require_tokenizer()
-    return self.rolling_tokens(tok.encode_batch(list(texts)), context_length, stride)
+    return self.rolling_tokens(tok.encode_documents(list(texts)), context_length, stride)
 
   def _require_tokenizer(self):
     if self.tokenizer is None:
@@ -539,17 +558,19 @@ class Scorer:
 def score_text_file(checkpoint_dir: str, input_path: str, output_path: str, *,
                     context_length: int | None = None, stride: int | None = None,
                     batch_size: int = 8, dtype: str = "float32", attention: str = "auto",
-                    progress: bool = True) -> dict[str, Any]:
+                    conventions: str = "native", progress: bool = True) -> dict[str, Any]:
   """Scores every document of `input_path` (opt_jax.inputs: .jsonl is JSON lines with a "text"
   field, any other file one plain-text document) with the checkpoint.
 
   Writes `output_path` (JSONL, atomically: temporary name, then rename), one line per document:
     {"doc": i, "source": "path[:line]", "num_tokens": n, "nll": -sum(logprobs),
      "token_ids": [n ids], "tokens": [n strings], "logprobs": [n floats]}
-  over the n tokens after the leading </s>, log-probs in nats, each token scored once in sliding
-  windows (`Scorer.rolling_tokens`). Returns {"nll", "num_tokens", "perplexity", "documents",
-  "skipped"}: totals over all documents (perplexity = exp(nll / num_tokens)), empty documents
-  skipped. The input, the output location and the windows are checked before any restore.
+  over the n tokens after the first of `Tokenizer.encode_documents` under `conventions`
+  ("native": after the family's prefix, e.g. OPT's </s>; "lm_eval": every token of the text),
+  log-probs in nats, each token scored once in sliding windows (`Scorer.rolling_tokens`).
+  Returns {"nll", "num_tokens", "perplexity", "documents", "skipped"}: totals over all documents
+  (perplexity = exp(nll / num_tokens)), empty documents skipped. The input, the output location
+  and the windows are checked before any restore.
   """
   import json  # pylint: disable=import-outside-toplevel
 
@@ -570,8 +591,8 @@ def score_text_file(checkpoint_dir: str, input_path: str, output_path: str, *,
                      f"({context_length or positions})")
   if batch_size < 1:
     raise InputError(f"--batch_size={batch_size}: expected an integer >= 1")
-  tok = load_tokenizer(checkpoint_dir)
-  token_lists = tok.encode_batch(list(corpus.texts))
+  tok = load_tokenizer(checkpoint_dir, config=config, conventions=conventions)
+  token_lists = tok.encode_documents(list(corpus.texts))
   params = checkpoint.restore(checkpoint_dir, dtype=compute)
   scorer = Scorer(config, params, tokenizer=tok, batch_size=batch_size, dtype=compute,
                   attention=attention, progress=progress)

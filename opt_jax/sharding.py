@@ -4,8 +4,11 @@ The model (opt_jax/model.py) names the axes of every parameter and large activat
 names; `RULES` below is the only place that maps them to the mesh axes `data`, `fsdp`, `model`.
 Layout (Megatron-style tensor parallelism):
   attention heads and the MLP hidden dim are split over `model` (one reduction of activations
-  after the attention output projection and one after fc2, per layer);
-  the vocabulary of the tied embedding / LM head is split over `model` (vocabulary-parallel:
+  after the attention output projection and one after the MLP's down projection, per layer);
+  key/value heads of a GQA model are split over `model` too when their number K divides it, and
+  replicated otherwise (every device computes all K key/value heads and its query heads attend to
+  their group's): the one rule that depends on the config (`rules`);
+  the vocabulary of the embedding and LM head is split over `model` (vocabulary-parallel:
   logits stay split, log-softmax reduces across `model`);
   the batch is split over `data` x `fsdp`; parameters' embed dimension is split over `fsdp`
   (gathered layer by layer inside the scan; size 1 by default = no parameter sharding).
@@ -38,7 +41,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from opt_jax.config import OPTConfig
+from opt_jax.config import DecoderConfig
 from opt_jax.errors import InputError
 
 # Mesh axes, outermost first: `model` is innermost so tensor-parallel groups are neighbouring
@@ -49,11 +52,13 @@ AXES = ("data", "fsdp", "model")
 # one array want the same mesh axis (flax.linen.logical_to_mesh_axes semantics).
 RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),    # activations' batch dim
-    ("vocab", "model"),             # embed_tokens [V, E] (tied LM head): vocabulary-parallel
+    ("vocab", "model"),             # embed [V, E], lm_head [V, E]: vocabulary-parallel
     ("act_vocab", "model"),         # logits [B, T, V] (or vocab chunks of them)
-    ("heads", "model"),             # qkv_kernel [L, D, 3, N, H], out_kernel [L, N, H, D]
-    ("act_heads", "model"),         # q, k, v, attention output [B, T, N, H]; KV cache
-    ("mlp", "model"),               # fc1 [L, D, F], fc2 [L, F, D]
+    ("heads", "model"),             # q_kernel [L, D, N, H], o_kernel [L, N, H, D]
+    ("act_heads", "model"),         # q, attention output [B, T, N, H]
+    ("kv_heads", "model"),          # k/v_kernel [L, D, K, H]: replicated when K % model != 0
+    ("act_kv_heads", "model"),      # KV cache [L, B, S, K, H]: as kv_heads
+    ("mlp", "model"),               # up/gate_kernel [L, D, F], down_kernel [L, F, D]
     ("act_mlp", "model"),           # MLP hidden activations [B, T, F]
     ("embed", "fsdp"),              # parameters' D / E dim: ZeRO-3 style, only when fsdp > 1
     ("embed_out", None),            # project_in/out's D dim (350m): small, replicated
@@ -65,9 +70,10 @@ RULES: tuple[tuple[str, Any], ...] = (
 
 # Which config field a logical dimension comes from, for error messages.
 _DIM_FIELD = {
-    "vocab": "vocab_size", "heads": "num_attention_heads", "mlp": "ffn_dim",
-    "embed": "hidden_size", "embed_out": "hidden_size",
+    "vocab": "vocab_size", "heads": "num_attention_heads", "kv_heads": "num_key_value_heads",
+    "mlp": "intermediate_size", "embed": "hidden_size", "embed_out": "hidden_size",
 }
+_KV_NAMES = ("kv_heads", "act_kv_heads")
 
 
 # Meshes ---------------------------------------------------------------------------------------
@@ -163,14 +169,30 @@ def describe(mesh: Mesh | None) -> str:
 
 # Rules -> shardings ---------------------------------------------------------------------------
 
-def logical_to_spec(axes: Sequence[str | None]) -> PartitionSpec:
-  """Logical axis names of one array -> its PartitionSpec under RULES."""
-  return nn.logical_to_mesh_axes(tuple(axes), RULES)
+def logical_to_spec(axes: Sequence[str | None], rules: Sequence[tuple[str, Any]] = RULES
+                    ) -> PartitionSpec:
+  """Logical axis names of one array -> its PartitionSpec under `rules` (default RULES)."""
+  return nn.logical_to_mesh_axes(tuple(axes), tuple(rules))
 
 
-def named_sharding(mesh: Mesh | None, axes: Sequence[str | None]) -> NamedSharding | None:
+def named_sharding(mesh: Mesh | None, axes: Sequence[str | None],
+                   rules: Sequence[tuple[str, Any]] = RULES) -> NamedSharding | None:
   """NamedSharding of an array whose dims have these logical names (None without a mesh)."""
-  return None if mesh is None else NamedSharding(mesh, logical_to_spec(axes))
+  return None if mesh is None else NamedSharding(mesh, logical_to_spec(axes, rules))
+
+
+def kv_heads_replicated(config: DecoderConfig, mesh: Mesh | jax.sharding.AbstractMesh | None
+                        ) -> bool:
+  """True when the key/value heads do not split over this mesh and are replicated instead."""
+  return mesh is not None and config.num_key_value_heads % num_shards(mesh, "kv_heads") != 0
+
+
+def rules(config: DecoderConfig, mesh: Mesh | jax.sharding.AbstractMesh | None
+          ) -> tuple[tuple[str, Any], ...]:
+  """RULES for this model on this mesh: kv_heads replicated when K does not divide their axis."""
+  if not kv_heads_replicated(config, mesh):
+    return RULES
+  return tuple((name, None if name in _KV_NAMES else axes) for name, axes in RULES)
 
 
 def num_shards(mesh: Mesh | jax.sharding.AbstractMesh | None, name: str) -> int:
@@ -201,7 +223,7 @@ def batch_sharding(mesh: Mesh | None) -> NamedSharding | None:
   return named_sharding(mesh, ("batch", "act_length"))
 
 
-def _param_axes(config: OPTConfig) -> Any:
+def _param_axes(config: DecoderConfig) -> Any:
   from opt_jax import model  # Local import: model imports nothing from here, keep it that way.
   return model.logical_axes(config)
 
@@ -210,7 +232,8 @@ def _is_axes(x: Any) -> bool:
   return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 
 
-def param_shardings(config: OPTConfig, mesh: Mesh | None, params_or_shapes: Any = None) -> Any:
+def param_shardings(config: DecoderConfig, mesh: Mesh | None, params_or_shapes: Any = None
+                    ) -> Any:
   """Pytree of NamedSharding matching the params (layout: opt_jax/model.py docstring).
 
   params_or_shapes: optional params (arrays or ShapeDtypeStructs) to check the tree against.
@@ -223,14 +246,18 @@ def param_shardings(config: OPTConfig, mesh: Mesh | None, params_or_shapes: Any 
     if want != got:
       raise ValueError(f"params do not match the layout of this config: expected tree {want}, "
                        f"got {got}")
-  return jax.tree.map(lambda a: named_sharding(mesh, a), axes, is_leaf=_is_axes)
+  table = rules(config, mesh)
+  return jax.tree.map(lambda a: named_sharding(mesh, a, table), axes, is_leaf=_is_axes)
 
 
-def cache_shardings(mesh: Mesh | None) -> dict[str, NamedSharding | None]:
-  """Shardings of the KV cache dict of model.init_cache: heads over `model`, batch over data."""
+def cache_shardings(mesh: Mesh | None, config: DecoderConfig) -> dict[str, NamedSharding | None]:
+  """Shardings of the KV cache dict of model.init_cache: kv heads as the kv kernels (over `model`
+  or replicated), batch over data x fsdp."""
+  table = rules(config, mesh)
+  kv = ("layers", "batch", "act_length", "act_kv_heads", "head_dim")
   return {
-      "key": named_sharding(mesh, ("layers", "batch", "act_length", "act_heads", "head_dim")),
-      "value": named_sharding(mesh, ("layers", "batch", "act_length", "act_heads", "head_dim")),
+      "key": named_sharding(mesh, kv, table),
+      "value": named_sharding(mesh, kv, table),
       "valid": named_sharding(mesh, ("batch", "act_length")),
       "next_position": named_sharding(mesh, ("batch",)),
       "index": replicated(mesh),
@@ -243,11 +270,13 @@ def _divisors(n: int, upto: int) -> list[int]:
   return [d for d in range(1, min(n, upto) + 1) if n % d == 0]
 
 
-def check_divisible(config: OPTConfig, mesh: Mesh | None, batch_size: int | None = None) -> None:
-  """Raises ValueError, before anything is compiled, when a dimension cannot be split evenly.
+def check_divisible(config: DecoderConfig, mesh: Mesh | None, batch_size: int | None = None
+                    ) -> None:
+  """Raises InputError, before anything is compiled, when a dimension cannot be split evenly.
 
   Names the config field, the mesh axis and the fix. Checks every parameter dim the rules
-  split, the activations' heads/mlp/vocab dims, and `batch_size` against data x fsdp.
+  split (key/value heads that do not divide are replicated, not an error), the activations'
+  heads/mlp/vocab dims, and `batch_size` against data x fsdp.
   """
   if mesh is None:
     return
@@ -255,10 +284,11 @@ def check_divisible(config: OPTConfig, mesh: Mesh | None, batch_size: int | None
   problems: dict[str, str] = {}
   shapes = model.param_shapes(config)
   axes = _param_axes(config)
+  table = rules(config, mesh)
   flat_axes = jax.tree.leaves(axes, is_leaf=_is_axes)
   flat_shapes = jax.tree.leaves(shapes)
   for names, shape in zip(flat_axes, flat_shapes):
-    spec = logical_to_spec(names)
+    spec = logical_to_spec(names, table)
     for name, dim, mesh_axes in zip(names, shape.shape, tuple(spec) + (None,) * len(names)):
       if mesh_axes is None or name in problems:
         continue
@@ -283,7 +313,7 @@ def check_divisible(config: OPTConfig, mesh: Mesh | None, batch_size: int | None
       problems["batch"] = (f"batch_size={batch_size} is not divisible by data x fsdp = {k} of mesh "
                            f"{describe(mesh)}: use a batch size that is a multiple of {k}")
   if problems:
-    raise ValueError("cannot shard this model on this mesh: " + "; ".join(problems.values()))
+    raise InputError("cannot shard this model on this mesh: " + "; ".join(problems.values()))
 
 
 # Placement ------------------------------------------------------------------------------------
@@ -308,7 +338,7 @@ def put(x: Any, sharding: jax.sharding.Sharding | None) -> jax.Array:
   return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def shard_params(params: Any, config: OPTConfig, mesh: Mesh | None) -> Any:
+def shard_params(params: Any, config: DecoderConfig, mesh: Mesh | None) -> Any:
   """params (host or device arrays, identical on every process) placed on the mesh by RULES."""
   if mesh is None:
     return params

@@ -30,7 +30,8 @@ import os
 from typing import Any, Iterator, Mapping
 
 from opt_jax import files
-from opt_jax.config import PRESETS, OPTConfig
+from opt_jax import families
+from opt_jax.config import DecoderConfig
 from opt_jax.errors import InputError, MissingFileError
 
 _SUITE_FIELDS = ("name", "models", "description")
@@ -409,7 +410,7 @@ def _check_checkpoints(m: SuiteModel) -> list[str]:
   config's."""
   from opt_jax import checkpoint  # pylint: disable=import-outside-toplevel
   problems = []
-  configs: dict[int, OPTConfig] = {}
+  configs: dict[int, DecoderConfig] = {}
   for step, path in m.checkpoints.items():
     if not os.path.isdir(path):
       problems.append(f"model {m.name!r} step {step}: checkpoint directory {path} does not exist")
@@ -429,7 +430,7 @@ def _check_checkpoints(m: SuiteModel) -> list[str]:
     if config != reference:
       diff = [f"{f.name}={getattr(config, f.name)!r} (step {ref_step}: "
               f"{getattr(reference, f.name)!r})"
-              for f in dataclasses.fields(OPTConfig)
+              for f in dataclasses.fields(DecoderConfig)
               if getattr(config, f.name) != getattr(reference, f.name)]
       problems.append(f"model {m.name!r} step {step}: config.json in {m.checkpoints[step]} "
                       f"differs from the model's other checkpoints: {', '.join(diff)}")
@@ -469,7 +470,7 @@ def save_suite(suite_or_dict: Suite | dict[str, Any], path: str | os.PathLike) -
 # step for 125m), 4.9% more tokens per step; the paper's FLOPs axis used the decimal numbers.
 # 13b is 4M tokens per step (Table 1, metaseq's MODEL_SIZES and the analysis code agree; its
 # last analysed step, 70000, x 4M = 280B of the ~300B training tokens). `params` is the exact
-# count of the architecture (OPTConfig.num_params); the analysis code used rounded sizes
+# count of the architecture (DecoderConfig.num_params); the analysis code used rounded sizes
 # (125e6, 1.3e9, ...) for FLOPs, a < 3% difference.
 
 
@@ -508,7 +509,7 @@ def opt_suite_template(root: str = "checkpoints", sizes: list[str] | None = None
     name = f"opt-{size}"
     models.append({
         "name": name,
-        "params": PRESETS[size].num_params(),
+        "params": families.preset(f"opt-{size}").num_params(),
         "tokens_per_step": OPT_TOKENS_PER_STEP[size],
         "aliases": [f"facebook/opt-{size}", f"opt_{size}", size],
         "checkpoints": {str(s): f"{root}/{name}/step{s}" for s in all_steps[size]},

@@ -47,12 +47,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from opt_jax import checkpoint, files
-from opt_jax.config import OPTConfig
+from opt_jax.config import DecoderConfig
 from opt_jax.errors import InputError, UserError
 from opt_jax.results import CorruptResultError, Key, ResultStore
 from opt_jax.suite import Suite, SuiteModel
 
-Evaluate = Callable[[SuiteModel, int, OPTConfig, Any],
+Evaluate = Callable[[SuiteModel, int, DecoderConfig, Any],
                     tuple[Mapping[str, Any], Mapping[str, Any]]]
 Restore = Callable[..., Any]
 
@@ -276,10 +276,10 @@ def run_sweep(suite: Suite, evaluate: Evaluate, store: ResultStore, *,
         report.recomputed.append(key)
     todo.append((key, model, step, ident))
 
-  configs: dict[str, OPTConfig] = {}
-  shardings: dict[OPTConfig, Any] = {}
+  configs: dict[str, DecoderConfig] = {}
+  shardings: dict[DecoderConfig, Any] = {}
 
-  def config_of(path: str) -> OPTConfig:
+  def config_of(path: str) -> DecoderConfig:
     if path not in configs:
       configs[path] = checkpoint.load_config(path)
     return configs[path]
@@ -416,6 +416,22 @@ def run_sweep(suite: Suite, evaluate: Evaluate, store: ResultStore, *,
   return report
 
 
+def load_model_tokenizer(model: SuiteModel, conventions: str = "native") -> Any:
+  """The tokenizer stored with the model's checkpoints (the first checkpoint that has its files),
+  under `conventions` ("native" | "lm_eval"); MissingFileError naming the model otherwise."""
+  from opt_jax.errors import MissingFileError  # pylint: disable=import-outside-toplevel
+  from opt_jax.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+  errors = []
+  for path in model.checkpoints.values():
+    try:
+      return load_tokenizer(path, conventions=conventions)
+    except (OSError, ValueError) as e:
+      errors.append(str(e))
+  raise MissingFileError(f"model {model.name!r}: no checkpoint directory has tokenizer files "
+                         f"(tokenizer.json, or vocab.json + merges.txt); first error: "
+                         f"{errors[0] if errors else '-'}")
+
+
 class ScorerCache:
   """One `opt_jax.scoring.Scorer` per (config, tokenizer): later checkpoints of the same config
   reuse its compiled programs through `Scorer.set_params` (no recompilation).
@@ -423,32 +439,24 @@ class ScorerCache:
   Only the most recently used scorer is kept (a sweep goes size by size), so a finished size does
   not keep its last parameters alive.
   scorer_kwargs: passed to every Scorer (batch_size, max_length, dtype, attention, mesh).
+  conventions: "native" or "lm_eval", the text convention of the tokenizers it loads and of its
+    Scorers (opt_jax/tokenizer.py).
   """
 
-  def __init__(self, **scorer_kwargs: Any):
-    self._kwargs = scorer_kwargs
+  def __init__(self, conventions: str = "native", **scorer_kwargs: Any):
+    self.conventions = conventions
+    self._kwargs = dict(scorer_kwargs, conventions=conventions)
     self._key: Any = None
     self._scorer: Any = None
     self._tokenizers: dict[str, Any] = {}
 
   def tokenizer(self, model: SuiteModel) -> Any:
-    """The tokenizer stored with the model's checkpoints (the first one that has its files)."""
+    """The model's tokenizer under this cache's conventions (`load_model_tokenizer`)."""
     if model.name not in self._tokenizers:
-      from opt_jax.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
-      errors = []
-      for path in model.checkpoints.values():
-        try:
-          self._tokenizers[model.name] = load_tokenizer(path)
-          break
-        except (OSError, ValueError) as e:
-          errors.append(str(e))
-      else:
-        raise FileNotFoundError(f"model {model.name!r}: no checkpoint directory has tokenizer "
-                                f"files (tokenizer.json or vocab.json + merges.txt); first error: "
-                                f"{errors[0] if errors else '-'}")
+      self._tokenizers[model.name] = load_model_tokenizer(model, self.conventions)
     return self._tokenizers[model.name]
 
-  def get(self, config: OPTConfig, params: Any, tokenizer: Any = None) -> Any:
+  def get(self, config: DecoderConfig, params: Any, tokenizer: Any = None) -> Any:
     """A Scorer for `config` holding `params`."""
     key = (config, tokenizer.fingerprint() if tokenizer is not None else None)
     if key == self._key:

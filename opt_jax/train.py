@@ -1,4 +1,4 @@
-"""Training small OPTs with optax on the engine's own Flax model, and families of them as a suite.
+"""Training with optax on the engine's own Flax decoder (any family), and suites of sizes.
 
 The demo needs real training trajectories: a few model sizes trained on the same token stream in
 the same order (as in the paper, every size sees the same batches), with checkpoints at
@@ -16,7 +16,8 @@ Pieces:
                   checkpoint, tqdm bar with loss and ETA. Deterministic in (config, data, seed).
   train_family    several sizes into OUT/ckpt/<name>/step<k>, OUT/suite.json, OUT/training.json;
                   sizes already complete with the same spec are skipped.
-  demo_family     the model sizes and training settings of `make demo` (and its fast CI mode).
+  demo_family     the model sizes and training settings of `make demo` (and its fast CI mode):
+                  OPT-architecture models (DEMO_FAMILY).
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from opt_jax import checkpoint, files
+from opt_jax import checkpoint, families, files
 from opt_jax import model as model_lib
-from opt_jax.config import OPTConfig
+from opt_jax.config import DecoderConfig
 
 # For tiny models (fast mode, tests) compiling costs more than running: this XLA flag halves
 # compile time and slows large models' steps about 2x. It must be in XLA_FLAGS before JAX starts.
@@ -49,6 +50,7 @@ FAST_COMPILE_XLA_FLAG = "--xla_backend_optimization_level=0"
 SUITE_FILE = "suite.json"
 TRAINING_FILE = "training.json"
 _DONE_FILE = "training.json"  # per model, written last: its presence marks the model complete
+DEMO_FAMILY = "opt"           # the architecture of the demo's models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +92,7 @@ class TrainConfig:
 class FamilyMember:
   """One size of a family: a name for the suite, its config and its peak learning rate."""
   name: str
-  config: OPTConfig
+  config: DecoderConfig
   peak_lr: float
 
 
@@ -169,13 +171,13 @@ def fingerprint(*arrays: np.ndarray) -> str:
 
 # Loss, optimizer, step --------------------------------------------------------------------------
 
-def loss_fn(params: Any, batch: jax.Array, config: OPTConfig) -> jax.Array:
+def loss_fn(params: Any, batch: jax.Array, config: DecoderConfig) -> jax.Array:
   """Mean next-token cross-entropy in nats per token.
 
   batch [B, T + 1] int32: the model reads batch[:, :T] and predicts batch[:, 1:]. Logits [B, T, V]
   are fp32; the loss is logsumexp - target logit, so no log-softmax tensor is kept.
   """
-  hidden, _ = model_lib.OPT(config).apply({"params": params}, batch[:, :-1])   # [B, T, E]
+  hidden, _ = model_lib.Decoder(config).apply({"params": params}, batch[:, :-1])  # [B, T, E]
   logits = model_lib.logits(params, hidden)                                       # [B, T, V] fp32
   target = jnp.take_along_axis(logits, batch[:, 1:, None], axis=-1)[..., 0]      # [B, T]
   return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - target)
@@ -197,11 +199,11 @@ def lr_schedule(peak_lr: float, tc: TrainConfig) -> optax.Schedule:
 
 
 def _decay_mask(params: Any) -> Any:
-  # Decay matrices and embeddings; not biases or layer-norm parameters (their stacked [L, D]
-  # leaves are 2-D, so the test is on the name, not ndim).
-  decayed = ("kernel", "qkv_kernel", "out_kernel", "embedding")
+  # Decay matrices and embeddings; not biases or norm parameters (their stacked [L, D] leaves
+  # are 2-D, so the test is on the name, not ndim).
+  decayed = lambda name: name.endswith("kernel") or name == "embedding"
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], "key", None) in decayed, params)
+      lambda path, _: decayed(str(getattr(path[-1], "key", ""))), params)
 
 
 def optimizer(peak_lr: float, tc: TrainConfig) -> optax.GradientTransformation:
@@ -217,7 +219,7 @@ def _optimizer_key(tc: TrainConfig) -> tuple:
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(config: OPTConfig, peak_lr: float, opt_key: tuple):
+def _compiled(config: DecoderConfig, peak_lr: float, opt_key: tuple):
   """(init_opt, train_step) jitted for one config and optimiser; cached, so repeated trainings
   with the same shapes reuse the compiled programs. Params and opt state are donated."""
   steps, warmup, final_lr_ratio, weight_decay, b1, b2, grad_clip = opt_key
@@ -234,11 +236,11 @@ def _compiled(config: OPTConfig, peak_lr: float, opt_key: tuple):
 
 
 @functools.lru_cache(maxsize=16)
-def _eval_loss(config: OPTConfig):
+def _eval_loss(config: DecoderConfig):
   return jax.jit(functools.partial(loss_fn, config=config))
 
 
-def evaluate(params: Any, config: OPTConfig, batches: Sequence[np.ndarray]) -> float | None:
+def evaluate(params: Any, config: DecoderConfig, batches: Sequence[np.ndarray]) -> float | None:
   """Mean loss (nats per token) of `params` over equally shaped batches [B, T + 1]; None if no
   batches."""
   if not batches:
@@ -261,11 +263,12 @@ class TrainResult:
   seconds: float
 
 
-def train(config: OPTConfig, train_ids: np.ndarray, tc: TrainConfig, *, peak_lr: float,
+def train(config: DecoderConfig, train_ids: np.ndarray, tc: TrainConfig, *, peak_lr: float,
           val_ids: np.ndarray | None = None, checkpoint_dir: str | None = None,
           tokenizer_files: Sequence[str] = (), progress: bool = True,
           desc: str = "train") -> TrainResult:
-  """Trains a randomly initialised OPT (`model.init_params(config, tc.seed)`) for tc.steps.
+  """Trains a randomly initialised model of any family (`model.init_params(config, tc.seed)`)
+  for tc.steps.
 
   train_ids / val_ids: [N] int token streams (see DataOrder). With checkpoint_dir, params after
   each step of tc.checkpoint_steps() are saved to CHECKPOINT_DIR/step<k> (existing ones are
@@ -430,9 +433,10 @@ def _write_suite(out_dir: str, suite_name: str, records: list[dict[str, Any]]) -
 
 # The demo family --------------------------------------------------------------------------------
 
-def _config(vocab: int, d: int, layers: int, heads: int, positions: int) -> OPTConfig:
-  return OPTConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers,
-                   num_attention_heads=heads, ffn_dim=4 * d, max_position_embeddings=positions)
+def _config(vocab: int, d: int, layers: int, heads: int, positions: int) -> DecoderConfig:
+  return families.get(DEMO_FAMILY).config(
+      vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
+      ffn_dim=4 * d, max_position_embeddings=positions)
 
 
 def demo_family(vocab_size: int, *, fast: bool = False, seq_len: int | None = None,

@@ -35,8 +35,8 @@ JOINT = dict(sampler="sample", temperature=1.2, top_p=0.9, seed=3)
 
 
 def config(**changes):
-  from opt_jax.config import OPTConfig
-  return OPTConfig(**{**TINY, **changes})
+  from opt_jax import families
+  return families.get("opt").config(**{**TINY, **changes})
 
 
 def params_for(cfg, seed: int):
@@ -48,7 +48,7 @@ def params_for(cfg, seed: int):
 
   def draw(path, s):
     name = "/".join(str(getattr(k, "key", k)) for k in path)
-    if name.endswith("layer_norm/scale"):
+    if name.endswith("norm/scale"):
       return (1.0 + 0.1 * rng.standard_normal(s.shape)).astype(np.float32)
     return (0.3 * rng.standard_normal(s.shape)).astype(np.float32)
 

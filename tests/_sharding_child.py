@@ -1,6 +1,7 @@
 """Subprocess side of tests/test_sharding.py: runs with several (simulated) CPU devices.
 
-  python tests/_sharding_child.py devices8 OUT.json        8 devices: mesh parity, HLO, restore
+  python tests/_sharding_child.py devices8 OUT.json        8 devices: mesh parity, HLO, restore,
+                                                          every family on two meshes
   python tests/_sharding_child.py multihost OUT.npz --port P --process_id I [--ckpt DIR]
                                                           one of 2 processes x 2 devices (gloo)
 devices8 also saves its params as a checkpoint beside OUT.json (ckpt/), which multihost restores.
@@ -26,11 +27,29 @@ BATCH, LENGTH = 8, 16
 MESHES = ("data:8,model:1", "data:4,model:2", "data:2,model:4", "data:1,model:8",
           "data:2,fsdp:2,model:2")
 MULTIHOST_MESHES = ("data:2,model:2", "model:4", "fsdp:2,model:2")
+# One tiny model per family (the features of tests/oracle.py's FAMILY_TINY) and the meshes they
+# run on: Megatron data x model, and fsdp x model. Llama's 2 kv heads do not split over model:4
+# (replicated there) and do over model:2.
+FAMILY_MESHES = ("data:2,model:4", "fsdp:4,model:2")
+_FAMILY_SHAPE = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                     intermediate_size=128, max_position_embeddings=64, bos_token_id=0,
+                     eos_token_id=2, pad_token_id=1)
+FAMILY_CONFIGS = {
+    "gpt_neox": dict(_FAMILY_SHAPE, rotary_pct=0.25, use_parallel_residual=True),
+    "llama": dict(_FAMILY_SHAPE, num_key_value_heads=2, rope_theta=500000.0),
+    "olmo": dict(_FAMILY_SHAPE, clip_qkv=0.5),
+    "olmo2": dict(_FAMILY_SHAPE, num_key_value_heads=4),
+}
 
 
 def config(**changes):
-  from opt_jax.config import OPTConfig
-  return OPTConfig(**{**TINY, **changes})
+  from opt_jax import families
+  return families.get("opt").config(**{**TINY, **changes})
+
+
+def family_config(name):
+  from opt_jax import families
+  return families.get(name).config(**FAMILY_CONFIGS[name])
 
 
 def params_for(cfg, seed=0):
@@ -40,7 +59,7 @@ def params_for(cfg, seed=0):
   shapes = model.param_shapes(cfg)
   def draw(path, s):
     name = "/".join(str(getattr(k, "key", k)) for k in path)
-    if name.endswith("layer_norm/scale"):
+    if name.endswith("norm/scale"):
       return (1.0 + 0.1 * rng.standard_normal(s.shape)).astype(np.float32)
     return (0.1 * rng.standard_normal(s.shape)).astype(np.float32)
   import jax
@@ -217,10 +236,39 @@ def run_devices8(out_path: str) -> None:
       })
     result["restore"][spec] = leaves
 
+  result["families"] = run_families()
+
   tmp_out = out_path + ".tmp"
   with open(tmp_out, "w") as f:
     json.dump(result, f)
   os.replace(tmp_out, out_path)
+
+
+def run_families() -> dict:
+  """Per family: unsharded log-probs, the same on each of FAMILY_MESHES, whether the kv heads
+  were replicated there; for Llama (GQA) also greedy decoding with and without a mesh."""
+  from opt_jax import generation, sharding
+  ids, mask = inputs()
+  out = {}
+  for name in FAMILY_CONFIGS:
+    cfg = family_config(name)
+    params = params_for(cfg, seed=3)
+    facts = {"reference": np.asarray(logprob_fn(cfg)(params, ids, mask)).tolist(), "meshes": {},
+             "kv_replicated": {}}
+    for spec in FAMILY_MESHES:
+      mesh = sharding.make_mesh(spec)
+      lp, _ = sharded_logprobs(cfg, params, ids, mask, mesh)
+      facts["meshes"][spec] = lp.tolist()
+      facts["kv_replicated"][spec] = sharding.kv_heads_replicated(cfg, mesh)
+    if name == "llama":
+      prompts = [[int(t) for t in r[m.astype(bool)]][:9] for r, m in zip(ids, mask)][:4]
+      kw = dict(max_new_tokens=8, eos_id=None)
+      facts["decode"] = {"plain": generation.generate(cfg, params, prompts, **kw),
+                         "data:2,model:4": generation.generate(
+                             cfg, params, prompts, mesh=sharding.make_mesh("data:2,model:4"),
+                             **kw)}
+    out[name] = facts
+  return out
 
 
 def run_multihost(out_path: str, port: int, process_id: int, ckpt: str | None) -> None:

@@ -10,7 +10,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from opt_jax import checkpoint
-from opt_jax.config import OPTConfig
+from opt_jax import families
 from opt_jax.model import param_shapes
 
 CORPUS = [
@@ -23,10 +23,12 @@ CORPUS = [
 
 # Two tiny sizes; vocab 320 holds the 256 byte symbols, 4 specials and a few merges.
 SIZES = {
-    "tiny-a": OPTConfig(vocab_size=320, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, ffn_dim=64, max_position_embeddings=64),
-    "tiny-b": OPTConfig(vocab_size=320, hidden_size=48, num_hidden_layers=3,
-                        num_attention_heads=4, ffn_dim=96, max_position_embeddings=64),
+    "tiny-a": families.get("opt").config(vocab_size=320, hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, ffn_dim=64,
+                                         max_position_embeddings=64),
+    "tiny-b": families.get("opt").config(vocab_size=320, hidden_size=48, num_hidden_layers=3,
+                                         num_attention_heads=4, ffn_dim=96,
+                                         max_position_embeddings=64),
 }
 STEPS = (10, 20, 30, 40)
 TOKENS_PER_STEP = 1000
@@ -47,7 +49,7 @@ def train_tokenizer(directory: str) -> str:
   return path
 
 
-def make_suite(root: str, sizes: dict[str, OPTConfig] | None = None, steps=STEPS,
+def make_suite(root: str, sizes: dict[str, DecoderConfig] | None = None, steps=STEPS,
                std: float = 0.3) -> str:
   """Saves len(sizes) x len(steps) random checkpoints under root/ckpt; returns root/suite.json.
 
@@ -75,7 +77,7 @@ def make_suite(root: str, sizes: dict[str, OPTConfig] | None = None, steps=STEPS
   return path
 
 
-def random_params(config: OPTConfig, seed: int, std: float = 0.3):
+def random_params(config: DecoderConfig, seed: int, std: float = 0.3):
   """Params pytree of numpy float32 arrays for `config`."""
   import jax  # pylint: disable=import-outside-toplevel
   rng = np.random.RandomState(seed)

@@ -56,7 +56,7 @@ def test_directory_layout_config_metadata_and_tokenizer(saved):
   assert sorted(os.listdir(path)) == ["config.json", "opt_jax.json", "params", "tokenizer.json"]
   assert checkpoint.load_config(path) == CONFIG
   meta = checkpoint.load_metadata(path)
-  assert meta["format"] == 1 and meta["dtype"] == "float32" and meta["source"] == "test"
+  assert meta["format"] == 2 and meta["dtype"] == "float32" and meta["source"] == "test"
   assert meta["num_params"] == CONFIG.num_params()
   # No temporary sibling is left behind.
   assert os.listdir(os.path.dirname(path)) == ["model"]
@@ -99,32 +99,33 @@ _FOUR_DEVICES = textwrap.dedent("""
     assert jax.device_count() == 4, jax.devices()
     mesh = Mesh(np.array(jax.devices()), ("model",))
     stored = checkpoint.param_metadata(path)
-    # Shard the last axis of every array that divides by 4 (heads of qkv [L, D, 3, N, H] are N=4).
+    # Shard the heads of q/k/v [L, D, N, H] (N = 4) and the last axis of every other array that
+    # divides by 4.
     def spec(s):
-      axis = 3 if len(s.shape) == 5 else len(s.shape) - 1
+      axis = 2 if len(s.shape) == 4 else len(s.shape) - 1
       if s.shape[axis] % 4:
         return NamedSharding(mesh, P())
       return NamedSharding(mesh, P(*([None] * axis + ["model"])))
     restored = checkpoint.restore(path, shardings=jax.tree.map(spec, stored))
-    qkv = restored["layers"]["self_attn"]["qkv_kernel"]
+    q = restored["layers"]["attn"]["q_kernel"]
     full = np.load(sys.argv[2])
-    assert len(qkv.addressable_shards) == 4
-    for shard in qkv.addressable_shards:
-      assert shard.data.shape == full.shape[:3] + (full.shape[3] // 4,) + full.shape[4:], shard
+    assert len(q.addressable_shards) == 4
+    for shard in q.addressable_shards:
+      assert shard.data.shape == full.shape[:2] + (full.shape[2] // 4,) + full.shape[3:], shard
       np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index])
-    print("OK", qkv.shape, qkv.addressable_shards[0].data.shape)
+    print("OK", q.shape, q.addressable_shards[0].data.shape)
 """)
 
 
 def test_restore_sharded_over_four_simulated_devices(saved, tmp_path):
   path, params = saved
-  np.save(tmp_path / "qkv.npy", params["layers"]["self_attn"]["qkv_kernel"])
+  np.save(tmp_path / "q.npy", params["layers"]["attn"]["q_kernel"])
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  out = subprocess.run([sys.executable, "-c", _FOUR_DEVICES, path, str(tmp_path / "qkv.npy")],
+  out = subprocess.run([sys.executable, "-c", _FOUR_DEVICES, path, str(tmp_path / "q.npy")],
                        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "OK (2, 32, 3, 4, 8) (2, 32, 3, 1, 8)" in out.stdout
+  assert "OK (2, 32, 4, 8) (2, 32, 1, 8)" in out.stdout
 
 
 def test_save_refuses_existing_directory_unless_overwrite(saved, tmp_path):
@@ -136,15 +137,15 @@ def test_save_refuses_existing_directory_unless_overwrite(saved, tmp_path):
   second = _random_params(CONFIG, seed=2)
   checkpoint.save(path, second, CONFIG, overwrite=True)
   got = checkpoint.restore(path)
-  np.testing.assert_array_equal(np.asarray(got["embed_tokens"]["embedding"]),
-                                second["embed_tokens"]["embedding"])
+  np.testing.assert_array_equal(np.asarray(got["embed"]["embedding"]),
+                                second["embed"]["embedding"])
   assert os.listdir(tmp_path) == ["ckpt"]
 
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
   params = _random_params(CONFIG)
-  params["layers"]["fc1"]["kernel"] = params["layers"]["fc1"]["kernel"][:, :, :3]
-  with pytest.raises(ValueError, match=r"layers/fc1/kernel has shape \(2, 32, 3\), config "
+  params["layers"]["mlp"]["up_kernel"] = params["layers"]["mlp"]["up_kernel"][:, :, :3]
+  with pytest.raises(ValueError, match=r"layers/mlp/up_kernel has shape \(2, 32, 3\), config "
                                        r"expects \(2, 32, 64\)"):
     checkpoint.save(str(tmp_path / "bad"), params, CONFIG)
   # A failure after the arrays are written (here: writing config.json) removes them too.
@@ -168,12 +169,25 @@ def test_missing_directory_error(tmp_path):
 def test_missing_config_error(saved, tmp_path):
   d = tmp_path / "noconfig"
   d.mkdir()
-  (d / "opt_jax.json").write_text(json.dumps({"format": 1}))
+  (d / "opt_jax.json").write_text(json.dumps({"format": 2}))
   with pytest.raises(FileNotFoundError, match=f"{d / 'config.json'} not found"):
     checkpoint.load_config(d)
   with pytest.raises(FileNotFoundError, match=f"{d / 'config.json'} not found"):
     checkpoint.restore(d)
   assert not checkpoint.is_checkpoint(d)
+
+
+def test_format_1_checkpoint_fails_asking_to_reconvert(saved, tmp_path):
+  # A checkpoint written before the family-neutral parameter names (format 1, OPT names).
+  import shutil
+  old = tmp_path / "old"
+  shutil.copytree(saved[0], old)
+  (old / "opt_jax.json").write_text(json.dumps({"format": 1, "converted_from": "/ckpts/opt-hf"}))
+  with pytest.raises(ValueError) as e:
+    checkpoint.restore(old)
+  msg = str(e.value)
+  assert "\n" not in msg and "format 1" in msg and "re-convert it from its source /ckpts/opt-hf" \
+      in msg and "tools.convert_checkpoint" in msg
 
 
 def test_hf_directory_is_not_an_opt_jax_checkpoint(tmp_path):

@@ -133,7 +133,7 @@ def test_converted_params_give_hf_logits(converted):
   ids, mask = oracle.padded_batch(config.vocab_size, [12, 7], 12, "left", seed=3)
   with torch.no_grad():
     want = model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-  hidden, _ = M.OPT(config).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
+  hidden, _ = M.Decoder(config).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
   got = np.asarray(M.logits(params, hidden))
   real = mask.astype(bool)
   np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)
@@ -220,7 +220,7 @@ def write_metaseq(directory, hf_state, config, parts, settings=None):
 
 def _args(config):
   return argparse.Namespace(decoder_attention_heads=config.num_attention_heads,
-                            decoder_normalize_before=config.do_layer_norm_before,
+                            decoder_normalize_before=config.block == "pre_norm",
                             activation_fn="relu", decoder_layers=config.num_hidden_layers)
 
 
@@ -321,7 +321,7 @@ def test_unexpected_tensor(hf_pre, tmp_path):
 
 def test_shape_not_matching_config(hf_pre, tmp_path):
   _, _, sd, _ = hf_pre
-  d = _hf_variant(tmp_path, "in", PRE.replace(ffn_dim=48), sd)
+  d = _hf_variant(tmp_path, "in", PRE.replace(intermediate_size=48), sd)
   _fails(tmp_path, d, r"in/model.safetensors: tensor model.decoder.layers.0.fc1.weight has shape "
                       r"\(64, 32\), .*in/config.json implies \(48, 32\)")
 
@@ -365,7 +365,7 @@ def test_untied_lm_head(hf_pre, tmp_path):
   _, _, sd, _ = hf_pre
   d = _hf_variant(tmp_path, "in", PRE, dict(sd, **{"lm_head.weight": torch.randn(101, 32)}))
   _fails(tmp_path, d, r"in/model.safetensors: tensor lm_head.weight differs from "
-                      r"model.decoder.embed_tokens.weight .*cannot represent an untied head")
+                      r"model.decoder.embed_tokens.weight .*config.json ties the LM head")
 
 
 def test_unknown_format(tmp_path):

@@ -12,16 +12,18 @@ from _suite_util import make_suite
 from experiments import downstream_icl
 from experiments.analysis import icl
 from experiments.tasks import bigbench as bb
-from opt_jax.config import OPTConfig
+from opt_jax import families
 from opt_jax.errors import InputError
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "bigbench")
 TASKS = ("anachronisms", "entailed_polarity", "emoji_movie")
 SIZES = {
-    "tiny-a": OPTConfig(vocab_size=320, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, ffn_dim=64, max_position_embeddings=128),
-    "tiny-b": OPTConfig(vocab_size=320, hidden_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, ffn_dim=96, max_position_embeddings=128),
+    "tiny-a": families.get("opt").config(vocab_size=320, hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, ffn_dim=64,
+                                         max_position_embeddings=128),
+    "tiny-b": families.get("opt").config(vocab_size=320, hidden_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, ffn_dim=96,
+                                         max_position_embeddings=128),
 }
 STEPS = (10, 20, 30)
 TEXT = "\n".join(
@@ -103,7 +105,7 @@ def test_numbers_match_a_direct_forward_pass(env):
 
   @jax.jit
   def forward(ids, mask):
-    hidden, _ = M.OPT(config).apply({"params": params}, ids, mask)
+    hidden, _ = M.Decoder(config).apply({"params": params}, ids, mask)
     return M.logits(params, hidden)
 
   lps, ntoks, nchars, scores = [], [], [], []

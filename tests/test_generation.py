@@ -206,7 +206,7 @@ def _joint_prompts(two_models):
 def _last_logits(config, params, ids, length):
   """Full forward (no cache) of ids [1, L] right-padded after `length` real tokens -> [V] logits."""
   mask = (jnp.arange(ids.shape[1]) < length).astype(jnp.int32)[None]
-  hidden, _ = M.OPT(config).apply({"params": params}, ids, mask)
+  hidden, _ = M.Decoder(config).apply({"params": params}, ids, mask)
   return M.logits(params, jax.lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1))[0, 0]
 
 

@@ -302,18 +302,19 @@ def test_orbax_checkpoints_are_hashed_and_a_missing_chunk_is_found(tmp_path):
   import numpy as np  # pylint: disable=import-outside-toplevel
   from _suite_util import random_params  # pylint: disable=import-outside-toplevel
   from opt_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  from opt_jax.config import OPTConfig  # pylint: disable=import-outside-toplevel
-  config = OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                     ffn_dim=32, max_position_embeddings=32)
+  from opt_jax import families  # pylint: disable=import-outside-toplevel
+  config = families.get("opt").config(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                                      num_attention_heads=2, ffn_dim=32,
+                                      max_position_embeddings=32)
   paths = {}
   for step, seed in ((1, 1), (2, 2), (3, 3)):
     paths[step] = str(tmp_path / f"ck{step}")
     checkpoint.save(paths[step], random_params(config, seed=seed), config)
   paths[4] = _copy(paths[2], tmp_path / "copy_of_2")
   params = os.path.join(paths[3], "params")
-  chunk = os.path.join(params, "embed_tokens.embedding", "0.0")
+  chunk = os.path.join(params, "embed.embedding", "0.0")
   os.remove(chunk)
-  short = os.path.join(params, "layers.fc1.kernel", "0.0.0")
+  short = os.path.join(params, "layers.mlp.up_kernel", "0.0.0")
   with open(short, "r+b") as f:
     f.truncate(10)
   for deep in (False, True):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from opt_jax import model as M
-from opt_jax.config import OPTConfig, PRESETS
+from opt_jax import families
+from opt_jax.config import DecoderConfig
 import oracle
 
 
@@ -23,7 +24,7 @@ def test_logits_match_hf(pair, side, impl):
   ids, mask = oracle.padded_batch(config.vocab_size, [16, 9, 4], 16, side)
   with torch.no_grad():
     ref = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-  hidden, _ = M.OPT(config, attention=impl, attention_block=4).apply(
+  hidden, _ = M.Decoder(config, attention=impl, attention_block=4).apply(
       {"params": params}, jnp.asarray(ids), jnp.asarray(mask))
   got = np.asarray(M.logits(params, hidden))
   real = mask.astype(bool)
@@ -35,7 +36,7 @@ def test_incremental_cache_matches_full_forward(pair):
   ids, mask = oracle.padded_batch(config.vocab_size, [12, 7], 12, "left")
   with torch.no_grad():
     ref = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-  model = M.OPT(config)
+  model = M.Decoder(config)
   cache = M.init_cache(config, batch=2, max_length=16)
   outs = []
   for start, stop in [(0, 5), (5, 6), (6, 9), (9, 12)]:
@@ -67,18 +68,21 @@ def test_presets_have_published_sizes():
   # Parameter counts of the released OPT models (HF model cards / metaseq), tied head counted once.
   expected = {"125m": 125.2e6, "350m": 331.2e6, "1.3b": 1.316e9, "6.7b": 6.658e9, "175b": 174.6e9}
   for name, n in expected.items():
-    assert abs(PRESETS[name].num_params() / n - 1) < 0.01, (name, PRESETS[name].num_params())
-  c = PRESETS["350m"]
-  assert c.word_embed_proj_dim == 512 and not c.do_layer_norm_before and not c.final_layer_norm
+    c = families.preset("opt-" + name)
+    assert abs(c.num_params() / n - 1) < 0.01, (name, c.num_params())
+  c = families.preset("350m")
+  assert c.embed_dim == 512 and c.block == "post_norm" and not c.final_norm
+  assert families.preset("facebook/opt-30b") == families.preset("opt-30b")
 
 
 def test_hf_config_round_trip(tmp_path):
-  for config in list(oracle.TINY.values()) + list(PRESETS.values()):
+  for config in list(oracle.TINY.values()) + list(families.presets().values()):
     path = tmp_path / "config.json"
     config.to_json_file(path)
-    assert OPTConfig.from_json_file(path) == config
+    assert DecoderConfig.from_json_file(path) == config
 
 
 def test_bad_config_is_named():
   with pytest.raises(ValueError, match="not divisible by num_attention_heads"):
-    OPTConfig(hidden_size=30, num_attention_heads=4)
+    families.get("opt").config(vocab_size=10, hidden_size=30, num_hidden_layers=1,
+                               num_attention_heads=4, ffn_dim=8)

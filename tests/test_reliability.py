@@ -125,14 +125,14 @@ def test_overwrite_replaces_an_earlier_output_of_the_same_kind_only(ckpts, tmp_p
 # 10. Clear one-line errors for damaged checkpoints and the wrong --format ---------------------
 
 @pytest.mark.parametrize("damage, words", [
-    ("missing chunk", "chunk file params/layers.fc1.kernel/0.0.0 is missing"),
-    ("truncated chunk", "chunk file params/layers.fc1.kernel/0.0.0 has 100 bytes, expected 16384"),
-    ("missing tensor", "tensor layers/fc1/kernel is missing (params/layers.fc1.kernel/.zarray"),
+    ("missing chunk", "chunk file params/layers.mlp.up_kernel/0.0.0 is missing"),
+    ("truncated chunk", "chunk file params/layers.mlp.up_kernel/0.0.0 has 100 bytes, expected 16384"),
+    ("missing tensor", "tensor layers/mlp/up_kernel is missing (params/layers.mlp.up_kernel/.zarray"),
 ])
 def test_damaged_checkpoint_is_one_line_naming_checkpoint_and_tensor(ckpts, tmp_path, damage,
                                                                      words, capfd):
   bad = _copy(ckpts[1], tmp_path / "bad")
-  tensor = os.path.join(bad, "params", "layers.fc1.kernel")
+  tensor = os.path.join(bad, "params", "layers.mlp.up_kernel")
   if damage == "missing chunk":
     os.remove(os.path.join(tensor, "0.0.0"))
   elif damage == "truncated chunk":
@@ -143,7 +143,7 @@ def test_damaged_checkpoint_is_one_line_naming_checkpoint_and_tensor(ckpts, tmp_
   with pytest.raises(errors.InputError) as e:
     checkpoint.restore(bad)
   message = str(e.value)
-  assert message.startswith(f"{bad}: ") and words in message and "layers/fc1/kernel" in message
+  assert message.startswith(f"{bad}: ") and words in message and "layers/mlp/up_kernel" in message
   assert "\n" not in message
   assert capfd.readouterr().err == ""                      # no asyncio / orbax noise either
 
@@ -162,7 +162,7 @@ def test_format_opt_jax_on_an_hf_folder_says_which_format_it_is(ckpts, tmp_path)
 
 def test_sweep_records_a_bad_checkpoint_and_goes_on(ckpts, tmp_path, caplog):
   bad = _copy(ckpts[2], tmp_path / "bad")
-  os.remove(os.path.join(bad, "params", "layers.fc2.kernel", "0.0.0"))
+  os.remove(os.path.join(bad, "params", "layers.mlp.down_kernel", "0.0.0"))
   s = _suite(tmp_path, {1: ckpts[1], 2: bad, 3: ckpts[3]})
   store = results.ResultStore(tmp_path / "store")
 
@@ -174,8 +174,8 @@ def test_sweep_records_a_bad_checkpoint_and_goes_on(ckpts, tmp_path, caplog):
     report = sweep.run_sweep(s, evaluate, store, progress=False)
   assert report.evaluated == [("eval", "m", 1)]
   assert report.failed == {
-      ("eval", "m", 2): f"restoring {bad} failed: tensor layers/fc2/kernel: chunk file "
-                        "params/layers.fc2.kernel/0.0.0 is missing; the checkpoint is damaged "
+      ("eval", "m", 2): f"restoring {bad} failed: tensor layers/mlp/down_kernel: chunk file "
+                        "params/layers.mlp.down_kernel/0.0.0 is missing; the checkpoint is damaged "
                         "or incomplete: convert or save it again",
       ("eval", "m", 3): f"evaluating {ckpts[3]} failed: RuntimeError: evaluation blew up"}
   errors_logged = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
@@ -195,7 +195,7 @@ def test_sweep_records_a_bad_checkpoint_and_goes_on(ckpts, tmp_path, caplog):
     seen.append(step)
     return _summary(model, step, config, params)
   store2 = results.ResultStore(tmp_path / "store2")
-  with pytest.raises(errors.InputError, match="tensor layers/fc2/kernel"):
+  with pytest.raises(errors.InputError, match="tensor layers/mlp/down_kernel"):
     sweep.run_sweep(s, spy, store2, progress=False, stop_on_failure=True)
   assert seen == [1] and store2.keys() == [("eval", "m", 1)]
   manifest = json.loads(open(os.path.join(store2.root, "runs",
@@ -253,7 +253,7 @@ def test_result_of_a_changed_checkpoint_path_or_dtype_is_stale_and_recomputed(ck
   evaluated = []
 
   def evaluate(model, step, config, params):
-    evaluated.append((step, str(params["embed_tokens"]["embedding"].dtype)))
+    evaluated.append((step, str(params["embed"]["embedding"].dtype)))
     return _summary(model, step, config, params)
 
   def summary_of(path):
@@ -287,7 +287,7 @@ def test_result_of_a_changed_checkpoint_path_or_dtype_is_stale_and_recomputed(ck
 
   # A stale result whose recomputation fails is moved aside, not left to pass for a valid one.
   checkpoint.save(moved, U.random_params(CONFIG, seed=78), CONFIG, overwrite=True)
-  os.remove(os.path.join(moved, "params", "layers.fc1.kernel", "0.0.0"))
+  os.remove(os.path.join(moved, "params", "layers.mlp.up_kernel", "0.0.0"))
   report = sweep.run_sweep(s2, evaluate, store, progress=False)
   assert list(report.failed) == [key] and not store.has(key)
   assert [n for n in os.listdir(os.path.dirname(store.path(key))) if ".stale-" in n]
@@ -303,12 +303,12 @@ def test_killed_save_leaves_a_temporary_that_the_next_save_removes(tmp_path, cap
       sys.path.insert(0, {os.path.join(REPO, "tests")!r})
       import _suite_util as U
       from opt_jax import checkpoint
-      from opt_jax.config import OPTConfig
+      from opt_jax.config import DecoderConfig
 
       def hang(self, path):  # config.json is written after the params: stop there
         open({signal_file!r}, "w").close()
         time.sleep(600)
-      OPTConfig.to_json_file = hang
+      DecoderConfig.to_json_file = hang
       checkpoint.save({out!r}, U.random_params(U.SIZES["tiny-a"], 0), U.SIZES["tiny-a"])
   """)
   child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,

@@ -271,13 +271,13 @@ def test_rolling_windows_cover_each_token_once():
 
 def test_score_text_end_to_end_matches_hf(tmp_path):
   from opt_jax import checkpoint
-  from opt_jax.config import OPTConfig
+  from opt_jax import families
   from opt_jax.tokenizer import load_tokenizer
   from test_tokenizer import _train_bpe
   from tools import score_text
 
-  config = OPTConfig(vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     ffn_dim=64, max_position_embeddings=32)
+  config = families.get("opt").config(vocab_size=400, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, ffn_dim=64, max_position_embeddings=32)
   hf = oracle.hf_model(config, seed=3)
   _train_bpe().save(str(tmp_path / "tokenizer.json"))
   ckpt = tmp_path / "ckpt"
@@ -313,11 +313,12 @@ def test_score_text_end_to_end_matches_hf(tmp_path):
 
 def test_score_text_checks_output_and_windows_before_restoring(tmp_path, monkeypatch):
   from opt_jax import checkpoint
-  from opt_jax.config import OPTConfig
+  from opt_jax import families
   from opt_jax.errors import InputError
 
-  config = OPTConfig(vocab_size=320, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     ffn_dim=32, max_position_embeddings=32)
+  config = families.get("opt").config(vocab_size=320, hidden_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, ffn_dim=32,
+                                      max_position_embeddings=32)
   (tmp_path / "ckpt").mkdir()
   config.to_json_file(tmp_path / "ckpt" / "config.json")
   (tmp_path / "in.txt").write_text("some text")

@@ -80,7 +80,7 @@ def world(tmp_path_factory):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _logits(config, params, ids, mask):
-  hidden, _ = M.OPT(config).apply({"params": params}, ids, mask)
+  hidden, _ = M.Decoder(config).apply({"params": params}, ids, mask)
   return M.logits(params, hidden)
 
 

@@ -20,7 +20,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType
 
 from opt_jax import sharding
-from opt_jax.config import OPTConfig
+from opt_jax import families
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -75,28 +75,30 @@ def test_make_mesh_rejects_spec_not_matching_device_count():
 
 
 def test_undivisible_dims_fail_before_compilation_naming_dim_and_fix():
-  cfg = OPTConfig(vocab_size=130, hidden_size=48, num_hidden_layers=1, num_attention_heads=6,
-                  ffn_dim=100, max_position_embeddings=16)
+  cfg = families.get("opt").config(vocab_size=130, hidden_size=48, num_hidden_layers=1,
+                                   num_attention_heads=6, ffn_dim=100, max_position_embeddings=16)
   with pytest.raises(ValueError) as e:
     sharding.check_divisible(cfg, _abstract("data:2,model:4", 8), batch_size=3)
   msg = str(e.value)
   assert "num_attention_heads=6" in msg and "model mesh axis (4)" in msg
   assert "vocab_size=130" in msg and "pad the vocabulary to 132" in msg
-  assert "ffn_dim=100" not in msg  # 100 = 4 x 25 splits
+  assert "intermediate_size=100" not in msg  # 100 = 4 x 25 splits
   assert "batch_size=3" in msg and "multiple of 2" in msg
   with pytest.raises(ValueError, match=r"hidden_size=48 .*fsdp mesh axis \(32\)"):
     sharding.check_divisible(cfg.replace(vocab_size=128, num_attention_heads=8),
                              _abstract("fsdp:32", 32))
-  sharding.check_divisible(cfg.replace(vocab_size=128, num_attention_heads=8, ffn_dim=96),
+  sharding.check_divisible(cfg.replace(vocab_size=128, num_attention_heads=8, intermediate_size=96),
                            _abstract("data:2,model:4", 8), batch_size=4)
 
 
 def test_rules_give_megatron_layout():
   spec = sharding.logical_to_spec
-  assert tuple(spec(("layers", "embed", None, "heads", "head_dim"))) == (
-      None, "fsdp", None, "model", None)                                   # qkv_kernel
+  assert tuple(spec(("layers", "embed", "heads", "head_dim"))) == (
+      None, "fsdp", "model", None)                                         # q_kernel
+  assert tuple(spec(("layers", "embed", "kv_heads", "head_dim"))) == (
+      None, "fsdp", "model", None)                                         # k/v_kernel
   assert tuple(spec(("layers", "heads", "head_dim", "embed"))) == (None, "model", None, "fsdp")
-  assert tuple(spec(("layers", "embed", "mlp"))) == (None, "fsdp", "model")  # fc1
+  assert tuple(spec(("layers", "embed", "mlp"))) == (None, "fsdp", "model")  # up_kernel
   assert tuple(spec(("vocab", "embed"))) == ("model", "fsdp")                # vocab-parallel
   assert tuple(spec(("batch", "act_length", "act_embed"))) == (("data", "fsdp"), None, None)
   assert tuple(spec(("batch", "act_length", "act_vocab"))) == (("data", "fsdp"), None, "model")
@@ -238,8 +240,40 @@ def test_restore_onto_4x2_mesh_splits_every_split_weight(devices8):
       if np.prod(factor) > 1:
         split += 1
         assert all(np.prod(s) < np.prod(leaf["shape"]) for s in leaf["device_shapes"]), leaf
-    # model splits the 7 heads / mlp / vocab weights; fsdp also splits every embed dim.
-    assert split == (7 if spec == "data:4,model:2" else len(leaves)), spec
+    # model splits the 11 heads / mlp / vocab weights (embed; q, k, v kernels and biases;
+    # o_kernel; up kernel and bias; down kernel); fsdp also splits every embed dim.
+    assert split == (11 if spec == "data:4,model:2" else len(leaves)), spec
+
+
+def test_every_family_on_data_model_and_fsdp_meshes_matches_unsharded(devices8):
+  ids, mask = child.inputs()
+  scored = (mask[:, 1:] & mask[:, :-1]) > 0
+  assert set(devices8["families"]) == set(child.FAMILY_CONFIGS)
+  for name, facts in devices8["families"].items():
+    ref = np.asarray(facts["reference"])
+    assert np.abs(ref[:, 1:][scored]).min() > 0, name
+    for spec, lp in facts["meshes"].items():
+      np.testing.assert_allclose(np.asarray(lp), ref, atol=TOL, rtol=0, err_msg=f"{name} {spec}")
+  # GQA: Llama's 2 kv heads are replicated on model:4 and split on model:2; OLMo-2's 4 split.
+  assert devices8["families"]["llama"]["kv_replicated"] == {"data:2,model:4": True,
+                                                            "fsdp:4,model:2": False}
+  assert not any(devices8["families"]["olmo2"]["kv_replicated"].values())
+  decode = devices8["families"]["llama"]["decode"]
+  assert decode["plain"] == decode["data:2,model:4"] and len(decode["plain"][0]) == 8
+
+
+def test_gqa_kv_heads_that_do_not_split_are_replicated_not_an_error():
+  cfg = families.get("llama").config(**child.FAMILY_CONFIGS["llama"])
+  mesh = _abstract("data:2,model:4", 8)
+  sharding.check_divisible(cfg, mesh, batch_size=2)           # K = 2 on model:4: no error
+  assert sharding.kv_heads_replicated(cfg, mesh)
+  table = sharding.rules(cfg, mesh)
+  assert tuple(sharding.logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), table)) == (
+      None, "fsdp", None, None)
+  assert tuple(sharding.logical_to_spec(("layers", "embed", "heads", "head_dim"), table)) == (
+      None, "fsdp", "model", None)
+  assert not sharding.kv_heads_replicated(cfg, _abstract("data:4,model:2", 8))
+  assert sharding.rules(cfg, _abstract("data:4,model:2", 8)) == sharding.RULES
 
 
 # Two processes x 2 devices through jax.distributed + gloo --------------------------------------

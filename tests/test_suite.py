@@ -6,11 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from opt_jax import results, suite
-from opt_jax.config import OPTConfig, PRESETS
+from opt_jax import checkpoint, families, results, suite
 
-TINY = OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                 ffn_dim=32, max_position_embeddings=32)
+TINY = families.get("opt").config(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, ffn_dim=32, max_position_embeddings=32)
 
 
 def _fake_checkpoint(directory, config=TINY):
@@ -18,7 +17,7 @@ def _fake_checkpoint(directory, config=TINY):
   # is there (opt_jax.checkpoint.checkpoint_problem); it reads no arrays.
   os.makedirs(os.path.join(directory, "params"), exist_ok=True)
   config.to_json_file(os.path.join(directory, "config.json"))
-  _write(os.path.join(directory, "opt_jax.json"), '{"format": 1}')
+  _write(os.path.join(directory, "opt_jax.json"), json.dumps({"format": checkpoint.FORMAT_VERSION}))
   _write(os.path.join(directory, "params", "_METADATA"), "{}")
 
 
@@ -161,7 +160,7 @@ def test_opt_template_follows_xia_et_al(tmp_path):
   assert not {28000, 32000, 116000} & set(by["opt-175b"].steps)
   assert by["opt-6.7b"].steps[9:12] == [38000, 40000, 50000]
   assert by["opt-13b"].path(70000) == "/data/opt/opt-13b/step70000"
-  assert s.model("facebook/opt-30b").params == PRESETS["30b"].num_params()
+  assert s.model("facebook/opt-30b").params == families.preset("opt-30b").num_params()
   # The template's default root is relative: it resolves against the manifest's folder.
   rel = suite.load_suite(suite.write_opt_template(tmp_path / "t.json", sizes=["125m"]),
                          check_paths=False)

@@ -6,7 +6,10 @@ import tokenizers
 import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from opt_jax import families
 from opt_jax import tokenizer as T
+
+OPT = families.get("opt")
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -24,7 +27,7 @@ def _train_bpe() -> tokenizers.Tokenizer:
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(T.SPECIAL_TOKENS),
+  trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(OPT.special_tokens),
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator(CORPUS, trainer)
   return tok

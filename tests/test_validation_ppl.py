@@ -18,7 +18,7 @@ from experiments import perplexity
 from experiments import validation_ppl as V
 from oracle import hf_logprobs
 from opt_jax import checkpoint, suite
-from opt_jax.convert import hf_keys
+from opt_jax.convert import hf
 from opt_jax.tokenizer import load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +44,7 @@ def setup(tmp_path_factory):
 def _hf_model(params, config):
   model = transformers.OPTForCausalLM(transformers.OPTConfig(**config.to_hf_dict())).eval()
   state = {k: torch.from_numpy(np.array(v)) for k, v in
-           hf_keys.hf_from_params(params, config)}
+           hf.state_dict_from_params(params, config).items()}
   missing, unexpected = model.load_state_dict(state, strict=False)
   assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
   model.tie_weights()

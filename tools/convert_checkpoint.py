@@ -1,10 +1,11 @@
-r"""Converts OPT checkpoints between HF, metaseq and opt_jax formats.
+r"""Converts checkpoints of every supported family (OPT, GPT-NeoX, Llama, OLMo, OLMo-2) between HF
+and opt_jax formats, and OPT's metaseq checkpoints to either.
 
   # HF (safetensors / sharded / pytorch_model.bin) or metaseq (.pt, model parts) -> opt_jax
   python -m tools.convert_checkpoint --input=/ckpts/opt-125m --output=/ckpts/opt-125m-jax
   python -m tools.convert_checkpoint --input=/ckpts/175b/reshard-model_part-0.pt \
       --format=metaseq --output=/ckpts/opt-175b-jax --dtype=bfloat16
-  # any input -> HF safetensors (cross-check in PyTorch with OPTForCausalLM.from_pretrained)
+  # any input -> HF safetensors (cross-check in PyTorch with AutoModelForCausalLM.from_pretrained)
   python -m tools.convert_checkpoint --input=/ckpts/opt-125m-jax --to=hf --output=/tmp/opt-125m-hf
 
 --format names the input (auto: detected from the files), --to the output. The output directory

@@ -28,8 +28,9 @@ GIB = 1024 ** 3
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings(cli.Settings):
-  model: str = cli.option("125m", "A preset (125m, 350m, 1.3b, 2.7b, 6.7b, 13b, 30b, 66b, 175b) "
-                          "or the path of an HF-style config.json.")
+  model: str = cli.option("125m", "A preset of any family (opt-125m ... opt-175b or 125m ... "
+                          "175b, pythia-14m ... pythia-12b, llama-7b, tinyllama-1.1b, olmo-1b, "
+                          "olmo-7b, olmo-2-7b, olmo-2-13b) or the path of an HF config.json.")
   mesh: str = cli.option("data:-1", "Mesh spec, e.g. data:2,fsdp:1,model:4.")
   num_devices: int | None = cli.option(None, "Devices to simulate; needed only when --mesh has a "
                                        "-1 axis (default: the product of its sizes).", ge=1)
@@ -47,11 +48,13 @@ class Settings(cli.Settings):
 # The planning itself (also called by tests and benchmarks; JAX must already see enough devices).
 
 def load_model_config(model: str):
-  """A preset name ('175b', 'opt-1.3b', 'facebook/opt-30b') or a config.json path -> OPTConfig."""
-  from opt_jax.config import OPTConfig, get_preset
+  """A preset name ('175b', 'opt-1.3b', 'facebook/opt-30b', 'pythia-12b', 'olmo-2-13b',
+  'llama-7b') or a config.json path -> DecoderConfig."""
+  from opt_jax import families
+  from opt_jax.config import DecoderConfig
   if model.endswith(".json") or os.sep in model:
-    return OPTConfig.from_json_file(model)
-  return get_preset(model)
+    return DecoderConfig.from_json_file(model)
+  return families.preset(model)
 
 
 @dataclasses.dataclass

@@ -5,9 +5,10 @@ r"""Per-token log-probabilities of text under an opt_jax checkpoint, in sliding 
 
 --input: a .jsonl file (JSON lines with a "text" field: one document per line) or any other file
 (one plain-text document), UTF-8. The output JSONL has, per document, the token ids, token
-strings and natural-log log-probs of every token after the leading </s> (see
-opt_jax.scoring.score_text_file); the totals are in the closing summary. The output location,
-the input and the windows are checked before the checkpoint is restored.
+strings and natural-log log-probs of every token after the first (the family's prefix, e.g.
+OPT's </s>, under --conventions=native; see opt_jax.scoring.score_text_file); the totals are in
+the closing summary. The output location, the input and the windows are checked before the
+checkpoint is restored.
 """
 
 from __future__ import annotations
@@ -33,13 +34,17 @@ class Settings(cli.Settings):
                           "regardless).", choices=inputs.DTYPES)
   attention: str = cli.option("auto", "Attention implementation (auto: blocked on CPU, cudnn on "
                               "GPU).", choices=("auto", "xla", "blocked", "cudnn"))
+  conventions: str = cli.option("native", "Text conventions: native (the family's own prefix, "
+                                "e.g. OPT's </s>, Llama's <s>, none for Pythia/OLMo) or lm_eval "
+                                "(lm-evaluation-harness HFLM's defaults).",
+                                choices=("native", "lm_eval"))
 
 
 def run(s: Settings) -> cli.Summary:
   from opt_jax import scoring  # pylint: disable=import-outside-toplevel
   r = scoring.score_text_file(s.checkpoint, s.input, s.output, context_length=s.context_length,
                               stride=s.stride, batch_size=s.batch_size, dtype=s.dtype,
-                              attention=s.attention)
+                              attention=s.attention, conventions=s.conventions)
   return cli.Summary(
       "score_text", evaluated=[f"{r['documents']} document(s) of {s.input}, {r['num_tokens']:,} "
                                f"tokens, with {s.checkpoint}"],

@@ -1,12 +1,12 @@
 """Checkpoint conversion: HF (safetensors / .bin) and metaseq (.pt) files <-> opt_jax params.
 
-  hf_keys   the HF state-dict <-> params pytree mapping (pure numpy)
-  hf        read HF checkpoints tensor by tensor; write HF safetensors
-  metaseq   read metaseq consolidated files and Megatron model-parallel parts
+  hf        read HF checkpoints of every family tensor by tensor, through the family's table
+            (opt_jax.families); write HF safetensors
+  metaseq   read metaseq consolidated files and Megatron model-parallel parts (OPT only)
   convert   one call from any input format to an opt_jax checkpoint or HF safetensors
             (what `python -m tools.convert_checkpoint` runs)
 
-Submodules import lazily so that `from opt_jax.convert import hf_keys` stays light.
+Submodules import lazily so that importing this package stays light.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, *,
 
   input_format: 'hf' | 'metaseq' | 'opt_jax' | 'auto' (detected from the files).
   output_format: 'opt_jax' (orbax params + config.json + tokenizer, see opt_jax.checkpoint) or
-    'hf' (config.json + safetensors that OPTForCausalLM.from_pretrained loads).
+    'hf' (config.json + safetensors that the family's HF class loads with from_pretrained).
   dtype: 'float32' | 'bfloat16' | 'float16' (or a dtype) to cast to; None keeps the stored one.
   config_path: metaseq only: an HF-style config.json instead of the inferred config.
   max_shard_bytes: hf output only: largest safetensors shard.

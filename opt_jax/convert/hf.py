@@ -1,10 +1,13 @@
-"""HF OPT checkpoints <-> opt_jax params.
+"""HF checkpoints of every family <-> opt_jax params, through the family's tensor table.
 
 Reading: a directory (or a weights file inside one) with config.json and the weights as
-  model.safetensors | model.safetensors.index.json + shards | pytorch_model.bin (+ .index.json),
-with tensors named `model.decoder.*` (OPTForCausalLM) or `decoder.*` (OPTModel). A stored
-`lm_head.weight` must equal the token embedding: opt_jax ties the head. Tensors are read one at a
-time and written into the stacked params arrays, so peak memory is the params plus one tensor.
+  model.safetensors | model.safetensors.index.json + shards | pytorch_model.bin (+ .index.json).
+config.json's model_type picks the family (opt_jax.families); the family's table
+(opt_jax.families.table) says which tensors must be there, under which names and shapes, and how
+each becomes params. Both layouts of a family are read: the CausalLM one (e.g. `model.decoder.*`
+for OPT, `gpt_neox.*`) and the bare base model's (`decoder.*`, unprefixed). A stored head of a
+tied model must equal the token embedding. Tensors are read one at a time and written into the
+stacked params arrays, so peak memory is the params plus one tensor.
 
 Safetensors files are read with positioned reads of the byte ranges their header names rather
 than through the `safetensors` library: its numpy backend cannot return bfloat16, and its memory
@@ -12,7 +15,8 @@ map would count the whole input file as resident. .bin files need PyTorch and ar
 `weights_only=True` (memory-mapped when the file is in the zip format).
 
 Writing: `write_hf` streams config.json + model.safetensors (or numbered shards and
-model.safetensors.index.json) that transformers' OPTForCausalLM.from_pretrained loads.
+model.safetensors.index.json) that the family's HF class (`from_pretrained`) loads, with the
+tensor names of the released checkpoints.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
@@ -27,9 +32,10 @@ import ml_dtypes
 import numpy as np
 import tqdm
 
-from opt_jax import checkpoint
-from opt_jax.config import OPTConfig
-from opt_jax.convert import hf_keys
+from opt_jax import checkpoint, families
+from opt_jax.config import DecoderConfig
+from opt_jax.errors import InputError
+from opt_jax.families import table
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -47,7 +53,7 @@ _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _MAX_HEADER_BYTES = 100 << 20
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError):
   """Bad conversion input. The message names the file and tensor at fault and what was expected."""
 
 
@@ -285,41 +291,52 @@ def open_weights(weights: str) -> FileSetSource:
 
 # Building params ----------------------------------------------------------------------------
 
-def params_from_source(source: TensorSource, config: OPTConfig, *, prefix: str = "",
+def params_from_source(source: TensorSource, config: DecoderConfig, *, prefix: str,
                        ignore: Iterable[str] = (), dtype: Any = None, progress: bool = False,
                        config_source: str = "the config") -> dict[str, Any]:
   """Validates `source` against `config`, then builds the params pytree tensor by tensor.
 
-  Tensor names in `source` are `prefix` + the HF decoder names of `hf_keys`; names in `ignore`
-  are skipped. Raises ConversionError naming the file and tensor for a missing tensor, an
-  unexpected one, or a shape that differs from what `config` implies; nothing is read before the
-  whole checkpoint has been validated.
+  Tensor names in `source` are those of the family's table, with `prefix` on the base model's
+  tensors (an alias of a row is accepted in place of its name); names in `ignore`, and stored
+  non-parameters the family lists as `ignored`, are skipped. Raises ConversionError naming the
+  file and tensor for a missing tensor, an unexpected one, or a shape that differs from what
+  `config` implies; nothing is read before the whole checkpoint has been validated.
   """
-  expected = hf_keys.expected_shapes(config)
+  family = families.get(config.family)
+  items = table.items(config, prefix)
+  skip = re.compile(family.ignored) if family.ignored else None
   ignore = set(ignore)
-  names = [n for n in source.names() if n not in ignore]
+  names = [n for n in source.names() if n not in ignore and not (skip and skip.search(n))]
   present = set(names)
-  missing = [prefix + k for k in expected if prefix + k not in present]
+  stored: dict[str, str] = {}                      # table name -> name in the source
+  missing = []
+  for item in items:
+    found = [n for n in (item.name,) + item.aliases if n in present]
+    if found:
+      stored[item.name] = found[0]
+    else:
+      missing.append(item.name)
   if missing:
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
     raise ConversionError(f"{source.description}: missing tensor {missing[0]}{more}, needed by "
                           f"{config_source}")
-  unexpected = [n for n in names if not n.startswith(prefix) or n[len(prefix):] not in expected]
+  used = set(stored.values())
+  unexpected = [n for n in names if n not in used]
   if unexpected:
     more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
     raise ConversionError(f"{source.where(unexpected[0])}: unexpected tensor {unexpected[0]}{more};"
-                          f" {config_source} describes no such OPT parameter")
-  for key, shape in expected.items():
-    got = tuple(source.shape(prefix + key))
-    if got != shape:
-      raise ConversionError(f"{source.where(prefix + key)}: tensor {prefix + key} has shape "
-                            f"{got}, {config_source} implies {shape}")
+                          f" {config_source} describes no such {family.architecture} parameter")
+  for item in items:
+    got = tuple(source.shape(stored[item.name]))
+    if got != item.hf_shape:
+      raise ConversionError(f"{source.where(stored[item.name])}: tensor {stored[item.name]} has "
+                            f"shape {got}, {config_source} implies {item.hf_shape}")
 
-  bar = tqdm.tqdm(total=len(expected), unit="tensor", desc="converting", disable=not progress,
+  bar = tqdm.tqdm(total=len(items), unit="tensor", desc="converting", disable=not progress,
                   dynamic_ncols=True)
 
-  def get(key: str) -> np.ndarray:
-    name = prefix + key
+  def get(item: table.Item) -> np.ndarray:
+    name = stored[item.name]
     try:
       array = source.read(name)
     except ConversionError:
@@ -331,70 +348,130 @@ def params_from_source(source: TensorSource, config: OPTConfig, *, prefix: str =
     return array
 
   with bar:
-    return hf_keys.params_from_hf(get, config, dtype=dtype)
+    return table.read_params(config, get, prefix=prefix, dtype=dtype)
 
 
-def _layout_prefix(source: TensorSource) -> str:
-  names = source.names()
-  layouts = [p for p in hf_keys.PREFIXES if any(n.startswith(p) for n in names)]
+def _embedding_row(family: families.Family) -> table.Tensor:
+  return next(t for t in family.tensors if t.params == ("embed/embedding",))
+
+
+def _layout_prefix(source: TensorSource, family: families.Family) -> str:
+  """Which of the family's name layouts the source uses (judged by the token embedding)."""
+  names = set(source.names())
+  embed = _embedding_row(family).hf
+  layouts = [p for p in family.prefixes if p + embed in names]
   if len(layouts) > 1:
-    raise ConversionError(f"{source.description}: mixes model.decoder.* and decoder.* tensor "
-                          "names; expected one layout")
+    raise ConversionError(f"{source.description}: holds both {layouts[0]}{embed} and "
+                          f"{layouts[1]}{embed}; expected one layout")
   if not layouts:
-    raise ConversionError(f"{source.description}: no tensor named model.decoder.* or decoder.*; "
-                          f"not an OPT checkpoint (first names: {names[:3]})")
+    wanted = " or ".join(p + embed for p in family.prefixes)
+    raise ConversionError(f"{source.description}: no tensor {wanted}; not a "
+                          f"{family.architecture} checkpoint (first names: "
+                          f"{sorted(names)[:3]})")
   return layouts[0]
 
 
 def read_hf(path: str | os.PathLike, *, dtype: Any = None, progress: bool = False
-            ) -> tuple[dict[str, Any], OPTConfig]:
-  """Reads an HF OPT checkpoint (directory or weights file with config.json beside it).
-
-  dtype: cast every tensor (None keeps the stored dtype). Returns (params, config).
-  """
+            ) -> tuple[dict[str, Any], DecoderConfig]:
+  """Reads an HF checkpoint of any supported family (directory or weights file with config.json
+  beside it). dtype: cast every tensor (None keeps the stored dtype). Returns (params, config)."""
   directory, weights = resolve(path)
   config_path = os.path.join(directory, "config.json")
   if not os.path.isfile(config_path):
     raise ConversionError(f"{config_path} not found: an HF checkpoint needs its config.json "
                           f"beside {os.path.basename(weights)}")
   try:
-    config = OPTConfig.from_json_file(config_path)
+    config = DecoderConfig.from_json_file(config_path)
   except ValueError as e:
     raise ConversionError(str(e)) from None
-  source = open_weights(weights)
-  prefix = _layout_prefix(source)
-  params = params_from_source(source, config, prefix=prefix, ignore=[hf_keys.LM_HEAD],
-                              dtype=dtype, progress=progress, config_source=config_path)
-  if hf_keys.LM_HEAD in source.names():
-    _check_tied_head(source, prefix + "embed_tokens.weight")
+  params = _read(open_weights(weights), config, dtype=dtype, progress=progress,
+                 config_source=config_path)
   return params, config
 
 
-def _check_tied_head(source: TensorSource, embed_name: str) -> None:
-  head, embed = source.read(hf_keys.LM_HEAD), source.read(embed_name)
+def _read(source: TensorSource, config: DecoderConfig, *, dtype: Any, progress: bool,
+          config_source: str) -> dict[str, Any]:
+  family = families.get(config.family)
+  prefix = _layout_prefix(source, family)
+  head = [family.head] if config.tie_embeddings else []
+  params = params_from_source(source, config, prefix=prefix, ignore=head, dtype=dtype,
+                              progress=progress, config_source=config_source)
+  if head and family.head in source.names():
+    _check_tied_head(source, family.head, prefix + _embedding_row(family).hf)
+  return params
+
+
+class _DictSource:
+  """A TensorSource over an in-memory state dict (numpy arrays or torch tensors)."""
+
+  def __init__(self, state: Mapping[str, Any], description: str):
+    self._state, self.description = state, description
+
+  def names(self) -> list[str]:
+    return list(self._state)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._state[name].shape)
+
+  def where(self, name: str) -> str:
+    return self.description
+
+  def read(self, name: str) -> np.ndarray:
+    value = self._state[name]
+    return value if isinstance(value, np.ndarray) else torch_to_numpy(value)
+
+
+def params_from_state_dict(state: Mapping[str, Any], config: DecoderConfig, *,
+                           dtype: Any = None) -> dict[str, Any]:
+  """The params of an HF state dict {name: array or torch tensor} (e.g. `model.state_dict()` of
+  the family's HF class), validated like a checkpoint file."""
+  return _read(_DictSource(state, "state dict"), config, dtype=dtype, progress=False,
+               config_source="the config")
+
+
+def state_dict_from_params(params: Mapping[str, Any], config: DecoderConfig
+                           ) -> dict[str, np.ndarray]:
+  """The HF tensors of `params` by name, as write_hf writes them (a tied head left out)."""
+  prefix = families.get(config.family).prefixes[0]
+  return {item.name: array for item, array in table.hf_tensors(config, params, prefix=prefix)}
+
+
+def expected_tensors(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
+  """HF tensor name -> shape of every tensor an HF checkpoint of `config` holds."""
+  prefix = families.get(config.family).prefixes[0]
+  return {item.name: item.hf_shape for item in table.items(config, prefix)}
+
+
+def _check_tied_head(source: TensorSource, head_name: str, embed_name: str) -> None:
+  head, embed = source.read(head_name), source.read(embed_name)
   if head.shape != embed.shape or not np.array_equal(head, embed):
     diff = (float(np.max(np.abs(head.astype(np.float32) - embed.astype(np.float32))))
             if head.shape == embed.shape else f"shape {head.shape} vs {embed.shape}")
     raise ConversionError(
-        f"{source.where(hf_keys.LM_HEAD)}: tensor {hf_keys.LM_HEAD} differs from {embed_name} "
-        f"(max abs difference {diff}); opt_jax ties the LM head to the token embedding and "
-        "cannot represent an untied head")
+        f"{source.where(head_name)}: tensor {head_name} differs from {embed_name} (max abs "
+        f"difference {diff}), but config.json ties the LM head to the token embedding "
+        "(tie_word_embeddings); set tie_word_embeddings to false if the head is its own")
 
 
 # Writing ------------------------------------------------------------------------------------
 
-def write_hf(directory: str | os.PathLike, params: Mapping[str, Any], config: OPTConfig, *,
+def write_hf(directory: str | os.PathLike, params: Mapping[str, Any], config: DecoderConfig, *,
              dtype: Any = None, tokenizer_files: Iterable[Any] = (),
              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
              progress: bool = False) -> list[str]:
-  """Writes an HF OPTForCausalLM checkpoint: config.json + model.safetensors, or numbered shards
-  of at most `max_shard_bytes` + model.safetensors.index.json when larger; tensors are named
-  model.decoder.* and the tied LM head is left out (HF re-ties it). Atomic like
-  `checkpoint.save`. dtype: cast while writing. Returns the weight file names."""
+  """Writes an HF checkpoint of the config's family (its CausalLM class loads it with
+  from_pretrained): config.json + model.safetensors, or numbered shards of at most
+  `max_shard_bytes` + model.safetensors.index.json when larger; tensors are named as the released
+  checkpoints name them, a tied head is left out (HF re-ties it). Atomic like `checkpoint.save`.
+  dtype: cast while writing. Returns the weight file names."""
   cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype, copy=False))
-  # Pass 1: names, shapes and dtypes (cheap: hf_from_params yields views) to plan the shards.
-  entries = [(name, tuple(a.shape), np.dtype(a.dtype if dtype is None else dtype))
-             for name, a in hf_keys.hf_from_params(params, config)]
+  prefix = families.get(config.family).prefixes[0]
+  items = table.items(config, prefix)
+  # Pass 1: names, shapes and dtypes from the table (nothing computed) to plan the shards.
+  leaves = table.flatten(params)
+  entries = [(item.name, item.hf_shape,
+              np.dtype(leaves[item.tensor.params[0]].dtype if dtype is None else dtype))
+             for item in items]
   shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
   size = 0
   for e in entries:
@@ -413,10 +490,10 @@ def write_hf(directory: str | os.PathLike, params: Mapping[str, Any], config: OP
     files = [None] * len(shards)
     try:
       # Pass 2: tensors come in the planned order, so each shard is written front to back.
-      for name, array in tqdm.tqdm(hf_keys.hf_from_params(params, config), total=len(entries),
-                                   unit="tensor", desc="writing", disable=not progress,
-                                   dynamic_ncols=True):
-        i = shard_of[name]
+      for item, array in tqdm.tqdm(table.hf_tensors(config, params, prefix=prefix),
+                                   total=len(entries), unit="tensor", desc="writing",
+                                   disable=not progress, dynamic_ncols=True):
+        i = shard_of[item.name]
         if files[i] is None:
           files[i] = open(os.path.join(tmp, names[i]), "wb")
           header = safetensors_header(shards[i])

@@ -48,7 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from opt_jax.config import PRESETS, OPTConfig
+from opt_jax.config import DecoderConfig
+from opt_jax.families import opt
 from opt_jax.convert.hf import ConversionError, import_torch, params_from_source, torch_load
 from opt_jax.convert.hf import torch_to_numpy
 
@@ -346,8 +347,8 @@ def find_setting(obj: Any, key: str, depth: int = 0) -> Any:
   return None
 
 
-def infer_config(source: MetaseqSource) -> OPTConfig:
-  """The OPTConfig of a metaseq checkpoint from its tensor shapes and stored settings."""
+def infer_config(source: MetaseqSource) -> DecoderConfig:
+  """The (OPT) config of a metaseq checkpoint from its tensor shapes and stored settings."""
   names = set(source.names())
   need = ["embed_tokens.weight", "embed_positions.weight", "layers.0.fc1.weight"]
   missing = [n for n in need if n not in names]
@@ -361,7 +362,7 @@ def infer_config(source: MetaseqSource) -> OPTConfig:
   setting = lambda key: find_setting(source.settings, key)
   heads = setting("decoder_attention_heads")
   if heads is None:
-    presets = {p.hidden_size: p.num_attention_heads for p in PRESETS.values()}
+    presets = {p.hidden_size: p.num_attention_heads for p in opt.PRESETS.values()}
     heads = presets.get(hidden)
   if heads is None:
     raise ConversionError(
@@ -372,21 +373,22 @@ def infer_config(source: MetaseqSource) -> OPTConfig:
   pre_ln = setting("decoder_normalize_before")
   pre_ln = final_ln if pre_ln is None else bool(pre_ln)
   try:
-    return OPTConfig(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-        num_attention_heads=int(heads), ffn_dim=ffn, max_position_embeddings=positions - 2,
-        word_embed_proj_dim=embed_dim, do_layer_norm_before=pre_ln,
-        final_layer_norm=pre_ln and final_ln,
-        enable_bias="layers.0.fc1.bias" in names,
-        layer_norm_elementwise_affine="layers.0.self_attn_layer_norm.weight" in names,
-        activation_function=str(setting("activation_fn") or "relu"))
+    return opt.from_hf({
+        "model_type": opt.NAME, "vocab_size": vocab, "hidden_size": hidden,
+        "num_hidden_layers": layers, "num_attention_heads": int(heads), "ffn_dim": ffn,
+        "max_position_embeddings": positions - opt.POSITION_OFFSET,
+        "word_embed_proj_dim": embed_dim, "do_layer_norm_before": pre_ln,
+        "_remove_final_layer_norm": pre_ln and not final_ln,
+        "enable_bias": "layers.0.fc1.bias" in names,
+        "layer_norm_elementwise_affine": "layers.0.self_attn_layer_norm.weight" in names,
+        "activation_function": str(setting("activation_fn") or "relu")}, source.description)
   except ValueError as e:
     raise ConversionError(f"{source.description}: the inferred config is invalid ({e}); pass an "
                           "HF-style config.json (--config)") from None
 
 
 def read_metaseq(path: str | os.PathLike, *, config_path: str | None = None, dtype: Any = None,
-                 progress: bool = False) -> tuple[dict[str, Any], OPTConfig]:
+                 progress: bool = False) -> tuple[dict[str, Any], DecoderConfig]:
   """Reads a metaseq checkpoint (consolidated file, any model part, or their directory).
 
   config_path: an HF-style config.json to use instead of inferring the config. dtype: cast every
@@ -395,14 +397,17 @@ def read_metaseq(path: str | os.PathLike, *, config_path: str | None = None, dty
   source = MetaseqSource(find_parts(path))
   if config_path is not None:
     try:
-      config = OPTConfig.from_json_file(config_path)
+      config = DecoderConfig.from_json_file(config_path)
     except (ValueError, FileNotFoundError) as e:
       raise ConversionError(str(e)) from None
+    if config.family != opt.NAME:
+      raise ConversionError(f"{config_path}: model_type {config.family!r}; metaseq checkpoints "
+                            "are OPT models (model_type 'opt')")
     config_source = config_path
   else:
     config = infer_config(source)
     config_source = f"the config inferred from {source.description}"
-  params = params_from_source(source, config, dtype=dtype, progress=progress,
+  params = params_from_source(source, config, prefix="", dtype=dtype, progress=progress,
                               config_source=config_source)
   source.check_tied_head()
   return params, config
