@@ -422,7 +422,7 @@ def run_breakdown(args, info: dict, tasks: list[str], max_examples: int, work: s
   flags_ = [f"--suite={info['suite']}", f"--bigbench_dir={args.bigbench_dir}",
             f"--tasks={','.join(tasks)}", f"--k_shot={args.k_shot}",
             f"--max_examples={max_examples}", f"--batch_size={args.batch_size}",
-            f"--validation_ppl={info['validation_ppl']}", "--noprogress"]
+            f"--validation_ppl={info['validation_ppl']}"]
   out = {}
   variants = [("no cache", None)]
   if args.cache in ("on", "both"):
