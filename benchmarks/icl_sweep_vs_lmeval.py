@@ -1,6 +1,6 @@
 r"""The downstream ICL sweep as a user runs it: opt_jax's binary vs an lm-evaluation-harness loop.
 
-  python benchmarks/icl_sweep_vs_lmeval.py                      # needs lm_eval: pip install -e .[bench]
+  python benchmarks/icl_sweep_vs_lmeval.py            # needs lm_eval: pip install -e .[bench]
   python benchmarks/icl_sweep_vs_lmeval.py --settings=small --rounds=3 --cache=both
   python benchmarks/icl_sweep_vs_lmeval.py --settings=small --breakdown_only
 
@@ -393,7 +393,8 @@ def run_setting(name: str, args, info: dict, tasks: list[str], max_examples: int
     shutil.rmtree(keep, ignore_errors=True)
   loads.append(_loadavg())
   med = {s: statistics.median(v) for s, v in times.items()}
-  res = {"tasks": tasks, "examples_per_checkpoint": n_items, "requests_per_checkpoint": len(strings),
+  res = {"tasks": tasks, "examples_per_checkpoint": n_items,
+         "requests_per_checkpoint": len(strings),
          "checkpoints": len(hf_dirs), "k_shot": args.k_shot, "batch_size": args.batch_size,
          "times_s": times, "median_s": med, "loadavg": loads,
          "ratio_lm_eval_over": {s: med["lm_eval"] / med[s] for s in med if s != "lm_eval"},
@@ -410,8 +411,8 @@ def run_setting(name: str, args, info: dict, tasks: list[str], max_examples: int
     extra = "" if s == "lm_eval" else (f"  lm_eval/{s} = {res['ratio_lm_eval_over'][s]:.2f}x "
                                        f"(paired {res['ratio_paired_median'][s]:.2f}x)")
     print(f"  {s:14s} median {med[s]:7.1f} s{extra}")
-  print(f"  accuracies equal per task and checkpoint: {comparison['accuracies_equal']}; max |log-prob"
-        f" difference| {comparison['max_abs_logprob_diff']:.2e}")
+  print(f"  accuracies equal per task and checkpoint: {comparison['accuracies_equal']}; "
+        f"max |log-prob difference| {comparison['max_abs_logprob_diff']:.2e}")
   if not comparison["accuracies_equal"]:
     for row in comparison["rows"]:
       print("   ", row)

@@ -18,8 +18,8 @@ Each option of each example is one harness-style request (experiments.tasks.bigb
 (k-shot, BIG-bench's prefixes) is the context, the option the continuation. Requests are encoded
 as the harness encodes them (context + continuation as one string; the continuation is what
 follows the context's tokens) and scored with Scorer.loglikelihood_tokens, which computes each
-shared prompt once (KV-cache prefix reuse). An example whose option is longer than the model's
-window is skipped (counted in summary.md).
+shared prompt once (one packed row: the prompt, then every option). An example whose option is
+longer than the model's window is skipped (counted in summary.md).
 
 Validation perplexity (the x-axis): --validation_ppl (experiments/validation_ppl.py's CSV or its
 folder; --validation_corpus picks a corpus), or --validation_text scored in the same sweep
@@ -412,7 +412,8 @@ def _define_flags():
   flags.DEFINE_string("mesh", "", "device mesh spec, e.g. data:-1 ('': one device)")
   flags.DEFINE_integer("batch_size", 8, "rows per forward pass")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "compute dtype")
-  flags.DEFINE_bool("share_prefix", True, "score each prompt once for all its options (KV cache)")
+  flags.DEFINE_bool("share_prefix", True, "score each prompt once for all its options "
+                    "(packed rows)")
   flags.DEFINE_integer("n_bins", 10, "bins of the perplexity order for linearity and "
                        "breakthroughness (0: every checkpoint)")
   flags.DEFINE_integer("top_k", 5, "tasks plotted per linearity / breakthroughness ranking")

@@ -85,14 +85,25 @@ class LayerNorm(nn.Module):
     return y.astype(self.dtype)
 
 
-def attention_mask(key_valid: Array, query_slot: Array) -> Array:
-  """[B, 1, T, S] bool: key slot s is visible from query slot t if s <= t and s holds a real token.
+def attention_mask(key_valid: Array, query_slot: Array, segments: Array | None = None) -> Array:
+  """[B, 1, T, S] bool: key slot s is visible from query slot t if s <= t and s holds a real token
+  (and, with segments, s is in segment 0 or in t's segment).
 
-  key_valid [B, S] bool; query_slot [T] int32 (slot of each query among the keys).
+  key_valid [B, S] bool; query_slot [T] int32 (slot of each query among the keys); segments
+  [B, T] int32 or None (only without a cache, so S = T; see OPT.__call__).
   """
   s = jnp.arange(key_valid.shape[1], dtype=jnp.int32)
   causal = s[None, :] <= query_slot[:, None]                       # [T, S]
-  return (causal[None, :, :] & key_valid[:, None, :])[:, None]      # [B, 1, T, S]
+  mask = causal[None, :, :] & key_valid[:, None, :]                 # [B, T, S]
+  if segments is not None:
+    mask = mask & _segment_visible(segments, segments)
+  return mask[:, None]                                              # [B, 1, T, S]
+
+
+def _segment_visible(query_segments: Array, key_segments: Array) -> Array:
+  """[B, T, S] bool: key segment 0 (shared) or the query's own segment."""
+  k = key_segments[:, None, :]
+  return (k == 0) | (k == query_segments[:, :, None])
 
 
 def _softmax_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
@@ -103,7 +114,8 @@ def _softmax_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
 
 
-def _blocked_causal_attention(q: Array, k: Array, v: Array, key_valid: Array, block: int) -> Array:
+def _blocked_causal_attention(q: Array, k: Array, v: Array, key_valid: Array, block: int,
+                              segments: Array | None = None) -> Array:
   """Causal attention without a cache, flash-style, for CPU where XLA has no fused kernel.
 
   Queries and keys in blocks of `block` positions. Each query block (unrolled) runs an online
@@ -111,24 +123,31 @@ def _blocked_causal_attention(q: Array, k: Array, v: Array, key_valid: Array, bl
   fori_loop, then over its diagonal block with the causal mask. Blocks above the diagonal are
   skipped (about half the work) and the loop keeps one [B, N, block, block] fp32 score block
   alive at a time instead of [B, N, T, T], so scores stay in cache and peak memory stays small.
-  q [B, T, N, H] (already scaled), k/v [B, T, N, H], key_valid [B, T] -> [B, T, N, H].
+  q [B, T, N, H] (already scaled), k/v [B, T, N, H], key_valid [B, T], segments [B, T] int32 or
+  None (see OPT.__call__) -> [B, T, N, H].
   """
   b, t, n, h = q.shape
   nb = -(-t // block)
+  if segments is None:
+    segments = jnp.zeros((b, t), jnp.int32)
   if nb * block != t:  # pad to whole blocks with invalid keys; padded queries are dropped
     pad = lambda x: jnp.pad(x, [(0, 0), (0, nb * block - t)] + [(0, 0)] * (x.ndim - 2))
-    q, k, v, key_valid = pad(q), pad(k), pad(v), pad(key_valid)
+    q, k, v, key_valid, segments = pad(q), pad(k), pad(v), pad(key_valid), pad(segments)
   q, k, v = (jnp.einsum("BTNH->BNTH", x) for x in (q, k, v))           # heads-major blocks
   kb = k.reshape(b, n, nb, block, h)
   vb = v.reshape(b, n, nb, block, h)
   valid = key_valid.reshape(b, nb, block)
+  seg = segments.reshape(b, nb, block)
   causal = jnp.arange(block)[None, :] <= jnp.arange(block)[:, None]      # [block, block]
 
-  def update(carry, qi, j, diagonal):
+  def update(carry, qi, i, j, diagonal):
     run_max, run_sum, acc = carry
     kj = jax.lax.dynamic_index_in_dim(kb, j, axis=2, keepdims=False)     # [B, N, block, H]
     vj = jax.lax.dynamic_index_in_dim(vb, j, axis=2, keepdims=False)
-    visible = jax.lax.dynamic_index_in_dim(valid, j, axis=1, keepdims=False)[:, None, None, :]
+    visible = jax.lax.dynamic_index_in_dim(valid, j, axis=1, keepdims=False)[:, None, :]
+    visible = visible & _segment_visible(                                 # [B, block, block]
+        seg[:, i], jax.lax.dynamic_index_in_dim(seg, j, axis=1, keepdims=False))
+    visible = visible[:, None]                                            # [B, 1, block, block]
     if diagonal:
       visible = visible & causal
     scores = jnp.einsum("BNTH,BNSH->BNTS", qi, kj, preferred_element_type=jnp.float32)
@@ -147,8 +166,8 @@ def _blocked_causal_attention(q: Array, k: Array, v: Array, key_valid: Array, bl
     carry = (jnp.full((b, n, block), -jnp.inf, jnp.float32), jnp.zeros((b, n, block), jnp.float32),
              jnp.zeros((b, n, block, h), jnp.float32))
     if i:
-      carry = jax.lax.fori_loop(0, i, lambda j, c, qi=qi: update(c, qi, j, False), carry)
-    _, run_sum, acc = update(carry, qi, i, True)
+      carry = jax.lax.fori_loop(0, i, lambda j, c, qi=qi, i=i: update(c, qi, i, j, False), carry)
+    _, run_sum, acc = update(carry, qi, i, i, True)
     outs.append(acc / run_sum[..., None])
   out = jnp.concatenate(outs, axis=2)                                      # [B, N, T, H]
   return jnp.einsum("BNTH->BTNH", out)[:, :t].astype(q.dtype)
@@ -163,8 +182,10 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, kv: tuple[Array, Array] | None, key_valid: Array, query_slot: Array,
-               index: Array | None) -> tuple[Array, tuple[Array, Array] | None]:
-    """x [B, T, D]; kv: this layer's cache (k, v) [B, S, N, H] or None -> ([B, T, D], new kv)."""
+               index: Array | None, segments: Array | None = None
+               ) -> tuple[Array, tuple[Array, Array] | None]:
+    """x [B, T, D]; kv: this layer's cache (k, v) [B, S, N, H] or None; segments [B, T] int32 or
+    None (no cache only, see OPT.__call__) -> ([B, T, D], new kv)."""
     c = self.config
     d, n, h = c.hidden_size, c.num_attention_heads, c.head_dim
     init = nn.initializers.normal(0.02)
@@ -187,14 +208,14 @@ class Attention(nn.Module):
     v = _constrain(v, ("batch", "act_length", "act_heads", "head_dim"))
 
     if self.impl == "blocked" and kv is None and x.shape[1] > self.block:
-      out = _blocked_causal_attention(q, k, v, key_valid, self.block)
+      out = _blocked_causal_attention(q, k, v, key_valid, self.block, segments)
     elif self.impl == "cudnn":
-      mask = attention_mask(key_valid, query_slot)
+      mask = attention_mask(key_valid, query_slot, segments)
       out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
                                          scale=1.0, implementation="cudnn")
     else:
       out = _softmax_attention(q, k.astype(q.dtype), v.astype(q.dtype),
-                               attention_mask(key_valid, query_slot))
+                               attention_mask(key_valid, query_slot, segments))
     out = _constrain(out, ("batch", "act_length", "act_heads", "head_dim"))   # [B, T, N, H]
 
     w_out = _param(self, "out_kernel", init, (n, h, d), ("heads", "head_dim", "embed"),
@@ -233,7 +254,7 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, kv: tuple[Array, Array] | None, key_valid: Array,
-               query_slot: Array, index: Array | None):
+               query_slot: Array, index: Array | None, segments: Array | None = None):
     """x [B, T, D] -> ([B, T, D], new kv). Pre-LN: x + f(LN(x)); post-LN (350m): LN(x + f(x))."""
     c = self.config
     norm = lambda name: LayerNorm(c.layer_norm_eps, c.layer_norm_elementwise_affine, self.dtype,
@@ -244,7 +265,7 @@ class DecoderLayer(nn.Module):
 
     y = attn_norm(x) if c.do_layer_norm_before else x
     y, new_kv = Attention(c, self.dtype, self.param_dtype, self.impl, self.block, name="self_attn")(
-        y, kv, key_valid, query_slot, index)
+        y, kv, key_valid, query_slot, index, segments)
     x = x + y
     if not c.do_layer_norm_before:
       x = attn_norm(x)
@@ -275,22 +296,34 @@ class OPT(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
-               cache: Cache | None = None) -> tuple[Array, Cache | None]:
+               cache: Cache | None = None, positions: Array | None = None,
+               segment_ids: Array | None = None) -> tuple[Array, Cache | None]:
     """input_ids [B, T] int; attention_mask [B, T] (1 real token, 0 padding; default all ones).
 
     Without a cache, returns (hidden [B, T, E], None). With a cache (see `init_cache`), the T new
     tokens are written at slots [index, index + T) and the updated cache is returned.
+
+    Several sequences sharing a prefix in one row (no cache only): segment_ids [B, T] int32, 0 for
+    the shared prefix and k > 0 for the k-th continuation; a token sees earlier tokens of segment
+    0 and of its own segment only. positions [B, T] int32 then gives each token's position id
+    (-1 for pads), e.g. continuing the prefix's count in every continuation. Without positions
+    they are counted from the mask as HF does (0, 1, 2, ... over the real tokens).
     """
     c = self.config
     if self.attention not in ATTENTION_IMPLS:
       raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
+    if cache is not None and (segment_ids is not None or positions is not None):
+      raise ValueError("segment_ids and positions are for calls without a cache")
     b, t = input_ids.shape
     mask = (jnp.ones((b, t), jnp.int32) if attention_mask is None
             else attention_mask.astype(jnp.int32))
 
     # Position ids as HF computes them from the mask: real tokens count 0, 1, 2, ...; pads get -1.
     start = jnp.zeros((b,), jnp.int32) if cache is None else cache["next_position"]
-    positions = jnp.where(mask > 0, start[:, None] + jnp.cumsum(mask, axis=1) - 1, -1)
+    if positions is None:
+      positions = jnp.where(mask > 0, start[:, None] + jnp.cumsum(mask, axis=1) - 1, -1)
+    if segment_ids is not None:
+      segment_ids = segment_ids.astype(jnp.int32)
 
     tokens = Embed(c.vocab_size, c.word_embed_proj_dim, ("vocab", "embed"), self.param_dtype,
                    name="embed_tokens")(input_ids).astype(self.dtype)            # [B, T, E]
@@ -316,11 +349,11 @@ class OPT(nn.Module):
         DecoderLayer,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=c.num_hidden_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(c, self.dtype, self.param_dtype, self.attention, self.attention_block, name="layers")
-    x, new_kv = layers(x, kv, key_valid, query_slot, index)
+    x, new_kv = layers(x, kv, key_valid, query_slot, index, segment_ids)
 
     if c.final_layer_norm:
       x = LayerNorm(c.layer_norm_eps, c.layer_norm_elementwise_affine, self.dtype, self.param_dtype,
