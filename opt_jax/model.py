@@ -111,7 +111,8 @@ def _softmax_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
   scores = jnp.where(mask, scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+  return jnp.einsum("BNTS,BSNH->BTNH", probs, v, preferred_element_type=jnp.float32
+                    ).astype(v.dtype)
 
 
 def _blocked_causal_attention(q: Array, k: Array, v: Array, key_valid: Array, block: int,
@@ -191,12 +192,15 @@ class Attention(nn.Module):
     init = nn.initializers.normal(0.02)
     w_qkv = _param(self, "qkv_kernel", init, (d, 3, n, h), ("embed", None, "heads", "head_dim"),
                    self.param_dtype)
-    qkv = jnp.einsum("BTD,DKNH->KBTNH", x, w_qkv.astype(self.dtype))        # [3, B, T, N, H]
+    # Every projection accumulates in fp32 and rounds once (see Dense).
+    qkv = jnp.einsum("BTD,DKNH->KBTNH", x, w_qkv.astype(self.dtype),
+                     preferred_element_type=jnp.float32)                      # [3, B, T, N, H]
     if c.enable_bias:
       b_qkv = _param(self, "qkv_bias", nn.initializers.zeros, (3, n, h), (None, "heads", "head_dim"),
                      self.param_dtype)
-      qkv = qkv + b_qkv.astype(self.dtype)[:, None, None]
-    q, k, v = qkv[0] * jnp.asarray(h ** -0.5, self.dtype), qkv[1], qkv[2]
+      qkv = qkv + b_qkv.astype(jnp.float32)[:, None, None]
+    q = (qkv[0] * (h ** -0.5)).astype(self.dtype)
+    k, v = qkv[1].astype(self.dtype), qkv[2].astype(self.dtype)
     q = _constrain(q, ("batch", "act_length", "act_heads", "head_dim"))
     if kv is not None:
       k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
@@ -220,11 +224,12 @@ class Attention(nn.Module):
 
     w_out = _param(self, "out_kernel", init, (n, h, d), ("heads", "head_dim", "embed"),
                    self.param_dtype)
-    y = jnp.einsum("BTNH,NHD->BTD", out, w_out.astype(self.dtype))
+    y = jnp.einsum("BTNH,NHD->BTD", out.astype(self.dtype), w_out.astype(self.dtype),
+                   preferred_element_type=jnp.float32)
     if c.enable_bias:
       y = y + _param(self, "out_bias", nn.initializers.zeros, (d,), ("embed",),
-                     self.param_dtype).astype(self.dtype)
-    return y, new_kv
+                     self.param_dtype).astype(jnp.float32)
+    return y.astype(self.dtype), new_kv
 
 
 class Dense(nn.Module):
@@ -238,11 +243,14 @@ class Dense(nn.Module):
   def __call__(self, x: Array) -> Array:
     w = _param(self, "kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.axes,
                self.param_dtype)
-    y = jnp.einsum("...I,IO->...O", x, w.astype(self.dtype))
+    # fp32 accumulation requested explicitly: XLA's CPU backend rewrites a bf16 x bf16 -> bf16 dot
+    # into converts + an fp32 x fp32 dot (fp32 speed), while bf16 x bf16 -> fp32 stays a bf16
+    # dot (AMX / avx512_bf16 kernels where the CPU has them). On GPU/TPU the result is the same.
+    y = jnp.einsum("...I,IO->...O", x, w.astype(self.dtype), preferred_element_type=jnp.float32)
     if self.use_bias:
       y = y + _param(self, "bias", nn.initializers.zeros, (self.features,), self.axes[1:],
-                     self.param_dtype).astype(self.dtype)
-    return y
+                     self.param_dtype).astype(jnp.float32)
+    return y.astype(self.dtype)
 
 
 class DecoderLayer(nn.Module):
