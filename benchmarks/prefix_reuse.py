@@ -1,4 +1,4 @@
-r"""Multiple-choice scoring with the shared prompt computed once (KV-cache prefix reuse) vs not.
+r"""Multiple-choice scoring with the shared prompt computed once (packed rows) vs not.
 
   python -m benchmarks.prefix_reuse [--bigbench_dir=../shared/data/bigbench] [--task=ruin_names]
       [--k_shot=2] [--examples=64] [--layers=12] [--batch_size=8] [--reps=3]
