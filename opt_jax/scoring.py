@@ -31,7 +31,7 @@ defaults; opt_jax/tokenizer.py):
   * Several continuations of one context (multiple choice): with share_prefix=True they are
     packed into one row, the context once and then each continuation (after the context's last
     token), with segment ids so that a continuation sees the context and itself only, and
-    position ids that continue the context's count in every continuation (`_pack_options`). Same
+    position ids that continue the context's count in every continuation (`pack_options`). Same
     numbers as scoring each request alone, the same program as plain rows, no KV cache to copy.
 
 Programs: `score_program(spec)` is the one jitted scoring step (module level, `ScoreSpec`
@@ -259,7 +259,7 @@ class _Row:
   """One model input: log p(targets[-n_scored:]) given inputs, both [len] token ids.
 
   positions, segments: [len] position ids and segment ids of a packed row (several continuations
-  of one context, see `_pack_options`); None: 0, 1, 2, ... and all 0 (one plain sequence).
+  of one context, see `pack_options`); None: 0, 1, 2, ... and all 0 (one plain sequence).
   """
   inputs: list[int]
   targets: list[int]
@@ -268,7 +268,7 @@ class _Row:
   segments: list[int] | None = None
 
 
-def _pack_options(context: Sequence[int], continuations: Sequence[Sequence[int]],
+def pack_options(context: Sequence[int], continuations: Sequence[Sequence[int]],
                   max_length: int) -> list[tuple[_Row, list[int]]]:
   """Rows scoring every continuation of one context, the context computed once per row.
 
@@ -294,13 +294,6 @@ def _pack_options(context: Sequence[int], continuations: Sequence[Sequence[int]]
     row.segments += [len(members)] * len(cont)
     row.n_scored += len(cont)
   return out
-
-
-def packed_length(context_length: int, options: int, continuation_length: int) -> int:
-  """Tokens in the packed row of one context of `context_length` tokens and `options`
-  continuations of `continuation_length` tokens each (all in one row): what `_pack_options`
-  builds when it fits max_length."""
-  return context_length - 1 + options * continuation_length
 
 
 def rolling_windows(tokens: Sequence[int], context_length: int, stride: int
@@ -508,7 +501,7 @@ class Scorer:
         rows.append(_Row(whole[:-1], whole[1:], len(cont)))
         owners.append([i])
     for ctx, ix in shared.items():
-      for row, members in _pack_options(ctx, [reqs[i][1] for i in ix], self.max_length):
+      for row, members in pack_options(ctx, [reqs[i][1] for i in ix], self.max_length):
         rows.append(row)
         owners.append([ix[k] for k in members])
     results: list[Any] = [None] * len(reqs)

@@ -89,7 +89,7 @@ def _packed_fn(config, attention):
 
 @pytest.mark.parametrize("attention", ["xla", "blocked"])
 def test_packed_options_match_hf_one_by_one(fam, attention):
-  # Multiple choice in one row (scoring._pack_options): a 9-token context, then 3 options that
+  # Multiple choice in one row (scoring.pack_options): a 9-token context, then 3 options that
   # see the context and themselves only, positions (rotary or learned) continuing the context's.
   # Each option's log-probs equal HF's on context + option alone. Blocks of 8 over a 24-token
   # row: the blocked path crosses segments inside and across blocks.
@@ -97,7 +97,7 @@ def test_packed_options_match_hf_one_by_one(fam, attention):
   rng = np.random.RandomState(11)
   ctx = [config.bos_token_id] + rng.randint(3, oracle.TOKENS, 8).tolist()
   conts = [rng.randint(3, oracle.TOKENS, n).tolist() for n in (4, 2, 5)]
-  [(row, members)] = S._pack_options(ctx, conts, 64)
+  [(row, members)] = S.pack_options(ctx, conts, 64)
   assert members == [0, 1, 2] and len(row.inputs) == 8 + 11
   t = 24
   pad = lambda xs, fill: np.asarray([list(xs) + [fill] * (t - len(xs))], np.int32)

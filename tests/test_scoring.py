@@ -193,7 +193,7 @@ def test_packed_rows_split_when_options_overflow_the_window(pre_ln):
   rng = np.random.RandomState(3)
   ctx = [2] + [int(t) for t in rng.randint(3, config.vocab_size, 19)]
   conts = [[int(t) for t in rng.randint(3, config.vocab_size, 20)] for _ in range(4)]
-  rows = S._pack_options(ctx, conts, MAX_LEN)
+  rows = S.pack_options(ctx, conts, MAX_LEN)
   assert [m for _, m in rows] == [[0, 1], [2, 3]]
   assert [len(r.inputs) for r, _ in rows] == [59, 59]
   assert rows[0][0].positions == list(range(59 - 20)) + list(range(19, 39))
