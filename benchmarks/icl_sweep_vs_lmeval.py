@@ -19,9 +19,11 @@ default); `full` = every example of --full_task.
 
 Sides, each a whole process timed from the parent (imports, restores, compiles included):
   opt_jax: `python -m experiments.downstream_icl --suite=... --bigbench_dir=... --tasks=...
-           --k_shot=K --max_examples=N --batch_size=B --out=FRESH_DIR` (today's flags, plots on);
-           with --cache: the same with JAX's persistent compilation cache in a folder warmed by one
-           untimed run (JAX_COMPILATION_CACHE_DIR, min compile time 0), i.e. a second run.
+           --k_shot=K --max_examples=N --batch_size=B --out=FRESH_DIR --compilation_cache=`
+           (today's flags, plots on, the persistent compilation cache off: a first run);
+           opt_jax+cache: the same with `--compilation_cache=DIR`, a folder warmed by one untimed
+           run: a second run of the binary, as users get by default (opt_jax.cli turns the
+           cache on).
   lm_eval: one Python process that, for each HF checkpoint, builds lm_eval's HFLM (batch B, CPU,
            fp32) and calls HFLM.loglikelihood on the same requests (Instance objects).
 Rounds interleave the sides (order alternating); wall times are medians; the ratio is
@@ -63,9 +65,10 @@ def _loadavg() -> float:
 # Setup: tokenizer, opt_jax checkpoints, suite, HF copies ---------------------------------------
 
 def _configs(vocab_size: int):
-  from opt_jax.config import OPTConfig
-  return {name: OPTConfig(vocab_size=vocab_size, hidden_size=d, num_hidden_layers=n,
-                          num_attention_heads=d // 64, ffn_dim=4 * d, max_position_embeddings=2048)
+  from opt_jax import families
+  opt = families.get("opt")
+  return {name: opt.config(vocab_size=vocab_size, hidden_size=d, num_hidden_layers=n,
+                           num_attention_heads=d // 64, ffn_dim=4 * d, max_position_embeddings=2048)
           for name, (n, d) in SIZES.items()}
 
 
@@ -166,10 +169,10 @@ def build_requests(bigbench_dir: str, tasks: list[str], k: int, max_examples: in
   from opt_jax import checkpoint, suite as suite_lib
   from opt_jax.tokenizer import load_tokenizer
 
-  task_list, failures, _ = icl_bin.load_tasks(bigbench_dir, tasks)
-  if failures:
-    raise ValueError(f"tasks failed to load: {failures}")
-  items = icl_bin.make_items(task_list, [k], seed, max_examples)
+  task_list = icl_bin.load_tasks(bigbench_dir, tasks)
+  if task_list.failures:
+    raise ValueError(f"tasks failed to load: {task_list.failures}")
+  items = icl_bin.make_items(task_list.tasks, [k], seed, max_examples)
   s = suite_lib.load_suite(suite)
   first = next(iter(s.models[0].checkpoints.values()))
   max_length = min(checkpoint.load_config(next(iter(m.checkpoints.values())))
@@ -231,8 +234,7 @@ def breakdown_worker(argv: list[str], out: str) -> None:
   from jax import monitoring
   add("import jax", time.perf_counter() - t)
   t = time.perf_counter()
-  from absl import flags
-
+  from experiments import context as icl_context
   from experiments import downstream_icl as icl_bin
   from experiments.analysis import icl_plots
   from opt_jax import checkpoint, scoring, sweep, tokenizer  # noqa: F401 (imported by run)
@@ -270,10 +272,13 @@ def breakdown_worker(argv: list[str], out: str) -> None:
   timed(icl_plots, "plot_all", "plots")
   timed(sweep, "run_sweep", "sweep (restore wait + scoring + store)")
 
-  icl_bin._define_flags()
-  flags.FLAGS(["downstream_icl"] + argv)
   t = time.perf_counter()
-  icl_bin.main([])
+  sys.argv = ["downstream_icl"] + argv
+  try:   # the binary itself: flags -> Settings -> run, its cache flag and closing summary
+    icl_context.main(icl_bin.Settings, icl_bin.run)
+  except SystemExit as e:
+    if e.code:
+      raise
   add("run() total", time.perf_counter() - t)
   add("in-process total", time.perf_counter() - t_start)
   with open(out, "w") as f:
@@ -290,38 +295,29 @@ def _run(cmd: list[str], env: dict | None = None, log: str | None = None) -> flo
   return time.perf_counter() - t
 
 
-def _cache_env(cache_dir: str | None) -> dict:
-  env = dict(os.environ)
-  for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):
-    env.pop(k, None)
-  if cache_dir:
-    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"   # CPU programs compile in < 1 s
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
-  return env
+def _cache_flag(cache_dir: str | None) -> str:
+  """The binaries' own switch (opt_jax.cli): off, or JAX's persistent cache in cache_dir."""
+  return f"--compilation_cache={cache_dir or ''}"
 
 
-def compare(items, enc, opt_out: str, lm_results: dict, hf_dirs: dict, suite_path: str,
-            max_length: int) -> dict:
+def compare(items, enc, opt_out: str, lm_results: dict, hf_dirs: dict) -> dict:
   """Per (model, step, task): accuracy of each side (the binary's metric code), max |dlogprob|."""
   import numpy as np
   import pandas as pd
 
   from experiments import downstream_icl as icl_bin
-  from opt_jax import suite as suite_lib
   from opt_jax.results import ResultStore
-  from opt_jax.tokenizer import load_tokenizer
 
   table = pd.read_csv(os.path.join(opt_out, "icl_results.csv"))
-  s = suite_lib.load_suite(suite_path)
-  fp = load_tokenizer(next(iter(s.models[0].checkpoints.values()))).fingerprint()
-  tag = icl_bin.items_tag(items, [fp], max_length, "float32")
   store = ResultStore(os.path.join(opt_out, "store"))
+  tags = {k[1] for k in store.keys((icl_bin.NAME,))}   # a fresh --out: this run's one tag
+  if len(tags) != 1:
+    raise RuntimeError(f"expected one result tag in {opt_out}/store, found {sorted(tags)}")
+  tag = tags.pop()
   rows, max_diff = [], 0.0
   for key, path in hf_dirs.items():
     model, step = key.split("/")
-    ours = store.read((icl_bin.EXPERIMENT, tag, model, int(step)))[0]["logprob"]
+    ours = store.read((icl_bin.NAME, tag, model, int(step)))[0]["logprob"]
     theirs = np.array(lm_results[path], np.float64)
     max_diff = max(max_diff, float(np.abs(ours - theirs).max()))
     for r in icl_bin.task_rows(items, enc, theirs):
@@ -361,7 +357,7 @@ def run_setting(name: str, args, info: dict, tasks: list[str], max_examples: int
   if args.cache in ("on", "both"):
     shutil.rmtree(cache_dir, ignore_errors=True)
     out = tempfile.mkdtemp(dir=work, prefix=f"warm_{name}_")
-    _run(opt_cmd + [f"--out={out}"], env=_cache_env(cache_dir))   # fills the cache, untimed
+    _run(opt_cmd + [f"--out={out}", _cache_flag(cache_dir)])   # fills the cache, untimed
     shutil.rmtree(out)
     sides = ["lm_eval", "opt_jax+cache"] if args.cache == "on" else sides + ["opt_jax+cache"]
   times: dict[str, list[float]] = {s: [] for s in sides}
@@ -379,8 +375,8 @@ def run_setting(name: str, args, info: dict, tasks: list[str], max_examples: int
           lm_results = json.load(f)
         shutil.rmtree(out)
       else:
-        env = _cache_env(cache_dir if side.endswith("+cache") else None)
-        times[side].append(_run(opt_cmd + [f"--out={out}"], env=env,
+        cache = _cache_flag(cache_dir if side.endswith("+cache") else None)
+        times[side].append(_run(opt_cmd + [f"--out={out}", cache],
                                 log=os.path.join(work, f"log_{name}_{side}.txt")))
         if r == 0 and side == sides[1]:
           keep = out           # compared with lm_eval below
@@ -389,7 +385,7 @@ def run_setting(name: str, args, info: dict, tasks: list[str], max_examples: int
       print(f"  {name} round {r + 1} {side}: {times[side][-1]:.1f} s (load {loads[-1]:.1f})",
             flush=True)
     if comparison is None:
-      comparison = compare(items, enc, keep, lm_results, hf_dirs, info["suite"], 2048)
+      comparison = compare(items, enc, keep, lm_results, hf_dirs)
     shutil.rmtree(keep, ignore_errors=True)
   loads.append(_loadavg())
   med = {s: statistics.median(v) for s, v in times.items()}
@@ -431,7 +427,7 @@ def run_breakdown(args, info: dict, tasks: list[str], max_examples: int, work: s
     if not os.path.isdir(cache):  # warm it with one untimed run of the binary
       run_dir = tempfile.mkdtemp(dir=work, prefix="warm_")
       _run([args.opt_jax_python, "-m", "experiments.downstream_icl", *flags_,
-            f"--out={run_dir}"], env=_cache_env(cache))
+            f"--out={run_dir}", _cache_flag(cache)])
       shutil.rmtree(run_dir)
     variants.append(("warm persistent cache", cache))
   for label, cache in variants:
@@ -439,8 +435,8 @@ def run_breakdown(args, info: dict, tasks: list[str], max_examples: int, work: s
     report = os.path.join(run_dir, "breakdown.json")
     load = _loadavg()
     wall = _run([args.opt_jax_python, os.path.abspath(__file__), "--worker=breakdown",
-                 f"--out={report}", "--", *flags_, f"--out={os.path.join(run_dir, 'out')}"],
-                env=_cache_env(cache), log=os.path.join(work, f"log_breakdown_{len(out)}.txt"))
+                 f"--out={report}", "--", *flags_, f"--out={os.path.join(run_dir, 'out')}",
+                 _cache_flag(cache)], log=os.path.join(work, f"log_breakdown_{len(out)}.txt"))
     with open(report) as f:
       b = json.load(f)
     b["process_wall_s"] = wall

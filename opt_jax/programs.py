@@ -53,3 +53,53 @@ def buckets(minimum: int, maximum: int) -> list[int]:
     out.append(b)
     b *= 2
   return out + [maximum]
+
+
+# Time spent making programs -------------------------------------------------------------------
+
+# jax.monitoring's duration events of making a program (jax/_src/dispatch.py): tracing to a
+# jaxpr, lowering to MLIR, and the backend compile, which includes a persistent-cache lookup
+# (a hit is also reported on its own as cache_retrieval_time_sec).
+_COMPILE_EVENTS = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+    "/jax/core/compile/backend_compile_duration": "compile",
+    "/jax/compilation_cache/cache_retrieval_time_sec": "cache_read",
+}
+_seconds: collections.Counter = collections.Counter()
+_listening = False
+
+
+def _on_duration(event: str, duration: float, **_: Any) -> None:
+  name = _COMPILE_EVENTS.get(event)
+  if name is not None:
+    _seconds[name + "_seconds"] += duration
+    if name == "compile":
+      _seconds["backend_compiles"] += 1
+
+
+def compile_seconds() -> dict[str, float]:
+  """Seconds this process has spent making programs since the first call, from jax.monitoring:
+  {"trace_seconds", "lower_seconds", "compile_seconds" (XLA compile or persistent-cache read),
+  "cache_read_seconds" (part of compile_seconds), "backend_compiles" (count)}. Every thread's
+  programs count (a sweep's restore thread compiles little). Call once before the work to
+  measure, then take differences."""
+  global _listening
+  if not _listening:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+    _listening = True
+  return {k: float(_seconds[k]) for k in ("trace_seconds", "lower_seconds", "compile_seconds",
+                                          "cache_read_seconds", "backend_compiles")}
+
+
+def compile_share(before: dict[str, float], after: dict[str, float], wall_seconds: float
+                  ) -> dict[str, float]:
+  """The program-making time between two `compile_seconds` readings, and its share of
+  wall_seconds: {"trace_seconds", ..., "backend_compiles", "seconds" (trace + lower +
+  compile), "share_of_wall"}."""
+  out = {k: after[k] - before[k] for k in after}
+  out["backend_compiles"] = int(out["backend_compiles"])
+  out["seconds"] = out["trace_seconds"] + out["lower_seconds"] + out["compile_seconds"]
+  out["share_of_wall"] = out["seconds"] / wall_seconds if wall_seconds > 0 else 0.0
+  return out

@@ -23,8 +23,8 @@ per-device program: parameter bytes, other arguments, temporaries, outputs. Noth
 allocated. The last line is `per_device_total_gib=<float> fits=<true|false>`.
 
 The numbers come from the XLA CPU backend: buffer assignment and fusion on GPU/TPU differ (e.g.
-cuDNN/Pallas attention kernels keep fewer temporaries), so treat them as an estimate, with a few
-GiB of headroom for the runtime.
+the CPU backend upcasts bf16 matmul operands to fp32, cuDNN/Pallas attention kernels keep fewer
+temporaries), so treat them as an estimate, with a few GiB of headroom for the runtime.
 """
 
 from __future__ import annotations
@@ -203,7 +203,13 @@ def plan(config, mesh_spec: str, *, batch: int, length: int, dtype: str = "bfloa
         "" if mode == "score" else
         f" (one packed row of {n} tokens: {length}-token context, {options} x {continuation}"
         "-token options)")
-  mem = lowered.compile().memory_analysis()
+  # The XLA CPU backend (this host, not the target) computes bf16 dots in fp32, and loop-invariant
+  # code motion then hoists the fp32 conversion of every stacked layer weight out of the layer
+  # scan: an fp32 copy of all weights that GPU/TPU (native bf16 dots) never make. Keep the
+  # conversion inside the loop. The program compiled is the same lowered program either way.
+  options = ({"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+             if devices[0].platform == "cpu" else {})
+  mem = lowered.compile(compiler_options=options).memory_analysis()
   param_bytes = sum(math.prod(p.sharding.shard_shape(p.shape)) * dt.itemsize
                     for p in jax.tree.leaves(abstract))
   return MemoryPlan(
