@@ -1,14 +1,18 @@
 r"""token_logprobs vs HF PyTorch on CPU: tokens/s, peak memory and model FLOP utilisation.
 
   python benchmarks/scoring_cpu.py                       # OPT-125M shapes, 4x512 and 1x2048
+  python benchmarks/scoring_cpu.py --model=pythia-160m    # GPT-NeoX (parallel residual, rotary)
+  python benchmarks/scoring_cpu.py --model=tinyllama-1.1b --layers=4   # Llama, GQA 32/4
   python benchmarks/scoring_cpu.py --variants=xla,blocked:256,blocked:512 --reps=7
   python benchmarks/scoring_cpu.py --dtypes=float32,bfloat16      # + bf16 rows of both sides
 
-Both sides use the same random OPT-125M-shaped fp32 weights (written once as an HF safetensors
-checkpoint; HF loads it with from_pretrained, opt_jax converts it with convert.hf). Each side runs
-in its own long-lived worker process, so peak memories never mix; the parent sends the workers
-one forward pass at a time, interleaved (hf, jax, hf, jax, ...), so load from other processes on
-a shared machine hits both sides alike; tokens/s ratios are medians over the repetitions.
+Both sides use the same random fp32 weights of --model's shapes (any family preset, --layers
+overriding its depth; written once as an HF safetensors checkpoint; HF loads it with
+AutoModelForCausalLM.from_pretrained, the family's class, opt_jax converts it with convert.hf).
+Each side runs in its own long-lived worker process, so peak memories never mix; the parent
+sends the workers one forward pass at a time, interleaved (hf, jax, hf, jax, ...), so load from
+other processes on a shared machine hits both sides alike; tokens/s ratios are medians over the
+repetitions.
 
 HF side: model(ids).logits -> log_softmax -> gather of the target (what lm-eval does), under
 torch.inference_mode with HF's default attention (sdpa). opt_jax side: jitted
@@ -41,9 +45,10 @@ import time
 MARK = "@@"  # prefix of protocol lines on a worker's stdout (libraries may print other lines)
 
 
-def _config(layers: int):
+def _config(model: str, layers: int | None):
   from opt_jax import families
-  return families.preset("opt-125m").replace(num_hidden_layers=layers)
+  config = families.preset(model)
+  return config.replace(num_hidden_layers=layers) if layers else config
 
 
 # Workers --------------------------------------------------------------------------------------
@@ -65,7 +70,7 @@ def _hf_worker(weights: str, dtype: str):
   import torch
   import transformers
   tdtype = getattr(torch, dtype)
-  model = transformers.OPTForCausalLM.from_pretrained(weights, dtype=tdtype).eval()
+  model = transformers.AutoModelForCausalLM.from_pretrained(weights, dtype=tdtype).eval()
   info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
           "attention": model.config._attn_implementation, "dtype": dtype}
 
@@ -84,7 +89,7 @@ def _hf_worker(weights: str, dtype: str):
   return info, run, matmul
 
 
-def _jax_worker(weights: str, variant: str, layers: int, dtype: str):
+def _jax_worker(weights: str, variant: str, config, dtype: str):
   import functools
   import jax
   import jax.numpy as jnp
@@ -93,7 +98,6 @@ def _jax_worker(weights: str, variant: str, layers: int, dtype: str):
   from opt_jax import scoring
   from opt_jax.convert import hf
 
-  config = _config(layers)
   sd = load_file(os.path.join(weights, "model.safetensors"))
   jdtype = jnp.dtype(dtype)
   # Stored in the compute dtype, as checkpoint.restore(dtype=...) gives them to a sweep.
@@ -120,13 +124,13 @@ def _jax_worker(weights: str, variant: str, layers: int, dtype: str):
   return info, run, matmul
 
 
-def worker_main(kind: str, weights: str, variant: str, layers: int, dtype: str) -> None:
+def worker_main(kind: str, weights: str, variant: str, config, dtype: str) -> None:
   import numpy as np
   if kind == "hf":
     info, run, matmul = _hf_worker(weights, dtype)
   else:
-    info, run, matmul = _jax_worker(weights, variant, layers, dtype)
-  vocab = _config(layers).vocab_size
+    info, run, matmul = _jax_worker(weights, variant, config, dtype)
+  vocab = min(config.vocab_size, 32000)   # ids the tokenizer can produce (padded vocabularies)
   reply = lambda obj: print(MARK + json.dumps(obj), flush=True)
   reply({"ready": True, "rss_kib": _rss_kib("VmRSS"), **info})
   for line in sys.stdin:
@@ -183,16 +187,16 @@ class Worker:
 
 # Parent ---------------------------------------------------------------------------------------
 
-def write_weights(directory: str, layers: int, seed: int = 0) -> None:
-  """Random OPT-125M-shaped fp32 weights (normal(0.02), unit LN scales) as an HF checkpoint."""
+def write_weights(directory: str, config, seed: int = 0) -> None:
+  """Random fp32 weights of `config` (normal(0.02), unit norm scales, zero biases) as an HF
+  checkpoint."""
   import numpy as np
   from safetensors.numpy import save_file
   from opt_jax.convert import hf
-  config = _config(layers)
   rng = np.random.default_rng(seed)
   tensors = {}
   for name, shape in hf.expected_tensors(config).items():
-    if "layer_norm" in name and name.endswith("weight"):
+    if ("norm" in name or "ln_f" in name) and name.endswith("weight"):
       value = np.ones(shape, np.float32)
     elif name.endswith("bias"):
       value = np.zeros(shape, np.float32)
@@ -224,7 +228,9 @@ def main() -> None:
                       "e.g. xla, blocked:256, blocked:256:4096")
   p.add_argument("--dtypes", default="float32", help="float32 and/or bfloat16, comma separated")
   p.add_argument("--reps", type=int, default=5, help="timed passes per shape and side")
-  p.add_argument("--layers", type=int, default=12, help="decoder layers (12 = OPT-125M)")
+  p.add_argument("--model", default="opt-125m", help="a preset of any family (its shapes)")
+  p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the "
+                 "preset's)")
   p.add_argument("--matmul_n", type=int, default=2048, help="side of the square peak matmul")
   p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                  help="measure peak memory (a fresh worker per side and shape)")
@@ -235,7 +241,7 @@ def main() -> None:
   args = p.parse_args()
   if args.worker:
     kind, _, variant = args.worker.partition("=")
-    worker_main(kind, args.weights, variant, args.layers, args.dtype)
+    worker_main(kind, args.weights, variant, _config(args.model, args.layers), args.dtype)
     return
 
   shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
@@ -243,12 +249,14 @@ def main() -> None:
   dtypes = args.dtypes.split(",")
   if "float32" not in dtypes:
     dtypes = ["float32"] + dtypes   # the reference of every ratio and log-prob difference
-  config = _config(args.layers)
-  results: dict = {"shapes": {}, "machine": {"cpus": os.cpu_count(), "cpu_flags": _cpu_flags(),
-                                             "loadavg_start": os.getloadavg()}}
+  config = _config(args.model, args.layers)
+  results: dict = {"model": args.model, "layers": config.num_hidden_layers, "shapes": {},
+                   "machine": {"cpus": os.cpu_count(), "cpu_flags": _cpu_flags(),
+                               "loadavg_start": os.getloadavg()}}
   with tempfile.TemporaryDirectory() as weights:
-    write_weights(weights, args.layers)
-    common = [f"--weights={weights}", f"--layers={args.layers}"]
+    write_weights(weights, config)
+    common = [f"--weights={weights}", f"--model={args.model}",
+              f"--layers={config.num_hidden_layers}"]
     workers, dtype_of, base_of = [], {}, {}
     for dt in dtypes:
       sides = [("hf", "hf", "--worker=hf")] + [(f"jax:{v}", f"jax:{v}", f"--worker=jax={v}")
@@ -319,6 +327,8 @@ def main() -> None:
         w.close()
   results["machine"]["loadavg_end"] = os.getloadavg()
 
+  print(f"{args.model} shapes, {config.num_hidden_layers} layers, "
+        f"{config.num_params() / 1e6:.0f}M params")
   print(f"matmul peak ({args.matmul_n}^2): " + ", ".join(
       f"{k} {v:.1f} GFLOP/s" for k, v in results["matmul_peak_gflops"].items()))
   print(f"load average start {results['machine']['loadavg_start'][0]:.1f}, end "

@@ -361,8 +361,10 @@ class Scorer:
     self.share_prefix = share_prefix
     self.progress = progress
     self.mesh = mesh
-    # Rows and padded tokens sent through the model so far (a packed row counts once).
+    # Rows and padded tokens sent through the model so far (a packed row counts once), and the
+    # [batch, length] program shapes they ran in.
     self.rows_run = self.tokens_run = 0
+    self.shapes_run: set[tuple[int, int]] = set()
     if mesh is not None:
       sharding.check_divisible(config, mesh, batch_size=self.batch_size)
     self._batch_sharding = sharding.batch_sharding(mesh)
@@ -447,6 +449,7 @@ class Scorer:
         result = self._call(self._score, *map(self._put, arrays))
         self.rows_run += len(batch)
         self.tokens_run += n_rows * length
+        self.shapes_run.add((n_rows, length))
         if pending is not None:              # Fetch the previous batch while this one runs.
           collect(*pending)
           bar.update(len(pending[0]))
