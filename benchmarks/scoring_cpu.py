@@ -1,4 +1,4 @@
-r"""token_logprobs vs HF PyTorch on CPU: tokens/s, peak memory and model FLOP utilisation.
+r"""The scoring program vs HF PyTorch on CPU: tokens/s, peak memory and model FLOP utilisation.
 
   python benchmarks/scoring_cpu.py                       # OPT-125M shapes, 4x512 and 1x2048
   python benchmarks/scoring_cpu.py --model=pythia-160m    # GPT-NeoX (parallel residual, rotary)
@@ -15,8 +15,8 @@ other processes on a shared machine hits both sides alike; tokens/s ratios are m
 repetitions.
 
 HF side: model(ids).logits -> log_softmax -> gather of the target (what lm-eval does), under
-torch.inference_mode with HF's default attention (sdpa). opt_jax side: jitted
-opt_jax.scoring.token_logprobs (chunked logsumexp, no [B, T, V] array).
+torch.inference_mode with HF's default attention (sdpa). opt_jax side: the Scorer's program,
+opt_jax.scoring.score_program (chunked logsumexp, no [B, T, V] array), on plain rows.
 Memory: the worker's peak RSS (VmHWM, reset just before the measured pass through
 /proc/self/clear_refs) during one pass, and that peak minus the RSS once the weights are loaded
 ("working memory"), in a fresh worker per side and shape after one warm-up pass. MFU: model
@@ -105,15 +105,18 @@ def _jax_worker(weights: str, variant: str, config, dtype: str):
                                        hf.params_from_state_dict(sd, config)))
   del sd
   attention, block, chunk = (variant.split(":") + ["", ""])[:3]
-  fn = jax.jit(functools.partial(scoring.token_logprobs, config=config, attention=attention,
-                                 attention_block=int(block or 256), dtype=jdtype,
-                                 vocab_chunk=int(chunk or scoring.DEFAULT_VOCAB_CHUNK)))
+  # The Scorer's own program (scoring.score_program) on one plain row per batch entry.
+  fn = scoring.score_program(scoring.ScoreSpec(
+      config, jdtype.name, attention, int(block or 256),
+      int(chunk or scoring.DEFAULT_VOCAB_CHUNK)))
   info = {"jax": jax.__version__, "attention": variant, "dtype": dtype}
 
   def run(ids):
-    ids = jnp.asarray(ids)
-    lp, _ = jax.block_until_ready(fn(params, ids, jnp.ones_like(ids)))
-    return np.asarray(lp)[:, 1:]                                        # [B, T - 1]
+    b, t = ids.shape
+    inputs = (ids, np.ones_like(ids), np.roll(ids, -1, axis=1),
+              np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)), np.zeros_like(ids))
+    lp, _ = jax.block_until_ready(fn(params, *map(jnp.asarray, inputs)))
+    return np.asarray(lp)[:, :-1]                                       # [B, T - 1]
 
   def matmul(n):
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(jdtype)

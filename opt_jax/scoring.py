@@ -35,8 +35,8 @@ defaults; opt_jax/tokenizer.py):
     numbers as scoring each request alone, the same program as plain rows, no KV cache to copy.
 
 Programs: `score_program(spec)` is the one jitted scoring step (module level, `ScoreSpec`
-static), used by Scorer, tools/plan_mesh.py and the benchmarks alike; `ScoreSpec.shapes` and
-`score_arguments` say exactly what it is called with for a [batch, length] bucket.
+static), used by Scorer, tools/plan_mesh.py (through `lower_score`) and the benchmarks alike;
+`ScoreSpec.shapes` gives exactly the arguments it runs on for a [batch, length] bucket.
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ class _Row:
 
 
 def pack_options(context: Sequence[int], continuations: Sequence[Sequence[int]],
-                  max_length: int) -> list[tuple[_Row, list[int]]]:
+                 max_length: int) -> list[tuple[_Row, list[int]]]:
   """Rows scoring every continuation of one context, the context computed once per row.
 
   Row layout: context[:-1] (segment 0, positions 0 .. n - 2), then for each continuation k in
