@@ -26,6 +26,10 @@ EXTRAS = {
     # 2.13.0 is what the package index of our CI machines serves; any 2.x reads the files.
     "torch": ["torch==2.13.0"],
     "test": ["torch==2.13.0", "pytest==9.2.0", "pytest-xdist==3.8.0", "statsmodels==0.15.0"],
+    # benchmarks/icl_sweep_vs_lmeval.py only; never needed by `make test`. Every lm_eval 0.4.x
+    # needs pytablewriter -> typepy -> python-dateutil<3, so this venv gets python-dateutil
+    # 2.9.0.post0 instead of requirements.txt's 4.0.0: install it into a separate venv.
+    "bench": ["torch==2.13.0", "lm_eval[hf]==0.4.13"],
 }
 
 setup(

@@ -1,4 +1,4 @@
-r"""Multiple-choice scoring with the shared prompt computed once (KV-cache prefix reuse) vs not.
+r"""Multiple-choice scoring with the shared prompt computed once (packed rows) vs not.
 
   python -m benchmarks.prefix_reuse [--bigbench_dir=../shared/data/bigbench] [--task=ruin_names]
       [--k_shot=2] [--examples=64] [--layers=12] [--batch_size=8] [--reps=3]
@@ -115,8 +115,9 @@ def main(argv):
       "seconds_shared": on, "seconds_independent": off, "speedup": off / on,
       "requests_per_s_shared": len(pairs) / on, "requests_per_s_independent": len(pairs) / off,
       "max_abs_logprob_diff": float(np.max(np.abs(results[True] - results[False]))),
-      "compilations": {"shared": scorers[True].num_compilations,
-                       "independent": scorers[False].num_compilations},
+      # Programs each path runs (the two Scorers share one spec, hence their compiled programs).
+      "programs": {"shared": sorted(scorers[True].shapes_run),
+                   "independent": sorted(scorers[False].shapes_run)},
       "times": {"shared": times[True], "independent": times[False]}}
   print(json.dumps(report))
   print(f"{task.name} ({counts} options, {_K.value}-shot, {len(items)} examples, {len(pairs)} "

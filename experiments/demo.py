@@ -132,10 +132,10 @@ class DemoSettings(cli.Settings):
                                    "task)", "icl_examples", ge=1)
   icl_k_shot: tuple[int, ...] | None = _knob("ICL: shots per prompt; the first one's analysis is "
                                              "the headline", "icl_k_shot", ge=0)
-  # For models this small, compiling the shared-prefix (KV cache) programs for every bucket took
-  # ~45 s per size, far more than scoring each option's whole prompt.
-  icl_share_prefix: bool = cli.option(False, "ICL: score each prompt once for all its options "
-                                      "(KV cache).")
+  # Packed rows run the same scoring programs as plain rows (no programs of their own to
+  # compile, unlike the former KV-cache path), with about 1/options of the rows.
+  icl_share_prefix: bool = cli.option(True, "ICL: score each prompt once for all its options "
+                                      "(packed rows).")
 
   def resolved(self) -> "DemoSettings":
     """Every knob set: unset ones from the preset of the mode."""

@@ -19,8 +19,8 @@ Each option of each example is one harness-style request (experiments.tasks.bigb
 (k-shot, BIG-bench's prefixes) is the context, the option the continuation. Requests are encoded
 as the harness encodes them (context + continuation as one string; the continuation is what
 follows the context's tokens) and scored with Scorer.loglikelihood_tokens, which computes each
-shared prompt once (KV-cache prefix reuse). An example whose option is longer than the model's
-window is skipped (counted in summary.md).
+shared prompt once (one packed row: the prompt, then every option). An example whose option is
+longer than the model's window is skipped (counted in summary.md).
 
 Validation perplexity (the x-axis): --validation_ppl (experiments/validation_ppl.py's CSV or its
 folder; --validation_corpus picks a corpus), or --validation_text scored in the same sweep
@@ -91,7 +91,7 @@ class Settings(ExperimentSettings):
       None, "Text file(s) whose perplexity is scored in this sweep as the validation perplexity "
             "(.jsonl: JSON lines with a \"text\" field; any other file: one document).", key=False)
   # Same numbers either way (the shared prompt is computed once or with every option).
-  share_prefix: bool = cli.option(True, "Score each prompt once for all its options (KV cache).",
+  share_prefix: bool = cli.option(True, "Score each prompt once for all its options (packed rows).",
                                   key=False)
   n_bins: int = cli.option(10, "Bins of the perplexity order for linearity and breakthroughness "
                            "(0: every checkpoint).", ge=0, key=False)

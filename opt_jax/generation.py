@@ -45,7 +45,6 @@ share a tokenizer (fingerprints compared up front) and a vocabulary size.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 from typing import Any, Sequence
@@ -55,21 +54,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from opt_jax import model as M
-from opt_jax import sharding
+from opt_jax import programs, sharding
 from opt_jax.config import DecoderConfig
 
 Array = jax.Array
 FALLBACK_MASS = 1e-6
-_TRACES: collections.Counter = collections.Counter()
-
-
-def num_compilations() -> int:
-  """Programs traced (= compiled) by this module so far, over all shapes and modes."""
-  return sum(_TRACES.values())
 
 
 @dataclasses.dataclass(frozen=True)
-class _Spec:
+class DecodeSpec:
   """Everything static about one decoding program (hashable: a jit static argument)."""
   configs: tuple[DecoderConfig, ...]
   max_new_tokens: int
@@ -169,7 +162,7 @@ def mixture_log_probs(logits: Sequence[Array], weights: Array, temperature: Arra
 
 # The decoding program -------------------------------------------------------------------------
 
-def _decode(spec: _Spec, params: tuple, ids: Array, mask: Array, rows: Array, done: Array,
+def _decode(spec: DecodeSpec, params: tuple, ids: Array, mask: Array, rows: Array, done: Array,
             weights: Array, fallback_model: Array, greedy: Array, eos_id: Array, pad_id: Array,
             seed: Array, temperature: Array, top_k: Array, top_p: Array):
   """The whole decoding of one batch (jitted by `_decoder`, spec static).
@@ -182,7 +175,7 @@ def _decode(spec: _Spec, params: tuple, ids: Array, mask: Array, rows: Array, do
   Returns tokens [B, N] int32 (pad after a row's end), lengths [B] int32 (tokens emitted, eos
   included), fallback [B] int32 (joint steps that fell back to model 1).
   """
-  _TRACES[(ids.shape, spec)] += 1
+  programs.traced("decode", spec, ids.shape)
   b, t = ids.shape
   n = spec.max_new_tokens
   dtype = jnp.dtype(spec.dtype)
@@ -259,11 +252,42 @@ def _decoder(mesh, configs: tuple[DecoderConfig, ...]):
                  out_shardings=(batch, rows, rows))
 
 
-# Host side: validation, bucketing, batching ---------------------------------------------------
+def decode_shape(spec: DecodeSpec, num_prompts: int, prompt_length: int) -> tuple[int, int]:
+  """[batch, prompt length] of the program that decodes `num_prompts` prompts (at most the
+  batch_size of the call) whose longest has `prompt_length` tokens: the batch rounded up to a
+  power of two and to a multiple of the mesh's batch split, the length to a power of two >= 8,
+  capped at max_position_embeddings - max_new_tokens."""
+  split = sharding.num_shards(spec.mesh, "batch")
+  max_prompt = min(c.max_position_embeddings for c in spec.configs) - spec.max_new_tokens
+  b = -(-programs.bucket(num_prompts, 1) // split) * split
+  return b, min(programs.bucket(prompt_length, 8), max_prompt)
 
-def _bucket(n: int, minimum: int) -> int:
-  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
+def _knobs(weights, fallback_model: int, greedy: bool, eos_id: int | None, pad_id: int, seed: int,
+           temperature: float, top_k: int, top_p: float) -> tuple[np.ndarray, ...]:
+  """The traced scalar arguments of `_decode` after `done`, as host values."""
+  return (np.asarray(weights, np.float32), np.int32(fallback_model), np.bool_(greedy),
+          np.int32(-1 if eos_id is None else eos_id), np.int32(pad_id), np.int32(seed),
+          np.float32(temperature), np.int32(0 if greedy else top_k),
+          np.float32(1.0 if greedy else top_p))
+
+
+def lower_decode(spec: DecodeSpec, params: tuple, batch: int, length: int) -> Any:
+  """The lowered decoding program for a [batch, length] prompt bucket (see `decode_shape`);
+  params: one pytree per model, may be abstract (jax.ShapeDtypeStruct); tools/plan_mesh.py."""
+  mesh = spec.mesh
+  rows2, rows1 = sharding.batch_sharding(mesh), sharding.named_sharding(mesh, ("batch",))
+  arrays = (jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=rows2),
+            jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=rows2),
+            jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows1),
+            jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=rows1))
+  knobs = tuple(jax.ShapeDtypeStruct(np.shape(k), k.dtype, sharding=sharding.replicated(mesh))
+                for k in _knobs(np.ones(len(spec.configs)), 0, True, 0, 0, 0, 1.0, 0, 1.0))
+  with sharding.activate(mesh):
+    return _decoder(mesh, spec.configs).lower(spec, params, *arrays, *knobs)
+
+
+# Host side: validation, batching -------------------------------------------------------------
 
 def _check_prompts(prompts, vocab_size: int, max_len: int, truncate: bool) -> list[list[int]]:
   """Validated prompts (lists of int); max_len = the most prompt tokens that fit."""
@@ -316,19 +340,14 @@ def _run(configs: tuple[DecoderConfig, ...], params: tuple, prompts, weights: np
     if eos_id != "config":
       raise ValueError(f"eos_id={eos_id!r}: expected a token id, None or 'config'")
     eos_id = configs[0].eos_token_id
-  spec = _Spec(configs, max_new_tokens, joint, jnp.dtype(dtype).name, attention, mesh)
+  spec = DecodeSpec(configs, max_new_tokens, joint, jnp.dtype(dtype).name, attention, mesh)
   greedy = sampler == "greedy"
   decode = _decoder(mesh, configs)
-  # Batch buckets are multiples of the batch split (data x fsdp), filled with filler rows.
-  split = sharding.num_shards(mesh, "batch")
 
   order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
   results: list[list[int]] = [[] for _ in prompts]
   fallbacks = np.zeros(len(prompts), np.int64)
-  knobs = (np.asarray(weights, np.float32), np.int32(fallback_model), np.bool_(greedy),
-           np.int32(-1 if eos_id is None else eos_id), np.int32(pad), np.int32(seed),
-           np.float32(temperature), np.int32(0 if greedy else top_k),
-           np.float32(1.0 if greedy else top_p))
+  knobs = _knobs(weights, fallback_model, greedy, eos_id, pad, seed, temperature, top_k, top_p)
   assert len(knobs) == _NUM_KNOBS
   # Every process runs this same loop on identical host values: `put` hands each process its own
   # devices' slices, `to_host` gives every process the whole result (without a mesh: a plain
@@ -344,8 +363,8 @@ def _run(configs: tuple[DecoderConfig, ...], params: tuple, prompts, weights: np
   knobs = tuple(sharding.put(k, sharding.replicated(mesh)) for k in knobs)
   for start in range(0, len(order), batch_size):
     chunk = order[start:start + batch_size]
-    b = -(-_bucket(len(chunk), 1) // split) * split
-    t = min(_bucket(max(len(prompts[i]) for i in chunk), 8), max_pos - max_new_tokens)
+    # Batch buckets are multiples of the batch split (data x fsdp), filled with filler rows.
+    b, t = decode_shape(spec, len(chunk), max(len(prompts[i]) for i in chunk))
     ids = np.full((b, t), pad, np.int32)
     mask = np.zeros((b, t), np.int32)
     rows = np.zeros((b,), np.int32)

@@ -126,14 +126,28 @@ def rotary(x: Array, positions: Array, dim: int, base: float) -> Array:
   return out if dim == x.shape[-1] else jnp.concatenate([out, rest], axis=-1)
 
 
-def attention_mask(key_valid: Array, query_slot: Array) -> Array:
-  """[B, 1, T, S] bool: key slot s is visible from query slot t if s <= t and s holds a real token.
+def attention_mask(key_valid: Array, query_slot: Array, segments: Array | None = None) -> Array:
+  """[B, 1, T, S] bool: key slot s is visible from query slot t if s <= t and s holds a real token
+  (and, with segments, s is in segment 0 or in t's segment).
 
-  key_valid [B, S] bool; query_slot [T] int32 (slot of each query among the keys).
+  key_valid [B, S] bool; query_slot [T] int32 (slot of each query among the keys); segments
+  [B, T] int32 or None (only without a cache, so S = T; see Decoder.__call__).
   """
   s = jnp.arange(key_valid.shape[1], dtype=jnp.int32)
   causal = s[None, :] <= query_slot[:, None]                       # [T, S]
-  return (causal[None, :, :] & key_valid[:, None, :])[:, None]      # [B, 1, T, S]
+  mask = causal[None, :, :] & key_valid[:, None, :]                 # [B, T, S]
+  if segments is not None:
+    mask = mask & segment_visible(segments, segments)
+  return mask[:, None]                                              # [B, 1, T, S]
+
+
+def segment_visible(query_segments: Array, key_segments: Array) -> Array:
+  """[B, T, S] bool: the key is in segment 0 (the shared prefix) or in the query's own segment.
+
+  query_segments [B, T], key_segments [B, S] int32.
+  """
+  k = key_segments[:, None, :]
+  return (k == 0) | (k == query_segments[:, :, None])
 
 
 def _softmax_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
@@ -147,10 +161,12 @@ def _softmax_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
   scores = jnp.where(mask[:, :, None], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(v.dtype)
 
 
-def _blocked_causal_attention(q: Array, k: Array, v: Array, key_valid: Array, block: int) -> Array:
+def _blocked_causal_attention(q: Array, k: Array, v: Array, key_valid: Array, block: int,
+                              segments: Array | None = None) -> Array:
   """Causal attention without a cache, flash-style, for CPU where XLA has no fused kernel.
 
   Queries and keys in blocks of `block` positions. Each query block (unrolled) runs an online
@@ -158,26 +174,33 @@ def _blocked_causal_attention(q: Array, k: Array, v: Array, key_valid: Array, bl
   fori_loop, then over its diagonal block with the causal mask. Blocks above the diagonal are
   skipped (about half the work) and the loop keeps one [B, N, block, block] fp32 score block
   alive at a time instead of [B, N, T, T], so scores stay in cache and peak memory stays small.
-  q [B, T, N, H] (already scaled), k/v [B, T, K, H], key_valid [B, T] -> [B, T, N, H].
+  q [B, T, N, H] (already scaled), k/v [B, T, K, H], key_valid [B, T], segments [B, T] int32 or
+  None (see Decoder.__call__) -> [B, T, N, H].
   """
   b, t, n, h = q.shape
   if k.shape[2] != n:  # GQA: each group's key/value head serves its G query heads
     k, v = (jnp.repeat(x, n // x.shape[2], axis=2) for x in (k, v))
   nb = -(-t // block)
+  if segments is None:
+    segments = jnp.zeros((b, t), jnp.int32)
   if nb * block != t:  # pad to whole blocks with invalid keys; padded queries are dropped
     pad = lambda x: jnp.pad(x, [(0, 0), (0, nb * block - t)] + [(0, 0)] * (x.ndim - 2))
-    q, k, v, key_valid = pad(q), pad(k), pad(v), pad(key_valid)
+    q, k, v, key_valid, segments = pad(q), pad(k), pad(v), pad(key_valid), pad(segments)
   q, k, v = (jnp.einsum("BTNH->BNTH", x) for x in (q, k, v))           # heads-major blocks
   kb = k.reshape(b, n, nb, block, h)
   vb = v.reshape(b, n, nb, block, h)
   valid = key_valid.reshape(b, nb, block)
+  seg = segments.reshape(b, nb, block)
   causal = jnp.arange(block)[None, :] <= jnp.arange(block)[:, None]      # [block, block]
 
-  def update(carry, qi, j, diagonal):
+  def update(carry, qi, i, j, diagonal):
     run_max, run_sum, acc = carry
     kj = jax.lax.dynamic_index_in_dim(kb, j, axis=2, keepdims=False)     # [B, N, block, H]
     vj = jax.lax.dynamic_index_in_dim(vb, j, axis=2, keepdims=False)
-    visible = jax.lax.dynamic_index_in_dim(valid, j, axis=1, keepdims=False)[:, None, None, :]
+    visible = jax.lax.dynamic_index_in_dim(valid, j, axis=1, keepdims=False)[:, None, :]
+    visible = visible & segment_visible(                                  # [B, block, block]
+        seg[:, i], jax.lax.dynamic_index_in_dim(seg, j, axis=1, keepdims=False))
+    visible = visible[:, None]                                            # [B, 1, block, block]
     if diagonal:
       visible = visible & causal
     scores = jnp.einsum("BNTH,BNSH->BNTS", qi, kj, preferred_element_type=jnp.float32)
@@ -196,8 +219,8 @@ def _blocked_causal_attention(q: Array, k: Array, v: Array, key_valid: Array, bl
     carry = (jnp.full((b, n, block), -jnp.inf, jnp.float32), jnp.zeros((b, n, block), jnp.float32),
              jnp.zeros((b, n, block, h), jnp.float32))
     if i:
-      carry = jax.lax.fori_loop(0, i, lambda j, c, qi=qi: update(c, qi, j, False), carry)
-    _, run_sum, acc = update(carry, qi, i, True)
+      carry = jax.lax.fori_loop(0, i, lambda j, c, qi=qi, i=i: update(c, qi, i, j, False), carry)
+    _, run_sum, acc = update(carry, qi, i, i, True)
     outs.append(acc / run_sum[..., None])
   out = jnp.concatenate(outs, axis=2)                                      # [B, N, T, H]
   return jnp.einsum("BNTH->BTNH", out)[:, :t].astype(q.dtype)
@@ -216,20 +239,24 @@ class Attention(nn.Module):
     c = self.config
     w = _param(self, f"{name}_kernel", nn.initializers.normal(0.02),
                (c.hidden_size, heads, c.head_dim), ("embed", axis, "head_dim"), self.param_dtype)
-    y = jnp.einsum("BTD,DNH->BTNH", x, w.astype(self.dtype))
+    # Every projection accumulates in fp32 and rounds once: XLA's CPU backend rewrites a
+    # bf16 x bf16 -> bf16 dot into converts + an fp32 x fp32 dot (fp32 speed), while
+    # bf16 x bf16 -> fp32 stays a bf16 dot (AMX / avx512_bf16 kernels where the CPU has them).
+    # On GPU/TPU it is the same program.
+    y = jnp.einsum("BTD,DNH->BTNH", x, w.astype(self.dtype), preferred_element_type=jnp.float32)
     if c.attention_bias:
       y = y + _param(self, f"{name}_bias", nn.initializers.zeros, (heads, c.head_dim),
-                     (axis, "head_dim"), self.param_dtype).astype(self.dtype)
+                     (axis, "head_dim"), self.param_dtype).astype(jnp.float32)
     if c.clip_qkv is not None:
       y = jnp.clip(y, -c.clip_qkv, c.clip_qkv)
-    return y
+    return y.astype(self.dtype)
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, kv: tuple[Array, Array] | None,
-               key_valid: Array, query_slot: Array, index: Array | None
-               ) -> tuple[Array, tuple[Array, Array] | None]:
-    """x [B, T, D]; positions [B, T]; kv: this layer's cache (k, v) [B, S, K, H] or None
-    -> ([B, T, D], new kv)."""
+               key_valid: Array, query_slot: Array, index: Array | None,
+               segments: Array | None) -> tuple[Array, tuple[Array, Array] | None]:
+    """x [B, T, D]; positions [B, T]; kv: this layer's cache (k, v) [B, S, K, H] or None;
+    segments [B, T] int32 or None (no cache only, see Decoder.__call__) -> ([B, T, D], new kv)."""
     c = self.config
     n, kh, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     q = self._project(x, "q", n, "heads")                                   # [B, T, N, H]
@@ -253,23 +280,24 @@ class Attention(nn.Module):
       new_kv = None
 
     if self.impl == "blocked" and kv is None and x.shape[1] > self.block:
-      out = _blocked_causal_attention(q, k, v, key_valid, self.block)
+      out = _blocked_causal_attention(q, k, v, key_valid, self.block, segments)
     elif self.impl == "cudnn":
-      mask = attention_mask(key_valid, query_slot)
+      mask = attention_mask(key_valid, query_slot, segments)
       out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
                                          scale=1.0, implementation="cudnn")
     else:
       out = _softmax_attention(q, k.astype(q.dtype), v.astype(q.dtype),
-                               attention_mask(key_valid, query_slot))
+                               attention_mask(key_valid, query_slot, segments))
     out = _constrain(out, ("batch", "act_length", "act_heads", "head_dim"))   # [B, T, N, H]
 
     w_out = _param(self, "o_kernel", nn.initializers.normal(0.02), (n, h, c.hidden_size),
                    ("heads", "head_dim", "embed"), self.param_dtype)
-    y = jnp.einsum("BTNH,NHD->BTD", out, w_out.astype(self.dtype))
+    y = jnp.einsum("BTNH,NHD->BTD", out, w_out.astype(self.dtype),
+                   preferred_element_type=jnp.float32)
     if c.attention_bias:
       y = y + _param(self, "o_bias", nn.initializers.zeros, (c.hidden_size,), ("embed",),
-                     self.param_dtype).astype(self.dtype)
-    return y, new_kv
+                     self.param_dtype).astype(jnp.float32)
+    return y.astype(self.dtype), new_kv
 
 
 class Mlp(nn.Module):
@@ -281,11 +309,11 @@ class Mlp(nn.Module):
   def _dense(self, x: Array, name: str, features: int, axes: tuple[str, str]) -> Array:
     w = _param(self, f"{name}_kernel", nn.initializers.normal(0.02), (x.shape[-1], features),
                axes, self.param_dtype)
-    y = jnp.einsum("BTI,IO->BTO", x, w.astype(self.dtype))
-    if self.config.mlp_bias:
+    y = jnp.einsum("BTI,IO->BTO", x, w.astype(self.dtype), preferred_element_type=jnp.float32)
+    if self.config.mlp_bias:   # fp32 accumulation as in Attention._project
       y = y + _param(self, f"{name}_bias", nn.initializers.zeros, (features,), axes[1:],
-                     self.param_dtype).astype(self.dtype)
-    return y
+                     self.param_dtype).astype(jnp.float32)
+    return y.astype(self.dtype)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -308,12 +336,13 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, kv: tuple[Array, Array] | None,
-               key_valid: Array, query_slot: Array, index: Array | None):
+               key_valid: Array, query_slot: Array, index: Array | None,
+               segments: Array | None):
     """x [B, T, D] -> ([B, T, D], new kv)."""
     c = self.config
     attn_norm, mlp_norm = _norm(c, self, "attn_norm"), _norm(c, self, "mlp_norm")
-    attn = lambda y: Attention(c, self.dtype, self.param_dtype, self.impl, self.block,
-                               name="attn")(y, positions, kv, key_valid, query_slot, index)
+    attn = lambda y: Attention(c, self.dtype, self.param_dtype, self.impl, self.block, name="attn")(
+        y, positions, kv, key_valid, query_slot, index, segments)
     mlp = Mlp(c, self.dtype, self.param_dtype, name="mlp")
     if c.block == "pre_norm":
       y, new_kv = attn(attn_norm(x))
@@ -348,22 +377,36 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
-               cache: Cache | None = None) -> tuple[Array, Cache | None]:
+               cache: Cache | None = None, positions: Array | None = None,
+               segment_ids: Array | None = None) -> tuple[Array, Cache | None]:
     """input_ids [B, T] int; attention_mask [B, T] (1 real token, 0 padding; default all ones).
 
     Without a cache, returns (hidden [B, T, E], None). With a cache (see `init_cache`), the T new
     tokens are written at slots [index, index + T) and the updated cache is returned.
+
+    Several sequences sharing a prefix in one row (no cache only): segment_ids [B, T] int32, 0 for
+    the shared prefix and k > 0 for the k-th continuation; a token sees earlier tokens of segment
+    0 and of its own segment only. positions [B, T] int32 then gives each token's position id
+    (learned and rotary positions alike; pads: -1), e.g. continuing the prefix's count in every
+    continuation. Without positions they are counted from the mask as HF does (0, 1, 2, ... over
+    the real tokens).
     """
     c = self.config
     if self.attention not in ATTENTION_IMPLS:
       raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
+    if cache is not None and (segment_ids is not None or positions is not None):
+      raise ValueError("segment_ids and positions are for calls without a cache")
     b, t = input_ids.shape
     mask = (jnp.ones((b, t), jnp.int32) if attention_mask is None
             else attention_mask.astype(jnp.int32))
 
     # Position ids as HF computes them from the mask: real tokens count 0, 1, 2, ...; pads get -1.
     start = jnp.zeros((b,), jnp.int32) if cache is None else cache["next_position"]
-    positions = jnp.where(mask > 0, start[:, None] + jnp.cumsum(mask, axis=1) - 1, -1)
+    if positions is None:
+      positions = jnp.where(mask > 0, start[:, None] + jnp.cumsum(mask, axis=1) - 1, -1)
+    positions = positions.astype(jnp.int32)
+    if segment_ids is not None:
+      segment_ids = segment_ids.astype(jnp.int32)
 
     x = Embed(c.vocab_size, c.embed_dim, ("vocab", "embed"), self.param_dtype,
               name="embed")(input_ids).astype(self.dtype)                      # [B, T, E]
@@ -390,11 +433,11 @@ class Decoder(nn.Module):
         Block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=c.num_hidden_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(c, self.dtype, self.param_dtype, self.attention, self.attention_block, name="layers")
-    x, new_kv = layers(x, positions, kv, key_valid, query_slot, index)
+    x, new_kv = layers(x, positions, kv, key_valid, query_slot, index, segment_ids)
 
     if c.final_norm:
       x = _norm(c, self, "final_norm")(x)
@@ -427,7 +470,8 @@ class Projection(nn.Module):
   def __call__(self, x: Array) -> Array:
     w = _param(self, "kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features),
                self.axes, self.param_dtype)
-    return jnp.einsum("BTI,IO->BTO", x, w.astype(self.dtype))
+    return jnp.einsum("BTI,IO->BTO", x, w.astype(self.dtype),
+                      preferred_element_type=jnp.float32).astype(self.dtype)
 
 
 class Embed(nn.Module):

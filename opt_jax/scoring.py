@@ -28,14 +28,21 @@ defaults; opt_jax/tokenizer.py):
     that first token alone, and each later window predicts `stride` new tokens conditioned on
     the context_length - stride tokens before. lm_eval's own call is stride = context_length =
     max_length.
-  * Several continuations of one context (multiple choice): with share_prefix=True the context
-    goes through the model once (KV cache), then every continuation is scored against the cached
-    prefix (the cache rows repeated per continuation). Same numbers as scoring independently.
+  * Several continuations of one context (multiple choice): with share_prefix=True they are
+    packed into one row, the context once and then each continuation (after the context's last
+    token), with segment ids so that a continuation sees the context and itself only, and
+    position ids that continue the context's count in every continuation (`pack_options`). Same
+    numbers as scoring each request alone, the same program as plain rows, no KV cache to copy.
+
+Programs: `score_program(spec)` is the one jitted scoring step (module level, `ScoreSpec`
+static), used by Scorer, tools/plan_mesh.py (through `lower_score`) and the benchmarks alike;
+`ScoreSpec.shapes` gives exactly the arguments it runs on for a [batch, length] bucket.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,7 +54,7 @@ from flax import linen as nn
 from tqdm.auto import tqdm
 
 from opt_jax import model as M
-from opt_jax import sharding
+from opt_jax import programs, sharding
 from opt_jax.config import DecoderConfig
 
 Array = jax.Array
@@ -142,14 +149,18 @@ def head_logprobs(head: Array, hidden: Array, targets: Array,
 def target_logprobs(params: Any, input_ids: Array, attention_mask: Array, targets: Array, *,
                     config: DecoderConfig, dtype=jnp.float32, attention: str = "xla",
                     attention_block: int = 256, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-                    vocab_shards: int | None = None) -> tuple[Array, Array]:
+                    vocab_shards: int | None = None, positions: Array | None = None,
+                    segment_ids: Array | None = None) -> tuple[Array, Array]:
   """log p(targets[:, t] | input_ids[:, :t + 1]) for every t: the harness's (input, target) form.
 
   input_ids, attention_mask (1 real, 0 pad), targets: [B, T]. Returns (logprobs [B, T] fp32 nats,
   is_greedy [B, T] bool); entries at padded inputs are meaningless (callers select what they need).
+  positions, segment_ids [B, T] int32 (optional): several continuations of a shared prefix in one
+  row, see model.Decoder.__call__; "the tokens before t" are then those visible from t.
   """
   hidden, _ = M.Decoder(config, dtype=dtype, attention=attention, attention_block=attention_block
-                        ).apply({"params": params}, input_ids, attention_mask)  # [B, T, E]
+                        ).apply({"params": params}, input_ids, attention_mask,
+                                positions=positions, segment_ids=segment_ids)  # [B, T, E]
   return head_logprobs(M.lm_head(params), hidden, targets, vocab_chunk, vocab_shards)
 
 
@@ -189,14 +200,100 @@ def resolve_attention(attention: str, config: DecoderConfig, dtype) -> str:
   return "xla"
 
 
+# The scoring program ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ScoreSpec:
+  """Everything static about the scoring program (hashable: the jit static argument).
+
+  dtype: compute dtype name; attention: a resolved implementation ("xla", "blocked", "cudnn");
+  mesh: jax.sharding.Mesh or None (one device): the program is traced under it, so the model's
+  sharding rules and the head's vocab-parallel split come from it.
+  """
+  config: DecoderConfig
+  dtype: str
+  attention: str
+  attention_block: int = 256
+  vocab_chunk: int = DEFAULT_VOCAB_CHUNK
+  mesh: Any = None
+
+  def shapes(self, batch: int, length: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """Abstract (ids, mask, targets, positions, segments) of a [batch, length] bucket, each
+    int32 [batch, length] laid out over the mesh's batch axes: what `score_program` runs on."""
+    rows = sharding.batch_sharding(self.mesh)
+    return tuple(jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=rows)
+                 for _ in range(5))
+
+
+def _score_step(spec: ScoreSpec, params: Any, ids: Array, mask: Array, targets: Array,
+                positions: Array, segments: Array) -> tuple[Array, Array]:
+  """The scoring step: ids, mask, targets, positions, segments [B, T] int32 (plain rows:
+  positions 0, 1, ... and segments 0) -> (logprobs [B, T] fp32 nats, is_greedy [B, T] bool)."""
+  programs.traced("score", spec, ids.shape)
+  return target_logprobs(params, ids, mask, targets, config=spec.config,
+                         dtype=jnp.dtype(spec.dtype), attention=spec.attention,
+                         attention_block=spec.attention_block, vocab_chunk=spec.vocab_chunk,
+                         positions=positions, segment_ids=segments)
+
+
+_score_jit = jax.jit(_score_step, static_argnums=0)
+
+
+def score_program(spec: ScoreSpec) -> Callable:
+  """(params, ids, mask, targets, positions, segments) -> _score_step's result, jitted; called
+  and lowered under sharding.activate(spec.mesh) (one compiled program per spec and shape)."""
+  return functools.partial(_score_jit, spec)
+
+
+def lower_score(spec: ScoreSpec, params: Any, batch: int, length: int) -> Any:
+  """The lowered scoring program of a [batch, length] bucket: params may be abstract
+  (jax.ShapeDtypeStruct with shardings); see tools/plan_mesh.py."""
+  with sharding.activate(spec.mesh):
+    return _score_jit.lower(spec, params, *spec.shapes(batch, length))
+
+
 # Request -> rows ------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class _Row:
-  """One model input: log p(targets[-n_scored:]) given inputs, both [len] token ids."""
+  """One model input: log p(targets[-n_scored:]) given inputs, both [len] token ids.
+
+  positions, segments: [len] position ids and segment ids of a packed row (several continuations
+  of one context, see `pack_options`); None: 0, 1, 2, ... and all 0 (one plain sequence).
+  """
   inputs: list[int]
   targets: list[int]
   n_scored: int
+  positions: list[int] | None = None
+  segments: list[int] | None = None
+
+
+def pack_options(context: Sequence[int], continuations: Sequence[Sequence[int]],
+                 max_length: int) -> list[tuple[_Row, list[int]]]:
+  """Rows scoring every continuation of one context, the context computed once per row.
+
+  Row layout: context[:-1] (segment 0, positions 0 .. n - 2), then for each continuation k in
+  the row [context[-1]] + continuation[:-1] (segment k, positions n - 1, n, ...) with targets
+  `continuation`. Continuations go into a row in order while it stays <= max_length tokens, then
+  a new row starts (with the context again). Returns (row, indices of its continuations); each
+  row's scored tokens are its continuations' tokens, concatenated in that order.
+  Needs len(context) - 1 + len(c) <= max_length for every continuation c.
+  """
+  n = len(context)
+  out: list[tuple[_Row, list[int]]] = []
+  row = None
+  for k, cont in enumerate(continuations):
+    if row is None or len(row.inputs) + len(cont) > max_length:
+      row = _Row(list(context[:-1]), list(context[1:]), 0, list(range(n - 1)), [0] * (n - 1))
+      out.append((row, []))
+    members = out[-1][1]
+    members.append(k)
+    row.inputs += [context[-1]] + list(cont[:-1])
+    row.targets += list(cont)
+    row.positions += range(n - 1, n - 1 + len(cont))
+    row.segments += [len(members)] * len(cont)
+    row.n_scored += len(cont)
+  return out
 
 
 def rolling_windows(tokens: Sequence[int], context_length: int, stride: int
@@ -224,21 +321,6 @@ def rolling_windows(tokens: Sequence[int], context_length: int, stride: int
   return windows
 
 
-def _buckets(min_bucket: int, max_length: int) -> list[int]:
-  out, b = [], min_bucket
-  while b < max_length:
-    out.append(b)
-    b *= 2
-  return out + [max_length]
-
-
-def _bucket(length: int, buckets: Sequence[int]) -> int:
-  for b in buckets:
-    if length <= b:
-      return b
-  raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
-
-
 class Scorer:
   """lm-evaluation-harness style requests on one model size; see the module docstring.
 
@@ -251,75 +333,44 @@ class Scorer:
   dtype: compute dtype; log-probs are fp32 whatever it is.
   attention: "auto" (blocked on CPU, cudnn on GPU for bf16), "xla", "blocked", "cudnn".
   mesh: optional opt_jax.sharding mesh: params sharded by its rules, batches over data x fsdp.
-  share_prefix: score several continuations of one context against one cached context.
-  cont_batch_size: continuation rows per program on the shared-prefix path (default: batch_size
-    times 1 to 4, the most that keeps rows x (context + continuation) slots <= batch_size x
-    max_length, so the repeated KV cache is no larger than one full-length batch's).
-  min_bucket: shortest padded length; buckets are min_bucket * 2^k and max_length.
+  share_prefix: score the continuations of one context in one packed row (module docstring).
+  min_bucket: shortest padded length; buckets are min_bucket * 2^k and max_length
+    (opt_jax.programs.bucket).
+  Every batch runs `score_program(self.spec)`; Scorers with equal specs share its programs.
   """
 
   def __init__(self, config: DecoderConfig, params: Any, *, tokenizer=None,
                conventions: str | None = None, batch_size: int = 8,
                max_length: int | None = None, dtype=jnp.float32, attention: str = "auto",
-               mesh=None, share_prefix: bool = True, cont_batch_size: int | None = None,
-               min_bucket: int = 16, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+               mesh=None, share_prefix: bool = True, min_bucket: int = 16,
+               vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
                attention_block: int = 256, progress: bool = False):
     self.config = config
     if tokenizer is not None and conventions is not None:
       tokenizer = tokenizer.with_conventions(conventions)
     self.tokenizer = tokenizer
     self.batch_size = int(batch_size)
-    self.cont_batch_size = int(cont_batch_size) if cont_batch_size else None
     self.max_length = int(max_length or config.max_position_embeddings)
     if not 2 <= self.max_length <= config.max_position_embeddings:
       raise ValueError(f"max_length={self.max_length} must be in [2, max_position_embeddings="
                        f"{config.max_position_embeddings}]")
-    self.buckets = _buckets(min(min_bucket, self.max_length), self.max_length)
-    # Continuations are often 1-5 tokens: shorter buckets on the shared-prefix path.
-    self.cont_buckets = _buckets(min(4, self.max_length), self.max_length)
+    self.min_bucket = min(int(min_bucket), self.max_length)
+    self.buckets = programs.buckets(self.min_bucket, self.max_length)
     self.dtype = dtype
     self.attention = resolve_attention(attention, config, dtype)
     self.share_prefix = share_prefix
     self.progress = progress
     self.mesh = mesh
-    self.compile_counts = {"score": 0, "prefill": 0, "continuation": 0}
+    # Rows and padded tokens sent through the model so far (a packed row counts once), and the
+    # [batch, length] program shapes they ran in.
+    self.rows_run = self.tokens_run = 0
+    self.shapes_run: set[tuple[int, int]] = set()
     if mesh is not None:
       sharding.check_divisible(config, mesh, batch_size=self.batch_size)
-      if self.cont_batch_size:
-        sharding.check_divisible(config, mesh, batch_size=self.cont_batch_size)
     self._batch_sharding = sharding.batch_sharding(mesh)
-    model = M.Decoder(config, dtype=dtype, attention=self.attention,
-                      attention_block=attention_block)
-    # The vocab-parallel split of the head comes from the mesh active while tracing (_call).
-
-    def score(params, ids, mask, targets):
-      self.compile_counts["score"] += 1
-      return target_logprobs(params, ids, mask, targets, config=config, dtype=dtype,
-                             attention=self.attention, attention_block=attention_block,
-                             vocab_chunk=vocab_chunk)
-
-    def prefill(params, ids, mask):
-      self.compile_counts["prefill"] += 1
-      cache = M.init_cache(config, ids.shape[0], ids.shape[1], dtype)
-      _, cache = model.apply({"params": params}, ids, mask, cache)
-      return cache
-
-    def continuation(params, cache, rows, ids, mask, targets):
-      # Each continuation row gets its context's cache row, plus ids.shape[1] empty slots.
-      self.compile_counts["continuation"] += 1
-      extra = ids.shape[1]
-      pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
-      cache = {"key": pad(jnp.take(cache["key"], rows, axis=1), 2),
-               "value": pad(jnp.take(cache["value"], rows, axis=1), 2),
-               "valid": pad(jnp.take(cache["valid"], rows, axis=0), 1),
-               "next_position": jnp.take(cache["next_position"], rows, axis=0),
-               "index": cache["index"]}
-      hidden, _ = model.apply({"params": params}, ids, mask, cache)             # [B, T, E]
-      return head_logprobs(M.lm_head(params), hidden, targets, vocab_chunk)
-
-    self._score = jax.jit(score)
-    self._prefill = jax.jit(prefill)
-    self._continuation = jax.jit(continuation)
+    self.spec = ScoreSpec(config, jnp.dtype(dtype).name, self.attention, int(attention_block),
+                          int(vocab_chunk), mesh)
+    self._score = score_program(self.spec)
     self.params = None
     self.set_params(params)
 
@@ -327,8 +378,13 @@ class Scorer:
 
   @property
   def num_compilations(self) -> int:
-    """Programs traced (hence compiled) so far by this scorer; per kind in `compile_counts`."""
-    return sum(self.compile_counts.values())
+    """Scoring programs traced (hence compiled) so far for this scorer's spec (shared with every
+    Scorer of an equal spec; opt_jax.programs counts them)."""
+    return programs.compilations("score", self.spec)
+
+  def bucket_shape(self, length: int) -> tuple[int, int]:
+    """[batch, length] of the program that runs a row of `length` tokens."""
+    return self.batch_size, programs.bucket(length, self.min_bucket, self.max_length)
 
   def set_params(self, params: Any) -> None:
     """Switch to another checkpoint of the same config (and dtypes): no recompilation."""
@@ -357,14 +413,20 @@ class Scorer:
   # Core batching --------------------------------------------------------------------------------
 
   def _pack(self, rows: Sequence[_Row], batch: int, length: int, pad_id: int):
-    """Right-padded [batch, length] ids, mask, targets (dummy rows all padding)."""
+    """Right-padded [batch, length] ids, mask, targets, positions (-1 at pads), segments (dummy
+    rows all padding)."""
     ids = np.full((batch, length), pad_id, np.int32)
     mask = np.zeros((batch, length), np.int32)
     targets = np.full((batch, length), pad_id, np.int32)
+    positions = np.full((batch, length), -1, np.int32)
+    segments = np.zeros((batch, length), np.int32)
     for r, row in enumerate(rows):
       n = len(row.inputs)
       ids[r, :n], mask[r, :n], targets[r, :n] = row.inputs, 1, row.targets
-    return ids, mask, targets
+      positions[r, :n] = np.arange(n) if row.positions is None else row.positions
+      if row.segments is not None:
+        segments[r, :n] = row.segments
+    return ids, mask, targets, positions, segments
 
   def _run_rows(self, rows: Sequence[_Row], desc: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """(logprobs [n_scored] fp32, is_greedy [n_scored] bool) of each row, in order."""
@@ -382,9 +444,12 @@ class Scorer:
     pending = None
     with tqdm(total=len(rows), desc=desc, disable=not self.progress, unit="row") as bar:
       for batch in batches:
-        length = _bucket(len(rows[batch[0]].inputs), self.buckets)
-        arrays = self._pack([rows[i] for i in batch], self.batch_size, length, pad_id)
+        n_rows, length = self.bucket_shape(len(rows[batch[0]].inputs))
+        arrays = self._pack([rows[i] for i in batch], n_rows, length, pad_id)
         result = self._call(self._score, *map(self._put, arrays))
+        self.rows_run += len(batch)
+        self.tokens_run += n_rows * length
+        self.shapes_run.add((n_rows, length))
         if pending is not None:              # Fetch the previous batch while this one runs.
           collect(*pending)
           bar.update(len(pending[0]))
@@ -431,66 +496,24 @@ class Scorer:
                 if len(ix) > 1 and len(c) - 1 + max(len(reqs[i][1]) for i in ix) <= self.max_length}
     in_shared = {i for ix in shared.values() for i in ix}
 
+    rows, owners = [], []     # owners[r]: the requests whose continuations row r scores
+    for i in range(len(reqs)):
+      if i not in in_shared:
+        ctx, cont = reqs[i]
+        whole = (ctx + cont)[-(self.max_length + 1):]
+        rows.append(_Row(whole[:-1], whole[1:], len(cont)))
+        owners.append([i])
+    for ctx, ix in shared.items():
+      for row, members in pack_options(ctx, [reqs[i][1] for i in ix], self.max_length):
+        rows.append(row)
+        owners.append([ix[k] for k in members])
     results: list[Any] = [None] * len(reqs)
-    plain = [i for i in range(len(reqs)) if i not in in_shared]
-    rows = []
-    for i in plain:
-      ctx, cont = reqs[i]
-      whole = (ctx + cont)[-(self.max_length + 1):]
-      rows.append(_Row(whole[:-1], whole[1:], len(cont)))
-    for i, (lp, greedy) in zip(plain, self._run_rows(rows, "loglikelihood")):
-      results[i] = (float(lp.astype(np.float64).sum()), bool(greedy.all()))
-    if shared:
-      for i, res in self._run_shared(reqs, shared).items():
-        results[i] = res
-    return results
-
-  def _run_shared(self, reqs, groups: dict[tuple[int, ...], list[int]]
-                  ) -> dict[int, tuple[float, bool]]:
-    """Prefill each context once (all but its last token), then score [last context token] +
-    continuation[:-1] -> continuation for every option against the cached context rows."""
-    pad_id = self.config.filler_token_id
-    contexts = sorted(groups, key=len, reverse=True)
-    results: dict[int, tuple[float, bool]] = {}
-    total = sum(len(ix) for ix in groups.values())
-
-    def collect(pending):
-      for chunk, rows, (lp, greedy) in pending:
-        lp, greedy = self._host(lp), self._host(greedy)
-        for k, ((_, i), row) in enumerate(zip(chunk, rows)):
-          n = len(row.inputs)
-          results[i] = (float(lp[k, :n].astype(np.float64).sum()), bool(greedy[k, :n].all()))
-        bar.update(len(chunk))
-
-    previous = []
-    with tqdm(total=total, desc="loglikelihood (shared prefix)", disable=not self.progress,
-              unit="req") as bar:
-      for start in range(0, len(contexts), self.batch_size):
-        ctxs = contexts[start:start + self.batch_size]
-        prefix_len = _bucket(max(len(c) - 1 for c in ctxs) or 1, self.buckets)
-        prefix_rows = [_Row(list(c[:-1]), list(c[:-1]), 0) for c in ctxs]
-        ids, mask, _ = self._pack(prefix_rows, self.batch_size, prefix_len, pad_id)
-        cache = self._call(self._prefill, self._put(ids), self._put(mask))
-        options = [(r, i) for r, c in enumerate(ctxs) for i in groups[c]]
-        # Longest continuations first so each program's bucket is as tight as possible.
-        options.sort(key=lambda o: -len(reqs[o[1]][1]))
-        n_rows = self.cont_batch_size or self.batch_size * min(4, max(1, self.max_length // (
-            prefix_len + _bucket(len(reqs[options[0][1]][1]), self.cont_buckets))))
-        pending = []
-        for o in range(0, len(options), n_rows):
-          chunk = options[o:o + n_rows]
-          rows = [_Row([ctxs[r][-1]] + reqs[i][1][:-1], reqs[i][1], len(reqs[i][1]))
-                  for r, i in chunk]
-          length = _bucket(len(rows[0].inputs), self.cont_buckets)
-          ids, mask, targets = self._pack(rows, n_rows, length, pad_id)
-          row_index = np.zeros((n_rows,), np.int32)
-          row_index[:len(chunk)] = [r for r, _ in chunk]
-          result = self._call(self._continuation, cache, self._put(row_index), self._put(ids),
-                              self._put(mask), self._put(targets))
-          pending.append((chunk, rows, result))
-        collect(previous)              # the previous group's results, while this one runs
-        previous = pending
-      collect(previous)
+    for members, (lp, greedy) in zip(owners, self._run_rows(rows, "loglikelihood")):
+      o = 0
+      for i in members:
+        n = len(reqs[i][1])
+        results[i] = (float(lp[o:o + n].astype(np.float64).sum()), bool(greedy[o:o + n].all()))
+        o += n
     return results
 
   def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:

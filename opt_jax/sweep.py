@@ -46,7 +46,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from opt_jax import checkpoint, files
+from opt_jax import checkpoint, files, programs
 from opt_jax.config import DecoderConfig
 from opt_jax.errors import InputError, UserError
 from opt_jax.results import CorruptResultError, Key, ResultStore
@@ -79,6 +79,9 @@ class SweepReport:
   wait_seconds: dict[Key, float] = dataclasses.field(default_factory=dict)
   wall_seconds: float = 0.0
   run_manifest: str | None = None
+  # Time spent making programs during the sweep (opt_jax.programs.compile_share: tracing,
+  # lowering, XLA compiles or persistent-cache reads) and its share of wall_seconds.
+  compile: dict[str, float] = dataclasses.field(default_factory=dict)
 
   @property
   def total_eval_seconds(self) -> float:
@@ -240,6 +243,7 @@ def run_sweep(suite: Suite, evaluate: Evaluate, store: ResultStore, *,
   prefix = _key_prefix(experiment)
   restore = restore or checkpoint.restore
   start = time.perf_counter()
+  compile_before = programs.compile_seconds()
   out_dir = out_dir or store.root
   report = SweepReport()
   name = "/".join(prefix)
@@ -411,8 +415,11 @@ def run_sweep(suite: Suite, evaluate: Evaluate, store: ResultStore, *,
     executor.shutdown(wait=True, cancel_futures=True)
     bar.close()
     report.wall_seconds = time.perf_counter() - start
+    report.compile = programs.compile_share(compile_before, programs.compile_seconds(),
+                                            report.wall_seconds)
     manifest.update(status=status, finished=_utc_now(), evaluated=len(report.evaluated),
-                    wall_seconds=report.wall_seconds, eval_seconds=report.total_eval_seconds)
+                    wall_seconds=report.wall_seconds, eval_seconds=report.total_eval_seconds,
+                    compile=report.compile)
   return report
 
 

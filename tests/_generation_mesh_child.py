@@ -77,6 +77,7 @@ def _generate(mesh, **kw):
 def run_devices8(out_path: str) -> None:
   import jax
   from opt_jax import generation as G
+  from opt_jax import programs
   from opt_jax import sharding
   assert jax.device_count() == 8, jax.devices()
   result = {"single": {}, "meshes": {}, "joint": {}}
@@ -84,9 +85,9 @@ def run_devices8(out_path: str) -> None:
     result["single"][name] = _generate(None, **kw)
   for spec in MESHES:
     mesh = sharding.make_mesh(spec)
-    before = G.num_compilations()
+    before = programs.compilations("decode")
     result["meshes"][spec] = {name: _generate(mesh, **kw) for name, kw in CASES.items()}
-    result["meshes"][spec]["compilations"] = G.num_compilations() - before
+    result["meshes"][spec]["compilations"] = programs.compilations("decode") - before
   # Params already laid out on the mesh are taken as they are.
   mesh = sharding.make_mesh("model:8")
   cfg = config()
@@ -101,14 +102,14 @@ def run_devices8(out_path: str) -> None:
     result["joint"][spec or "single"] = {"tokens": got, "fallback": stats["fallback_steps"]}
 
   # A mesh the model cannot be split on fails before compiling, naming the dimension.
-  before = G.num_compilations()
+  before = programs.compilations("decode")
   bad = config(num_attention_heads=4)
   try:
     G.generate(bad, params_for(bad, 0), prompts(), max_new_tokens=N, mesh=mesh)
     result["bad_mesh_error"] = None
   except ValueError as e:
     result["bad_mesh_error"] = str(e)
-  result["bad_mesh_compilations"] = G.num_compilations() - before
+  result["bad_mesh_compilations"] = programs.compilations("decode") - before
 
   tmp = out_path + ".tmp"
   with open(tmp, "w") as f:

@@ -191,7 +191,7 @@ def run_devices8(out_path: str) -> None:
     result["meshes"][spec] = lp.tolist()
 
   # Scorer's mesh path (scoring.py) against the same Scorer without a mesh: rolling windows, and
-  # multiple-choice requests whose shared context goes through the KV-cache path.
+  # multiple-choice requests whose shared context is packed with its options into one row.
   rows = [[int(t) for t in r[m.astype(bool)]] for r, m in zip(ids, mask)]
   requests = [(rows[0][:6], rows[1][:k]) for k in (1, 3, 5)] + [(rows[2][:9], rows[3][2:4])]
 

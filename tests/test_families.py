@@ -81,6 +81,38 @@ def test_logits_and_logprobs_match_hf(fam, side):
   np.testing.assert_allclose(lp[:, 1:][scored], want[scored], atol=1e-4, rtol=0, err_msg=name)
 
 
+@functools.lru_cache(maxsize=None)
+def _packed_fn(config, attention):
+  return jax.jit(functools.partial(S.target_logprobs, config=config, attention=attention,
+                                   attention_block=8, vocab_chunk=40))
+
+
+@pytest.mark.parametrize("attention", ["xla", "blocked"])
+def test_packed_options_match_hf_one_by_one(fam, attention):
+  # Multiple choice in one row (scoring.pack_options): a 9-token context, then 3 options that
+  # see the context and themselves only, positions (rotary or learned) continuing the context's.
+  # Each option's log-probs equal HF's on context + option alone. Blocks of 8 over a 24-token
+  # row: the blocked path crosses segments inside and across blocks.
+  name, config, hf, params = fam
+  rng = np.random.RandomState(11)
+  ctx = [config.bos_token_id] + rng.randint(3, oracle.TOKENS, 8).tolist()
+  conts = [rng.randint(3, oracle.TOKENS, n).tolist() for n in (4, 2, 5)]
+  [(row, members)] = S.pack_options(ctx, conts, 64)
+  assert members == [0, 1, 2] and len(row.inputs) == 8 + 11
+  t = 24
+  pad = lambda xs, fill: np.asarray([list(xs) + [fill] * (t - len(xs))], np.int32)
+  n = len(row.inputs)
+  lp, _ = _packed_fn(config, attention)(
+      params, pad(row.inputs, config.pad_token_id), pad([1] * n, 0), pad(row.targets, 0),
+      positions=pad(row.positions, -1), segment_ids=pad(row.segments, 0))
+  got = np.asarray(lp)[0, n - row.n_scored:n]
+  want = []
+  for cont in conts:
+    ids = np.asarray([ctx + cont])
+    want.append(oracle.hf_logprobs(hf, ids, np.ones_like(ids))[0, -len(cont):])
+  np.testing.assert_allclose(got, np.concatenate(want), atol=1e-4, rtol=0, err_msg=name)
+
+
 # One model per family (the other variants differ from these only where the forward pass,
 # checked above, differs).
 @pytest.mark.parametrize("fam", ["neox_parallel", "llama_gqa", "olmo", "olmo2"], indirect=True)

@@ -26,6 +26,7 @@ from transformers.generation import logits_process as hf_lp
 
 from opt_jax import generation as G
 from opt_jax import model as M
+from opt_jax import programs
 import oracle
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -156,17 +157,17 @@ def test_one_compilation_per_bucket_and_draws_independent_of_batching(pre_ln):
   prompts, _, _ = _prompts(config, lengths=[9, 10, 13, 12])   # all in prompt bucket 16
   kw = dict(max_new_tokens=N, sampler="sample", temperature=1.5, eos_id=None, seed=4)
   whole = G.generate(config, params, prompts, **kw)   # batch bucket 4, prompt bucket 16
-  before = G.num_compilations()
+  before = programs.compilations("decode")
   # Same buckets, other params, sampler settings, seed and eos: no compilation.
   other = jax.tree.map(lambda x: x * 1.01, params)
   G.generate(config, other, [[2] * 10, [2, 7], [2]], max_new_tokens=N, top_k=3, top_p=0.5,
              temperature=2.0, seed=9, sampler="sample")
-  assert G.num_compilations() == before
+  assert programs.compilations("decode") == before
   # Batches of 2 (a new batch bucket: one compilation) draw the same tokens for each prompt.
   assert G.generate(config, params, prompts, batch_size=2, **kw) == whole
-  assert G.num_compilations() == before + 1
+  assert programs.compilations("decode") == before + 1
   G.generate(config, params, [[2] * 10, [2] * 9], max_new_tokens=N)
-  assert G.num_compilations() == before + 1
+  assert programs.compilations("decode") == before + 1
 
 
 def test_bad_prompts_are_named(pre_ln):

@@ -86,3 +86,34 @@ def test_bad_config_is_named():
   with pytest.raises(ValueError, match="not divisible by num_attention_heads"):
     families.get("opt").config(vocab_size=10, hidden_size=30, num_hidden_layers=1,
                                num_attention_heads=4, ffn_dim=8)
+
+
+def _dot_operand_dtypes(hlo: str) -> list[tuple[str, ...]]:
+  """Element types of the operands of every dot in optimised HLO text (one entry per dot)."""
+  import re
+  out = []
+  for comp in hlo.split("\n\n"):
+    types = dict(re.findall(r"(%[\w.\-]+) = (\w+)\[", comp))
+    for operands in re.findall(r"= \w+\[[^\]]*\]\S* dot\(([^)]*)\)", comp):
+      out.append(tuple(types.get(o.strip().split(" ")[-1], "?") for o in operands.split(",")))
+  return out
+
+
+def test_bf16_program_multiplies_bf16_operands_only():
+  # XLA's CPU backend turns a bf16 x bf16 -> bf16 dot into converts + an fp32 dot: the model
+  # asks for fp32 accumulation so that every matmul of a bf16 forward keeps bf16 operands
+  # (the fast AMX / avx512_bf16 kernels on CPUs that have them).
+  import functools
+
+  from opt_jax import scoring
+  # OPT (biases, learned positions, tied head) and Llama with GQA (grouped scores and p.v, gated
+  # MLP, rotary, untied head): every einsum of the model is in one of the two.
+  ids = jnp.zeros((2, 32), jnp.int32)
+  for config in (oracle.TINY["pre_ln"], oracle.FAMILY_TINY["llama_gqa"]):
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.bfloat16), M.param_shapes(config))
+    for attention in ("xla", "blocked"):
+      fn = jax.jit(functools.partial(scoring.token_logprobs, config=config, dtype=jnp.bfloat16,
+                                     attention=attention, attention_block=16))
+      dots = _dot_operand_dtypes(fn.lower(params, ids, ids).compile().as_text())
+      assert len(dots) >= 5, dots                    # q/k/v, scores, p.v, out, mlp, head
+      assert all(t == ("bf16", "bf16") for t in dots), (config.family, attention, dots)

@@ -147,7 +147,7 @@ def scorers(pre_ln):
   config, _, params = pre_ln
   kw = dict(max_length=MAX_LEN, batch_size=4, min_bucket=16, vocab_chunk=48, attention_block=16)
   return (S.Scorer(config, params, share_prefix=False, **kw),
-          S.Scorer(config, params, share_prefix=True, cont_batch_size=4, **kw))
+          S.Scorer(config, params, share_prefix=True, **kw))
 
 
 def test_loglikelihood_matches_hf_sums_and_greedy(pre_ln, scorers):
@@ -175,12 +175,35 @@ def test_shared_prefix_equals_independent_scoring(name, scorers):
     indep_scorer = S.Scorer(config, params, share_prefix=False, **kw)
     shared_scorer = S.Scorer(config, params, share_prefix=True, **kw)   # rows per pass: auto
     reqs = [r for r in _requests(config, hf, seed=1) if len(r[0]) < 16]
+  rows_before = indep_scorer.rows_run, shared_scorer.rows_run
   indep = indep_scorer.loglikelihood_tokens(reqs)
   shared = shared_scorer.loglikelihood_tokens(reqs)
   np.testing.assert_allclose([s for s, _ in shared], [s for s, _ in indep], atol=1e-4, rtol=0)
   assert [g for _, g in shared] == [g for _, g in indep]
-  assert shared_scorer.compile_counts["prefill"] > 0         # the cached path really ran
-  assert indep_scorer.compile_counts["prefill"] == 0
+  # The packed rows really ran: one row per context (all fit), one per request without sharing.
+  assert indep_scorer.rows_run - rows_before[0] == len(reqs)
+  assert shared_scorer.rows_run - rows_before[1] == len({tuple(c) for c, _ in reqs})
+
+
+def test_packed_rows_split_when_options_overflow_the_window(pre_ln):
+  # 4 options of 20 tokens after a 20-token context do not fit one 64-token row (19 + 4 x 20):
+  # the packer starts a new row (with the context again) after 2 options (19 + 2 x 20 = 59);
+  # every option still equals HF's number.
+  config, hf, params = pre_ln
+  rng = np.random.RandomState(3)
+  ctx = [2] + [int(t) for t in rng.randint(3, config.vocab_size, 19)]
+  conts = [[int(t) for t in rng.randint(3, config.vocab_size, 20)] for _ in range(4)]
+  rows = S.pack_options(ctx, conts, MAX_LEN)
+  assert [m for _, m in rows] == [[0, 1], [2, 3]]
+  assert [len(r.inputs) for r, _ in rows] == [59, 59]
+  assert rows[0][0].positions == list(range(59 - 20)) + list(range(19, 39))
+  assert rows[0][0].segments == [0] * 19 + [1] * 20 + [2] * 20
+  scorer = S.Scorer(config, params, share_prefix=True, max_length=MAX_LEN, batch_size=2,
+                    min_bucket=64, attention_block=16)
+  got = scorer.loglikelihood_tokens([(ctx, c) for c in conts])
+  want = [_hf_request(hf, ctx, c) for c in conts]
+  np.testing.assert_allclose([g for g, _ in got], [w for w, _ in want], atol=1e-4, rtol=0)
+  assert scorer.rows_run == 2
 
 
 def test_compilations_bounded_and_set_params_reuses_programs(pre_ln, scorers):

@@ -92,6 +92,16 @@ def test_second_run_evaluates_nothing(tiny, swept):
   assert manifest["run_info"] == {"flag": "value"}
   assert manifest["suite"]["models"][0]["checkpoints"]["10"] == tiny.models[0].path(10)
   assert manifest["versions"]["opt_jax"] and manifest["started"] <= manifest["finished"]
+  # The time spent making programs (jax.monitoring events), and its share of the sweep: the
+  # first run compiled at least one scoring program per size; the second, which restored and
+  # evaluated nothing, compiled nothing.
+  c = manifest["compile"]
+  assert c["backend_compiles"] >= 2 and 0 < c["compile_seconds"] <= c["seconds"]
+  assert c["seconds"] == pytest.approx(c["trace_seconds"] + c["lower_seconds"]
+                                       + c["compile_seconds"])
+  assert c["share_of_wall"] == pytest.approx(c["seconds"] / manifest["wall_seconds"])
+  assert 0 < c["share_of_wall"] < 1 and first.compile == c
+  assert report.compile["backend_compiles"] == 0 and report.compile["seconds"] == 0
 
 
 def test_kill_9_mid_sweep_loses_at_most_the_checkpoint_in_flight(tiny, tmp_path):
