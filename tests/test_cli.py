@@ -84,7 +84,7 @@ def _user_errors(i):
       "plan of no rows": (["tools.plan_mesh", "--model=125m", "--mesh=data:1", "--batch=0"],
                           r"--batch=0: expected an integer >= 1"),
       "unknown preset": (["tools.plan_mesh", "--model=7b", "--mesh=data:1"],
-                         r"--model=7b: unknown OPT preset '7b'"),
+                         r"unknown preset '7b'; known: opt-125m"),
   }
 
 
