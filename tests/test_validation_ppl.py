@@ -15,6 +15,7 @@ import transformers
 
 import _suite_util as U
 from experiments import perplexity
+from experiments.analysis import ppl_breaks
 from experiments import validation_ppl as V
 from oracle import hf_logprobs
 from opt_jax import checkpoint, suite
@@ -55,10 +56,13 @@ def test_perplexity_matches_hf_oracle(setup):
   s, _, out, df, _ = setup
   docs = {"book": [U.CORPUS[0] + "\nThe end.\n"],
           "web": [U.CORPUS[2], U.CORPUS[3], U.CORPUS[4]]}
-  assert list(df.columns) == perplexity.COLUMNS
+  assert list(df.columns) == perplexity.COLUMNS + ppl_breaks.BREAK_COLUMNS
+  assert df.breaks_from_neighbours.dtype == bool
+  assert "## Checkpoints that break from their neighbours" in (out / "summary.md").read_text()
   assert len(df) == 8 * 3 and set(df["corpus"]) == {"book", "web", "all"}
   on_disk = pd.read_csv(out / V.CSV_NAME)
-  assert list(on_disk.columns) == perplexity.COLUMNS and len(on_disk) == len(df)
+  assert list(on_disk.columns) == perplexity.COLUMNS + ppl_breaks.BREAK_COLUMNS
+  assert len(on_disk) == len(df)
   for name, step in (("tiny-a", 20), ("tiny-b", 40)):
     m = s.model(name)
     config = checkpoint.load_config(m.path(step))
