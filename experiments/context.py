@@ -16,9 +16,10 @@ before any checkpoint is restored: the suite and model names, the output folder,
 (and that it divides every model), the dtype, the tokenizer files, and windows against the
 models' positions. Before a suite's first sweep, the fast integrity check (opt_jax.integrity:
 repeated weights, config drift, unreadable files, steps out of order) stops the run with its
-problems unless --skip_integrity_check. `key` names the stored results by every setting that changes a number
-(`cli.option(key=True)`, the default), the compute dtype, the tokenizers' fingerprints and a
-digest of the data, so a run with another dtype, window or corpus never reuses a stale result.
+problems unless --skip_integrity_check. `key` names the stored results by every setting that
+changes a number (`cli.option(key=True)`, the default), the compute dtype, the tokenizers'
+fingerprints and a digest of the data, so a run with another dtype, window or corpus never
+reuses a stale result.
 """
 
 from __future__ import annotations
