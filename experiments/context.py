@@ -14,9 +14,12 @@ flags and the run manifest come from it), an evaluate function (one checkpoint -
 Everything that can be wrong with the inputs is checked in the constructor and in `window`,
 before any checkpoint is restored: the suite and model names, the output folder, the mesh spec
 (and that it divides every model), the dtype, the tokenizer files, and windows against the
-models' positions. `key` names the stored results by every setting that changes a number
-(`cli.option(key=True)`, the default), the compute dtype, the tokenizers' fingerprints and a
-digest of the data, so a run with another dtype, window or corpus never reuses a stale result.
+models' positions. Before a suite's first sweep, the fast integrity check (opt_jax.integrity:
+repeated weights, config drift, unreadable files, steps out of order) stops the run with its
+problems unless --skip_integrity_check. `key` names the stored results by every setting that
+changes a number (`cli.option(key=True)`, the default), the compute dtype, the tokenizers'
+fingerprints and a digest of the data, so a run with another dtype, window or corpus never
+reuses a stale result.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from opt_jax import cli, files, inputs
 from opt_jax.errors import InputError
 
 STORE_DIR = "store"
+INTEGRITY_DIR = "integrity"   # under --out: the integrity check's hash cache
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,6 +58,10 @@ class ExperimentSettings(cli.Settings):
   stop_on_failure: bool = cli.option(
       False, "Stop at the first checkpoint that fails to restore or evaluate (default: report it "
              "in one line, leave it out and go on).", key=False)
+  skip_integrity_check: bool = cli.option(
+      False, "Evaluate even when the fast integrity check of the suite (python -m "
+             "tools.check_suite) finds problems: repeated weights, config drift, unreadable files, "
+             "steps out of order.", key=False)
   conventions: str = cli.option(
       "native", "Text conventions: native (each family's own prefix: OPT </s>, Llama <s>, none for "
                 "Pythia and OLMo) or lm_eval (lm-evaluation-harness HFLM's defaults, to compare "
@@ -88,6 +96,7 @@ class Experiment:
     self.skipped: list[str] = []
     self._scorers: Any = None
     self._failed: dict[tuple, str] = {}   # shared with with_suite() copies, like reports
+    self._checked: set[str] = set()       # suites (their paths) checked for integrity; shared
     self._load(suite_path or settings.suite, settings.models)
     # Checked, not created: the first file written creates it, so a run that fails its checks
     # leaves nothing behind.
@@ -159,6 +168,7 @@ class Experiment:
     from opt_jax import sweep  # pylint: disable=import-outside-toplevel
 
     s = self.settings
+    self.check_integrity()
     self._scorers = sweep.ScorerCache(batch_size=s.batch_size, dtype=self.dtype, mesh=self.mesh,
                                       conventions=s.conventions,
                                       **scorer_options)
@@ -174,6 +184,28 @@ class Experiment:
     self.reports.append((label or self.suite.name, report))
     self._failed.update(report.failed)
     return report
+
+  def check_integrity(self) -> None:
+    """The fast integrity check of the suite (opt_jax.integrity.check_suite), once per suite,
+    before its first sweep: InputError listing every problem unless --skip_integrity_check.
+    Its hash cache is kept in out/integrity/ (main process), so a re-run reads no weights of
+    unchanged files."""
+    which = "\0".join(path for _, _, path in self.suite.checkpoints())
+    if self.settings.skip_integrity_check or which in self._checked:
+      return
+    from opt_jax import integrity  # pylint: disable=import-outside-toplevel
+    cache = self.path(INTEGRITY_DIR) if self.is_main else None
+    report = integrity.check_suite(self.suite, cache_dir=cache)
+    self._checked.add(which)
+    if not report.ok:
+      problems = report.problems
+      shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more"
+                                             if len(problems) > 20 else "")
+      raise InputError(
+          f"suite {self.suite.name}: the integrity check found {len(problems)} problem(s); "
+          "nothing was evaluated:\n  " + shown + "\nSee python -m tools.check_suite "
+          "--suite=... [--deep] for the full report, fix the suite, or pass "
+          "--skip_integrity_check to evaluate anyway")
 
   def scorer(self, model, config, params):
     """The Scorer of this size holding `params` (inside evaluate)."""

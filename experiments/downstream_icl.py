@@ -34,7 +34,10 @@ Outputs in --out:
   correlations.csv    x, spearman, r2, n (+ spearman_p, slope, intercept, y) for the first k_shot;
                       mean_accuracy.csv, correlations_by_metric.csv, residuals_by_model.csv,
                       task_scaling.csv, summary.md, plots/*.{png,pdf} beside it
-  k{K}shot/           the same analysis for every further k_shot
+  lm_eval/            the results as lm-evaluation-harness 0.4 result files, one per checkpoint
+                      (<ORG__NAME>/results_step<N>.json, icl.export_lm_eval; validation
+                      perplexity as the pseudo-task "validation_ppl"), for the first k_shot
+  k{K}shot/           the same analysis (and lm_eval/) for every further k_shot
   store/, runs/       per-checkpoint results (a re-run scores only what is missing), run manifests
 """
 
@@ -62,6 +65,7 @@ from opt_jax.errors import InputError
 NAME = "downstream_icl"
 DEFAULT_K_SHOT = (0, 2)
 RESULTS_CSV = "icl_results.csv"
+LM_EVAL_DIR = "lm_eval"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -327,11 +331,13 @@ def run(settings: Settings, *, progress: bool = True, run_info: dict | None = No
         failures=tasks.failures, dropped=tasks.dropped, n_bins=s.n_bins or None, top_k=s.top_k,
         plots=s.plots)
     analyses.append(a)
+    icl.export_lm_eval(table[table["k_shot"] == k], os.path.join(sub_dir, LM_EVAL_DIR),
+                       ctx.suite.models, k_shot=k)
     if i == 0:
       ctx.skipped += plot_notes
   return ctx.outcome(table, analysis=analyses[0], evaluated=evaluated,
                      results=icl.headline(analyses[0], s.k_shot[0]),
-                     files_=[RESULTS_CSV, "correlations.csv", "summary.md",
+                     files_=[RESULTS_CSV, "correlations.csv", "summary.md", f"{LM_EVAL_DIR}/",
                              *(["plots/"] if s.plots else []),
                              *(f"k{k}shot/" for k in s.k_shot[1:])])
 
@@ -419,7 +425,8 @@ def run_import(settings: Settings) -> Outcome:
   s = settings
   if not s.tasks:
     raise InputError("--tasks must name the lm-evaluation-harness tasks to analyse")
-  suite = suite_lib.load_suite(s.suite, check_paths=False)
+  # Nothing is read from the checkpoints: a manifest of names, sizes and tokens per step is enough.
+  suite = suite_lib.load_suite(s.suite, check_paths=False, require_checkpoints=False)
   table, problems = icl.import_lm_eval(s.lm_eval_results, suite.models, s.tasks, s.metric,
                                        s.ppl_task)
   files.write_csv(table, os.path.join(s.out, RESULTS_CSV))

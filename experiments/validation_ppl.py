@@ -12,8 +12,13 @@ stride). Per checkpoint and corpus: nll = total negative log-likelihood / number
 pooled row with corpus "all" (token-weighted over every corpus) is added.
 
 Outputs in --out:
-  validation_ppl.csv   model, step, params, tokens, flops, corpus, nll, ppl, num_tokens
-  validation_ppl_vs_steps.{png,pdf}, validation_ppl_vs_flops.{png,pdf}   one line per size
+  validation_ppl.csv   model, step, params, tokens, flops, corpus, nll, ppl, num_tokens,
+                       ppl_vs_neighbours, breaks_from_neighbours (the break rule of
+                       experiments/analysis/ppl_breaks.py: a checkpoint much worse than both
+                       neighbours on a log-step axis, or a last one much worse than the previous)
+  summary.md           the last checkpoints' perplexities and the checkpoints that break
+  validation_ppl_vs_steps.{png,pdf}, validation_ppl_vs_flops.{png,pdf}   one line per size,
+                       checkpoints that break marked with red crosses
   store/               per-checkpoint results (resumable: a re-run scores only what is missing)
   runs/                run manifests (settings, suite, versions, times)
 
@@ -27,11 +32,13 @@ from __future__ import annotations
 import dataclasses
 
 from experiments import context, perplexity
+from experiments.analysis import ppl_breaks
 from experiments.context import Experiment, ExperimentSettings, Outcome
 from opt_jax import cli, inputs
 
 NAME = "validation_ppl"
 CSV_NAME = perplexity.CSV_NAME
+SUMMARY_NAME = "summary.md"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,14 +68,18 @@ def run(settings: Settings, *, progress: bool = True, run_info: dict | None = No
           f"{len(corpora)} corpus file(s)")
   ctx.sweep(evaluate, key, max_length=settings.context_length)
   table = perplexity.ppl_table(ctx.checkpoints(key), lambda m, s: ctx.read(key, m, s), scorer)
+  table = ppl_breaks.flag_breaks(table)
   written = [ctx.write_csv(CSV_NAME, table, float_format="%.8g")]
+  results = headline(table)
+  ctx.write_text(SUMMARY_NAME, "# Validation perplexity\n\n" + "".join(f"- {r}\n" for r in results)
+                 + "\n" + ppl_breaks.breaks_markdown(table))
   if settings.plots and ctx.is_main:
     from experiments.analysis import ppl_plots  # pylint: disable=import-outside-toplevel
     written += ppl_plots.plot_validation_ppl(table, ctx.out_dir)
   ctx.skipped += [f"{c.skipped} empty document(s) of {c.path}" for c in corpora if c.skipped]
-  return ctx.outcome(table if ctx.is_main else None, results=headline(table),
-                     files_=[CSV_NAME, "validation_ppl_vs_{steps,flops}.{png,pdf}"]
-                     if settings.plots else [CSV_NAME],
+  return ctx.outcome(table if ctx.is_main else None, results=results,
+                     files_=[CSV_NAME, SUMMARY_NAME, "validation_ppl_vs_{steps,flops}.{png,pdf}"]
+                     if settings.plots else [CSV_NAME, SUMMARY_NAME],
                      evaluated=[f"{table['num_tokens'].max():,} tokens per checkpoint"
                                 if len(table) else "no tokens"])
 
@@ -81,9 +92,15 @@ def headline(table) -> list[str]:
       table["corpus"].iloc[0]
   last = table[table["corpus"] == corpus].sort_values("step").groupby("model", sort=False).last()
   last = last.sort_values("params")
-  return ["validation perplexity at each size's last checkpoint"
-          + (f" ({corpus})" if corpus == perplexity.POOLED else "") + ": "
-          + ", ".join(f"{m} {r.ppl:.4g} (step {int(r.step)})" for m, r in last.iterrows())]
+  lines = ["validation perplexity at each size's last checkpoint"
+           + (f" ({corpus})" if corpus == perplexity.POOLED else "") + ": "
+           + ", ".join(f"{m} {r.ppl:.4g} (step {int(r.step)})" for m, r in last.iterrows())]
+  if ppl_breaks.BREAK_COLUMNS[1] in table:
+    bad = table[table[ppl_breaks.BREAK_COLUMNS[1]] & (table["corpus"] == corpus)]
+    if not bad.empty:
+      lines.append(f"{len(bad)} checkpoint(s) break from their neighbours (see summary.md): "
+                   + ", ".join(f"{r.model} step {int(r.step)}" for r in bad.itertuples()))
+  return lines
 
 
 if __name__ == "__main__":

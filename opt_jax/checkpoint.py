@@ -18,6 +18,11 @@ is synchronous and meant for one process (conversion); restoring works on any me
 Format 2 names parameters by feature (embed, layers/attn/q_kernel, ...) for every family; format
 1 (OPT-only names, before families) is refused with a message to re-convert.
 
+HF checkpoints are read in place too: wherever a checkpoint directory is accepted, a directory
+with config.json and model.safetensors (or model.safetensors.index.json and its shards), e.g. an
+HF-cache snapshot, is one (`checkpoint_kind` "hf"; opt_jax.convert.hf_direct restores it onto
+the mesh, each device reading its slices). Its PyTorch .bin weights are read only by conversion.
+
 `checkpoint_problem` is the one test of whether opt_jax can read a directory (cheap, no arrays);
 `identity` is what a stored result records of the checkpoint it was computed from.
 """
@@ -55,8 +60,6 @@ ORBAX_METADATA = "_METADATA"   # orbax's tree metadata in PARAMS_DIR: present on
 # files: the only HF folders an overwrite may replace.
 _HF_OUTPUT = re.compile(r"config\.json|model\.safetensors(\.index\.json)?|"
                         r"model-\d{5}-of-\d{5}\.safetensors")
-_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-               "pytorch_model.bin.index.json")
 # Storage chunks of at most 64 MiB: a process restoring one shard of a large tensor reads only the
 # chunks that intersect it instead of the whole tensor.
 _CHUNK_BYTES = 64 << 20
@@ -235,25 +238,43 @@ def check_can_overwrite(directory: str | os.PathLike, kind: str | None = "opt_ja
                           "output of the same kind, nothing else: give a new output directory")
 
 
+def checkpoint_kind(directory: str | os.PathLike) -> str | None:
+  """'opt_jax' when `directory` has an opt_jax checkpoint's own parts (opt_jax.json or params/),
+  else 'hf' when it holds HF weights (safetensors or .bin), else None. Says nothing of whether
+  the files are complete (`checkpoint_problem` does)."""
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    return None
+  if any(os.path.lexists(os.path.join(directory, p)) for p in (METADATA_FILE, PARAMS_DIR)):
+    return "opt_jax"
+  from opt_jax.convert import hf_direct  # pylint: disable=import-outside-toplevel
+  return "hf" if hf_direct.has_weights(directory) else None
+
+
 def _problem(directory: str) -> tuple[type[Exception], str] | None:
   """(error class, message): why opt_jax cannot read `directory` as a checkpoint; None if it can."""
   expected = (f"expected an opt_jax checkpoint directory ({CONFIG_FILE}, {PARAMS_DIR}/, "
               f"{METADATA_FILE}) as written by opt_jax.checkpoint.save or `python -m "
-              "tools.convert_checkpoint`")
+              f"tools.convert_checkpoint`, or an HF one ({CONFIG_FILE} + model.safetensors or "
+              "model.safetensors.index.json and its shards)")
   if not os.path.isdir(directory):
     return MissingFileError, f"{directory}: no such directory; {expected}"
+  if checkpoint_kind(directory) == "hf":
+    from opt_jax.convert import hf_direct  # pylint: disable=import-outside-toplevel
+    problem = hf_direct.problem(directory)
+    if problem is None:
+      return None
+    has_config = os.path.isfile(os.path.join(directory, CONFIG_FILE))
+    cls = InputError if has_config else MissingFileError
+    return cls, problem if problem.startswith(directory) else f"{directory}: {problem}"
   parts = [(CONFIG_FILE, os.path.isfile), (METADATA_FILE, os.path.isfile),
            (PARAMS_DIR, os.path.isdir)]
   missing = [p for p, exists in parts if not exists(os.path.join(directory, p))]
   if CONFIG_FILE in missing:
     return MissingFileError, f"{os.path.join(directory, CONFIG_FILE)} not found; {expected}"
   if missing:
-    hint = ""
-    if any(os.path.exists(os.path.join(directory, f)) for f in _HF_WEIGHTS):
-      hint = (" (it looks like an HF checkpoint: convert it with "
-              "`python -m tools.convert_checkpoint`)")
-    return InputError, (f"{directory} is not an opt_jax checkpoint: it lacks {', '.join(missing)}"
-                        f"{hint}; {expected}")
+    return InputError, (f"{directory} is not an opt_jax checkpoint: it lacks "
+                        f"{', '.join(missing)}; {expected}")
   if not os.path.isfile(os.path.join(directory, PARAMS_DIR, ORBAX_METADATA)):
     return InputError, (f"{directory} is not a complete opt_jax checkpoint: "
                         f"{PARAMS_DIR}/{ORBAX_METADATA} is missing (the params were never fully "
@@ -267,9 +288,10 @@ def _problem(directory: str) -> tuple[type[Exception], str] | None:
 
 
 def checkpoint_problem(directory: str | os.PathLike) -> str | None:
-  """Why opt_jax cannot read `directory` as a checkpoint, in one line naming the file at fault;
-  None when it can. Cheap (reads config.json and opt_jax.json, checks orbax's metadata file is
-  there, reads no array): suites run it on every entry before a sweep starts."""
+  """Why opt_jax cannot read `directory` as a checkpoint (opt_jax or HF), in one line naming the
+  file at fault; None when it can. Cheap (reads config.json and opt_jax.json, checks orbax's
+  metadata file is there; of an HF checkpoint the safetensors headers, matched to the family's
+  table; reads no array): suites run it on every entry before a sweep starts."""
   problem = _problem(os.path.abspath(os.fspath(directory)))
   return None if problem is None else problem[1]
 
@@ -293,7 +315,7 @@ def load_config(directory: str | os.PathLike) -> DecoderConfig:
   """The DecoderConfig of the checkpoint at `directory` (read by the family of its model_type)."""
   directory = os.path.abspath(os.fspath(directory))
   if not os.path.isdir(directory):
-    raise MissingFileError(f"{directory}: no such directory; expected an opt_jax checkpoint")
+    raise MissingFileError(f"{directory}: no such directory; expected a checkpoint directory")
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(path):
     raise MissingFileError(f"{path} not found; expected the HF config.json of the checkpoint")
@@ -301,8 +323,21 @@ def load_config(directory: str | os.PathLike) -> DecoderConfig:
 
 
 def load_metadata(directory: str | os.PathLike) -> dict[str, Any]:
-  """The contents of opt_jax.json (format version, stored dtype, extra entries)."""
-  return _read_metadata(require_checkpoint(directory))
+  """The contents of opt_jax.json (format version, stored dtype, extra entries) of an opt_jax
+  checkpoint."""
+  directory = require_checkpoint(directory)
+  if checkpoint_kind(directory) == "hf":
+    raise InputError(f"{directory} is an HF checkpoint: it has no {METADATA_FILE}")
+  return _read_metadata(directory)
+
+
+def stored_dtype(directory: str | os.PathLike) -> str:
+  """The dtype the checkpoint's params are stored in ('float32', ...; 'mixed:a,b' if several)."""
+  directory = require_checkpoint(directory)
+  if checkpoint_kind(directory) == "hf":
+    from opt_jax.convert import hf_direct  # pylint: disable=import-outside-toplevel
+    return hf_direct.stored_dtype(directory)
+  return str(_read_metadata(directory).get("dtype", "unknown"))
 
 
 def _read_metadata(directory: str) -> dict[str, Any]:
@@ -329,7 +364,11 @@ def param_metadata(directory: str | os.PathLike) -> Any:
 
   Checks first that every tensor's files are there (InputError naming the tensor otherwise).
   """
-  return _param_metadata(require_checkpoint(directory))
+  directory = require_checkpoint(directory)
+  if checkpoint_kind(directory) == "hf":
+    from opt_jax.convert import hf_direct  # pylint: disable=import-outside-toplevel
+    return hf_direct.param_metadata(directory)
+  return _param_metadata(directory)
 
 
 def _param_metadata(directory: str) -> Any:
@@ -357,8 +396,12 @@ def restore(directory: str | os.PathLike, *, shardings: Any = None, dtype: Any =
   dtype: cast every array to this dtype while reading (None keeps the stored dtype).
   Returns the params pytree of jax.Arrays. A damaged checkpoint (missing tensor folder or chunk
   file, truncated chunk, unreadable metadata) is an InputError naming the checkpoint and tensor.
+  An HF checkpoint directory is restored by opt_jax.convert.hf_direct (same arguments).
   """
   directory = require_checkpoint(directory)
+  if checkpoint_kind(directory) == "hf":
+    from opt_jax.convert import hf_direct  # pylint: disable=import-outside-toplevel
+    return hf_direct.restore(directory, shardings=shardings, dtype=dtype)
   stored = _param_metadata(directory)
   if shardings is None:
     shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -469,8 +512,8 @@ def fingerprint(directory: str | os.PathLike) -> str:
   _CHECKPOINT_METADATA, which records the save time in ns). Reads no array data: a few dozen
   stat calls whatever the model's size. Re-converting or replacing the checkpoint changes it,
   copying it without keeping mtimes changes it, reading it does not. Names starting with "."
-  (file system litter) are left out. The scheme prefix leaves room for others, e.g. a snapshot
-  commit sha for checkpoints in an HF cache.
+  (file system litter) are left out. Checkpoints in an HF cache are identified by their
+  snapshot's commit sha instead (`identity`).
   """
   directory = os.path.abspath(os.fspath(directory))
   h = hashlib.sha256()
@@ -498,11 +541,56 @@ def _fingerprinted_entries(directory: str) -> list[str]:
   return out
 
 
-def identity(directory: str | os.PathLike) -> dict[str, str]:
-  """{"path": absolute path, "fingerprint": `fingerprint(path)`}: what a stored result records
-  of the checkpoint it was computed from; opt_jax.sweep recomputes a result whose checkpoint's
-  identity has changed."""
+_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+def snapshot_sha(directory: str | os.PathLike) -> str | None:
+  """The commit sha of an HF-cache snapshot folder (CACHE/models--ORG--NAME/snapshots/<sha>);
+  None for any other directory."""
   directory = os.path.abspath(os.fspath(directory))
+  parent = os.path.dirname(directory)
+  if (_SHA.fullmatch(os.path.basename(directory)) and os.path.basename(parent) == "snapshots"
+      and os.path.basename(os.path.dirname(parent)).startswith("models--")):
+    return os.path.basename(directory)
+  return None
+
+
+def snapshot_files(directory: str | os.PathLike) -> str:
+  """sha256 hex of what a snapshot folder holds: per entry its name, size and, for a link into
+  the cache's blobs (content-addressed), the blob's name, else its mtime (ns). A blob replaced or
+  a file edited in place changes it; a few stat calls, no data read."""
+  directory = os.path.abspath(os.fspath(directory))
+  h = hashlib.sha256()
+  for name in sorted(os.listdir(directory)):
+    if name.startswith("."):
+      continue
+    path = os.path.join(directory, name)
+    st = os.stat(path)
+    what = (os.path.basename(os.readlink(path)) if os.path.islink(path)
+            else str(st.st_mtime_ns))
+    h.update(f"{name}\0{st.st_size}\0{what}\0".encode())
+  return h.hexdigest()
+
+
+def identity(directory: str | os.PathLike, sha: str | None = None) -> dict[str, str]:
+  """What a stored result records of the checkpoint it was computed from; opt_jax.sweep
+  recomputes a result whose checkpoint's identity has changed.
+
+  An HF-cache snapshot (`snapshot_sha`), or a directory whose suite entry names its commit
+  `sha`: {"path", "fingerprint": "hf-snapshot:<sha>", "files": `snapshot_files`}, so a
+  re-upload (a new sha) or a blob replaced under the same sha is a new identity. Any other
+  directory: {"path", "fingerprint": `fingerprint(path)`}. Raises InputError when `sha` is not
+  the sha of the snapshot folder `directory` is.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  folder_sha = snapshot_sha(directory)
+  if sha is not None and folder_sha is not None and sha != folder_sha:
+    raise InputError(f"{directory}: the suite gives sha {sha}, but this is the snapshot folder "
+                     f"of commit {folder_sha}; rebuild the manifest (python -m tools.make_suite)")
+  sha = sha or folder_sha
+  if sha is not None:
+    return {"path": directory, "fingerprint": f"hf-snapshot:{sha}",
+            "files": snapshot_files(directory)}
   return {"path": directory, "fingerprint": fingerprint(directory)}
 
 

@@ -231,12 +231,14 @@ def _is_count(value: Any) -> bool:
   return isinstance(value, float) and value > 0 and value.is_integer()
 
 
-def parse_suite(data: Any, base_dir: str, *, source: str = "<suite>", check_paths: bool = True
-                ) -> Suite:
+def parse_suite(data: Any, base_dir: str, *, source: str = "<suite>", check_paths: bool = True,
+                require_checkpoints: bool = True) -> Suite:
   """Builds a Suite from a parsed manifest (dicts or `_Pairs`); raises SuiteError listing problems.
 
   check_paths=False skips the checks that need the checkpoint directories (existence, config
   agreement): for manifests used only for their sizes and steps, e.g. importing lm-eval results.
+  require_checkpoints=False (with check_paths=False) also accepts models without checkpoints:
+  names, aliases, params and tokens per step are all an import reads.
   """
   problems: list[str] = []
   top = _as_pairs(data)
@@ -266,7 +268,8 @@ def parse_suite(data: Any, base_dir: str, *, source: str = "<suite>", check_path
 
   # Models with problems are still parsed as far as possible, so that their checkpoint paths are
   # checked too and one run of the validation reports everything.
-  parsed = [_parse_model(raw, i, base_dir, problems) for i, raw in enumerate(raw_models)]
+  parsed = [_parse_model(raw, i, base_dir, problems, require_checkpoints or check_paths)
+            for i, raw in enumerate(raw_models)]
   models = [m for m, ok in parsed if ok]
   checked = [m for m, _ in parsed if m is not None]
 
@@ -288,8 +291,8 @@ def parse_suite(data: Any, base_dir: str, *, source: str = "<suite>", check_path
   return Suite(name=name, models=models, source=source, description=description)
 
 
-def _parse_model(raw: Any, index: int, base_dir: str, problems: list[str]
-                 ) -> tuple[SuiteModel | None, bool]:
+def _parse_model(raw: Any, index: int, base_dir: str, problems: list[str],
+                 require_checkpoints: bool = True) -> tuple[SuiteModel | None, bool]:
   """(model, ok): with problems, a partial model (params 0 where invalid) for the path checks."""
   pairs = _as_pairs(raw)
   where = f"models[{index}]"
@@ -333,7 +336,9 @@ def _parse_model(raw: Any, index: int, base_dir: str, problems: list[str]
   checkpoints: dict[int, str] = {}
   revisions: dict[int, str] = {}
   shas: dict[int, str] = {}
-  if raw_ckpts is None or not raw_ckpts:
+  if not require_checkpoints and fields.get("checkpoints") in (None, {}, []):
+    pass
+  elif raw_ckpts is None or not raw_ckpts:
     problems.append(f"{where}: 'checkpoints' must be a non-empty mapping step -> directory, got "
                     f"{fields.get('checkpoints')!r}")
     ok = False
@@ -442,13 +447,16 @@ def _check_checkpoints(m: SuiteModel) -> list[str]:
   return problems
 
 
-def load_suite(path: str | os.PathLike, *, check_paths: bool = True) -> Suite:
-  """Reads and validates a manifest (.json, .yaml or .yml); SuiteError lists every problem."""
+def load_suite(path: str | os.PathLike, *, check_paths: bool = True,
+               require_checkpoints: bool = True) -> Suite:
+  """Reads and validates a manifest (.json, .yaml or .yml); SuiteError lists every problem.
+  check_paths / require_checkpoints: as for `parse_suite`."""
   path = os.path.abspath(os.fspath(path))
   if not os.path.isfile(path):
     raise MissingFileError(f"suite manifest not found: {path}")
   data = _read_manifest(path)
-  return parse_suite(data, os.path.dirname(path), source=path, check_paths=check_paths)
+  return parse_suite(data, os.path.dirname(path), source=path, check_paths=check_paths,
+                     require_checkpoints=require_checkpoints)
 
 
 def save_suite(suite_or_dict: Suite | dict[str, Any], path: str | os.PathLike) -> None:

@@ -185,13 +185,18 @@ def _restore_dtype(path: str, dtype: Any) -> str:
   # checkpoint is the same numbers as no cast).
   if dtype is not None:
     return np.dtype(dtype).name
-  return str(checkpoint.load_metadata(path).get("dtype", "unknown"))
+  return checkpoint.stored_dtype(path)
 
 
-def checkpoint_identity(path: str, dtype: Any = None) -> dict[str, str]:
-  """What a stored result records of its input: checkpoint.identity (path, content fingerprint)
-  plus the dtype its parameters were restored in."""
-  return {**checkpoint.identity(path), "restore_dtype": _restore_dtype(path, dtype)}
+def checkpoint_identity(path: str, dtype: Any = None, sha: str | None = None,
+                        revision: str | None = None) -> dict[str, str]:
+  """What a stored result records of its input: checkpoint.identity (path, content fingerprint,
+  or the snapshot sha of an HF-cache checkpoint) plus the dtype its parameters were restored in,
+  and the HF revision name when the suite gives one (recorded, not compared)."""
+  ident = {**checkpoint.identity(path, sha=sha), "restore_dtype": _restore_dtype(path, dtype)}
+  if revision is not None:
+    ident["revision"] = revision
+  return ident
 
 
 def _stale_reason(stored: Any, current: Mapping[str, str]) -> str | None:
@@ -201,7 +206,13 @@ def _stale_reason(stored: Any, current: Mapping[str, str]) -> str | None:
   if stored.get("path") != current["path"]:
     return f"computed from {stored.get('path')}, the suite now gives {current['path']}"
   if stored.get("fingerprint") != current["fingerprint"]:
+    old, new = stored.get("fingerprint") or "", current["fingerprint"]
+    if old.startswith("hf-snapshot:") and new.startswith("hf-snapshot:"):
+      return (f"computed from commit {old.split(':', 1)[1]}, the suite now gives "
+              f"{new.split(':', 1)[1]} (re-uploaded)")
     return f"checkpoint {current['path']} changed since (re-converted or replaced)"
+  if stored.get("files") != current.get("files"):
+    return f"the files of {current['path']} changed since (a blob replaced?)"
   if stored.get("restore_dtype") != current["restore_dtype"]:
     return f"restored as {stored.get('restore_dtype')}, now as {current['restore_dtype']}"
   return None
@@ -258,7 +269,7 @@ def run_sweep(suite: Suite, evaluate: Evaluate, store: ResultStore, *,
   for key, model, step in sweep_keys(suite, prefix):
     path = model.path(step)
     try:
-      ident = checkpoint_identity(path, dtype)
+      ident = checkpoint_identity(path, dtype, sha=model.sha(step), revision=model.revision(step))
     except (OSError, ValueError) as e:
       unreadable.append((key, model, step, e))
       continue

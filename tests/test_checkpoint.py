@@ -190,11 +190,11 @@ def test_format_1_checkpoint_fails_asking_to_reconvert(saved, tmp_path):
       in msg and "tools.convert_checkpoint" in msg
 
 
-def test_hf_directory_is_not_an_opt_jax_checkpoint(tmp_path):
+def test_hf_directory_with_a_damaged_weights_file_is_refused_naming_it(tmp_path):
   CONFIG.to_json_file(tmp_path / "config.json")
   (tmp_path / "model.safetensors").write_bytes(b"")
-  with pytest.raises(ValueError, match=r"is not an opt_jax checkpoint: it lacks opt_jax.json, "
-                                       r"params.*looks like an HF checkpoint"):
+  with pytest.raises(ValueError, match=r"model.safetensors: not a valid safetensors file.*"
+                                       r"truncated or corrupt"):
     checkpoint.restore(tmp_path)
-  assert not checkpoint.is_checkpoint(tmp_path)
+  assert checkpoint.checkpoint_kind(tmp_path) == "hf" and not checkpoint.is_checkpoint(tmp_path)
   assert checkpoint.load_config(tmp_path) == CONFIG  # config alone is still readable

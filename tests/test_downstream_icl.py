@@ -179,15 +179,32 @@ def test_missing_bigbench_folder_says_how_to_fetch(env):
                        progress=False)
 
 
+def test_results_are_written_as_lm_eval_files_that_import_back(env):
+  from opt_jax import suite as suite_lib  # pylint: disable=import-outside-toplevel
+  models = suite_lib.load_suite(env["suite"]).models
+  tasks = sorted(env["table"]["task"].unique())
+  cols = ["model", "step", "params", "tokens", "flops", "validation_ppl", "task", "n",
+          "accuracy", "accuracy_norm"]
+  for k, folder in ((0, env["out"]), (1, os.path.join(env["out"], "k1shot"))):
+    back, problems = icl.import_lm_eval(os.path.join(folder, downstream_icl.LM_EVAL_DIR), models,
+                                        tasks, ppl_task=icl.VALIDATION_TASK)
+    assert problems == []
+    want = env["table"][env["table"]["k_shot"] == k]
+    key = ["model", "step", "task"]
+    pd.testing.assert_frame_equal(back[cols].sort_values(key).reset_index(drop=True),
+                                  want[cols].sort_values(key).reset_index(drop=True),
+                                  check_dtype=False)
+
+
 def test_lm_eval_import_with_a_manifest_without_checkpoints(tmp_path):
   manifest = tmp_path / "suite.json"
   manifest.write_text(json.dumps({"name": "opt", "models": [
       {"name": "opt-125m", "params": 125_000_000, "tokens_per_step": 500_000,
        "aliases": ["facebook/opt-125m"], "checkpoints": {"1000": "nowhere/a", "2000": "nowhere/b",
                                                          "4000": "nowhere/c"}},
+      # Nothing is read from checkpoints here: a model may list none.
       {"name": "opt-350m", "params": 350_000_000, "tokens_per_step": 500_000,
-       "aliases": ["facebook/opt-350m"], "checkpoints": {"1000": "nowhere/d", "2000": "nowhere/e",
-                                                         "4000": "nowhere/f"}}]}))
+       "aliases": ["facebook/opt-350m"]}]}))
   results = tmp_path / "lm_eval"
   results.mkdir()
   for i, (model, step) in enumerate([(m, s) for m in ("opt-125m", "opt-350m")

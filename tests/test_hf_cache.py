@@ -150,8 +150,6 @@ def test_scan_sorts_refs_into_checkpoints_notes_unknown_names_and_problems(tmp_p
 # Manifests --------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="load_suite reads only opt_jax checkpoints until HF "
-                   "snapshot directories are evaluated directly")
 def test_make_suite_manifest_round_trips_through_load_suite(tmp_path, sources):
   cache = str(tmp_path / "hub")
   for step, src in ((0, 0), (100, 1), (200, 2)):

@@ -216,6 +216,56 @@ def test_import_lm_eval_refuses_two_files_for_one_checkpoint(tmp_path):
     icl.import_lm_eval(str(tmp_path), MODELS, ["hellaswag"])
 
 
+def test_reruns_of_one_checkpoint_in_an_lm_eval_04_folder_give_the_newest(tmp_path):
+  folder = os.path.join(str(tmp_path), "facebook__opt-125m")
+  for date, acc in (("2024-05-01T10-00-00.1", 0.1), ("2024-06-01T10-00-00.2", 0.2)):
+    _write(os.path.join(folder, f"results_{date}.json"),
+           {"hellaswag": {"acc,none": acc}, "lambada_openai": {"perplexity,none": 30.0}},
+           "pretrained=facebook/opt-125m,revision=step10")
+  rows, problems = icl.import_lm_eval(str(tmp_path), MODELS, ["hellaswag"])
+  assert list(rows.accuracy) == [0.2]
+  assert problems == ["facebook__opt-125m/results_2024-05-01T10-00-00.1.json: an earlier run of "
+                      "opt-125m step 10 than facebook__opt-125m/results_2024-06-01T10-00-00.2.json;"
+                      " using the newer"]
+
+
+def test_export_lm_eval_round_trips_through_import(tmp_path):
+  import dataclasses  # pylint: disable=import-outside-toplevel
+
+  @dataclasses.dataclass(frozen=True)
+  class Model:                       # what a suite model gives the exporter and the importer
+    name: str
+    params: int
+    tokens_per_step: int
+    aliases: tuple = ()
+    revisions: tuple = ()
+
+    def revision(self, step):
+      return dict(self.revisions).get(step)
+
+  table = _synthetic_results()
+  table.loc[table.task == "t1", "accuracy_norm"] = np.nan      # a task without accuracy_norm
+  models = [Model("s", 1_000_000, 1000, ("org/s",), ((100, "step100"),)),
+            Model("m", 4_000_000, 1000), Model("l", 16_000_000, 1000, ("org/l",))]
+  written = icl.export_lm_eval(table, str(tmp_path), models, k_shot=2)
+  assert len(written) == 3 * 5
+  with open(os.path.join(str(tmp_path), "org__s", "results_step100.json")) as f:
+    data = json.load(f)
+  assert data["config"]["model_args"] == "pretrained=org/s,revision=step100"
+  assert data["results"]["t0"]["acc,none"] == float(
+      table[(table.model == "s") & (table.step == 100) & (table.task == "t0")].accuracy.iloc[0])
+  assert "acc_norm,none" not in data["results"]["t1"] and data["n-shot"]["t0"] == 2
+  back, problems = icl.import_lm_eval(str(tmp_path), models, ["t0", "t1", "t2", "t3"],
+                                      ppl_task=icl.VALIDATION_TASK)
+  assert problems == []
+  cols = ["model", "step", "params", "tokens", "flops", "validation_ppl", "task", "n",
+          "accuracy", "accuracy_norm"]
+  key = ["model", "step", "task"]
+  want = table[cols].sort_values(key).reset_index(drop=True)
+  got = back[cols].sort_values(key).reset_index(drop=True)
+  pd.testing.assert_frame_equal(got, want, check_dtype=False)
+
+
 def test_verdict_says_what_the_numbers_say():
   a = icl.analyze(_synthetic_results(), n_bins=None)
   text = " ".join(icl.verdict(a))

@@ -353,3 +353,53 @@ def test_second_check_reads_no_tensor_bytes(tmp_path, sources, monkeypatch):
   reads.clear()
   integrity.check_suite(s, cache_dir=out)
   assert 0 < len(reads) <= 36 * integrity.FAST_WINDOWS
+
+
+# The experiments' pre-check -------------------------------------------------------------------
+
+
+def test_experiment_sweep_stops_on_a_duplicate_unless_told_to_skip_the_check(tmp_path):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  import _suite_util  # pylint: disable=import-outside-toplevel
+  from experiments import context  # pylint: disable=import-outside-toplevel
+  from opt_jax.errors import InputError  # pylint: disable=import-outside-toplevel
+
+  path = _suite_util.make_suite(str(tmp_path / "s"), {"tiny-a": _suite_util.SIZES["tiny-a"]},
+                                steps=(10, 20, 30))
+  root = os.path.dirname(path)
+  # Step 20 serves step 10's weights (a copy: other files, same bytes).
+  shutil.rmtree(os.path.join(root, "ckpt/tiny-a/step20"))
+  shutil.copytree(os.path.join(root, "ckpt/tiny-a/step10"),
+                  os.path.join(root, "ckpt/tiny-a/step20"))
+  seen = []
+
+  def evaluate(model, step, config, params):
+    seen.append(step)
+    return {"x": np.zeros(1)}, {}
+
+  out = tmp_path / "out"
+  ctx = context.Experiment("t", context.ExperimentSettings(suite=path, out=str(out)),
+                           progress=False)
+  with pytest.raises(InputError) as e:
+    ctx.sweep(evaluate, ctx.key())
+  msg = str(e.value)
+  assert msg.startswith("suite tiny: the integrity check found 2 problem(s); nothing was "
+                        "evaluated:\n  tiny-a step 10: weights identical to step 20")
+  assert "tiny-a step 20: weights identical to step 10" in msg
+  assert msg.endswith("or pass --skip_integrity_check to evaluate anyway") and seen == []
+  # The hash cache lives under --out: a second check reads no tensor bytes of unchanged files.
+  cache = out / context.INTEGRITY_DIR / integrity.CACHE_FILE
+  hashed = cache.read_text()
+  assert hashed.count("/step10/") == hashed.count("/step30/") > 0
+  ctx = context.Experiment("t", context.ExperimentSettings(suite=path, out=str(out)),
+                           progress=False)
+  with pytest.raises(InputError, match="integrity check found 2 problem"):
+    ctx.sweep(evaluate, ctx.key())
+  assert cache.read_text() == hashed
+
+  ctx = context.Experiment("t", context.ExperimentSettings(suite=path, out=str(out),
+                                                           skip_integrity_check=True),
+                           progress=False)
+  report = ctx.sweep(evaluate, ctx.key())
+  assert seen == [10, 20, 30] and len(report.evaluated) == 3

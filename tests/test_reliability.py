@@ -230,16 +230,21 @@ def test_corrupt_stored_result_is_named_moved_aside_and_recomputed(ckpts, tmp_pa
   assert store.keys() == [("eval", "m", 1), ("eval", "m", 2)]
 
 
-def test_load_suite_rejects_an_unconverted_folder_up_front(ckpts, tmp_path):
+def test_load_suite_takes_an_hf_folder_and_rejects_a_bin_only_one_up_front(ckpts, tmp_path):
   hf_dir = tmp_path / "hf"
   convert.convert(ckpts[1], hf_dir, output_format="hf")
+  s = _suite(tmp_path, {1: ckpts[1], 2: str(hf_dir)})
+  assert s.model("m").path(2) == str(hf_dir)
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  shutil.copy(hf_dir / "config.json", bin_dir)
+  (bin_dir / "pytorch_model.bin").write_bytes(b"")
   with pytest.raises(suite.SuiteError) as e:
-    _suite(tmp_path, {1: ckpts[1], 2: str(hf_dir)})
+    _suite(tmp_path, {1: ckpts[1], 2: str(bin_dir)})
   assert e.value.problems == [
-      f"model 'm' step 2: {hf_dir} is not an opt_jax checkpoint: it lacks opt_jax.json, params "
-      "(it looks like an HF checkpoint: convert it with `python -m tools.convert_checkpoint`); "
-      "expected an opt_jax checkpoint directory (config.json, params/, opt_jax.json) as written "
-      "by opt_jax.checkpoint.save or `python -m tools.convert_checkpoint`"]
+      f"model 'm' step 2: {bin_dir} holds PyTorch .bin weights, which opt_jax reads only to "
+      f"convert them: run python -m tools.convert_checkpoint --input={bin_dir} --output=DIR and "
+      "use DIR"]
 
 
 # 2. / 3. A stored result holds only for the checkpoint identity and dtype it was computed from -

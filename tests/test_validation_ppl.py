@@ -15,10 +15,12 @@ import transformers
 
 import _suite_util as U
 from experiments import perplexity
+from experiments.analysis import ppl_breaks
 from experiments import validation_ppl as V
 from oracle import hf_logprobs
 from opt_jax import checkpoint, suite
 from opt_jax.convert import hf
+from opt_jax.errors import InputError
 from opt_jax.tokenizer import load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,10 +57,13 @@ def test_perplexity_matches_hf_oracle(setup):
   s, _, out, df, _ = setup
   docs = {"book": [U.CORPUS[0] + "\nThe end.\n"],
           "web": [U.CORPUS[2], U.CORPUS[3], U.CORPUS[4]]}
-  assert list(df.columns) == perplexity.COLUMNS
+  assert list(df.columns) == perplexity.COLUMNS + ppl_breaks.BREAK_COLUMNS
+  assert df.breaks_from_neighbours.dtype == bool
+  assert "## Checkpoints that break from their neighbours" in (out / "summary.md").read_text()
   assert len(df) == 8 * 3 and set(df["corpus"]) == {"book", "web", "all"}
   on_disk = pd.read_csv(out / V.CSV_NAME)
-  assert list(on_disk.columns) == perplexity.COLUMNS and len(on_disk) == len(df)
+  assert list(on_disk.columns) == perplexity.COLUMNS + ppl_breaks.BREAK_COLUMNS
+  assert len(on_disk) == len(df)
   for name, step in (("tiny-a", 20), ("tiny-b", 40)):
     m = s.model(name)
     config = checkpoint.load_config(m.path(step))
@@ -154,13 +159,21 @@ def test_a_damaged_checkpoint_is_left_out_and_named_in_the_summary(setup, tmp_pa
   shutil.copytree(os.path.dirname(s.source), root)
   bad = root / "ckpt" / "tiny-a" / "step20"
   os.remove(bad / "params" / "layers.mlp.down_kernel" / "0.0.0")
-  outcome = V.run(settings.replace(suite=str(root / "suite.json"), out=str(tmp_path / "out"),
-                                   models=("tiny-a",), plots=False), progress=False)
+  damaged = settings.replace(suite=str(root / "suite.json"), out=str(tmp_path / "out"),
+                             models=("tiny-a",), plots=False)
+  # The integrity check finds the missing chunk before anything is evaluated ...
+  with pytest.raises(InputError, match=r"tiny-a step 20: .*layers.mlp.down_kernel: chunk 0.0.0 "
+                                       r"is missing"):
+    V.run(damaged, progress=False)
+  # ... and when told to go on anyway, the sweep leaves the checkpoint out and names it.
+  outcome = V.run(damaged.replace(skip_integrity_check=True), progress=False)
   table = outcome.table
   assert sorted(set(table["step"])) == [10, 30, 40]       # the others are all there
+  # (The neighbour ratios change with a checkpoint left out; the perplexities do not.)
   pd.testing.assert_frame_equal(
-      table.reset_index(drop=True),
-      df[(df.model == "tiny-a") & (df.step != 20)].reset_index(drop=True))
+      table.drop(columns=ppl_breaks.BREAK_COLUMNS).reset_index(drop=True),
+      df[(df.model == "tiny-a") & (df.step != 20)].drop(
+          columns=ppl_breaks.BREAK_COLUMNS).reset_index(drop=True))
   text = outcome.summary.render()
   assert "tiny: 4 checkpoints (3 evaluated now, 0 already in" in text and "1 failed)" in text
   assert f"tiny tiny-a step 20 failed and is left out: restoring {bad} failed" in text

@@ -1,4 +1,4 @@
-r"""Per-token log-probabilities of text under an opt_jax checkpoint, in sliding windows.
+r"""Per-token log-probabilities of text under a checkpoint (opt_jax or HF), in sliding windows.
 
   python -m tools.score_text --checkpoint=/ckpts/opt-125m-jax --input=wiki.txt \
       --output=/tmp/wiki_scores.jsonl --context_length=2048 --stride=1024
@@ -21,7 +21,8 @@ from opt_jax import cli, inputs
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings(cli.Settings):
-  checkpoint: str = cli.option(help="opt_jax checkpoint directory (with tokenizer files).")
+  checkpoint: str = cli.option(help="opt_jax or HF (safetensors) checkpoint directory, with "
+                               "tokenizer files.")
   input: str = cli.option(help=".jsonl (JSON lines with a \"text\" field) or any other text file "
                           "(one document).")
   output: str = cli.option(help="Output .jsonl (written atomically).")

@@ -372,6 +372,13 @@ def import_lm_eval(results_dir: str, models: Sequence[Any], tasks: Sequence[str]
   """Rows of RESULT_COLUMNS from a folder of lm-evaluation-harness result files (*.json with
   `results` and `config`, searched recursively; one file per checkpoint).
 
+  Layouts: lm-eval 0.4.x writes `--output_path`/<model_name_sanitized>/results_<ISO date>.json
+  (EvaluationTracker.save_results_aggregated) with config.model_args a string
+  "pretrained=ORG/NAME,revision=stepN,..." (a dict through the Python API) and metrics keyed
+  "acc,none"; lm-eval <= 0.3 one JSON per run with plain "acc" keys; `export_lm_eval` writes the
+  0.4 layout. Re-runs of one checkpoint in one folder (several results_<date>.json) give the
+  newest, the others are noted in problems; any other two files of one checkpoint are an error.
+
   models: objects with name, aliases, params, tokens_per_step (suite models). A file belongs to
   the model whose name or alias equals `pretrained=` in config.model_args, else whose name or
   alias appears in the file's path under results_dir (lm-eval's "org__name" folders read as
@@ -401,7 +408,9 @@ def import_lm_eval(results_dir: str, models: Sequence[Any], tasks: Sequence[str]
       problems.append(f"{rel}: no 'results' object; not an lm-evaluation-harness result file")
       continue
     args = _model_args(data.get("config", {}))
-    model, why = _match_model(models, args.get("pretrained"), rel)
+    pretrained = args.get("pretrained") or (data.get("model_name")
+                                            if isinstance(data.get("model_name"), str) else None)
+    model, why = _match_model(models, pretrained, rel)
     if model is None:
       problems.append(f"{rel}: {why}")
       continue
@@ -411,8 +420,13 @@ def import_lm_eval(results_dir: str, models: Sequence[Any], tasks: Sequence[str]
                       f"file name has no stepN")
       continue
     if (model.name, step) in seen:
-      raise InputError(f"{results_dir}: {seen[(model.name, step)]} and {rel} are both "
-                       f"{model.name} step {step}")
+      earlier = seen[(model.name, step)]
+      if not _reruns(earlier, rel):
+        raise InputError(f"{results_dir}: {earlier} and {rel} are both {model.name} step {step}")
+      # Files are read in name order: a later results_<date>.json is the newer run.
+      problems.append(f"{earlier}: an earlier run of {model.name} step {step} than {rel}; "
+                      "using the newer")
+      rows = [r for r in rows if (r["model"], r["step"]) != (model.name, step)]
     seen[(model.name, step)] = rel
     results = data["results"]
     ppl = np.nan
@@ -447,6 +461,60 @@ def import_lm_eval(results_dir: str, models: Sequence[Any], tasks: Sequence[str]
   if not rows:
     raise InputError(f"{results_dir}: no usable results; problems:\n  " + "\n  ".join(problems))
   return check_results(pd.DataFrame(rows), results_dir), problems
+
+
+_RESULTS_FILE = re.compile(r"results_.+\.json")
+
+
+def _reruns(a: str, b: str) -> bool:
+  """Two lm-eval 0.4 result files of one run folder (results_<date>.json each)."""
+  return (os.path.dirname(a) == os.path.dirname(b)
+          and all(_RESULTS_FILE.fullmatch(os.path.basename(p)) for p in (a, b)))
+
+
+VALIDATION_TASK = "validation_ppl"   # the pseudo-task holding validation perplexity in exports
+
+
+def export_lm_eval(results: pd.DataFrame, out_dir: str, models: Sequence[Any], *,
+                   k_shot: int | None = None) -> list[str]:
+  """Writes `results` (RESULT_COLUMNS) as lm-evaluation-harness 0.4 result files, one per
+  checkpoint: out_dir/<ORG__NAME>/results_step<N>.json with "results" {task: {"alias", "acc,none",
+  "acc_norm,none"}, "validation_ppl": {"perplexity,none"}}, "n-samples", "n-shot", and "config"
+  {"model": "opt_jax", "model_args": "pretrained=<first alias or name>,revision=<HF revision or
+  stepN>"}. `import_lm_eval(out_dir, models, tasks, ppl_task=VALIDATION_TASK)` reads them back.
+  models: suite models (name, aliases; revision(step) when they have one). Returns the paths."""
+  from opt_jax import files  # pylint: disable=import-outside-toplevel
+  by_name = {m.name: m for m in models}
+  written = []
+  for (name, step), group in results.groupby(["model", "step"], sort=True):
+    m = by_name.get(name)
+    pretrained = (m.aliases[0] if m is not None and m.aliases else name)
+    revision = m.revision(int(step)) if m is not None and hasattr(m, "revision") else None
+    if not revision or not re.fullmatch(r"(?:global_)?step[_-]?\d+", revision):
+      revision = f"step{int(step)}"
+    tasks: dict[str, Any] = {}
+    n_samples, n_shot = {}, {}
+    for row in group.itertuples():
+      entry = {"alias": row.task, "acc,none": float(row.accuracy)}
+      if not pd.isna(row.accuracy_norm):
+        entry["acc_norm,none"] = float(row.accuracy_norm)
+      tasks[row.task] = entry
+      if not pd.isna(row.n):
+        n_samples[row.task] = {"original": int(row.n), "effective": int(row.n)}
+      if k_shot is not None:
+        n_shot[row.task] = int(k_shot)
+    ppl = group["validation_ppl"].iloc[0]
+    if not pd.isna(ppl):
+      tasks[VALIDATION_TASK] = {"alias": VALIDATION_TASK, "perplexity,none": float(ppl)}
+    sanitized = pretrained.replace("/", "__")
+    data = {"results": tasks, "n-shot": n_shot, "n-samples": n_samples,
+            "config": {"model": "opt_jax",
+                       "model_args": f"pretrained={pretrained},revision={revision}"},
+            "model_name": pretrained, "model_name_sanitized": sanitized}
+    path = os.path.join(out_dir, sanitized, f"results_step{int(step)}.json")
+    files.write_json(path, data)
+    written.append(path)
+  return written
 
 
 # The whole analysis and its report ---------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 Input: the tidy table of experiments/validation_ppl.py (columns model, step, params, tokens,
 flops, corpus, nll, ppl). One panel per corpus, one line per model size (ordered by parameter
-count), log-log axes. Figures are built with matplotlib's object API (no pyplot state) and each
-file is written under a temporary name and renamed.
+count), log-log axes; checkpoints flagged by experiments/analysis/ppl_breaks.py (column
+breaks_from_neighbours) are drawn as red crosses. Figures are
+built with matplotlib's object API (no pyplot state) and each file is written under a temporary
+name and renamed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from experiments.analysis import figures
+from experiments.analysis.ppl_breaks import BREAK_COLUMNS
 
 X_AXES = {"steps": ("step", "training steps"), "flops": ("flops", "training FLOPs")}
 
@@ -38,6 +41,7 @@ def plot_ppl(df: pd.DataFrame, x: str = "steps", corpora: Sequence[str] | None =
   axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
   models = figures.model_order(df)
   colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
+  flagged_labelled = False
   for ax, corpus in zip(axes, corpora):
     sub = df[df["corpus"] == corpus]
     for m in models:
@@ -46,6 +50,13 @@ def plot_ppl(df: pd.DataFrame, x: str = "steps", corpora: Sequence[str] | None =
       line = line[line[column] > 0]
       if not line.empty:
         ax.plot(line[column], line["ppl"], marker="o", markersize=3, color=colors[m], label=m)
+        if BREAK_COLUMNS[1] in line:
+          bad = line[line[BREAK_COLUMNS[1]].astype(bool)]
+          if not bad.empty:
+            ax.plot(bad[column], bad["ppl"], linestyle="none", marker="x", markersize=9,
+                    markeredgewidth=2, color="red", zorder=5,
+                    label="breaks from its neighbours" if not flagged_labelled else None)
+            flagged_labelled = True
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(label)

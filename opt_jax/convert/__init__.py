@@ -53,7 +53,7 @@ def detect_format(path: str | os.PathLike) -> str:
   if not os.path.exists(path):
     raise ConversionError(f"{path}: no such file or directory")
   if os.path.isdir(path):
-    if checkpoint.is_checkpoint(path):
+    if checkpoint.checkpoint_kind(path) == "opt_jax" and checkpoint.is_checkpoint(path):
       return "opt_jax"
     if any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES):
       return "hf"
@@ -152,7 +152,8 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, *,
   fmt = detect_format(input_path) if input_format == "auto" else input_format
   if config_path is not None and fmt != "metaseq":
     raise ConversionError(f"a config file is only used for metaseq input, not {fmt}")
-  if fmt == "opt_jax" and not checkpoint.is_checkpoint(input_path):
+  if fmt == "opt_jax" and (checkpoint.checkpoint_kind(input_path) != "opt_jax"
+                          or not checkpoint.is_checkpoint(input_path)):
     raise InputError(_not_opt_jax(input_path))
 
   if fmt == "hf":

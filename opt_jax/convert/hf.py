@@ -116,6 +116,9 @@ class SafetensorsFile:
   def shape(self, name: str) -> tuple[int, ...]:
     return self._entries[name][1]
 
+  def dtype(self, name: str) -> np.dtype:
+    return self._entries[name][0]
+
   def read(self, name: str) -> np.ndarray:
     dtype, shape, offset = self._entries[name]
     out = np.empty(shape, dtype)
@@ -294,13 +297,41 @@ def open_weights(weights: str) -> FileSetSource:
 def params_from_source(source: TensorSource, config: DecoderConfig, *, prefix: str,
                        ignore: Iterable[str] = (), dtype: Any = None, progress: bool = False,
                        config_source: str = "the config") -> dict[str, Any]:
-  """Validates `source` against `config`, then builds the params pytree tensor by tensor.
+  """Validates `source` against `config` (`match_tensors`), then builds the params pytree tensor
+  by tensor; nothing is read before the whole checkpoint has been validated."""
+  items = table.items(config, prefix)
+  stored = match_tensors(source, config, prefix=prefix, ignore=ignore,
+                         config_source=config_source)
+
+  bar = tqdm.tqdm(total=len(items), unit="tensor", desc="converting", disable=not progress,
+                  dynamic_ncols=True)
+
+  def get(item: table.Item) -> np.ndarray:
+    name = stored[item.name]
+    try:
+      array = source.read(name)
+    except ConversionError:
+      raise
+    except Exception as e:
+      raise ConversionError(f"{source.where(name)}: cannot read tensor {name} "
+                            f"({type(e).__name__}: {e})") from None
+    bar.update()
+    return array
+
+  with bar:
+    return table.read_params(config, get, prefix=prefix, dtype=dtype)
+
+
+def match_tensors(source: TensorSource, config: DecoderConfig, *, prefix: str,
+                  ignore: Iterable[str] = (), config_source: str = "the config"
+                  ) -> dict[str, str]:
+  """{table name: name in `source`} of every tensor of `config`'s model; reads headers only.
 
   Tensor names in `source` are those of the family's table, with `prefix` on the base model's
   tensors (an alias of a row is accepted in place of its name); names in `ignore`, and stored
   non-parameters the family lists as `ignored`, are skipped. Raises ConversionError naming the
   file and tensor for a missing tensor, an unexpected one, or a shape that differs from what
-  `config` implies; nothing is read before the whole checkpoint has been validated.
+  `config` implies.
   """
   family = families.get(config.family)
   items = table.items(config, prefix)
@@ -331,31 +362,14 @@ def params_from_source(source: TensorSource, config: DecoderConfig, *, prefix: s
     if got != item.hf_shape:
       raise ConversionError(f"{source.where(stored[item.name])}: tensor {stored[item.name]} has "
                             f"shape {got}, {config_source} implies {item.hf_shape}")
-
-  bar = tqdm.tqdm(total=len(items), unit="tensor", desc="converting", disable=not progress,
-                  dynamic_ncols=True)
-
-  def get(item: table.Item) -> np.ndarray:
-    name = stored[item.name]
-    try:
-      array = source.read(name)
-    except ConversionError:
-      raise
-    except Exception as e:
-      raise ConversionError(f"{source.where(name)}: cannot read tensor {name} "
-                            f"({type(e).__name__}: {e})") from None
-    bar.update()
-    return array
-
-  with bar:
-    return table.read_params(config, get, prefix=prefix, dtype=dtype)
+  return stored
 
 
 def _embedding_row(family: families.Family) -> table.Tensor:
   return next(t for t in family.tensors if t.params == ("embed/embedding",))
 
 
-def _layout_prefix(source: TensorSource, family: families.Family) -> str:
+def layout_prefix(source: TensorSource, family: families.Family) -> str:
   """Which of the family's name layouts the source uses (judged by the token embedding)."""
   names = set(source.names())
   embed = _embedding_row(family).hf
@@ -392,7 +406,7 @@ def read_hf(path: str | os.PathLike, *, dtype: Any = None, progress: bool = Fals
 def _read(source: TensorSource, config: DecoderConfig, *, dtype: Any, progress: bool,
           config_source: str) -> dict[str, Any]:
   family = families.get(config.family)
-  prefix = _layout_prefix(source, family)
+  prefix = layout_prefix(source, family)
   head = [family.head] if config.tie_embeddings else []
   params = params_from_source(source, config, prefix=prefix, ignore=head, dtype=dtype,
                               progress=progress, config_source=config_source)

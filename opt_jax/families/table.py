@@ -9,6 +9,12 @@ tensor its family can have; every parameter of the model must be covered by exac
 Conventions: HF Linear weights are [out, in]; opt_jax kernels are [in, out] with heads split out
 ([D, N, H], [N, H, D]); per-layer weights are stacked on a leading L axis under `layers/`. An HF
 name containing "{i}" is one tensor per layer i.
+
+Slices (`Transform.read_slice`): restoring onto a mesh, each device needs one block of each params
+array. Every transform here maps a block of params to a box of the HF tensor whose rows (and
+columns) are contiguous ranges once a params dimension is split at its leading axis, so a block is
+read from a box of the HF tensor (`read(slices)`, e.g. safetensors' get_slice) without reading the
+rest. Where a block's box is not contiguous, the comment of the transform says what is read.
 """
 
 from __future__ import annotations
@@ -24,10 +30,39 @@ import numpy as np
 Shape = tuple[int, ...]
 
 
+Read = Callable[[tuple[slice, ...]], np.ndarray]   # a box of the HF tensor: hf[slices]
+
+
+def _ranges(index: tuple[slice, ...], shape: Shape) -> list[tuple[int, int]]:
+  """(start, stop) per dimension of a block given as slices (None bounds allowed, step 1)."""
+  out = []
+  for s, n in zip(index, shape):
+    start, stop, step = s.indices(n)
+    if step != 1:
+      raise ValueError(f"block slices must have step 1, got {s}")
+    out.append((start, max(start, stop)))
+  return out
+
+
+def _lead_box(dims: Shape, ranges: list[tuple[int, int]]) -> tuple[slice, tuple[slice, ...]]:
+  """The flat range of the C-order flattening of `dims` that covers the block `ranges`, taken
+  whole along every dimension after the first, and the slices that cut the block out of it once
+  reshaped to (range of dim 0, *dims[1:])."""
+  inner = math.prod(dims[1:])
+  (a, b), rest = ranges[0], ranges[1:]
+  return (slice(a * inner, b * inner),
+          (slice(0, b - a),) + tuple(slice(lo, hi) for lo, hi in rest))
+
+
 class Transform:
   """How one HF tensor becomes params (`to_params`) and back (`to_hf`); shapes are per layer."""
 
   def to_params(self, hf: np.ndarray, shapes: list[Shape]) -> list[np.ndarray]:
+    raise NotImplementedError
+
+  def read_slice(self, read: Read, shapes: list[Shape], part: int,
+                 index: tuple[slice, ...]) -> np.ndarray:
+    """to_params(hf, shapes)[part][index], reading only a box of the HF tensor through `read`."""
     raise NotImplementedError
 
   def to_hf(self, params: list[np.ndarray]) -> np.ndarray:
@@ -43,6 +78,9 @@ class _Copy(Transform):
   def to_params(self, hf, shapes):
     return [hf]
 
+  def read_slice(self, read, shapes, part, index):
+    return read(tuple(slice(a, b) for a, b in _ranges(index, shapes[0])))
+
   def to_hf(self, params):
     return params[0]
 
@@ -55,6 +93,11 @@ class _Flat(Transform):
 
   def to_params(self, hf, shapes):
     return [hf.reshape(shapes[0])]
+
+  def read_slice(self, read, shapes, part, index):
+    # Whole heads are contiguous; a block of part of head_dim reads its heads whole.
+    rows, cut = _lead_box(shapes[0], _ranges(index, shapes[0]))
+    return read((rows,)).reshape((-1,) + tuple(shapes[0][1:]))[cut]
 
   def to_hf(self, params):
     return params[0].reshape(-1)
@@ -71,6 +114,19 @@ class Linear(Transform):
 
   def to_params(self, hf, shapes):
     return [hf.T.reshape(shapes[0])]
+
+  def read_slice(self, read, shapes, part, index):
+    # The HF box: rows for the block's output dims, columns for its input dims, each whole
+    # along the dims after the first (head_dim, when heads lead): a block that splits head_dim
+    # reads whole heads and cuts them here. Splits of heads, mlp, embed or vocab are exact.
+    s = shapes[0]
+    ranges = _ranges(index, s)
+    cols, cut_in = _lead_box(s[:self.n_in], ranges[:self.n_in])
+    rows, cut_out = _lead_box(s[self.n_in:], ranges[self.n_in:])
+    box = read((rows, cols)).T                                     # [in, out] flat
+    shape = ((cut_in[0].stop,) + tuple(s[1:self.n_in])
+             + (cut_out[0].stop,) + tuple(s[self.n_in + 1:]))
+    return box.reshape(shape)[cut_in + cut_out]
 
   def to_hf(self, params):
     p = params[0]
@@ -93,6 +149,19 @@ class FusedHeads(Transform):
     rest = hf.shape[1:]                                             # (D,) or ()
     grouped = hf.reshape((n, self.parts, h) + rest)
     return [np.moveaxis(grouped[:, j], (0, 1), (-2, -1)) for j in range(self.parts)]
+
+  def read_slice(self, read, shapes, part, index):
+    # The rows of one projection for a range of heads are not contiguous (q, k and v alternate
+    # per head): one read per head of exactly its rows of this part, so nothing else is read.
+    ranges = _ranges(index, shapes[part])
+    (n0, n1), (h0, h1) = ranges[-2:]
+    h = shapes[part][-1]
+    rest = tuple(slice(a, b) for a, b in ranges[:-2])               # () or (D range,)
+    if n1 == n0:
+      return np.zeros(tuple(b - a for a, b in ranges), np.float32)
+    out = np.stack([read((slice(base + h0, base + h1),) + rest)
+                    for base in ((n * self.parts + part) * h for n in range(n0, n1))])
+    return np.moveaxis(out, (0, 1), (-2, -1))                       # [*rest, n, h]
 
   def to_hf(self, params):
     heads_first = [np.moveaxis(p, (-2, -1), (0, 1)) for p in params]   # [N, H, *rest]
@@ -218,7 +287,7 @@ def read_params(config, get: Callable[[Item], np.ndarray], *, prefix: str,
         out[path][...] = value
       else:
         out[path][item.layer] = value
-  return _nest(out)
+  return nest(out)
 
 
 def hf_tensors(config, params: Mapping[str, Any], *, prefix: str
@@ -233,7 +302,8 @@ def hf_tensors(config, params: Mapping[str, Any], *, prefix: str
     yield item, item.tensor.transform.to_hf(parts)
 
 
-def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """The nested params tree of {"layers/attn/q_kernel": leaf, ...} (inverse of `flatten`)."""
   tree: dict[str, Any] = {}
   for path, value in flat.items():
     node = tree
