@@ -9,6 +9,7 @@ make_pythia_suite: Pythia architecture (GPT-NeoX: partial rotary, parallel resid
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -133,6 +134,27 @@ def make_pythia_suite(root: str) -> str:
   with open(path, "w") as f:
     json.dump({"name": "pythia-tiny", "models": models_}, f, indent=2)
   return path
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(directory: str):
+  """JAX's persistent compilation cache in `directory` for every program, however fast, restored
+  to the previous settings on exit. Each experiment run builds its own Scorers, which compile the
+  same programs again: with the cache the repeats are loads (~0.1 s instead of seconds)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from jax.experimental.compilation_cache import compilation_cache
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  before = {n: getattr(jax.config, n) for n in names}
+  jax.config.update(names[0], directory)
+  jax.config.update(names[1], 0.0)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    for name, value in before.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
 
 
 def random_params(config: DecoderConfig, seed: int, std: float = 0.3):
