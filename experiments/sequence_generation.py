@@ -38,7 +38,8 @@ generated (generation.check_joint_models names them); steps of a joint decoder w
 mass fall back to one model's distribution (large for large_minus_small, small for
 small_minus_large) and are counted in sets/manifest.json and summary.md; prompts longer than
 max_position_embeddings - max_new_tokens keep the start token and their last tokens, counted and
-reported; prompt files and corpora that are empty or malformed raise errors naming the file and line.
+reported; prompt files and corpora that are empty or malformed raise errors naming the file and
+line.
 
 Decoding runs on the mesh like scoring does (--mesh): the decoding models are restored straight
 into the mesh's layout and generate / joint_generate run sharded, with the same tokens as on one

@@ -362,3 +362,10 @@ def test_an_empty_icl_context_is_the_start_token(pythia):
   assert enc.pairs == [([0], _ids(hf_tok, " fox")), ([0], _ids(hf_tok, " dog")),
                        (_ids(hf_tok, "The"), _ids(hf_tok, "The fox")[len(_ids(hf_tok, "The")):])]
   assert enc.kept.tolist() == [True, True]
+
+
+def test_special_ids_are_the_tokenizers_own(pythia):
+  # Noise never draws them: Pythia's <|endoftext|> and <|padding|>, not OPT's four ids.
+  tok = load_tokenizer(pythia["suite"].model("pythia-a").path(128))
+  assert tok.special_ids == {0, 1}
+  assert pythia["hf_tok"].convert_ids_to_tokens([0, 1]) == list(U.PYTHIA_SPECIALS)
