@@ -227,8 +227,10 @@ class Encoded:
 
 
 def encode(items: Sequence[Item], tokenizer, max_length: int) -> Encoded:
-  """The harness's encoding: context and context + continuation encoded as strings (</s> first),
-  the continuation is the whole encoding after the context's tokens."""
+  """The harness's encoding: context and context + continuation encoded as strings (after the
+  convention's prefix, e.g. OPT's </s>), the continuation is the whole encoding after the
+  context's tokens; a context that encodes to nothing (no prefix: Pythia, OLMo, lm_eval) is the
+  tokenizer's start token, as in Scorer.loglikelihood and HFLM."""
   contexts = sorted({it.requests.context for it in items})
   ctx_ids = dict(zip(contexts, tokenizer.encode_batch(contexts)))
   wholes = [it.requests.context + c for it in items for c in it.requests.continuations]
@@ -237,6 +239,7 @@ def encode(items: Sequence[Item], tokenizer, max_length: int) -> Encoded:
   for it in items:
     ctx = ctx_ids[it.requests.context]
     conts = [next(whole_ids)[len(ctx):] for _ in it.requests.continuations]
+    ctx = ctx or [tokenizer.start_id]
     ok = all(1 <= len(c) <= max_length for c in conts)
     kept.append(ok)
     if ok:

@@ -20,7 +20,8 @@ r"""Sequence-level trajectories (Xia et al. 2023, section 4): generated, noisy a
    A re-run with the same settings reuses the stored sets (sets/manifest.json records them).
 2. Trajectories: every set scored by every checkpoint of every size (opt_jax.sweep; resumable)
    with Scorer.rolling_tokens: a generated sequence's perplexity is over its continuation given the
-   prompt, a passage's over all its tokens after </s>: ppl = exp(sum NLL / tokens) over the set.
+   prompt, a passage's over all its tokens after the start token (the family's prefix, e.g. OPT's
+   </s>, or its end-of-text token): ppl = exp(sum NLL / tokens) over the set.
    Validation perplexity per checkpoint from --validation_ppl (the CSV experiments/validation_ppl.py
    writes, or its folder) or, without it, computed in the same sweep from --corpus exactly as that
    binary does (rolling windows, token-weighted over documents).
@@ -36,8 +37,9 @@ Bad input: models of different tokenizers in one joint decoder raise before anyt
 generated (generation.check_joint_models names them); steps of a joint decoder without positive
 mass fall back to one model's distribution (large for large_minus_small, small for
 small_minus_large) and are counted in sets/manifest.json and summary.md; prompts longer than
-max_position_embeddings - max_new_tokens keep </s> and their last tokens, counted and reported;
-prompt files and corpora that are empty or malformed raise errors naming the file and line.
+max_position_embeddings - max_new_tokens keep the start token and their last tokens, counted and
+reported; prompt files and corpora that are empty or malformed raise errors naming the file and
+line.
 
 Decoding runs on the mesh like scoring does (--mesh): the decoding models are restored straight
 into the mesh's layout and generate / joint_generate run sharded, with the same tokens as on one
@@ -66,8 +68,6 @@ NAME = "sequence_generation"
 CSV_NAME = "sequence_ppl.csv"
 SETS_DIR = "sets"
 FORMAT = 1
-# OPT's special ids (<s>, <pad>, </s>, <unk>): never drawn as replacement tokens.
-_SPECIAL_IDS = frozenset((0, 1, 2, 3))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -116,7 +116,8 @@ SCORING_ONLY = ("context_length", "stride")
 
 @dataclasses.dataclass
 class SequenceSet:
-  """Sequences to score. ids[i] are scored given context_ids[i] (which starts with </s>);
+  """Sequences to score. ids[i] are scored given context_ids[i] (which starts with the
+  tokenizer's start token, e.g. OPT's </s>, Pythia's <|endoftext|>);
   contexts/texts are the same as text, for tokenizers other than `tokenizer` (a fingerprint)."""
   name: str
   kind: str                      # "generated" or "perturbed"
@@ -325,7 +326,8 @@ def generated_sets(ctx: Experiment, docs: Sequence[str]) -> tuple[list[SequenceS
   for k, model in enumerate(sample):
     config, params, tok, _ = loaded.pop(model.name, None) or load(model)
     # Its own encoding of the prompt texts if its tokenizer differs; its own context length.
-    ids = prompt_ids if tok.fingerprint() == ltok.fingerprint() else tok.encode_batch(texts)
+    ids = (prompt_ids if tok.fingerprint() == ltok.fingerprint() else
+           [[tok.start_id] + b for b in tok.encode_batch(texts, add_bos=False)])
     room = config.max_position_embeddings - max_new
     ids = [p if len(p) <= room else [p[0]] + p[len(p) - room + 1:] for p in ids]
     outs = generation.generate(config, params, ids, seed=settings.seed + 2 + k, **common)
@@ -344,7 +346,7 @@ def perturbed_sets(settings: Settings, tok, docs: Sequence[str]) -> tuple[list[S
                     "corpus (passages)")
   fp = tok.fingerprint()
   bos = tok.start_id
-  special = _SPECIAL_IDS | {bos, tok.pad_id}
+  special = tok.special_ids | {bos}   # never drawn as replacement tokens
   pool = np.array([i for i in range(tok.vocab_size) if i not in special])
 
   def make(name, ids_list, texts=None, extra=None):
@@ -541,8 +543,9 @@ def _summary_info(ctx: Experiment, labels, manifest: dict) -> dict[str, str]:
       "generation": f"small {gen['small']}, large {gen['large']}, {gen['prompts']} prompts "
                     f"({source}), {settings.max_new_tokens} new tokens, top-p {settings.top_p}, "
                     f"temperature {settings.temperature}, seed {settings.seed}",
-      "prompts truncated to fit the context": f"{gen['prompts_truncated']} (kept </s> and the "
-                                              f"last {gen['max_prompt_tokens'] - 1} tokens)",
+      "prompts truncated to fit the context":
+          f"{gen['prompts_truncated']} (kept the start token and the last "
+          f"{gen['max_prompt_tokens'] - 1} tokens)",
       "joint steps without positive mass (fell back to one model)": json.dumps(fallback),
       "perturbed passages": f"{pert['passages']} x {pert['passage_tokens']} tokens; noise rates "
                             f"{list(settings.noise_rates)} (window {settings.shuffle_window}); "

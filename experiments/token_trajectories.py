@@ -69,7 +69,8 @@ class Settings(ExperimentSettings):
 
 @dataclasses.dataclass
 class Corpus:
-  """The tokenised corpus. documents[d] = [</s>, ...] ids of document d (the </s> is not scored).
+  """The tokenised corpus. documents[d]: ids of document d (`Tokenizer.encode_documents`), whose
+  first id is not scored (OPT's </s>; for a family without a prefix, the text's first token).
 
   Scored tokens, in order, are documents[d][1:] for every d: token_ids [N], positions [N] (index
   within its document's ids, >= 1), document [N].
@@ -94,6 +95,17 @@ def tokenize_corpus(names, texts, tokenizer) -> Corpus:
   positions = np.concatenate([np.arange(1, len(d), dtype=np.int32) for d in documents])
   document = np.concatenate([np.full(len(d) - 1, i, np.int32) for i, d in enumerate(documents)])
   return Corpus(list(names), documents, token_ids, positions, document)
+
+
+def describe_token(corpus: Corpus, tokenizer, row: int, left: int = 24, right: int = 6) -> str:
+  """Scored token `row` in its text: 'up to `left` tokens before[[the token]]`right` after'.
+  The context starts at the document's first id: a prefix such as OPT's </s> decodes to
+  nothing, and without one (Pythia, OLMo) it is the text's first token."""
+  doc = corpus.documents[int(corpus.document[row])]
+  p = int(corpus.positions[row])
+  before = tokenizer.decode(doc[max(0, p - left):p])
+  after = tokenizer.decode(doc[p + 1:p + 1 + right])
+  return f"{before}[[{tokenizer.decode([doc[p]], skip_special_tokens=False)}]]{after}"
 
 
 def _truncate(corpus: Corpus, max_tokens: int) -> Corpus:
@@ -165,17 +177,11 @@ def run(settings: Settings, *, progress: bool = True, run_info: dict | None = No
     return ctx.outcome(None, evaluated=evaluated)
   models = [_matrix(ctx, key, m, corpus, val, (context_length, stride)) for m in ctx.suite.models]
 
-  def describe(row: int, left: int = 24, right: int = 6) -> str:
-    doc = corpus.documents[int(corpus.document[row])]
-    p = int(corpus.positions[row])
-    before = tokenizer.decode(doc[max(1, p - left):p])
-    after = tokenizer.decode(doc[p + 1:p + 1 + right])
-    return f"{before}[[{tokenizer.decode([doc[p]], skip_special_tokens=False)}]]{after}"
-
   result = trajectories.analyze(
       models, corpus.token_ids, corpus.positions, start_fractions=s.start_fractions,
       alpha=s.alpha, quantity=s.quantity, ema=s.ema, min_rise=s.min_rise,
-      num_examples=s.num_examples, describe_token=describe,
+      num_examples=s.num_examples,
+      describe_token=lambda row: describe_token(corpus, tokenizer, row),
       progress=lambda message: ctx.say(f"analysis: {message}"))
   shown = ", ".join(corpus.names[:3]) + (" ..." if len(corpus.names) > 3 else "")
   notes = [f"Corpus: {shown} ({len(corpus.documents)} documents, {corpus.num_tokens} tokens); "

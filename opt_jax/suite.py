@@ -47,8 +47,11 @@ class SuiteError(InputError):
   def __init__(self, source: str, problems: list[str]):
     self.source = source
     self.problems = list(problems)
+    if len(self.problems) == 1:   # one line, as every other user error
+      super().__init__(f"{source}: suite manifest: {self.problems[0]}")
+      return
     lines = "\n".join(f"  - {p}" for p in self.problems)
-    super().__init__(f"{source}: {len(self.problems)} problem(s) in suite manifest:\n{lines}")
+    super().__init__(f"{source}: {len(self.problems)} problems in suite manifest:\n{lines}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,6 +84,13 @@ class Tokenizer:
     return Tokenizer(self._tok, self.source, bos_id=self.bos_id, eos_id=self.eos_id,
                      pad_id=self.pad_id, prepend_bos=self._prepend_bos, conventions=conventions)
 
+  @property
+  def special_ids(self) -> frozenset[int]:
+    """Ids of the tokenizer's special tokens (OPT's <s> <pad> </s> <unk>, Pythia's
+    <|endoftext|> <|padding|>, ...) and of bos, eos and pad."""
+    ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+    return frozenset(ids | {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None})
+
   def encode(self, text: str, add_bos: bool = True) -> list[int]:
     """Token ids of `text`, after the convention's prefix when add_bos (e.g. OPT's </s>)."""
     ids = self._tok.encode(text, add_special_tokens=False).ids

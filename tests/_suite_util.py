@@ -1,7 +1,15 @@
-"""Test helpers: a tiny checkpoint suite (2 sizes x 4 steps, random weights) with a tiny BPE."""
+"""Test helpers: tiny checkpoint suites with random weights and tiny byte-level BPE tokenizers.
+
+make_suite: OPT architecture, 2 sizes x 4 steps, OPT's special tokens.
+make_pythia_suite: Pythia architecture (GPT-NeoX: partial rotary, parallel residual, untied
+  embed_out, vocabulary rows beyond the tokenizer), 2 sizes x 3 steps, `<|endoftext|>` as bos and
+  eos and no pad token, as Pythia's config.json; each checkpoint is converted from a random HF
+  GPTNeoXForCausalLM that `pythia_hf_model` rebuilds as the oracle.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -34,15 +42,33 @@ STEPS = (10, 20, 30, 40)
 TOKENS_PER_STEP = 1000
 
 
-def train_tokenizer(directory: str) -> str:
-  """Byte-level BPE per CONTRACTS.md (<s>=0, <pad>=1, </s>=2, <unk>=3); returns tokenizer.json."""
+OPT_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
+# Pythia's tokenizer: <|endoftext|>=0 (bos and eos), <|padding|>=1 (config.json names no pad).
+PYTHIA_SPECIALS = ("<|endoftext|>", "<|padding|>")
+PYTHIA_TOKENIZER_SIZE = 300   # ids of the tokenizer; the models have 320 rows (20 padded)
+
+_NEOX = dict(vocab_size=320, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64, rotary_pct=0.25, use_parallel_residual=True,
+             hidden_act="gelu", bos_token_id=0, eos_token_id=0)
+PYTHIA_SIZES = {
+    # head_dim 8 and 16: 2 and 4 rotary dims.
+    "pythia-a": families.get("gpt_neox").config(hidden_size=32, intermediate_size=128, **_NEOX),
+    "pythia-b": families.get("gpt_neox").config(hidden_size=64, intermediate_size=256, **_NEOX),
+}
+PYTHIA_STEPS = (128, 512, 1000)
+PYTHIA_TOKENS_PER_STEP = 2048
+
+
+def train_tokenizer(directory: str, specials=OPT_SPECIALS, vocab_size: int = 320) -> str:
+  """Byte-level BPE without a prefix space (GPT-2's, OPT's and GPT-NeoX's pipeline), `specials`
+  first (ids 0, 1, ...), the 256 byte symbols next; returns the path of tokenizer.json."""
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator(CORPUS * 4, trainer)
-  assert tok.get_vocab_size() <= 320
+  assert tok.get_vocab_size() <= vocab_size
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, "tokenizer.json")
   tok.save(path)
@@ -75,6 +101,60 @@ def make_suite(root: str, sizes: dict[str, DecoderConfig] | None = None, steps=S
   with open(path, "w") as f:
     json.dump({"name": "tiny", "models": models_}, f, indent=2)
   return path
+
+
+def pythia_seed(name: str, step: int) -> int:
+  return 1000 * list(PYTHIA_SIZES).index(name) + PYTHIA_STEPS.index(step)
+
+
+def pythia_hf_model(name: str, step: int):
+  """The HF GPTNeoXForCausalLM (fp32, eval mode) that checkpoint (name, step) was made from."""
+  import oracle  # pylint: disable=import-outside-toplevel  (torch: only where needed)
+  return oracle.hf_model(PYTHIA_SIZES[name], seed=pythia_seed(name, step))
+
+
+def make_pythia_suite(root: str) -> str:
+  """Saves the Pythia-architecture suite (PYTHIA_SIZES x PYTHIA_STEPS) under root/ckpt with the
+  tokenizer in root/tok; returns root/suite.json. Each checkpoint's params are converted from
+  `pythia_hf_model(name, step)` (opt_jax.convert.hf, the path of tools/convert_checkpoint)."""
+  import oracle  # pylint: disable=import-outside-toplevel
+  tok_file = train_tokenizer(os.path.join(root, "tok"), PYTHIA_SPECIALS, PYTHIA_TOKENIZER_SIZE)
+  models_ = []
+  for name, config in PYTHIA_SIZES.items():
+    ckpts = {}
+    for step in PYTHIA_STEPS:
+      params = oracle.params_from_hf_model(pythia_hf_model(name, step), config)
+      rel = f"ckpt/{name}/step{step}"
+      checkpoint.save(os.path.join(root, rel), params, config, tokenizer_files=[tok_file])
+      ckpts[str(step)] = rel
+    models_.append({"name": name, "params": config.num_params(),
+                    "tokens_per_step": PYTHIA_TOKENS_PER_STEP,
+                    "aliases": [f"EleutherAI/{name}"], "checkpoints": ckpts})
+  path = os.path.join(root, "suite.json")
+  with open(path, "w") as f:
+    json.dump({"name": "pythia-tiny", "models": models_}, f, indent=2)
+  return path
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(directory: str):
+  """JAX's persistent compilation cache in `directory` for every program, however fast, restored
+  to the previous settings on exit. Each experiment run builds its own Scorers, which compile the
+  same programs again: with the cache the repeats are loads (~0.1 s instead of seconds)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from jax.experimental.compilation_cache import compilation_cache
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  before = {n: getattr(jax.config, n) for n in names}
+  jax.config.update(names[0], directory)
+  jax.config.update(names[1], 0.0)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    for name, value in before.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
 
 
 def random_params(config: DecoderConfig, seed: int, std: float = 0.3):
