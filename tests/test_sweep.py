@@ -50,9 +50,12 @@ def test_sweep_equals_each_checkpoint_evaluated_alone(tiny, swept):
   store, report, compiles = swept
   assert report.evaluated == [("rolling", m.name, s) for m, s, _ in tiny.checkpoints()]
   assert len(report.evaluated) == 8 and not report.skipped
-  # One program per size: later checkpoints reuse it through Scorer.set_params.
+  # Later checkpoints reuse their size's program through Scorer.set_params: the count of
+  # programs traced for the size's spec (process-wide; other tests may have compiled them
+  # first) does not grow after its first checkpoint, and is at least its one bucket.
   for name in ("tiny-a", "tiny-b"):
-    assert [c for n, c in compiles if n == name] == [1, 1, 1, 1], compiles
+    counts = [c for n, c in compiles if n == name]
+    assert len(counts) == 4 and len(set(counts)) == 1 and counts[0] >= 1, compiles
   for model in tiny.models:
     # Alone: restore outside the sweep, a separate Scorer, checkpoints in reverse order.
     alone = None
