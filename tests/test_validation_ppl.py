@@ -153,7 +153,7 @@ def test_a_damaged_checkpoint_is_left_out_and_named_in_the_summary(setup, tmp_pa
   root = tmp_path / "copy"
   shutil.copytree(os.path.dirname(s.source), root)
   bad = root / "ckpt" / "tiny-a" / "step20"
-  os.remove(bad / "params" / "layers.fc2.kernel" / "0.0.0")
+  os.remove(bad / "params" / "layers.mlp.down_kernel" / "0.0.0")
   outcome = V.run(settings.replace(suite=str(root / "suite.json"), out=str(tmp_path / "out"),
                                    models=("tiny-a",), plots=False), progress=False)
   table = outcome.table
