@@ -40,6 +40,10 @@ def _rolling_evaluator(cache, compiles):
 def swept(tiny, tmp_path_factory):
   store = results.ResultStore(tmp_path_factory.mktemp("store"))
   compiles = []
+  # Programs are shared by every Scorer of a spec in the process, and earlier test files in this
+  # worker may have compiled these very ones: start from empty caches so this sweep compiles its
+  # own (one per size), as a fresh binary would.
+  jax.clear_caches()
   evaluate = _rolling_evaluator(sweep.ScorerCache(**SCORER_KW), compiles)
   report = sweep.run_sweep(tiny, evaluate, store, experiment="rolling", progress=False,
                            run_info={"flag": "value"})
