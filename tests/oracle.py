@@ -102,3 +102,17 @@ def padded_batch(vocab: int, lengths: list[int], total: int, side: str, seed: in
     sl = slice(0, n) if side == "right" else slice(total - n, total)
     ids[r, sl], mask[r, sl] = row, 1
   return ids, mask
+
+
+def hf_rolling(model, tokens, length):
+  """HF's log p of tokens[1:] in HFLM's disjoint rolling windows of `length` predictions: the
+  window scoring tokens[a..b] sees the `length` tokens before b (all of them, in the first)."""
+  out = []
+  for a in range(1, len(tokens), length):
+    b = min(a + length - 1, len(tokens) - 1)
+    start = max(0, b - length)
+    with torch.no_grad():
+      logits = model(torch.tensor([tokens[start:b]])).logits[0].double()
+    lp = torch.log_softmax(logits, -1).numpy()
+    out += [lp[j - 1 - start, tokens[j]] for j in range(a, b + 1)]
+  return np.asarray(out)

@@ -95,18 +95,6 @@ def _lm_eval_pair(hf_tok, context, continuation):
   return ctx, whole[len(ctx):]
 
 
-def _hf_rolling(hf, tokens, length):
-  """HFLM's disjoint windows, one HF call each: tokens[1:] in windows of `length` predictions;
-  the window predicting tokens[a..b] sees the `length` tokens before b (all before, at first)."""
-  out = []
-  for a in range(1, len(tokens), length):
-    b = min(a + length - 1, len(tokens) - 1)
-    start = max(0, b - length)
-    with torch.no_grad():
-      logits = hf(torch.tensor([tokens[start:b]])).logits[0].double()
-    lp = torch.log_softmax(logits, -1).numpy()
-    out += [lp[j - 1 - start, tokens[j]] for j in range(a, b + 1)]
-  return np.asarray(out)
 
 
 def _hf_sum(hf, ctx, cont):
@@ -138,7 +126,8 @@ def test_lm_eval_rolling_matches_hflm_windows_scored_by_hf(case):
   for text, lp in zip(TEXTS, got):
     ids = hf_tok.encode(text, add_special_tokens=False)
     assert len(lp) == len(ids)                                         # every token, once
-    np.testing.assert_allclose(lp, _hf_rolling(hf, [prefix] + ids, MAX_LEN), atol=1e-4, rtol=0,
+    np.testing.assert_allclose(lp, oracle.hf_rolling(hf, [prefix] + ids, MAX_LEN), atol=1e-4,
+                               rtol=0,
                                err_msg=name)
   assert len(hf_tok.encode(TEXTS[0], add_special_tokens=False)) > 2 * MAX_LEN   # 3+ windows
 
@@ -172,7 +161,8 @@ def test_score_text_file_with_lm_eval_convention(case, tmp_path):
   record = json.loads(out.read_text())
   ids = hf_tok.encode(TEXTS[1], add_special_tokens=False)
   assert record["token_ids"] == ids and totals["num_tokens"] == len(ids)
-  np.testing.assert_allclose(record["logprobs"], _hf_rolling(hf, [0] + ids, MAX_LEN), atol=1e-4)
+  np.testing.assert_allclose(record["logprobs"], oracle.hf_rolling(hf, [0] + ids, MAX_LEN),
+                             atol=1e-4)
 
 
 def test_bad_convention_is_named(tmp_path):

@@ -45,18 +45,6 @@ def _compilation_cache(tmp_path_factory):
     yield
 
 
-def _hf_rolling(hf, tokens, length):
-  """log p of tokens[1:] in disjoint windows of `length` predictions (HFLM's rolling windows:
-  the window scoring tokens[a..b] sees the `length` tokens before b)."""
-  out = []
-  for a in range(1, len(tokens), length):
-    b = min(a + length - 1, len(tokens) - 1)
-    start = max(0, b - length)
-    with torch.no_grad():
-      logits = hf(torch.tensor([tokens[start:b]])).logits[0].double()
-    lp = torch.log_softmax(logits, -1).numpy()
-    out += [lp[j - 1 - start, tokens[j]] for j in range(a, b + 1)]
-  return np.asarray(out)
 
 
 @pytest.mark.parametrize("family", sorted(CASES))
@@ -86,6 +74,6 @@ def test_convert_then_score_text_equals_hf(family, tmp_path):
         context_length=WINDOW, batch_size=2, conventions=conventions))
     record = json.loads(out.read_text())
     assert record["token_ids"] == tokens[1:], conventions
-    np.testing.assert_allclose(record["logprobs"], _hf_rolling(hf, tokens, WINDOW), atol=1e-4,
+    np.testing.assert_allclose(record["logprobs"], oracle.hf_rolling(hf, tokens, WINDOW), atol=1e-4,
                                rtol=0, err_msg=f"{family} {conventions}")
     assert f"{len(tokens) - 1:,} tokens" in summary.render()

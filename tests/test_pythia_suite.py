@@ -22,6 +22,7 @@ import torch
 import transformers
 
 import _suite_util as U
+import oracle
 from experiments import downstream_icl as D
 from experiments import token_trajectories as TT
 from experiments import validation_ppl as V
@@ -62,18 +63,6 @@ def _ids(hf_tok, text):
   return hf_tok.encode(text, add_special_tokens=False)
 
 
-def hf_rolling(hf, tokens, length):
-  """log p of tokens[1:] in HFLM's disjoint windows of `length` predictions: the window scoring
-  tokens[a..b] sees the `length` tokens before b (all of them, in the first window)."""
-  out = []
-  for a in range(1, len(tokens), length):
-    b = min(a + length - 1, len(tokens) - 1)
-    start = max(0, b - length)
-    with torch.no_grad():
-      logits = hf(torch.tensor([tokens[start:b]])).logits[0].double()
-    lp = torch.log_softmax(logits, -1).numpy()
-    out += [lp[j - 1 - start, tokens[j]] for j in range(a, b + 1)]
-  return np.asarray(out)
 
 
 def hf_continuation(hf, context, continuation, length=64):
@@ -101,7 +90,7 @@ def test_validation_ppl_equals_hf_log_probs(pythia, tmp_path):
   assert len(docs[0]) > 2 * WINDOW + 1                                     # three windows
   assert sorted(set(zip(table.model, table.step))) == sorted(pythia["hf"])
   for (name, step), hf in pythia["hf"].items():
-    lps = [hf_rolling(hf, d, WINDOW) for d in docs]
+    lps = [oracle.hf_rolling(hf, d, WINDOW) for d in docs]
     row = table[(table.model == name) & (table.step == step)].iloc[0]
     n = sum(len(lp) for lp in lps)
     assert row["num_tokens"] == n == sum(len(d) - 1 for d in docs)
@@ -125,7 +114,7 @@ def test_token_trajectories_losses_equal_hf(pythia, tmp_path):
                                   np.concatenate([np.arange(1, len(d)) for d in docs]))
     np.testing.assert_array_equal(m["steps"], U.PYTHIA_STEPS)
     for c, step in enumerate(U.PYTHIA_STEPS):
-      want = -np.concatenate([hf_rolling(pythia["hf"][name, step], d, WINDOW) for d in docs])
+      want = -np.concatenate([oracle.hf_rolling(pythia["hf"][name, step], d, WINDOW) for d in docs])
       np.testing.assert_allclose(m["losses"][:, c], want, atol=1e-4, rtol=0)
   assert set(outcome.analysis.percentages["model"]) == set(U.PYTHIA_SIZES)
   # Examples show the text around a token, its document's first token included.
@@ -188,7 +177,7 @@ def test_validation_ppl_binary_with_lm_eval_conventions(pythia, compilation_cach
   table = pd.read_csv(tmp_path / "out" / V.CSV_NAME)
   docs = _documents(pythia["hf_tok"], "lm_eval")
   hf = pythia["hf"]["pythia-a", 512]
-  nll = -sum(hf_rolling(hf, d, WINDOW).sum() for d in docs)
+  nll = -sum(oracle.hf_rolling(hf, d, WINDOW).sum() for d in docs)
   row = table[table.step == 512].iloc[0]
   assert row["num_tokens"] == sum(len(d) - 1 for d in docs)              # every text token
   np.testing.assert_allclose(row["nll"], nll / row["num_tokens"], rtol=1e-5)
