@@ -1,33 +1,56 @@
-"""Token trajectories across model sizes: trend shares, agreement, matched perplexity, double descent.
+"""Token trajectories across model sizes: trend shares, tokens followed across sizes, agreement,
+matched perplexity, double descent.
 
 Inputs are per-token loss matrices (nats) of several models scored on one tokenised corpus
 (`ModelTrajectories`); `analyze` turns them into tables (`Analysis`) and `summary_markdown` into
 summary.md; the caller writes them, trajectory_plots.py draws them. Everything here is
 numpy/pandas/scipy and writes no file. Never imports JAX.
 
-Rules (each one is what a reader can recompute from the CSVs):
+The paper's analysis (Xia et al. 2023, section 3; each rule is one a reader can recompute from the
+CSVs):
 
 * Trend labels: trends.classify_trends on the per-token quantity (perplexity = exp(loss) by default,
-  as in the paper; or the loss itself) for each start fraction.
+  as in the paper; or the loss itself) for each start fraction: stagnated, upward, downward,
+  unclassified (in no group), invalid.
+* Group curve of a set of tokens at a checkpoint: exp(mean over the tokens of their loss), the
+  geometric mean of their perplexities (notebook: exp of the mean log-likelihood). Tokens whose
+  loss is non-finite at that checkpoint are left out of that checkpoint's mean.
+* Tokens chosen by one size, followed in every size (Figures 3-4, middle and right): each
+  reference size R labels its tokens at the selection fraction f of its own run; for each label,
+  every size's group curve on those same tokens. The selection checkpoint is R's first kept one
+  (nearest f x R's last step); the share selected is the label's share of all tokens.
+* Double descent as the paper reads it: for the upward tokens of each reference R, each other
+  size M's group curve after the selection point: M's checkpoints from the first whose validation
+  perplexity is at or below R's at its selection checkpoint (when both are known; else from M's
+  checkpoint nearest f x M's last step). With g = log of that curve, the curve rises then falls
+  when some checkpoint k has max_{j<k} (g_k - g_j) >= d and max_{l>k} (g_k - g_l) >= d,
+  d = log(1 + min_change); the k with the largest min of the two is the peak, the valley the
+  lowest point before it and the end the lowest after it.
+
+What opt_jax adds (extra outputs):
+
 * Agreement of two sizes: over tokens valid in both, share of identical labels and Cohen's kappa
-  (kappa = (p_o - p_e) / (1 - p_e), p_e = sum_k p_a(k) p_b(k) over the three valid labels; NaN when
-  p_e == 1, i.e. both sizes put every token in the same single label).
+  over the four labels of valid tokens (kappa = (p_o - p_e) / (1 - p_e), p_e = sum_k p_a(k) p_b(k);
+  NaN when p_e == 1, i.e. both sizes put every token in the same single label).
 * Matched steps: both sizes labelled with the same start fraction of their own run.
 * Matched validation perplexity: for sizes A and B with validation perplexities P_A, P_B over their
   checkpoints, the overlap is [lo, hi] = [max(min P_A, min P_B), min(max P_A, max P_B)]. Each size
-  keeps exactly its checkpoints with lo <= P <= hi (in step order; a non-monotone run may skip
-  checkpoints inside its span) and is labelled by trends.fit_window over those checkpoints
-  (normalised by the first kept one, OLS on log(step)). A pair with no overlap or with fewer than
-  3 checkpoints in either window is reported with NaN agreement and the reason in `note`.
-* Double descent: on the full run, the log of the quantity is smoothed with an exponential moving
-  average over checkpoints (s_0 = v_0, s_t = ema * s_{t-1} + (1 - ema) * v_t; ema = 0 is no
-  smoothing; in log space so one huge early perplexity does not dominate the average). A token
-  shows double descent when there are checkpoints i < j < k < l with
+  keeps exactly its checkpoints after step 0 with lo <= P <= hi (in step order; a non-monotone run
+  may skip checkpoints inside its span) and is labelled by trends.fit_window over those
+  checkpoints (normalised by the first kept one, OLS on log(step), the band over them). A pair
+  with no overlap or with fewer than 3 checkpoints in either window is reported with NaN
+  agreement and the reason in `note`.
+* Per-token double-descent detector: on the full run, the log of the quantity is smoothed with an
+  exponential moving average over checkpoints (s_0 = v_0, s_t = ema * s_{t-1} + (1 - ema) * v_t;
+  ema = 0 is no smoothing; in log space so one huge early perplexity does not dominate the
+  average). A token shows double descent when there are checkpoints i < j < k < l with
   s_i - s_j >= d (fall), s_k - s_j >= d (rise) and s_k - s_l >= d (fall again), d = log(1 + min_rise):
   each move changes the smoothed quantity by at least a factor 1 + min_rise. It is reported among
   the upward tokens of each start fraction. Defaults (ema 0.7, min_rise 0.5) flag under 10% of
   pure-noise trajectories with iid per-checkpoint noise up to 0.3 nats over 40 checkpoints
   (tests/test_trends.py); lower them for smooth trajectories, raise them for noisy ones.
+* The arithmetic mean of per-token perplexity of each group (`arithmetic_mean_ppl` in
+  group_means.csv), beside the paper's geometric group curve.
 """
 
 from __future__ import annotations
@@ -35,6 +58,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import time
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -121,8 +145,9 @@ def trend_percentages(fits: Mapping[str, trends.TrendFit]) -> pd.DataFrame:
 def label_agreement(codes_a, codes_b) -> dict:
   """Agreement of two labelings of the same tokens, over tokens valid in both.
 
-  Returns {n_tokens, share_same, kappa}: Cohen's kappa over the three valid labels; NaN when no
-  token is valid in both, kappa NaN when chance agreement is 1.
+  Returns {n_tokens, share_same, kappa}: Cohen's kappa over the four valid labels (stagnated,
+  upward, downward, unclassified); NaN when no token is valid in both, kappa NaN when chance
+  agreement is 1.
   """
   a = np.asarray(codes_a)
   b = np.asarray(codes_b)
@@ -133,7 +158,7 @@ def label_agreement(codes_a, codes_b) -> dict:
   n = int(a.size)
   if n == 0:
     return {"n_tokens": 0, "share_same": math.nan, "kappa": math.nan}
-  k = trends.INVALID  # the three valid labels are codes 0..2
+  k = trends.INVALID  # the valid labels are codes 0 .. INVALID - 1
   table = np.zeros((k, k), np.int64)
   np.add.at(table, (a, b), 1)
   p_o = np.trace(table) / n
@@ -174,8 +199,10 @@ def matched_perplexity_agreement(models: Sequence[ModelTrajectories], *, quantit
   steps_a, steps_b ("first-last"), n_tokens, share_same, kappa, note.
   """
   rows = []
+  # The fit uses log(step): step 0 (a suite's initialisation) is never in a matched window.
+  fitted = {m.name: np.where(np.asarray(m.steps) > 0, m.column("val_ppl"), np.nan) for m in models}
   for ma, mb in itertools.combinations(models, 2):
-    mask_a, mask_b, lo, hi = matched_perplexity_windows(ma.column("val_ppl"), mb.column("val_ppl"))
+    mask_a, mask_b, lo, hi = matched_perplexity_windows(fitted[ma.name], fitted[mb.name])
     row = {"model_a": ma.name, "model_b": mb.name, "ppl_lo": lo, "ppl_hi": hi,
            "checkpoints_a": int(mask_a.sum()), "checkpoints_b": int(mask_b.sum()),
            "steps_a": _span(np.asarray(ma.steps)[mask_a]),
@@ -267,52 +294,183 @@ def find_double_descent(values, *, ema: float = 0.7, min_rise: float = 0.5) -> D
                        peak=np.where(found, peak, -1), rise=rise)
 
 
-# --- group means ------------------------------------------------------------------------------
+# --- group curves and tokens followed across sizes --------------------------------------------
+
+def group_curves(losses, selections) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Group curves of several token sets at every checkpoint.
+
+  losses: [N, C] nats; selections: [N, K] bool, column k the tokens of set k.
+  Returns (group_ppl [K, C] = exp(mean loss over the set's tokens with a finite loss there), NaN
+  where none; arithmetic [K, C] mean per-token perplexity over the same tokens; counts [K] tokens
+  per set). One matrix product per size: vectorised over sets and checkpoints.
+  """
+  losses = np.asarray(losses, dtype=np.float64)
+  onehot = np.asarray(selections, dtype=np.float64)                       # [N, K]
+  finite = np.isfinite(losses)
+  zeroed = np.where(finite, losses, 0.0)
+  n = onehot.T @ finite.astype(np.float64)                                 # [K, C]
+  with np.errstate(over="ignore"):
+    ppl_sums = onehot.T @ np.where(finite, np.exp(zeroed), 0.0)           # [K, C]
+  with np.errstate(invalid="ignore", divide="ignore"):
+    group = np.exp((onehot.T @ zeroed) / n)
+    arithmetic = ppl_sums / n
+  empty = n == 0
+  return (np.where(empty, np.nan, group), np.where(empty, np.nan, arithmetic),
+          onehot.sum(0).astype(np.int64))
+
 
 def group_mean_perplexity(losses, codes) -> tuple[np.ndarray, np.ndarray]:
-  """Mean per-token perplexity of each label group at each checkpoint.
+  """Group curve (exp(mean loss)) of each label's tokens at each checkpoint.
 
-  losses: [N, C] nats; codes: [N] trend codes. Returns (means [len(LABELS), C] float64, NaN for
+  losses: [N, C] nats; codes: [N] trend codes. Returns (curves [len(LABELS), C] float64, NaN for
   an empty group; counts [len(LABELS)] int).
   """
-  ppl = np.exp(np.asarray(losses, dtype=np.float64))
   codes = np.asarray(codes)
-  k = len(trends.LABELS)
-  onehot = (codes[:, None] == np.arange(k)[None, :]).astype(np.float64)   # [N, K]
-  counts = onehot.sum(0)
-  # Invalid tokens may hold non-finite values: zero them so they cannot poison other groups.
-  sums = np.einsum("nk,nc->kc", onehot, np.where(np.isfinite(ppl), ppl, 0.0))
-  with np.errstate(invalid="ignore", divide="ignore"):
-    means = sums / counts[:, None]
-  return np.where(counts[:, None] > 0, means, np.nan), counts.astype(np.int64)
+  group, _, counts = group_curves(losses, codes[:, None] == np.arange(len(trends.LABELS)))
+  return group, counts
+
+
+def cross_size_curves(models: Sequence[ModelTrajectories], selections: Mapping[str, np.ndarray],
+                      references: Sequence[str], selection_fraction: float) -> pd.DataFrame:
+  """Tokens chosen by one size, followed in every size (module docstring).
+
+  selections[R]: [N] trend codes of size R at the selection fraction. Curves are drawn for every
+  (reference, model) with the reference in `references`, and for every size on its own tokens.
+  Rows: reference_model, selection_fraction, selection_step, label, n_selected, percent_selected,
+  model, step, tokens, flops, val_ppl, group_ppl.
+  """
+  by_name = {m.name: m for m in models}
+  num_tokens = np.shape(models[0].losses)[0]
+  labels = trends.TREND_LABELS
+  frames = []
+  for m in models:
+    refs = list(dict.fromkeys([r for r in references] + [m.name]))
+    sel = np.concatenate([np.asarray(selections[r])[:, None] == np.arange(len(labels))[None, :]
+                          for r in refs], axis=1)                          # [N, R * 3]
+    group, _, counts = group_curves(m.losses, sel)
+    for i, ref in enumerate(refs):
+      ref_steps = np.asarray(by_name[ref].steps)
+      selection_step = int(ref_steps[trends.start_index(ref_steps, selection_fraction)])
+      for k, label in enumerate(labels):
+        col = i * len(labels) + k
+        frames.append(pd.DataFrame({
+            "reference_model": ref, "selection_fraction": selection_fraction,
+            "selection_step": selection_step, "label": label, "n_selected": int(counts[col]),
+            "percent_selected": 100.0 * counts[col] / num_tokens, "model": m.name,
+            "step": np.asarray(m.steps), "tokens": m.column("tokens"), "flops": m.column("flops"),
+            "val_ppl": m.column("val_ppl"), "group_ppl": group[col]}))
+  frame = pd.concat(frames, ignore_index=True)
+  order = {r: i for i, r in enumerate(dict.fromkeys(list(references) + [m.name for m in models]))}
+  frame["_ref"] = frame["reference_model"].map(order)
+  frame["_model"] = frame["model"].map({m.name: i for i, m in enumerate(models)})
+  frame["_label"] = frame["label"].map({label: i for i, label in enumerate(labels)})
+  frame = frame.sort_values(["_ref", "_label", "_model", "step"], kind="stable")
+  return frame.drop(columns=["_ref", "_model", "_label"]).reset_index(drop=True)
+
+
+def rise_then_fall(curve, min_change: float) -> tuple[bool, int, int, int, float, float]:
+  """Whether a group curve rises and then falls (module docstring).
+
+  curve: [n] perplexities (finite, > 0). Returns (found, valley, peak, end indices (-1 if n < 3),
+  rise = curve[peak] / curve[valley], fall = curve[peak] / curve[end]).
+  """
+  g = np.log(np.asarray(curve, dtype=np.float64))
+  n = g.shape[0]
+  if n < 3:
+    return False, -1, -1, -1, math.nan, math.nan
+  before = np.minimum.accumulate(g)[:-2]                  # [n-2] min g[:k] for k = 1 .. n-2
+  after = np.minimum.accumulate(g[::-1])[::-1][2:]        # [n-2] min g[k+1:]
+  middle = g[1:-1]
+  score = np.minimum(middle - before, middle - after)
+  k = int(np.argmax(score)) + 1
+  valley = int(np.argmin(g[:k]))
+  end = k + 1 + int(np.argmin(g[k + 1:]))
+  found = bool(score[k - 1] >= math.log1p(min_change))
+  return found, valley, k, end, float(np.exp(g[k] - g[valley])), float(np.exp(g[k] - g[end]))
+
+
+def group_double_descent(cross: pd.DataFrame, models: Sequence[ModelTrajectories],
+                         references: Sequence[str], selection_fraction: float,
+                         min_change: float) -> pd.DataFrame:
+  """For the upward tokens of each reference, whether each other size's group curve rises then
+  falls after the selection point (module docstring). Rows: reference_model, selection_fraction,
+  n_upward, percent_upward, model, larger (more parameters than the reference), after (the
+  window's rule), checkpoints, double_descent, valley_step, peak_step, end_step, rise, fall."""
+  by_name = {m.name: m for m in models}
+  rows = []
+  for ref in references:
+    r = by_name[ref]
+    r_steps = np.asarray(r.steps)
+    r_sel = trends.start_index(r_steps, selection_fraction)
+    threshold = float(r.column("val_ppl")[r_sel])
+    up = cross[(cross.reference_model == ref) & (cross.label == "upward")]
+    for m in models:
+      if m.name == ref:
+        continue
+      curve = up[up.model == m.name]
+      steps, group = curve.step.to_numpy(), curve.group_ppl.to_numpy(float)
+      val = curve.val_ppl.to_numpy(float)
+      below = np.flatnonzero(np.isfinite(val) & (val <= threshold))
+      if math.isfinite(threshold) and np.isfinite(val).any():
+        first = int(below[0]) if below.size else len(steps)
+        after = f"val_ppl <= {threshold:.4g}"
+      else:
+        first = trends.start_index(steps, selection_fraction)
+        after = f"step >= {int(steps[first])}"
+      window = np.arange(first, len(steps))
+      window = window[np.isfinite(group[window]) & (group[window] > 0)]
+      found, valley, peak, end, rise, fall = rise_then_fall(group[window], min_change)
+      at = lambda i: int(steps[window[i]]) if i >= 0 else -1
+      larger = (m.params is not None and r.params is not None and m.params > r.params)
+      rows.append({"reference_model": ref, "selection_fraction": selection_fraction,
+                   "n_upward": int(curve.n_selected.iloc[0]) if len(curve) else 0,
+                   "percent_upward": float(curve.percent_selected.iloc[0]) if len(curve) else 0.0,
+                   "model": m.name, "larger": bool(larger), "after": after,
+                   "checkpoints": int(window.size), "double_descent": found,
+                   "valley_step": at(valley), "peak_step": at(peak), "end_step": at(end),
+                   "rise": rise, "fall": fall})
+  return pd.DataFrame(rows, columns=[
+      "reference_model", "selection_fraction", "n_upward", "percent_upward", "model", "larger",
+      "after", "checkpoints", "double_descent", "valley_step", "peak_step", "end_step", "rise",
+      "fall"])
 
 
 # --- the whole analysis -----------------------------------------------------------------------
 
+START_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)   # Figure 2's x axis
+
+
 @dataclasses.dataclass
 class Analysis:
-  """Tables of the analysis. fits[(model, start_fraction)]: trends.TrendFit; token_ids and
-  positions [N]: each row's token (for `token_labels`)."""
+  """Tables of the analysis. fits[(model, start_fraction)]: trends.TrendFit; selections[model]:
+  [N] codes at the selection fraction; token_ids and positions [N]: each row's token (for
+  `token_labels`); seconds: wall time of `analyze`."""
 
   percentages: pd.DataFrame
   agreement: pd.DataFrame
   double_descent: pd.DataFrame
   examples: pd.DataFrame
   group_means: pd.DataFrame
+  cross_size: pd.DataFrame
+  group_double_descent: pd.DataFrame
   fits: dict
+  selections: dict
   double_descent_tokens: dict
   settings: dict
   token_ids: np.ndarray
   positions: np.ndarray
+  seconds: float = math.nan
 
   def tables(self) -> dict[str, pd.DataFrame]:
     """{file stem: table} of the CSVs every run writes (the per-token tables are `token_labels`)."""
-    return {"trend_percentages": self.percentages, "agreement": self.agreement,
-            "double_descent": self.double_descent, "double_descent_examples": self.examples,
-            "group_means": self.group_means}
+    return {"trend_percentages": self.percentages, "group_means": self.group_means,
+            "cross_size": self.cross_size, "group_double_descent": self.group_double_descent,
+            "agreement": self.agreement, "double_descent": self.double_descent,
+            "double_descent_examples": self.examples}
 
   def token_labels(self, models: Sequence[ModelTrajectories], fraction: float) -> pd.DataFrame:
-    """One row per (model, token): position, token id, the trend fit and the double-descent flag."""
+    """One row per (model, token): position, token id, the trend fit, the band statistics and the
+    per-token double-descent flag."""
     num_tokens = self.token_ids.shape[0]
     return pd.concat([
         pd.DataFrame({"model": m.name, "token_index": np.arange(num_tokens),
@@ -323,21 +481,59 @@ class Analysis:
         for m in models], ignore_index=True)
 
 
+def check_settings(models: Sequence[ModelTrajectories] | Sequence, start_fractions: Sequence[float],
+                   selection_fraction: float, reference_models: Sequence[str]) -> list[str]:
+  """Every problem of the analysis settings against the sizes' steps, one line each (empty: fine).
+
+  models: anything with `name` and `steps` (ModelTrajectories or suite models), so a binary can
+  check before scoring what `analyze` would refuse after it.
+  """
+  problems = []
+  if not start_fractions:
+    problems.append("no start fractions")
+  names = [m.name for m in models]
+  for ref in reference_models:
+    if ref not in names:
+      problems.append(f"reference model {ref!r} is not among the sizes {names}")
+  for m in models:
+    steps = np.asarray(m.steps, np.float64)
+    checks = [(f, "start fraction") for f in start_fractions]
+    if selection_fraction not in start_fractions:
+      checks.append((selection_fraction, "selection fraction"))
+    for f, what in checks:
+      why = trends.window_problem(steps, f, what)
+      if why:
+        problems.append(f"model {m.name!r}: {why}")
+  return problems
+
+
 def analyze(models: Sequence[ModelTrajectories], token_ids=None, positions=None, *,
-            start_fractions: Sequence[float] = (0.1, 0.3, 0.7), alpha: float = 0.05,
-            quantity: str = "perplexity", ema: float = 0.7, min_rise: float = 0.5,
-            num_examples: int = 5, describe_token: Callable[[int], str] | None = None,
+            start_fractions: Sequence[float] = START_FRACTIONS, alpha: float = 0.05,
+            quantity: str = "perplexity", reference_models: Sequence[str] | None = None,
+            selection_fraction: float = 0.1, group_min_change: float = 0.05, ema: float = 0.7,
+            min_rise: float = 0.5, num_examples: int = 5,
+            describe_token: Callable[[int], str] | None = None,
             progress: Callable[[str], None] | None = None) -> Analysis:
   """Runs every analysis on the models' loss matrices; returns the tables (nothing is written:
   `Analysis.tables`, `Analysis.token_labels`, `summary_markdown` and trajectory_plots give the
   files).
 
   token_ids, positions: [N] token id and position in the corpus of each row (for the tables).
+  reference_models: sizes whose selected tokens are followed in every size (None: every size).
+  selection_fraction: where the references select their tokens (fraction of their own run).
+  group_min_change: the group-level double descent's minimum relative rise and fall.
   describe_token(row) -> the token in its context, for double-descent examples.
-  progress(message): told what is being computed. Raises ValueError on mismatched inputs or a
-  start fraction keeping < 3 checkpoints.
+  progress(message): told what is being computed. Raises ValueError on mismatched inputs, an
+  unknown reference or a fraction whose window cannot be fitted (check_settings).
   """
+  started = time.perf_counter()
   check_models(models)
+  references = [m.name for m in models] if reference_models is None else list(reference_models)
+  problems = check_settings(models, start_fractions, selection_fraction, references)
+  if problems:
+    raise ValueError("; ".join(problems))
+  if group_min_change <= 0:
+    raise ValueError(f"group_min_change must be > 0, got {group_min_change}")
   num_tokens = np.shape(models[0].losses)[0]
   token_ids = np.full(num_tokens, -1) if token_ids is None else np.asarray(token_ids)
   positions = np.arange(num_tokens) if positions is None else np.asarray(positions)
@@ -348,13 +544,18 @@ def analyze(models: Sequence[ModelTrajectories], token_ids=None, positions=None,
       lambda row: f"id {int(token_ids[row])} at {int(positions[row])}")
   say = progress or (lambda message: None)
 
-  fits, dd = {}, {}
+  fits, dd, selections = {}, {}, {}
   for m in models:   # one size at a time: a float64 copy of one matrix is alive at once
     say(f"trends and double descent of {m.name}")
     values = quantity_of(m.losses, quantity)                               # [N, C] float64
     dd[m.name] = find_double_descent(values, ema=ema, min_rise=min_rise)
     for fraction in start_fractions:
       fits[(m.name, fraction)] = trends.classify_trends(values, m.steps, fraction, alpha)
+    if (m.name, selection_fraction) not in fits:
+      selected = trends.classify_trends(values, m.steps, selection_fraction, alpha)
+    else:
+      selected = fits[(m.name, selection_fraction)]
+    selections[m.name] = selected.codes
     del values
 
   pct_rows, agree_rows, dd_rows, example_rows, mean_rows = [], [], [], [], []
@@ -385,12 +586,18 @@ def analyze(models: Sequence[ModelTrajectories], token_ids=None, positions=None,
             "valley_step": int(np.asarray(m.steps)[found.valley[row]]),
             "peak_step": int(np.asarray(m.steps)[found.peak[row]]),
             "context": describe_token(int(row))})
-      means, counts = group_mean_perplexity(m.losses, fit.codes)
-      for k, label in enumerate(trends.LABELS[:3]):
+      k = len(trends.LABELS) - 1                      # every label but invalid
+      group, arithmetic, counts = group_curves(m.losses, fit.codes[:, None] == np.arange(k))
+      for c, label in enumerate(trends.LABELS[:k]):
         mean_rows.append(pd.DataFrame({
-            "start_fraction": fraction, "model": m.name, "label": label, "n_tokens": int(counts[k]),
+            "start_fraction": fraction, "model": m.name, "label": label, "n_tokens": int(counts[c]),
             "step": np.asarray(m.steps), "tokens": m.column("tokens"), "flops": m.column("flops"),
-            "val_ppl": m.column("val_ppl"), "mean_ppl": means[k]}))
+            "val_ppl": m.column("val_ppl"), "group_ppl": group[c],
+            "arithmetic_mean_ppl": arithmetic[c]}))
+
+  say("tokens followed across sizes")
+  cross = cross_size_curves(models, selections, references, selection_fraction)
+  group_dd = group_double_descent(cross, models, references, selection_fraction, group_min_change)
 
   say("matched validation perplexity")
   matched = matched_perplexity_agreement(models, quantity=quantity, alpha=alpha)
@@ -405,10 +612,32 @@ def analyze(models: Sequence[ModelTrajectories], token_ids=None, positions=None,
           "start_fraction", "model", "token_index", "position", "token_id", "relative_rise",
           "valley_step", "peak_step", "context"]),
       group_means=pd.concat(mean_rows, ignore_index=True),
-      fits=fits, double_descent_tokens=dd,
+      cross_size=cross, group_double_descent=group_dd,
+      fits=fits, selections=selections, double_descent_tokens=dd,
       settings={"alpha": alpha, "quantity": quantity, "ema": ema, "min_rise": min_rise,
-                "start_fractions": list(start_fractions)},
-      token_ids=token_ids, positions=positions)
+                "start_fractions": list(start_fractions), "reference_models": references,
+                "selection_fraction": selection_fraction, "group_min_change": group_min_change,
+                "band": trends.BAND},
+      token_ids=token_ids, positions=positions, seconds=time.perf_counter() - started)
+
+
+def group_double_descent_line(result: Analysis) -> str:
+  """One sentence: for each reference, the sizes whose curve on its upward tokens rises then falls."""
+  table = result.group_double_descent
+  change = result.settings["group_min_change"]
+  if not len(table):
+    return "Group-level double descent: no other size to follow the reference's tokens in."
+  parts = []
+  for ref, rows in table.groupby("reference_model", sort=False):
+    hits = rows[rows.double_descent]
+    pct = float(rows.percent_upward.iloc[0])
+    parts.append(f"{ref} ({pct:.1f}% upward) -> " + (", ".join(
+        f"{r.model} (rises x{r.rise:.2f} from step {r.valley_step} to {r.peak_step}, falls "
+        f"x{r.fall:.2f} by step {r.end_step})" for r in hits.itertuples()) if len(hits) else "none"))
+  return (f"Group-level double descent (upward tokens of a reference size at selection fraction "
+          f"{result.settings['selection_fraction']:g}, followed in the other sizes: group curve "
+          f"rises then falls by >= {100 * change:g}% after the selection point): "
+          + "; ".join(parts) + ".")
 
 
 def summary_markdown(result: Analysis, models: Sequence[ModelTrajectories],
@@ -416,38 +645,55 @@ def summary_markdown(result: Analysis, models: Sequence[ModelTrajectories],
   """summary.md: the key numbers as markdown tables; notes: lines about the corpus and run."""
   alpha, quantity = result.settings["alpha"], result.settings["quantity"]
   ema, min_rise = result.settings["ema"], result.settings["min_rise"]
+  band = result.settings["band"]
   num_tokens = np.shape(models[0].losses)[0]
   lines = [
       "# Token trajectories", "",
       f"{num_tokens} tokens; sizes: " + ", ".join(
           f"{m.name} ({len(m.steps)} checkpoints, steps {int(m.steps[0])}-{int(m.steps[-1])})"
           for m in models) + ".",
-      f"Trend of per-token {quantity}: OLS on log(step) after dividing by the first kept value, "
-      f"two-sided t-test at alpha = {alpha}. Double descent: EMA {ema}, minimum relative rise "
-      f"{min_rise}.", *notes, "",
+      f"Trend of per-token {quantity} (the paper's rule): OLS on log(step) after dividing by the "
+      f"first kept value, two-sided t-test at alpha = {alpha}; stagnated: no significant slope, "
+      f"geometric mean within +-{100 * band:g}% of the first and last kept values and variance "
+      f"below it; unclassified: the other tokens with no significant slope (in no group). Group "
+      f"curves: exp(mean loss). Per-token double-descent detector (an extra): EMA {ema}, minimum "
+      f"relative rise {min_rise}.", *notes, "",
       "## Percentage of tokens per trend", ""]
   pct = result.percentages.pivot_table(index=["start_fraction", "model"], columns="label",
                                        values="percent", sort=False)
   pct = pct[[label for label in trends.LABELS if label in pct.columns]]
   lines += _markdown_table(pct.reset_index(), floatfmt="{:.1f}") + [""]
-  lines += ["## Agreement between sizes", "",
+  lines += ["## Tokens chosen by one size, followed in every size", "",
+            f"Each reference size labels its tokens after {result.settings['selection_fraction']:g} "
+            "of its training; cross_size.csv has every size's group curve on those tokens.", ""]
+  sel = (result.cross_size.drop_duplicates(["reference_model", "label"])
+         [["reference_model", "selection_step", "label", "n_selected", "percent_selected"]])
+  lines += _markdown_table(sel, floatfmt="{:.1f}") + [""]
+  lines += ["## Double descent", "", group_double_descent_line(result), ""]
+  gdd = result.group_double_descent
+  if len(gdd):
+    lines += _markdown_table(gdd[["reference_model", "model", "after", "checkpoints",
+                                  "double_descent", "valley_step", "peak_step", "end_step",
+                                  "rise", "fall"]], floatfmt="{:.3f}") + [""]
+  lines += ["### Per-token detector among upward tokens (an extra)", ""]
+  lines += _markdown_table(result.double_descent[["start_fraction", "model", "n_upward",
+                                                  "n_double_descent", "fraction_of_upward"]],
+                           floatfmt="{:.3f}") + [""]
+  if len(result.examples):
+    lines += ["Examples (token in [[ ]]):", ""]
+    for _, ex in result.examples.iterrows():
+      lines.append(f"- {ex.model}, f={ex.start_fraction:g}: rise {ex.relative_rise:.2f} "
+                   f"(steps {ex.valley_step} -> {ex.peak_step}): "
+                   + str(ex.context).replace("\n", " "))
+    lines.append("")
+  lines += ["## Agreement between sizes (an extra)", "",
             "matched_steps: same start fraction of each run; matched_ppl: checkpoints whose "
             "validation perplexity lies in the overlap of both runs (see agreement.csv for windows).",
             ""]
   agree = result.agreement[["comparison", "start_fraction", "model_a", "model_b", "n_tokens",
                             "share_same", "kappa", "note"]].fillna({"note": ""})
   lines += _markdown_table(agree, floatfmt="{:.3f}") + [""]
-  lines += ["## Double descent among upward tokens", ""]
-  lines += _markdown_table(result.double_descent[["start_fraction", "model", "n_upward",
-                                                  "n_double_descent", "fraction_of_upward"]],
-                           floatfmt="{:.3f}") + [""]
-  if len(result.examples):
-    lines += ["### Examples (token in [[ ]])", ""]
-    for _, ex in result.examples.iterrows():
-      lines.append(f"- {ex.model}, f={ex.start_fraction:g}: rise {ex.relative_rise:.2f} "
-                   f"(steps {ex.valley_step} -> {ex.peak_step}): "
-                   + str(ex.context).replace("\n", " "))
-    lines.append("")
+  lines += [f"Analysis time: {result.seconds:.2f} s.", ""]
   return "\n".join(lines)
 
 
