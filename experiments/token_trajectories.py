@@ -3,11 +3,15 @@ r"""Token-level loss trajectories across model sizes (Xia et al. 2023, section 3
   python -m experiments.token_trajectories --suite=suite.json --corpus=book.txt --out=out/tt \
       --context_length=1024 --stride=512 --mesh=data:-1
 
-Scores every token of the corpus with every checkpoint of every size (Scorer.rolling_tokens
-through opt_jax.sweep: resumable, one compiled program per size), assembles per size a
-[num_tokens, num_checkpoints] float32 loss matrix (nats) with token ids and positions, then runs
-experiments.analysis.trajectories.analyze: trends per start fraction, agreement between sizes at
-matched steps and matched validation perplexity, double descent; CSV tables, plots, summary.md.
+Scores the corpus (by default the paper's: the first 2048 tokens of each of the first 50
+documents) with every checkpoint of every size (Scorer.rolling_tokens through opt_jax.sweep:
+resumable, one compiled program per size), assembles per size a [num_tokens, num_checkpoints]
+float32 loss matrix (nats) with token ids and positions, then runs
+experiments.analysis.trajectories.analyze: the paper's trend labels per start fraction (0.1 ... 0.7),
+exp(mean loss) group curves, tokens chosen by reference sizes followed in every size, group-level
+double descent; and the extras (agreement between sizes at matched steps and matched validation
+perplexity, the per-token double-descent detector); CSV tables, plots, summary.md. The analysis
+settings are checked against the suite's steps before any scoring.
 
 Layout of --out:
   store/token_trajectories/<tag>/<model>/<step>.npz     per-checkpoint log-probs (resumable)
@@ -45,25 +49,42 @@ class Settings(ExperimentSettings):
       None, "Tokens per window (default: the smallest max_position_embeddings of the sizes).", ge=2)
   stride: int | None = cli.option(
       None, "New tokens per window after the first (default: context_length).", ge=1)
-  max_tokens: int = cli.option(0, "Score only the first N tokens of the corpus (0: all).", ge=0)
+  # The tokenised corpus's digest is in the key: these two need not be.
+  max_documents: int = cli.option(
+      50, "Score only the first M documents of the corpus (0: all; the paper: 50).", ge=0,
+      key=False)
+  document_tokens: int = cli.option(
+      2048, "Score only the first N tokens of each document (0: all; the paper: 2048).", ge=0,
+      key=False)
+  max_tokens: int = cli.option(0, "Then score only the first N tokens in all (0: no cap).", ge=0)
   # Analysis only (applied to the stored results): not part of the key.
   start_fractions: tuple[float, ...] = cli.option(
-      (0.1, 0.3, 0.7), "Trend fits start at the checkpoint nearest fraction x last step.",
-      ge=0, le=1, key=False)
+      trajectories.START_FRACTIONS, "Trend fits start at the checkpoint nearest fraction x last "
+      "step (the paper's Figure 2: 0.1 ... 0.7).", ge=0, le=1, key=False)
   alpha: float = cli.option(0.05, "Significance level of the slope t-test.", gt=0, lt=1,
                             key=False)
   quantity: str = cli.option("perplexity", "Per-token quantity whose trend is fitted.",
                              choices=trajectories.QUANTITIES, key=False)
-  ema: float = cli.option(0.7, "EMA weight of the double-descent smoothing (0: none).", ge=0, lt=1,
-                          key=False)
-  min_rise: float = cli.option(0.5, "Double descent: each fall/rise changes the smoothed "
-                               "perplexity by at least this relative amount.", gt=0, key=False)
+  reference_models: tuple[str, ...] | None = cli.option(
+      None, "Sizes (names or aliases) whose selected tokens are followed in every size (default: "
+            "every size; the paper: 1.3b and 175b).", key=False)
+  selection_fraction: float = cli.option(
+      0.1, "Reference sizes select their tokens from the checkpoint nearest this fraction of "
+           "their last step.", ge=0, le=1, key=False)
+  group_min_change: float = cli.option(
+      0.05, "Group-level double descent: the group curve rises and then falls by at least this "
+            "relative amount.", gt=0, key=False)
+  ema: float = cli.option(0.7, "Per-token double-descent detector (an extra): EMA weight of the "
+                          "smoothing (0: none).", ge=0, lt=1, key=False)
+  min_rise: float = cli.option(0.5, "Per-token double-descent detector: each fall/rise changes the "
+                               "smoothed perplexity by at least this relative amount.", gt=0,
+                               key=False)
   validation_ppl: str | None = cli.option(
       None, "validation_ppl.csv (or its folder) of experiments/validation_ppl.py (default: the "
             "perplexity of this corpus).", key=False)
   validation_corpus: str | None = cli.option(None, "Corpus of --validation_ppl to use.", key=False)
-  num_examples: int = cli.option(5, "Double-descent examples per size and start fraction.", ge=0,
-                                 key=False)
+  num_examples: int = cli.option(5, "Per-token double-descent examples per size and start "
+                                 "fraction.", ge=0, key=False)
   plots: bool = cli.option(True, "Draw the plots (PNG and PDF).", key=False)
 
 
@@ -108,32 +129,51 @@ def describe_token(corpus: Corpus, tokenizer, row: int, left: int = 24, right: i
   return f"{before}[[{tokenizer.decode([doc[p]], skip_special_tokens=False)}]]{after}"
 
 
-def _truncate(corpus: Corpus, max_tokens: int) -> Corpus:
-  """The first max_tokens scored tokens (whole documents, the last one cut)."""
-  documents, left = [], max_tokens
-  for doc in corpus.documents:
-    if left <= 0:
-      break
-    documents.append(doc[:left + 1])
-    left -= len(documents[-1]) - 1
-  keep = corpus.document < len(documents)
-  return Corpus(corpus.names[:len(documents)], documents, corpus.token_ids[keep][:max_tokens],
-                corpus.positions[keep][:max_tokens], corpus.document[keep][:max_tokens])
+def select_tokens(corpus: Corpus, max_documents: int = 0, document_tokens: int = 0,
+                  max_tokens: int = 0) -> Corpus:
+  """The first max_documents documents, each cut to its first document_tokens scored tokens, then
+  the first max_tokens scored tokens in all (whole documents, the last one cut); 0: no limit."""
+  documents = corpus.documents[:max_documents or None]
+  if document_tokens:
+    documents = [doc[:document_tokens + 1] for doc in documents]
+  if max_tokens:
+    cut, left = [], max_tokens
+    for doc in documents:
+      if left <= 0:
+        break
+      cut.append(doc[:left + 1])
+      left -= len(cut[-1]) - 1
+    documents = cut
+  token_ids = [np.asarray(d[1:], np.int32) for d in documents]
+  return Corpus(corpus.names[:len(documents)], [list(d) for d in documents],
+                np.concatenate(token_ids) if token_ids else np.zeros(0, np.int32),
+                np.concatenate([np.arange(1, len(d), dtype=np.int32) for d in documents])
+                if documents else np.zeros(0, np.int32),
+                np.concatenate([np.full(len(d) - 1, i, np.int32) for i, d in enumerate(documents)])
+                if documents else np.zeros(0, np.int32))
 
 
-def _check_windows(suite, start_fractions) -> None:
-  """Fails before any scoring when a start fraction keeps fewer than 3 checkpoints of a size."""
-  problems = []
-  for m in suite.models:
-    steps = np.asarray(m.steps, np.float64)
-    for f in start_fractions:
-      kept = steps.shape[0] - trends.start_index(steps, f) if steps.size else 0
-      if kept < 3:
-        problems.append(f"model {m.name!r} (steps {m.steps}): start fraction {f} keeps {kept} "
-                        f"checkpoint(s)")
+def _references(suite, names) -> list[str] | None:
+  """Suite names of --reference_models (names or aliases); None: every size."""
+  if not names:
+    return None
+  try:
+    return [m.name for m in suite.select(list(names)).models]
+  except KeyError as e:
+    raise InputError(f"--reference_models: {e.args[0]}") from None
+
+
+def _check_analysis(suite, s: "Settings", references) -> None:
+  """Fails before any scoring when the analysis could not run on the suite's steps."""
+  problems = trajectories.check_settings(suite.models, s.start_fractions, s.selection_fraction,
+                                         references or [])
   if problems:
-    raise InputError("--start_fractions: the trend t-test needs at least 3 checkpoints after the "
-                     "start fraction:\n  " + "\n  ".join(problems))
+    raise InputError("--start_fractions / --selection_fraction / --reference_models: "
+                     + "\n  ".join(["the analysis cannot run on this suite:", *problems]))
+
+
+def _plural(n: int, word: str) -> str:
+  return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 def run(settings: Settings, *, progress: bool = True, run_info: dict | None = None) -> Outcome:
@@ -141,16 +181,17 @@ def run(settings: Settings, *, progress: bool = True, run_info: dict | None = No
   processes other than the main one)."""
   s = settings
   ctx = Experiment(NAME, s, progress=progress, run_info=run_info)
-  _check_windows(ctx.suite, s.start_fractions)
+  references = _references(ctx.suite, s.reference_models)
+  _check_analysis(ctx.suite, s, references)
   context_length, stride = ctx.window(s.context_length, s.stride)
   context_length = context_length or ctx.max_positions
   stride = stride or context_length
   tokenizer = ctx.one_tokenizer("token trajectories need the same tokens for every size")
   files = inputs.read_corpora(s.corpus)
   docs = inputs.documents(files)
-  corpus = tokenize_corpus([d.source for d in docs], [d.text for d in docs], tokenizer)
-  if s.max_tokens and corpus.num_tokens > s.max_tokens:
-    corpus = _truncate(corpus, s.max_tokens)
+  corpus = select_tokens(tokenize_corpus([d.source for d in docs], [d.text for d in docs],
+                                         tokenizer), s.max_documents, s.document_tokens,
+                         s.max_tokens)
   if corpus.num_tokens < context_length:
     raise InputError(f"--corpus {', '.join(s.corpus)} has {corpus.num_tokens} tokens, shorter "
                      f"than one window of context_length={context_length}: use a longer text or "
@@ -167,25 +208,31 @@ def run(settings: Settings, *, progress: bool = True, run_info: dict | None = No
     return {"logprobs": flat}, {"num_tokens": int(flat.shape[0]), "context_length": context_length,
                                 "stride": stride}
 
-  ctx.say(f"{ctx.describe_suite()}; {corpus.num_tokens:,} tokens of {len(corpus.documents)} "
-          f"document(s), windows of {context_length} advancing by {stride}")
+  ctx.say(f"{ctx.describe_suite()}; {_plural(corpus.num_tokens, 'token')} of "
+          f"{_plural(len(corpus.documents), 'document')}, windows of {context_length} advancing by "
+          f"{stride}")
   ctx.sweep(evaluate, key, max_length=context_length)
   ctx.skipped += [f"{c.skipped} empty document(s) of {c.path}" for c in files if c.skipped]
-  evaluated = [f"{corpus.num_tokens:,} tokens of {len(corpus.documents)} document(s) per "
-               f"checkpoint"]
+  evaluated = [f"{_plural(corpus.num_tokens, 'token')} of "
+               f"{_plural(len(corpus.documents), 'document')} per checkpoint"]
   if not ctx.is_main:
     return ctx.outcome(None, evaluated=evaluated)
   models = [_matrix(ctx, key, m, corpus, val, (context_length, stride)) for m in ctx.suite.models]
 
   result = trajectories.analyze(
       models, corpus.token_ids, corpus.positions, start_fractions=s.start_fractions,
-      alpha=s.alpha, quantity=s.quantity, ema=s.ema, min_rise=s.min_rise,
-      num_examples=s.num_examples,
+      alpha=s.alpha, quantity=s.quantity, reference_models=references,
+      selection_fraction=s.selection_fraction, group_min_change=s.group_min_change, ema=s.ema,
+      min_rise=s.min_rise, num_examples=s.num_examples,
       describe_token=lambda row: describe_token(corpus, tokenizer, row),
       progress=lambda message: ctx.say(f"analysis: {message}"))
   shown = ", ".join(corpus.names[:3]) + (" ..." if len(corpus.names) > 3 else "")
-  notes = [f"Corpus: {shown} ({len(corpus.documents)} documents, {corpus.num_tokens} tokens); "
-           f"context_length {context_length}, stride {stride}.",
+  limits = ", ".join(f"{what} {value}" for what, value in (
+      ("first documents", s.max_documents), ("first tokens of each", s.document_tokens),
+      ("first tokens in all", s.max_tokens)) if value) or "no limits"
+  notes = [f"Corpus: {shown} ({_plural(len(corpus.documents), 'document')}, "
+           f"{_plural(corpus.num_tokens, 'token')}; {limits}); context_length {context_length}, "
+           f"stride {stride}.",
            "Validation perplexity: " + (f"{s.validation_ppl}" if s.validation_ppl else
            "token-weighted perplexity of the scored corpus itself (no --validation_ppl).")]
   written = _write(ctx, result, models, notes, s.plots)
@@ -252,20 +299,26 @@ def _digest(documents) -> str:
 
 
 def headline(result) -> list[str]:
-  """Trend shares per size at the first start fraction, and agreement at matched perplexity."""
+  """Trend shares per size at the first start fraction, group-level double descent, agreement at
+  matched perplexity and the analysis time."""
   pct = result.percentages
   f = pct["start_fraction"].iloc[0]
   sub = pct[pct["start_fraction"] == f].pivot_table(index="model", columns="label",
                                                    values="percent", sort=False)
   lines = [f"start fraction {f:g}: " + "; ".join(
-      f"{m} " + ", ".join(f"{sub.loc[m, label]:.1f}% {label}" for label in trends.LABELS[:3]
+      f"{m} " + ", ".join(f"{sub.loc[m, label]:.1f}% {label}" for label in trends.LABELS[:4]
                           if label in sub.columns) for m in sub.index)]
+  lines.append(trajectories.group_double_descent_line(result))
   matched = result.agreement[result.agreement["comparison"] == "matched_ppl"]
   kappas = [f"{r.model_a}/{r.model_b} {r.kappa:.3f}" for r in matched.itertuples()
             if np.isfinite(r.kappa)]
   if kappas:
     lines.append("Cohen's kappa of trend labels at matched validation perplexity: "
                  + ", ".join(kappas))
+  num_tokens = result.token_ids.shape[0]
+  lines.append(f"analysis (labels, curves, tables; plots apart): {result.seconds:.2f} s for "
+               f"{_plural(num_tokens, 'token')} x {_plural(len(result.selections), 'size')} x "
+               f"{_plural(len(result.settings['start_fractions']), 'start fraction')}")
   return lines
 
 

@@ -1,4 +1,5 @@
-"""Trend classification against statsmodels OLS; agreement, matched perplexity, double descent."""
+"""Trend labels against statsmodels OLS and the paper's rule written again (tests/_trajectory_util.py);
+group curves, tokens followed across sizes, agreement, matched perplexity, double descent."""
 
 import itertools
 
@@ -7,7 +8,8 @@ import pytest
 import statsmodels.api as sm
 from statsmodels.stats.inter_rater import cohens_kappa
 
-from _trajectory_util import log_steps, planted_losses
+from _trajectory_util import (OPT_1_3B_STEPS, PAPER_LABELS, log_steps, paper_labels,
+                              paper_start_index, planted_band_ppl, planted_losses)
 from experiments.analysis import trajectories, trends
 
 
@@ -18,9 +20,7 @@ def _statsmodels_fit(values, steps, columns, alpha):
   for row in values:
     y = row[columns] / row[columns[0]]
     res = sm.OLS(y, x).fit()
-    label = ("stagnated" if res.pvalues[1] >= alpha else
-             "upward" if res.params[1] > 0 else "downward")
-    out.append((res.params[0], res.params[1], res.bse[1], res.pvalues[1], label))
+    out.append((res.params[0], res.params[1], res.bse[1], res.pvalues[1]))
   return [np.asarray(v) for v in zip(*out)]
 
 
@@ -34,13 +34,57 @@ def test_matches_statsmodels_ols_params_and_pvalues(start_fraction):
   fit = trends.classify_trends(values, steps, start_fraction, alpha=0.05)
   first = trends.start_index(steps, start_fraction)
   assert fit.columns.tolist() == list(range(first, 25))
-  intercept, slope, stderr, pvalue, labels = _statsmodels_fit(values, steps, fit.columns, 0.05)
+  intercept, slope, stderr, pvalue = _statsmodels_fit(values, steps, fit.columns, 0.05)
   np.testing.assert_allclose(fit.intercept, intercept, rtol=1e-8, atol=1e-12)
   np.testing.assert_allclose(fit.slope, slope, rtol=1e-8, atol=1e-12)
   np.testing.assert_allclose(fit.stderr, stderr, rtol=1e-8, atol=1e-12)
   np.testing.assert_allclose(fit.pvalue, pvalue, rtol=1e-8, atol=1e-12)
-  assert fit.labels.tolist() == labels.tolist()
-  assert len(set(labels)) == 3, "the data should exercise all three labels"
+  significant = fit.pvalue < 0.05
+  assert significant.any() and not significant.all(), "p should span both sides of alpha"
+  np.testing.assert_array_equal(fit.labels[significant & (slope > 0)], "upward")
+  np.testing.assert_array_equal(fit.labels[significant & (slope < 0)], "downward")
+  assert set(fit.labels[~significant]) <= {"stagnated", "unclassified"}
+
+
+@pytest.mark.parametrize("with_step_zero", [False, True])
+def test_labels_equal_the_papers_rule_at_every_start_fraction(with_step_zero):
+  # OPT-1.3B's checkpoint steps; a real suite (Pythia) also has step 0, which no fit keeps.
+  steps = np.concatenate([[0], OPT_1_3B_STEPS]) if with_step_zero else OPT_1_3B_STEPS
+  ppl, kinds = planted_band_ppl(steps, seed=int(with_step_zero))
+  seen = set()
+  for fraction in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
+    fit = trends.classify_trends(ppl, steps, fraction)
+    assert fit.columns[0] == paper_start_index(steps, fraction)
+    expected, slope, pvalue = paper_labels(ppl, steps, fraction)
+    assert fit.labels.tolist() == expected.tolist(), fraction
+    np.testing.assert_allclose(fit.slope, slope, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(fit.pvalue, pvalue, rtol=1e-8, atol=1e-12)
+    seen |= set(expected)
+    # The planted kinds land where they were planted (a few slopes of pure noise are significant
+    # at alpha = 0.05 by chance).
+    share = lambda kind, label: np.mean(fit.labels[kinds == kind] == label)
+    assert share("flat_inside", "stagnated") >= 0.75
+    assert share("flat_outside", "unclassified") >= 0.75
+    assert share("noisy_level", "unclassified") >= 0.75
+    assert share("wavy", "unclassified") >= 0.75
+    assert share("up", "upward") == share("down", "downward") == share("nan", "invalid") == 1
+  assert seen == set(PAPER_LABELS)
+  counts = fit.counts()
+  assert list(counts) == list(PAPER_LABELS) and sum(counts.values()) == len(kinds)
+
+
+def test_band_statistics_are_the_rule_s_quantities():
+  steps = log_steps(12, 10, 10000)
+  ppl, _ = planted_band_ppl(steps, per_kind=3)
+  ppl = ppl[:-3]                                     # the NaN kind is invalid: NaN statistics
+  fit = trends.classify_trends(ppl, steps, 0.3)
+  kept = ppl[:, fit.columns]
+  gmean = np.exp(np.log(kept).mean(1))
+  np.testing.assert_allclose(fit.gmean_over_start, gmean / kept[:, 0], rtol=1e-12)
+  np.testing.assert_allclose(fit.gmean_over_end, gmean / kept[:, -1], rtol=1e-12)
+  np.testing.assert_allclose(fit.variance_over_gmean, kept.var(1) / gmean, rtol=1e-10)
+  assert list(fit.to_frame().columns)[-3:] == ["gmean_over_start", "gmean_over_end",
+                                               "variance_over_gmean"]
 
 
 def test_start_checkpoint_is_nearest_step_to_fraction_of_last():
@@ -54,7 +98,7 @@ def test_start_checkpoint_is_nearest_step_to_fraction_of_last():
 
 def test_fewer_than_three_kept_checkpoints_is_a_clear_error():
   steps = [10, 100, 1000, 10000]
-  with pytest.raises(ValueError, match=r"start_fraction=0.7 keeps 1 checkpoint.*at least 3"):
+  with pytest.raises(ValueError, match=r"start fraction 0.7 keeps 1 checkpoint.*at least 3"):
     trends.classify_trends(np.ones((2, 4)), steps, start_fraction=0.7)
   with pytest.raises(ValueError, match="keeps 2 checkpoint"):
     trends.classify_trends(np.ones((2, 4)), steps, start_fraction=0.1)   # 1000 -> [1000, 10000]
@@ -62,6 +106,13 @@ def test_fewer_than_three_kept_checkpoints_is_a_clear_error():
     trends.classify_trends(np.ones((2, 4)), [10, 100, 100, 1000], start_fraction=0.0)
   with pytest.raises(ValueError, match="one step per checkpoint"):
     trends.classify_trends(np.ones((2, 4)), [10, 100, 1000], start_fraction=0.0)
+  # Step 0 may come before the kept window, never inside it (log(step)).
+  with_zero = [0, 100, 1000, 5000, 10000]
+  assert trends.classify_trends(np.ones((2, 5)), with_zero, 0.01).columns.tolist() == [1, 2, 3, 4]
+  with pytest.raises(ValueError, match=r"start fraction 0 starts at step 0.*log\(step\)"):
+    trends.classify_trends(np.ones((2, 5)), with_zero, 0.0)
+  assert "starts at step 0" in trends.window_problem(with_zero, 0.001)
+  assert trends.window_problem(with_zero, 0.1) is None
 
 
 def test_constant_trajectory_is_stagnated_with_p_one_and_exact_line_is_significant():
@@ -69,7 +120,7 @@ def test_constant_trajectory_is_stagnated_with_p_one_and_exact_line_is_significa
   exact_up = 1.0 + 0.5 * (np.log(steps) - np.log(steps[0]))   # y/y0 exactly linear in log(step)
   values = np.stack([np.full(5, 7.25), exact_up, 2.0 - 0.1 * np.log(steps)])
   fit = trends.classify_trends(values, steps, start_fraction=0.0)
-  assert fit.labels.tolist() == ["stagnated", "upward", "downward"]
+  assert fit.labels.tolist() == ["stagnated", "upward", "downward"]   # a constant: in the band
   assert fit.pvalue[0] == 1.0 and fit.slope[0] == 0.0
   assert fit.pvalue[1] < 1e-10 and fit.pvalue[2] < 1e-10
   np.testing.assert_allclose(fit.slope[1], 0.5, rtol=1e-12)
@@ -91,7 +142,8 @@ def test_non_finite_and_zero_start_are_invalid_and_counted():
   late = trends.classify_trends(values[4:], steps, start_fraction=0.01)   # keeps steps 100..10000
   assert late.columns.tolist() == [1, 2, 3] and late.labels[0] == "upward"
   frame = fit.to_frame()
-  assert list(frame.columns) == ["label", "slope", "intercept", "stderr", "pvalue"]
+  assert list(frame.columns)[:5] == ["label", "slope", "intercept", "stderr", "pvalue"]
+  assert np.isnan(fit.gmean_over_start[1:]).all() and np.isfinite(fit.gmean_over_start[0])
 
 
 def test_blocked_evaluation_equals_one_block(monkeypatch):
@@ -126,11 +178,11 @@ def test_kappa_matches_statsmodels_and_hand_computed_value():
   assert got["n_tokens"] == 50 and got["share_same"] == pytest.approx(0.7)
   assert got["kappa"] == pytest.approx(0.4, abs=1e-12)
   rng = np.random.default_rng(0)
-  a = rng.integers(0, 4, 500).astype(np.int8)
-  b = np.where(rng.random(500) < 0.6, a, rng.integers(0, 4, 500)).astype(np.int8)
+  a = rng.integers(0, 5, 500).astype(np.int8)     # the four valid labels and invalid
+  b = np.where(rng.random(500) < 0.6, a, rng.integers(0, 5, 500)).astype(np.int8)
   got = trajectories.label_agreement(a, b)
   valid = (a != trends.INVALID) & (b != trends.INVALID)
-  table = np.zeros((3, 3))
+  table = np.zeros((4, 4))
   np.add.at(table, (a[valid], b[valid]), 1)
   assert got["n_tokens"] == valid.sum()
   assert got["kappa"] == pytest.approx(cohens_kappa(table).kappa, abs=1e-12)
@@ -245,12 +297,119 @@ def test_default_double_descent_thresholds_reject_checkpoint_noise():
   assert trajectories.find_double_descent(np.exp(real)).found.mean() > 0.95
 
 
-def test_group_mean_perplexity_by_label():
-  losses = np.log(np.array([[2.0, 4.0], [4.0, 8.0], [3.0, 3.0], [np.inf, 1.0]]))
-  means, counts = trajectories.group_mean_perplexity(losses, np.array([1, 1, 0, 3]))
-  np.testing.assert_allclose(means[trends.UPWARD], [3.0, 6.0])
-  np.testing.assert_allclose(means[trends.STAGNATED], [3.0, 3.0])
-  assert np.isnan(means[trends.DOWNWARD]).all() and counts.tolist() == [1, 2, 0, 1]
+def test_group_curves_are_exp_mean_loss():
+  losses = np.log(np.array([[2.0, 4.0], [8.0, 16.0], [3.0, 3.0], [np.inf, 1.0]]))
+  curves, counts = trajectories.group_mean_perplexity(losses, np.array([1, 1, 0, 4]))
+  np.testing.assert_allclose(curves[trends.UPWARD], [4.0, 8.0])          # geometric: sqrt(2 x 8)
+  np.testing.assert_allclose(curves[trends.STAGNATED], [3.0, 3.0])
+  np.testing.assert_allclose(curves[trends.INVALID], [np.nan, 1.0])      # the inf is left out
+  assert np.isnan(curves[trends.DOWNWARD]).all() and counts.tolist() == [1, 2, 0, 0, 1]
+
+
+def _three_sizes(with_step_zero=False):
+  """Three sizes on the same planted tokens; OPT-1.3B-like steps (step 0 in front on request)."""
+  steps = np.concatenate([[0], OPT_1_3B_STEPS]) if with_step_zero else OPT_1_3B_STEPS
+  models = []
+  for i, name in enumerate(("s", "m", "l")):
+    ppl, kinds = planted_band_ppl(steps, per_kind=8, seed=10 + i)
+    ppl = np.where(np.isnan(ppl), 30.0, ppl)       # no invalid tokens: every label is followed
+    val = np.geomspace(200, 20 / (i + 1), len(steps))
+    models.append(trajectories.ModelTrajectories(name, steps, np.log(ppl).astype(np.float32),
+                                                 flops=np.asarray(steps, float) * 10 ** i,
+                                                 val_ppl=val, params=10 ** (i + 6)))
+  return models, kinds
+
+
+@pytest.mark.parametrize("with_step_zero", [False, True])
+def test_group_and_cross_size_curves_equal_numpy_on_the_paper_rule_s_selection(with_step_zero):
+  models, _ = _three_sizes(with_step_zero)
+  result = trajectories.analyze(models, start_fractions=(0.1, 0.4), reference_models=["m"],
+                                selection_fraction=0.2)
+  n = models[0].losses.shape[0]
+  group = result.group_means
+  for m in models:   # each size's own groups at every start fraction
+    for fraction in (0.1, 0.4):
+      labels = paper_labels(np.exp(m.losses.astype(np.float64)), m.steps, fraction)[0]
+      for label in ("stagnated", "upward", "downward", "unclassified"):
+        rows = group[(group.model == m.name) & (group.start_fraction == fraction)
+                     & (group.label == label)]
+        chosen = labels == label
+        assert rows.n_tokens.iloc[0] == chosen.sum()
+        if chosen.any():
+          np.testing.assert_allclose(rows.group_ppl, np.exp(m.losses[chosen].astype(np.float64)
+                                                            .mean(0)), rtol=1e-10)
+          np.testing.assert_allclose(rows.arithmetic_mean_ppl,
+                                     np.exp(m.losses[chosen].astype(np.float64)).mean(0),
+                                     rtol=1e-10)
+  cross = result.cross_size
+  ref = models[1]
+  ref_labels = paper_labels(np.exp(ref.losses.astype(np.float64)), ref.steps, 0.2)[0]
+  selection_step = ref.steps[paper_start_index(ref.steps, 0.2)]
+  for label in ("stagnated", "upward", "downward"):
+    chosen = ref_labels == label
+    assert chosen.any()
+    for m in models:   # every size on the reference's tokens
+      rows = cross[(cross.reference_model == "m") & (cross.label == label) & (cross.model == m.name)]
+      np.testing.assert_array_equal(rows.step, m.steps)
+      np.testing.assert_allclose(rows.group_ppl,
+                                 np.exp(m.losses[chosen].astype(np.float64).mean(0)), rtol=1e-10)
+      np.testing.assert_allclose(rows.val_ppl, m.val_ppl)
+      assert (rows.n_selected == chosen.sum()).all()
+      assert (rows.selection_step == selection_step).all()
+      np.testing.assert_allclose(rows.percent_selected, 100 * chosen.mean())
+  # Each size on its own tokens is there too (the left panels), for sizes that are no reference.
+  own = cross[(cross.reference_model == "l") & (cross.model == "l") & (cross.label == "upward")]
+  l_labels = paper_labels(np.exp(models[2].losses.astype(np.float64)), models[2].steps, 0.2)[0]
+  np.testing.assert_allclose(own.group_ppl, np.exp(models[2].losses[l_labels == "upward"]
+                                                   .astype(np.float64).mean(0)), rtol=1e-10)
+  assert set(cross.reference_model) == {"m", "s", "l"}
+  assert not len(cross[(cross.reference_model == "l") & (cross.model == "s")])
+  assert "Tokens chosen by one size" in trajectories.summary_markdown(result, models)
+
+
+def test_rise_then_fall_rule():
+  found, valley, peak, end, rise, fall = trajectories.rise_then_fall(
+      [10.0, 8.0, 9.0, 12.0, 11.0, 9.0, 9.5], 0.1)
+  assert found and (valley, peak, end) == (1, 3, 5)
+  assert rise == pytest.approx(1.5) and fall == pytest.approx(12 / 9)
+  assert not trajectories.rise_then_fall([10.0, 9.0, 8.0, 7.0], 0.01)[0]        # falls only
+  assert not trajectories.rise_then_fall([7.0, 8.0, 9.0, 10.0], 0.01)[0]        # rises only
+  assert not trajectories.rise_then_fall([10.0, 10.2, 10.1], 0.05)[0]          # too small
+  assert trajectories.rise_then_fall([10.0, 11.0], 0.01)[2] == -1               # too short
+
+
+def test_group_double_descent_after_the_selection_point():
+  # The reference's upward tokens rise in "big" after the selection point and then fall again;
+  # in "other" they only fall.
+  steps = log_steps(20, 10, 10000)
+  u = np.log(steps) / np.log(steps[-1])
+  n = 40
+  up = 2.0 + 1.0 * u
+  ref = np.concatenate([np.tile(up, (n, 1)), np.tile(np.full_like(u, 3.0), (n, 1))])
+  bump = np.interp(u, [0, 0.5, 0.8, 1], [4.0, 2.0, 2.8, 2.2])
+  big = np.concatenate([np.tile(bump, (n, 1)), np.tile(np.full_like(u, 3.0), (n, 1))])
+  other = np.concatenate([np.tile(4.0 - 2 * u, (n, 1)), np.tile(np.full_like(u, 3.0), (n, 1))])
+  val = np.geomspace(100, 10, 20)
+  models = [trajectories.ModelTrajectories("ref", steps, ref, val_ppl=val, params=1),
+            # big reaches the reference's perplexity at selection from its first checkpoint on
+            trajectories.ModelTrajectories("big", steps, big, val_ppl=val / 10, params=2),
+            trajectories.ModelTrajectories("other", steps, other, params=3)]
+  result = trajectories.analyze(models, start_fractions=(0.1,), reference_models=["ref"],
+                                quantity="loss", group_min_change=0.1)
+  table = result.group_double_descent.set_index("model")
+  assert table.loc["big", "double_descent"] and not table.loc["other", "double_descent"]
+  assert table.loc["big", "after"].startswith("val_ppl <= ")
+  assert table.loc["other", "after"].startswith("step >= ")        # no validation perplexity
+  assert table.loc["big", "n_upward"] == n and table.loc["big", "larger"]
+  peak = steps[np.argmax(np.where(u > 0.5, bump, -np.inf))]
+  assert table.loc["big", "peak_step"] == peak
+  valley = steps[np.argmin(np.where(u <= 0.8, bump, np.inf))]   # the bottom before the peak
+  assert table.loc["big", "valley_step"] == valley and table.loc["big", "end_step"] == steps[-1]
+  top, bottom = bump[steps == peak][0], bump[steps == valley][0]
+  np.testing.assert_allclose(table.loc["big", "rise"], np.exp(top - bottom), rtol=1e-10)
+  np.testing.assert_allclose(table.loc["big", "fall"], np.exp(top - bump[-1]), rtol=1e-10)
+  line = trajectories.group_double_descent_line(result)
+  assert "ref (50.0% upward) -> big (rises" in line
 
 
 def test_mismatched_token_counts_name_the_sizes():
