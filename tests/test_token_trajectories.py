@@ -118,15 +118,35 @@ def test_matrices_equal_hf_per_token_losses(tiny_suite, first_run):
 def test_outputs_written(first_run):
   out, result, _ = first_run
   for name in ("trend_percentages.csv", "agreement.csv", "double_descent.csv",
-               "double_descent_examples.csv", "group_means.csv", "token_labels_f0.1.csv",
-               "token_labels_f0.5.csv", "summary.md"):
+               "double_descent_examples.csv", "group_means.csv", "cross_size.csv",
+               "group_double_descent.csv", "token_labels_f0.1.csv", "token_labels_f0.5.csv",
+               "summary.md"):
     assert os.path.getsize(os.path.join(out, name)) > 0, name
-  for stem in ("trend_percentages", "trend_groups_f0.1", "trend_groups_f0.5", "double_descent_f0.1"):
+  for stem in ("trend_percentages", "trend_groups_f0.1", "trend_groups_f0.5", "double_descent_f0.1",
+               "cross_size_val_ppl", "cross_size_flops", "cross_size_step"):
     for ext in ("png", "pdf"):
       assert os.path.getsize(os.path.join(out, "plots", f"{stem}.{ext}")) > 1000
   pct = pd.read_csv(os.path.join(out, "trend_percentages.csv"))
   sums = pct.groupby(["start_fraction", "model"]).percent.sum()
   np.testing.assert_allclose(sums.to_numpy(), 100.0)
+  assert set(pct.label) == set(trends.LABELS)
+  # Every size on the tokens each reference (by default every size) selected at fraction 0.1.
+  cross = pd.read_csv(os.path.join(out, "cross_size.csv"))
+  assert set(zip(cross.reference_model, cross.model)) == {(a, b) for a in SIZES for b in SIZES}
+  z = np.load(glob.glob(os.path.join(out, "store", "token_trajectories_matrix", "*",
+                                     "tiny-m.npz"))[0])
+  codes = result.selections["tiny-s"]
+  rows = cross[(cross.reference_model == "tiny-s") & (cross.model == "tiny-m")]
+  for k, label in enumerate(trends.TREND_LABELS):
+    chosen = codes == k
+    got = rows[rows.label == label].group_ppl.to_numpy()
+    if chosen.any():
+      np.testing.assert_allclose(got, np.exp(z["losses"][chosen].astype(np.float64).mean(0)),
+                                 rtol=1e-6)
+    else:
+      assert np.isnan(got).all()
+  gdd = pd.read_csv(os.path.join(out, "group_double_descent.csv"))
+  assert len(gdd) == 2 and set(gdd.reference_model) == set(SIZES)
   agree = pd.read_csv(os.path.join(out, "agreement.csv"))
   assert set(agree.comparison) == {"matched_steps", "matched_ppl"}
   labels = pd.read_csv(os.path.join(out, "token_labels_f0.1.csv"))
@@ -136,6 +156,8 @@ def test_outputs_written(first_run):
   summary = open(os.path.join(out, "summary.md")).read()
   assert "token-weighted perplexity of the scored corpus itself" in summary
   assert f"context_length {CONTEXT}, stride {STRIDE}" in summary
+  assert "(1 document, " in summary and "Group-level double descent" in summary
+  assert result.seconds > 0 and f"Analysis time: {result.seconds:.2f} s" in summary
 
 
 def _stored(out):
@@ -208,6 +230,10 @@ def test_bad_inputs_fail_before_scoring_with_the_cause(tiny_suite, tmp_path):
     run(corpus=(str(short),))
   with pytest.raises(ValueError, match=r"start fraction 0\.9 keeps 1 checkpoint"):
     run(start_fractions=(0.1, 0.9))
+  with pytest.raises(ValueError, match=r"'tiny-s': selection fraction 0\.8 keeps 2 checkpoint"):
+    run(selection_fraction=0.8)
+  with pytest.raises(ValueError, match=r"--reference_models: .*tiny-x"):
+    run(reference_models=("tiny-x",))
   with pytest.raises(ValueError, match=r"--context_length=100: expected 2 to 64"):
     run(context_length=100)
   with pytest.raises(ValueError, match=r"--stride=0: expected an integer >= 1"):
@@ -215,6 +241,31 @@ def test_bad_inputs_fail_before_scoring_with_the_cause(tiny_suite, tmp_path):
   with pytest.raises(ValueError, match=r"--context_length=0: expected an integer >= 2"):
     run(context_length=0)
   assert not os.path.exists(os.path.join(out, "store"))
+
+
+def test_suite_with_step_zero_runs_and_fails_early_where_a_fit_would_start_at_it(tiny_suite,
+                                                                                first_run, tmp_path):
+  """Issue: a real Pythia suite has step 0; the run crashed after the sweep though no fit kept it."""
+  suite_path, corpus, _, root = tiny_suite
+  manifest = json.loads(open(suite_path).read())
+  small = next(m for m in manifest["models"] if m["name"] == "tiny-s")
+  ckpts = small["checkpoints"]
+  small["checkpoints"] = {"0": ckpts["100"], **{k: v for k, v in ckpts.items() if k != "100"}}
+  manifest["models"] = [small]
+  step0 = root / "suite_step0.json"
+  step0.write_text(json.dumps(manifest))
+  out = str(tmp_path / "out")
+  settings = first_run[2].replace(suite=str(step0), out=out)
+  # Fraction 0.1 of step 400 is nearest step 0: refused before anything is scored.
+  with pytest.raises(ValueError, match=r"'tiny-s': start fraction 0\.1 starts at step 0"):
+    tt.run(settings, progress=False)
+  assert not os.path.exists(os.path.join(out, "store"))
+  result = tt.run(settings.replace(start_fractions=(0.5,), selection_fraction=0.5),
+                  progress=False).analysis
+  assert result.fits[("tiny-s", 0.5)].steps.tolist() == [200, 300, 400]
+  groups = pd.read_csv(os.path.join(out, "group_means.csv"))
+  assert groups.step.min() == 0 and os.path.getsize(os.path.join(out, "plots",
+                                                                 "cross_size_step.png")) > 1000
 
 
 def test_validation_ppl_csv_is_read_by_name_or_alias(tiny_suite, tmp_path):
@@ -246,15 +297,22 @@ class _CharTokenizer:
 
 
 def test_corpus_rows_and_truncation_keep_documents_in_order():
-  corpus = tt.tokenize_corpus(["a.txt", "b.txt"], ["abc", "de"], _CharTokenizer())
-  assert corpus.token_ids.tolist() == [97, 98, 99, 100, 101]
-  assert corpus.positions.tolist() == [1, 2, 3, 1, 2]
-  assert corpus.document.tolist() == [0, 0, 0, 1, 1]
-  cut = tt._truncate(corpus, 4)
+  corpus = tt.tokenize_corpus(["a.txt", "b.txt", "c.txt"], ["abc", "de", "fgh"], _CharTokenizer())
+  assert corpus.token_ids.tolist() == [97, 98, 99, 100, 101, 102, 103, 104]
+  assert corpus.positions.tolist() == [1, 2, 3, 1, 2, 1, 2, 3]
+  assert corpus.document.tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+  cut = tt.select_tokens(corpus, max_tokens=4)
   assert cut.documents == [[2, 97, 98, 99], [2, 100]]
   assert cut.token_ids.tolist() == [97, 98, 99, 100] and cut.document.tolist() == [0, 0, 0, 1]
-  short = tt._truncate(corpus, 2)
+  short = tt.select_tokens(corpus, max_tokens=2)
   assert short.documents == [[2, 97, 98]] and short.names == ["a.txt"]
+  # The paper's selection: the first N tokens of each of the first M documents.
+  each = tt.select_tokens(corpus, max_documents=2, document_tokens=2)
+  assert each.documents == [[2, 97, 98], [2, 100, 101]] and each.names == ["a.txt", "b.txt"]
+  assert each.positions.tolist() == [1, 2, 1, 2] and each.document.tolist() == [0, 0, 1, 1]
+  both = tt.select_tokens(corpus, document_tokens=2, max_tokens=5)
+  assert both.token_ids.tolist() == [97, 98, 100, 101, 102]
+  assert tt.select_tokens(corpus).documents == corpus.documents
 
 
 # --- the analysis on planted trajectories ------------------------------------------------------
@@ -287,10 +345,10 @@ def test_analyze_finds_planted_tokens_in_its_tables(tmp_path):
   examples = tables["double_descent_examples"]
   assert len(examples) == 6 and (kinds[examples.token_index] == "double_descent").all()
   assert examples.context.iloc[0] == f"ctx [[{examples.token_index.iloc[0]}]]"
-  # Group means are plain means of exp(loss) over each label's tokens.
+  # Group curves are exp(mean loss) over each label's tokens.
   means = tables["group_means"]
-  down = means[(means.model == "big") & (means.label == "downward")].mean_ppl.to_numpy()
+  down = means[(means.model == "big") & (means.label == "downward")].group_ppl.to_numpy()
   codes = result.fits[("big", 0.1)].codes
-  np.testing.assert_allclose(down, np.exp(big[codes == trends.DOWNWARD].astype(np.float64)).mean(0))
+  np.testing.assert_allclose(down, np.exp(big[codes == trends.DOWNWARD].astype(np.float64).mean(0)))
   summary = trajectories.summary_markdown(result, models)
   assert "| 0.1 | small |" in summary and "ctx [[" in summary
