@@ -118,7 +118,7 @@ def _check_report_has_headline_sections_and_the_csv_numbers(demo):
   for model, g in pct[pct["start_fraction"] == f0].groupby("model"):
     p = g.set_index("label")["percent"]
     row = (f"| {f0:g} | {model} | {p['stagnated']:.1f} | {p['upward']:.1f} | "
-           f"{p['downward']:.1f} | {p['invalid']:.1f} |")
+           f"{p['downward']:.1f} | {p['unclassified']:.1f} | {p['invalid']:.1f} |")
     assert row in text, row
     assert math.isclose(p.sum(), 100.0, abs_tol=1e-6)
   dd = pd.read_csv(os.path.join(out, "token_trajectories", "double_descent.csv"))
@@ -160,6 +160,13 @@ def _check_csvs_have_the_expected_columns_and_rows(demo):
                                                 "percent_of_all"],
       "token_trajectories/agreement.csv": ["start_fraction", "comparison", "model_a", "model_b",
                                            "n_tokens", "share_same", "kappa"],
+      "token_trajectories/cross_size.csv": ["reference_model", "selection_fraction",
+                                            "selection_step", "label", "n_selected",
+                                            "percent_selected", "model", "step", "tokens", "flops",
+                                            "val_ppl", "group_ppl"],
+      "token_trajectories/group_double_descent.csv": ["reference_model", "model", "after",
+                                                      "double_descent", "valley_step", "peak_step",
+                                                      "end_step", "rise", "fall"],
       "sequences/sequence_ppl.csv": ["scored_by", "set", "kind", "model", "params", "step",
                                      "tokens", "flops", "valid_ppl", "nll", "ppl", "num_tokens",
                                      "num_sequences"],

@@ -3,7 +3,8 @@
 Reads what the stages wrote under the demo's output folder:
   family/training.json                    loss histories (opt_jax.train)
   validation_ppl/validation_ppl.csv       perplexity per checkpoint (experiments/validation_ppl.py)
-  token_trajectories/*.csv                trends, agreement, double descent (token_trajectories.py)
+  token_trajectories/*.csv                trends, tokens followed across sizes, double descent,
+                                          agreement (token_trajectories.py)
   sequences/sequence_ppl.csv, sets/       joint decoding and perturbed sets (sequence_generation.py)
   icl/icl_results.csv, correlations.csv   cloze/BIG-bench accuracy (downstream_icl.py)
 and gives the text of OUT/REPORT.md with the plots embedded by relative paths, plus
@@ -279,18 +280,21 @@ def _validation_section(out_dir: str, vppl: pd.DataFrame | None) -> list[str]:
   return lines
 
 
-def trend_headline(pct: pd.DataFrame, dd: pd.DataFrame, agreement: pd.DataFrame
-                   ) -> dict[str, Any]:
+TREND_COLUMNS = ("stagnated", "upward", "downward", "unclassified", "invalid")
+
+
+def trend_headline(pct: pd.DataFrame, dd: pd.DataFrame, agreement: pd.DataFrame,
+                   group_dd: pd.DataFrame | None = None) -> dict[str, Any]:
   """Tables and sentences of the token-trajectory section.
 
   Returns {"percentages": model x (start fraction, label) %, "double_descent": rows, "agreement":
-  rows, "sentences": [...]} computed from the CSVs of experiments.analysis.trajectories.
+  rows, "sentences": [...]} computed from the CSVs of experiments.analysis.trajectories
+  (group_dd: group_double_descent.csv, the paper's group-level reading, when there is one).
   """
   order = list(dict.fromkeys(pct["model"]))
   wide = pct.pivot_table(index=["start_fraction", "model"], columns="label", values="percent",
                          sort=False).reset_index()
-  wide = wide[["start_fraction", "model"] + [c for c in ("stagnated", "upward", "downward",
-                                                          "invalid") if c in wide.columns]]
+  wide = wide[["start_fraction", "model"] + [c for c in TREND_COLUMNS if c in wide.columns]]
   sentences = []
   f0 = float(pct["start_fraction"].iloc[0])
   first = wide[wide["start_fraction"] == f0].set_index("model").reindex(order)
@@ -304,13 +308,29 @@ def trend_headline(pct: pd.DataFrame, dd: pd.DataFrame, agreement: pd.DataFrame
         "tokens (perplexity rising): " + ", ".join(
             f"{m} {v:.1f}%" for m, v in zip(order, first.get("upward", pd.Series(
                 np.nan, index=order)).to_numpy())) + ".")
+  if "unclassified" in first.columns:
+    sentences.append(
+        f"In no group (no significant slope, but outside the stagnation band or too variable; the "
+        f"paper's eliminated tokens), from start fraction {f0:g}: " + ", ".join(
+            f"{m} {v:.1f}%" for m, v in zip(order, first["unclassified"].to_numpy())) + ".")
+  if group_dd is not None and len(group_dd):
+    parts = []
+    for ref, rows in group_dd.groupby("reference_model", sort=False):
+      hits = rows[rows["double_descent"].astype(bool)]
+      parts.append(f"{ref} -> " + (", ".join(
+          f"{r.model} (x{r.rise:.2f} up from step {r.valley_step} to {r.peak_step}, x{r.fall:.2f} "
+          f"down by step {r.end_step})" for r in hits.itertuples()) if len(hits) else "none"))
+    sentences.append(
+        "Double descent as the paper reads it (the upward tokens of a reference size, followed in "
+        "the other sizes: does their group perplexity rise and then fall after the selection "
+        "point?): " + "; ".join(parts) + ".")
   ddt = dd[["start_fraction", "model", "n_tokens", "n_upward", "n_double_descent",
             "fraction_of_upward", "percent_of_all"]]
   d0 = ddt[ddt["start_fraction"] == f0]
   if len(d0):
     sentences.append(
-        f"Double descent (fall, rise, fall again of a token's smoothed perplexity) among the "
-        f"upward tokens of start fraction {f0:g}: " + ", ".join(
+        f"Per-token double-descent detector (an extra: fall, rise, fall again of a token's "
+        f"smoothed perplexity) among the upward tokens of start fraction {f0:g}: " + ", ".join(
             f"{r.model} {r.n_double_descent}/{r.n_upward}"
             + (f" ({100 * r.fraction_of_upward:.1f}%)" if np.isfinite(r.fraction_of_upward) else "")
             for r in d0.itertuples()) + ".")
@@ -348,26 +368,36 @@ def _trajectory_section(out_dir: str, info: RunInfo) -> list[str]:
                   for n in ("trend_percentages", "double_descent", "agreement"))
   if pct is None or dd is None or agr is None:
     return lines + ["*(token_trajectories CSVs missing)*", ""]
-  h = trend_headline(pct, dd, agr)
+  h = trend_headline(pct, dd, agr, _read_csv(os.path.join(d, "group_double_descent.csv")))
   n_tokens = int(dd["n_tokens"].iloc[0])
-  lines += [f"Every checkpoint scores {n_tokens:,} tokens of {info.evaluation}; each token's "
-            "perplexity trajectory from a start fraction of training on is labelled by an OLS "
-            "fit on log(step) with a t-test (alpha 0.05): stagnated, upward or downward.", ""]
+  lines += [f"Every checkpoint scores {n_tokens:,} tokens of {info.evaluation}. As in the paper, "
+            "each token's perplexity from a start fraction of training on is upward or downward "
+            "when an OLS fit on log(step) has a significant slope (t-test, alpha 0.05), "
+            "stagnated when it has none and stays within +-5% of its geometric mean with a "
+            "variance below it, and in no group (unclassified) otherwise. Group curves are "
+            "exp(mean loss) over a group's tokens.", ""]
   lines += [f"- {s}" for s in h["sentences"]] + [""]
   lines += ["Trend percentages per size (% of scored tokens):", ""]
-  lines += _table(h["percentages"], {c: ".1f" for c in ("stagnated", "upward", "downward",
-                                                         "invalid")}) + [""]
-  lines += ["Double descent among upward tokens:", ""]
+  lines += _table(h["percentages"], {c: ".1f" for c in TREND_COLUMNS}) + [""]
+  lines += _image(out_dir, "token_trajectories/plots/trend_percentages.png",
+                  "share of tokens per trend against the start fraction (Figure 2)")
+  cross = _read_csv(os.path.join(d, "cross_size.csv"))
+  if cross is not None and len(cross):
+    lines += [f"Tokens selected by one size after {float(cross['selection_fraction'].iloc[0]):g} "
+              "of its training and followed in every size (the paper's Figures 3-4; the left "
+              "column: each size on its own tokens):", ""]
+  lines += _image(out_dir, "token_trajectories/plots/cross_size_val_ppl.png",
+                  "tokens chosen by one size, followed in every size (Figures 3-4)")
+  lines += ["Per-token double-descent detector among upward tokens (an extra):", ""]
   lines += _table(h["double_descent"], {"fraction_of_upward": ".3f", "percent_of_all": ".2f"})
-  lines += ["", "Agreement between sizes (kappa):", ""]
+  lines += ["", "Agreement between sizes (kappa; an extra):", ""]
   lines += _table(h["agreement"], {"kappa matched steps": ".3f", "kappa matched ppl": ".3f"})
   lines.append("")
   f = f"{h['start_fraction']:g}"
   lines += _image(out_dir, f"token_trajectories/plots/trend_groups_f{f}.png",
-                  "mean perplexity of each trend group")
-  lines += _image(out_dir, "token_trajectories/plots/trend_percentages.png", "trend percentages")
+                  "group perplexity of each trend group")
   lines += _image(out_dir, f"token_trajectories/plots/double_descent_f{f}.png",
-                  "double-descent examples")
+                  "per-token double-descent detector")
   ex = _read_csv(os.path.join(d, "double_descent_examples.csv"))
   if ex is not None and len(ex):
     lines += ["Double-descent examples (token in [[ ]]):", ""]
