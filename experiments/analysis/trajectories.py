@@ -296,27 +296,42 @@ def find_double_descent(values, *, ema: float = 0.7, min_rise: float = 0.5) -> D
 
 # --- group curves and tokens followed across sizes --------------------------------------------
 
-def group_curves(losses, selections) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Group curves of several token sets at every checkpoint.
-
-  losses: [N, C] nats; selections: [N, K] bool, column k the tokens of set k.
-  Returns (group_ppl [K, C] = exp(mean loss over the set's tokens with a finite loss there), NaN
-  where none; arithmetic [K, C] mean per-token perplexity over the same tokens; counts [K] tokens
-  per set). One matrix product per size: vectorised over sets and checkpoints.
-  """
-  losses = np.asarray(losses, dtype=np.float64)
-  onehot = np.asarray(selections, dtype=np.float64)                       # [N, K]
-  finite = np.isfinite(losses)
-  zeroed = np.where(finite, losses, 0.0)
-  n = onehot.T @ finite.astype(np.float64)                                 # [K, C]
+def prepare_curves(losses) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """What group_curves sums, computed once per size: (loss, perplexity, finite) as [C, N] float64
+  with non-finite losses zeroed (their perplexity 0, their `finite` 0)."""
+  loss = np.ascontiguousarray(np.asarray(losses, dtype=np.float64).T)     # [C, N]
+  finite = np.isfinite(loss)
+  loss = np.where(finite, loss, 0.0)
   with np.errstate(over="ignore"):
-    ppl_sums = onehot.T @ np.where(finite, np.exp(zeroed), 0.0)           # [K, C]
+    ppl = np.where(finite, np.exp(loss), 0.0)
+  return loss, ppl, finite.astype(np.float64)
+
+
+def group_curves(losses, codes, num_groups: int, prepared=None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Group curves of disjoint token sets at every checkpoint.
+
+  losses: [N, C] nats; codes: [N] int, the set of each token (tokens outside [0, num_groups) are
+  in none); prepared: prepare_curves(losses), to reuse across calls.
+  Returns (group_ppl [num_groups, C] = exp(mean loss over the set's tokens with a finite loss
+  there), NaN where none; arithmetic [num_groups, C] mean per-token perplexity over the same
+  tokens; counts [num_groups] tokens per set). Sums are bincounts over (checkpoint, set): no
+  matrix product, whose threads crawl on a busy machine.
+  """
+  loss, ppl, finite = prepare_curves(losses) if prepared is None else prepared
+  c, n = loss.shape
+  codes = np.asarray(codes)
+  k = num_groups + 1                                                       # the last: no set
+  group = np.where((codes >= 0) & (codes < num_groups), codes, num_groups).astype(np.int64)
+  index = (group[None, :] + k * np.arange(c)[:, None]).ravel()            # [C * N]
+  sums = lambda w: np.bincount(index, weights=w.ravel(), minlength=k * c).reshape(c, k)[:, :-1].T
+  count = sums(finite)                                                     # [K, C]
   with np.errstate(invalid="ignore", divide="ignore"):
-    group = np.exp((onehot.T @ zeroed) / n)
-    arithmetic = ppl_sums / n
-  empty = n == 0
-  return (np.where(empty, np.nan, group), np.where(empty, np.nan, arithmetic),
-          onehot.sum(0).astype(np.int64))
+    curves = np.exp(sums(loss) / count)
+    arithmetic = sums(ppl) / count
+  empty = count == 0
+  return (np.where(empty, np.nan, curves), np.where(empty, np.nan, arithmetic),
+          np.bincount(group, minlength=k)[:-1].astype(np.int64))
 
 
 def group_mean_perplexity(losses, codes) -> tuple[np.ndarray, np.ndarray]:
@@ -325,8 +340,7 @@ def group_mean_perplexity(losses, codes) -> tuple[np.ndarray, np.ndarray]:
   losses: [N, C] nats; codes: [N] trend codes. Returns (curves [len(LABELS), C] float64, NaN for
   an empty group; counts [len(LABELS)] int).
   """
-  codes = np.asarray(codes)
-  group, _, counts = group_curves(losses, codes[:, None] == np.arange(len(trends.LABELS)))
+  group, _, counts = group_curves(losses, codes, len(trends.LABELS))
   return group, counts
 
 
@@ -344,15 +358,12 @@ def cross_size_curves(models: Sequence[ModelTrajectories], selections: Mapping[s
   labels = trends.TREND_LABELS
   frames = []
   for m in models:
-    refs = list(dict.fromkeys([r for r in references] + [m.name]))
-    sel = np.concatenate([np.asarray(selections[r])[:, None] == np.arange(len(labels))[None, :]
-                          for r in refs], axis=1)                          # [N, R * 3]
-    group, _, counts = group_curves(m.losses, sel)
-    for i, ref in enumerate(refs):
+    prepared = prepare_curves(m.losses)
+    for ref in dict.fromkeys([*references, m.name]):
+      group, _, counts = group_curves(m.losses, selections[ref], len(labels), prepared)
       ref_steps = np.asarray(by_name[ref].steps)
       selection_step = int(ref_steps[trends.start_index(ref_steps, selection_fraction)])
-      for k, label in enumerate(labels):
-        col = i * len(labels) + k
+      for col, label in enumerate(labels):
         frames.append(pd.DataFrame({
             "reference_model": ref, "selection_fraction": selection_fraction,
             "selection_step": selection_step, "label": label, "n_selected": int(counts[col]),
@@ -544,7 +555,7 @@ def analyze(models: Sequence[ModelTrajectories], token_ids=None, positions=None,
       lambda row: f"id {int(token_ids[row])} at {int(positions[row])}")
   say = progress or (lambda message: None)
 
-  fits, dd, selections = {}, {}, {}
+  fits, dd, selections, mean_rows = {}, {}, {}, []
   for m in models:   # one size at a time: a float64 copy of one matrix is alive at once
     say(f"trends and double descent of {m.name}")
     values = quantity_of(m.losses, quantity)                               # [N, C] float64
@@ -557,8 +568,20 @@ def analyze(models: Sequence[ModelTrajectories], token_ids=None, positions=None,
       selected = fits[(m.name, selection_fraction)]
     selections[m.name] = selected.codes
     del values
+    prepared = prepare_curves(m.losses)
+    k = len(trends.LABELS) - 1                      # every label but invalid
+    for fraction in start_fractions:
+      group, arithmetic, counts = group_curves(m.losses, fits[(m.name, fraction)].codes, k,
+                                               prepared)
+      for c, label in enumerate(trends.LABELS[:k]):
+        mean_rows.append(pd.DataFrame({
+            "start_fraction": fraction, "model": m.name, "label": label, "n_tokens": int(counts[c]),
+            "step": np.asarray(m.steps), "tokens": m.column("tokens"), "flops": m.column("flops"),
+            "val_ppl": m.column("val_ppl"), "group_ppl": group[c],
+            "arithmetic_mean_ppl": arithmetic[c]}))
+    del prepared
 
-  pct_rows, agree_rows, dd_rows, example_rows, mean_rows = [], [], [], [], []
+  pct_rows, agree_rows, dd_rows, example_rows = [], [], [], []
   for fraction in start_fractions:
     say(f"tables, start fraction {fraction}")
     codes = {m.name: fits[(m.name, fraction)].codes for m in models}
@@ -586,14 +609,6 @@ def analyze(models: Sequence[ModelTrajectories], token_ids=None, positions=None,
             "valley_step": int(np.asarray(m.steps)[found.valley[row]]),
             "peak_step": int(np.asarray(m.steps)[found.peak[row]]),
             "context": describe_token(int(row))})
-      k = len(trends.LABELS) - 1                      # every label but invalid
-      group, arithmetic, counts = group_curves(m.losses, fit.codes[:, None] == np.arange(k))
-      for c, label in enumerate(trends.LABELS[:k]):
-        mean_rows.append(pd.DataFrame({
-            "start_fraction": fraction, "model": m.name, "label": label, "n_tokens": int(counts[c]),
-            "step": np.asarray(m.steps), "tokens": m.column("tokens"), "flops": m.column("flops"),
-            "val_ppl": m.column("val_ppl"), "group_ppl": group[c],
-            "arithmetic_mean_ppl": arithmetic[c]}))
 
   say("tokens followed across sizes")
   cross = cross_size_curves(models, selections, references, selection_fraction)
@@ -611,7 +626,8 @@ def analyze(models: Sequence[ModelTrajectories], token_ids=None, positions=None,
       examples=pd.DataFrame(example_rows, columns=[
           "start_fraction", "model", "token_index", "position", "token_id", "relative_rise",
           "valley_step", "peak_step", "context"]),
-      group_means=pd.concat(mean_rows, ignore_index=True),
+      group_means=pd.concat(mean_rows, ignore_index=True).sort_values(
+          "start_fraction", kind="stable", ignore_index=True),
       cross_size=cross, group_double_descent=group_dd,
       fits=fits, selections=selections, double_descent_tokens=dd,
       settings={"alpha": alpha, "quantity": quantity, "ema": ema, "min_rise": min_rise,

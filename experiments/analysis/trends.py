@@ -176,7 +176,9 @@ def fit_window(values, steps, alpha: float = 0.05, band: float = BAND) -> TrendF
     ok = np.all(np.isfinite(y), axis=1)                              # [b]
     v, y = v[ok], y[ok]
     ybar = y.mean(axis=1)                                            # [b]
-    b = (y - ybar[:, None]) @ xc / sxx                               # [b]
+    # einsum, not a BLAS product: its threads crawl on a busy machine.
+    # Centred y: a constant trajectory gets b == 0 exactly.
+    b = np.einsum("bn,n->b", y - ybar[:, None], xc) / sxx            # [b]
     a = ybar - b * x.mean()
     resid = y - a[:, None] - b[:, None] * x[None, :]                 # [b, n]
     sse = np.einsum("bn,bn->b", resid, resid)
