@@ -174,13 +174,15 @@ def fit_window(values, steps, alpha: float = 0.05, band: float = BAND) -> TrendF
     with np.errstate(divide="ignore", invalid="ignore"):
       y = v / v[:, :1]                                               # [b, n] normalised
     ok = np.all(np.isfinite(y), axis=1)                              # [b]
-    v, y = v[ok], y[ok]
+    if not ok.all():
+      v, y = v[ok], y[ok]
     ybar = y.mean(axis=1)                                            # [b]
-    # einsum, not a BLAS product: its threads crawl on a busy machine.
-    # Centred y: a constant trajectory gets b == 0 exactly.
-    b = np.einsum("bn,n->b", y - ybar[:, None], xc) / sxx            # [b]
+    yc = y - ybar[:, None]                                           # [b, n] centred: a constant
+    # trajectory gets b == 0 exactly; einsum, not a BLAS product, whose threads crawl on a busy
+    # machine.
+    b = np.einsum("bn,n->b", yc, xc) / sxx                           # [b]
     a = ybar - b * x.mean()
-    resid = y - a[:, None] - b[:, None] * x[None, :]                 # [b, n]
+    resid = yc - b[:, None] * xc[None, :]                            # [b, n] = y - a - b x
     sse = np.einsum("bn,bn->b", resid, resid)
     se = np.sqrt(sse / (n - 2) / sxx)
     # Exact fits (se == 0): t = 0 when b == 0 (p = 1), else +-inf (p = 0); see the module docstring.
