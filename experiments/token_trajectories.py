@@ -193,9 +193,11 @@ def run(settings: Settings, *, progress: bool = True, run_info: dict | None = No
                                          tokenizer), s.max_documents, s.document_tokens,
                          s.max_tokens)
   if corpus.num_tokens < context_length:
-    raise InputError(f"--corpus {', '.join(s.corpus)} has {corpus.num_tokens} tokens, shorter "
-                     f"than one window of context_length={context_length}: use a longer text or "
-                     f"a smaller --context_length")
+    raise InputError(f"--corpus {', '.join(s.corpus)} has {corpus.num_tokens} tokens (after "
+                     f"--max_documents={s.max_documents}, --document_tokens={s.document_tokens}, "
+                     f"--max_tokens={s.max_tokens}), shorter than one window of "
+                     f"context_length={context_length}: use a longer text, raise those limits or "
+                     f"use a smaller --context_length")
   # Read before hours of scoring, so a wrong file or model name fails now.
   val = (perplexity.read_validation_ppl(s.validation_ppl, ctx.suite, s.validation_corpus)
          if s.validation_ppl else None)

@@ -492,7 +492,7 @@ class Analysis:
         for m in models], ignore_index=True)
 
 
-def check_settings(models: Sequence[ModelTrajectories] | Sequence, start_fractions: Sequence[float],
+def check_settings(models: Sequence, start_fractions: Sequence[float],
                    selection_fraction: float, reference_models: Sequence[str]) -> list[str]:
   """Every problem of the analysis settings against the sizes' steps, one line each (empty: fine).
 
