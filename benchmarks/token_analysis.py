@@ -7,7 +7,7 @@ like OPT-1.3B's published checkpoints, validation perplexity falling with steps)
 labels at the seven start fractions 0.1 ... 0.7, group curves, every size as a reference followed
 in every size, group-level double descent, and the extras (agreement at matched steps and
 perplexity, the per-token double-descent detector). Prints the wall time of the analysis and of
-the labels alone.
+the labels alone, and the analysis's CPU time (process time: the fair number on a shared machine).
 """
 
 import time
@@ -36,9 +36,9 @@ def main(argv):
     models.append(trajectories.ModelTrajectories(
         f"size{i}", steps, losses, flops=steps * 6e9 * 10 ** i,
         val_ppl=np.geomspace(40, 10 / (i + 1), c), params=10 ** (8 + i)))
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   result = trajectories.analyze(models)
-  total = time.perf_counter() - start
+  total, cpu = time.perf_counter() - start, time.process_time() - cpu
   start = time.perf_counter()
   for m in models:
     values = np.exp(m.losses.astype(np.float64))
@@ -48,7 +48,8 @@ def main(argv):
   shares = result.percentages.groupby("label", sort=False).percent.mean()
   print(f"{n} tokens x {len(models)} sizes x {len(trajectories.START_FRACTIONS)} start fractions "
         f"x {c} checkpoints")
-  print(f"analyze (everything but plots): {total:.2f} s; the labels alone: {labels:.2f} s")
+  print(f"analyze (everything but plots): {total:.2f} s wall, {cpu:.2f} s CPU; the labels alone: "
+        f"{labels:.2f} s wall")
   print("mean shares: " + ", ".join(f"{k} {v:.1f}%" for k, v in shares.items()))
 
 
