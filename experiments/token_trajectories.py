@@ -7,8 +7,8 @@ Scores the corpus (by default the paper's: the first 2048 tokens of each of the 
 documents) with every checkpoint of every size (Scorer.rolling_tokens through opt_jax.sweep:
 resumable, one compiled program per size), assembles per size a [num_tokens, num_checkpoints]
 float32 loss matrix (nats) with token ids and positions, then runs
-experiments.analysis.trajectories.analyze: the paper's trend labels per start fraction (0.1 ... 0.7),
-exp(mean loss) group curves, tokens chosen by reference sizes followed in every size, group-level
+experiments.analysis.trajectories.analyze: the paper's trend labels per start fraction
+(0.1 ... 0.7), exp(mean loss) group curves, tokens chosen by reference sizes followed in every size, group-level
 double descent; and the extras (agreement between sizes at matched steps and matched validation
 perplexity, the per-token double-descent detector); CSV tables, plots, summary.md. The analysis
 settings are checked against the suite's steps before any scoring.

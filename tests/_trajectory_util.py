@@ -43,7 +43,8 @@ def planted_losses(steps, per_kind: int = 40, noise: float = 0.02, seed: int = 0
 # --- the paper's rule, written again from the released analysis code (never the project's) ------
 
 # OPT-1.3B's checkpoint steps in the released code (utils.py `return_checkpoint_index`).
-OPT_1_3B_STEPS = np.asarray(sorted(list(range(2000, 40000, 4000)) + list(range(40000, 280000, 20000))))
+OPT_1_3B_STEPS = np.asarray(sorted(list(range(2000, 40000, 4000))
+                                   + list(range(40000, 280000, 20000))))
 PAPER_LABELS = ("stagnated", "upward", "downward", "unclassified", "invalid")
 
 

@@ -243,8 +243,8 @@ def test_bad_inputs_fail_before_scoring_with_the_cause(tiny_suite, tmp_path):
   assert not os.path.exists(os.path.join(out, "store"))
 
 
-def test_suite_with_step_zero_runs_and_fails_early_where_a_fit_would_start_at_it(tiny_suite,
-                                                                                first_run, tmp_path):
+def test_suite_with_step_zero_runs_and_fails_early_where_a_fit_would_start_at_it(
+    tiny_suite, first_run, tmp_path):
   """Issue: a real Pythia suite has step 0; the run crashed after the sweep though no fit kept it."""
   suite_path, corpus, _, root = tiny_suite
   manifest = json.loads(open(suite_path).read())

@@ -1,5 +1,5 @@
-"""Trend labels against statsmodels OLS and the paper's rule written again (tests/_trajectory_util.py);
-group curves, tokens followed across sizes, agreement, matched perplexity, double descent."""
+"""Trend labels against statsmodels OLS and the paper's rule written again
+(tests/_trajectory_util.py); group curves, tokens followed across sizes, agreement, matched perplexity, double descent."""
 
 import itertools
 
@@ -349,7 +349,8 @@ def test_group_and_cross_size_curves_equal_numpy_on_the_paper_rule_s_selection(w
     chosen = ref_labels == label
     assert chosen.any()
     for m in models:   # every size on the reference's tokens
-      rows = cross[(cross.reference_model == "m") & (cross.label == label) & (cross.model == m.name)]
+      rows = cross[(cross.reference_model == "m") & (cross.label == label)
+                   & (cross.model == m.name)]
       np.testing.assert_array_equal(rows.step, m.steps)
       np.testing.assert_allclose(rows.group_ppl,
                                  np.exp(m.losses[chosen].astype(np.float64).mean(0)), rtol=1e-10)

@@ -44,8 +44,8 @@ What opt_jax adds (extra outputs):
   exponential moving average over checkpoints (s_0 = v_0, s_t = ema * s_{t-1} + (1 - ema) * v_t;
   ema = 0 is no smoothing; in log space so one huge early perplexity does not dominate the
   average). A token shows double descent when there are checkpoints i < j < k < l with
-  s_i - s_j >= d (fall), s_k - s_j >= d (rise) and s_k - s_l >= d (fall again), d = log(1 + min_rise):
-  each move changes the smoothed quantity by at least a factor 1 + min_rise. It is reported among
+  s_i - s_j >= d (fall), s_k - s_j >= d (rise) and s_k - s_l >= d (fall again),
+  d = log(1 + min_rise): each move changes the smoothed quantity by at least a factor 1 + min_rise. It is reported among
   the upward tokens of each start fraction. Defaults (ema 0.7, min_rise 0.5) flag under 10% of
   pure-noise trajectories with iid per-checkpoint noise up to 0.3 nats over 40 checkpoints
   (tests/test_trends.py); lower them for smooth trajectories, raise them for noisy ones.
@@ -638,7 +638,8 @@ def analyze(models: Sequence[ModelTrajectories], token_ids=None, positions=None,
 
 
 def group_double_descent_line(result: Analysis) -> str:
-  """One sentence: for each reference, the sizes whose curve on its upward tokens rises then falls."""
+  """One sentence: for each reference, the sizes whose curve on its upward tokens rises and then
+  falls."""
   table = result.group_double_descent
   change = result.settings["group_min_change"]
   if not len(table):
@@ -649,7 +650,8 @@ def group_double_descent_line(result: Analysis) -> str:
     pct = float(rows.percent_upward.iloc[0])
     parts.append(f"{ref} ({pct:.1f}% upward) -> " + (", ".join(
         f"{r.model} (rises x{r.rise:.2f} from step {r.valley_step} to {r.peak_step}, falls "
-        f"x{r.fall:.2f} by step {r.end_step})" for r in hits.itertuples()) if len(hits) else "none"))
+        f"x{r.fall:.2f} by step {r.end_step})" for r in hits.itertuples())
+        if len(hits) else "none"))
   return (f"Group-level double descent (upward tokens of a reference size at selection fraction "
           f"{result.settings['selection_fraction']:g}, followed in the other sizes: group curve "
           f"rises then falls by >= {100 * change:g}% after the selection point): "
@@ -680,8 +682,8 @@ def summary_markdown(result: Analysis, models: Sequence[ModelTrajectories],
   pct = pct[[label for label in trends.LABELS if label in pct.columns]]
   lines += _markdown_table(pct.reset_index(), floatfmt="{:.1f}") + [""]
   lines += ["## Tokens chosen by one size, followed in every size", "",
-            f"Each reference size labels its tokens after {result.settings['selection_fraction']:g} "
-            "of its training; cross_size.csv has every size's group curve on those tokens.", ""]
+            f"Each reference size labels its tokens after "
+            f"{result.settings['selection_fraction']:g} of its training; cross_size.csv has every size's group curve on those tokens.", ""]
   sel = (result.cross_size.drop_duplicates(["reference_model", "label"])
          [["reference_model", "selection_step", "label", "n_selected", "percent_selected"]])
   lines += _markdown_table(sel, floatfmt="{:.1f}") + [""]

@@ -93,7 +93,8 @@ def _curve_panel(ax, frame, key: str, model_order: Sequence[str], colors, legend
   _note_dropped(ax, dropped, key)
 
 
-def plot_trend_groups(group_means, start_fraction: float, model_order: Sequence[str], path_stem: str):
+def plot_trend_groups(group_means, start_fraction: float, model_order: Sequence[str],
+                      path_stem: str):
   """Group curve (exp(mean loss)) of each trend group against validation perplexity, FLOPs and
   steps: each size on its own tokens labelled from `start_fraction`.
 
@@ -192,7 +193,8 @@ def plot_cross_size(cross, model_order: Sequence[str], references: Sequence[str]
   return save(fig, path_stem)
 
 
-def plot_double_descent(result, models, start_fraction: float, path_stem: str, max_examples: int = 3):
+def plot_double_descent(result, models, start_fraction: float, path_stem: str,
+                        max_examples: int = 3):
   """The per-token detector (an extra): (a) share of upward tokens it flags per size; (b) group
   perplexity of those tokens over steps per size; (c) example trajectories, raw (thin) and
   EMA-smoothed (thick). Panels say "none found" when the detector flags nothing."""

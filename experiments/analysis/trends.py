@@ -1,4 +1,5 @@
-"""Per-token trend labels as Xia et al. (2023), section 3, and their released analysis code define them.
+"""Per-token trend labels as Xia et al. (2023), section 3, and their released analysis code
+define them.
 
 Vectorised over tokens; for each token's trajectory v (perplexity by default) over the checkpoints:
 
