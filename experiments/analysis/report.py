@@ -347,7 +347,8 @@ def trend_headline(pct: pd.DataFrame, dd: pd.DataFrame, agreement: pd.DataFrame,
     verdict = ("agree more at matched perplexity, as the paper finds for OPT" if kp > ks else
                "do not agree more at matched perplexity than at matched steps here")
     sentences.append(
-        f"Agreement of trend labels between sizes (Cohen's kappa, mean over {len(valid)} pairs): "
+        f"Agreement of trend labels between sizes (Cohen's kappa, mean over {len(valid)} "
+        f"pair{'' if len(valid) == 1 else 's'}): "
         f"{kp:.3f} over checkpoints of matched validation perplexity vs {ks:.3f} at matched steps "
         f"(start fraction {f0:g}); higher at matched perplexity for {higher} of {len(valid)} "
         f"pairs. The sizes {verdict}. (The two comparisons label different checkpoint windows: "
