@@ -207,7 +207,8 @@ def results_table(ctx: Experiment, key, items: Sequence[icl_tasks.Item],
   skipped = skipped[skipped > 0]
   missing = sorted({(it.k, it.task) for it in items} - set(zip(table["k_shot"], table["task"])))
   window = f"{ctx.max_positions}-token window"
-  notes = [f"{int(v)} examples of {t} (k={k}) skipped: an option is longer than the {window}"
+  notes = [f"{int(v)} example{'s' if v != 1 else ''} of {t} (k={k}) skipped: an option is "
+           f"longer than the {window}"
            for (k, t), v in skipped.items()]
   notes += [f"every example of {t} (k={k}) is longer than the {window}: no metrics"
             for k, t in missing]

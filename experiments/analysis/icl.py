@@ -992,7 +992,7 @@ def summary_markdown(a: Analysis, *, title: str = "Downstream in-context learnin
             "ones.", ""]
   comp = a.comparisons[a.comparisons["y"] == "accuracy"]
   if len(comp):
-    lines += ["| x | R^2(validation ppl) - R^2(x) | 95% interval | |rho(ppl)| - |rho(x)| | "
+    lines += ["| x | R^2(validation ppl) - R^2(x) | 95% interval | abs rho(ppl) - abs rho(x) | "
               "95% interval | n |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['x']} | {_fmt(r['r2_diff'])} | {_ci(r['r2_diff_lo'], r['r2_diff_hi'])} | "
               f"{_fmt(r['rho_diff'])} | {_ci(r['rho_diff_lo'], r['rho_diff_hi'])} | {int(r['n'])} |"
