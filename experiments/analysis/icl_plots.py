@@ -217,13 +217,10 @@ def plot_all(a: icl.Analysis, out_dir: str) -> tuple[list[str], list[str]]:
   paths += plot_final_option_ppl(a, os.path.join(d, "final_option_ppl"))
   if "validation_ppl" in xs:
     paths += plot_option_ppl(a, os.path.join(d, "option_ppl"))
-    for group, tasks in a.group_tasks.items():
-      drawn = plot_group(a, group, os.path.join(d, f"group_{group}"))
-      drawn += plot_tasks(a, tasks, os.path.join(d, f"tasks_{group}"),
+    for group, tasks in a.group_tasks.items():   # summary.md says when a group has no task
+      paths += plot_group(a, group, os.path.join(d, f"group_{group}"))
+      paths += plot_tasks(a, tasks, os.path.join(d, f"tasks_{group}"),
                           f"The paper's {group} tasks", smooth=TASK_EMA_WEIGHT)
-      if not drawn:
-        skipped.append(f"{group} group plots not drawn: none of its tasks evaluated here")
-      paths += drawn
     paths += plot_tasks(a, a.tasks, os.path.join(d, "task_trajectories"), "Every task",
                         columns=8)
   return paths, skipped
