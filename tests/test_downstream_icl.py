@@ -62,7 +62,8 @@ def env(tmp_path_factory):
     os.makedirs(bench, exist_ok=True)
     os.symlink(os.path.abspath(os.path.join(SHARED, t)), os.path.join(bench, t))
   _write_task(os.path.join(bench, "broken"),
-              [{"input": "q", "target_scores": {"a": 1, "b": 0}}, {"input": "q", "target_scores": "a"}])
+              [{"input": "q", "target_scores": {"a": 1, "b": 0}},
+               {"input": "q", "target_scores": "a"}])
   text = os.path.join(root, "held_out.txt")
   with open(text, "w") as f:
     f.write(TEXT)
@@ -146,7 +147,8 @@ def test_predictions_under_the_papers_normalisation_match_hf_pytorch(env):
       top = np.array(r.example.scores) == max(r.example.scores)
       hits.append(top[np.argmax(lp / nt)])
       hits_sum.append(top[np.argmax(lp)])
-      nll_correct.append(-lp[int(np.argmax(r.example.scores))] / nt[int(np.argmax(r.example.scores))])
+      c = int(np.argmax(r.example.scores))
+      nll_correct.append(-lp[c] / nt[c])
     row = df[(df["model"] == "tiny-a") & (df["step"] == 20) & (df["task"] == name)].iloc[0]
     assert row["accuracy"] == pytest.approx(np.mean(hits), abs=1e-9), name
     assert row["accuracy_summed"] == pytest.approx(np.mean(hits_sum), abs=1e-9), name

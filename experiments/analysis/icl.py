@@ -955,7 +955,8 @@ def verdict(a: Analysis) -> list[str]:
             f"{', '.join(f'{p}/{q}' for p, q in pairs)}"
             + (f"; no overlap for {', '.join(f'{p}/{q}' for p, q in apart)}" if apart else "")
             + f". Around the pooled perplexity fit the largest mean residual of those sizes is "
-            f"{_fmt(size)} ({worst['model']}), against a spread of {_fmt(spread)} in mean accuracy: ")
+            f"{_fmt(size)} ({worst['model']}), against a spread of {_fmt(spread)} in mean "
+            f"accuracy: ")
     if spread > 0 and size < 0.1 * spread:
       out.append(said + "sizes at equal perplexity reach similar accuracy (independent of size, "
                  "as the paper finds).")
@@ -1009,7 +1010,7 @@ def summary_markdown(a: Analysis, *, title: str = "Downstream in-context learnin
       lines.append(f"| {r['model']} | {span} | {_fmt(r['mean_residual'], '+.4f')} | "
                    f"{_fmt(r['max_abs_residual'], '.4f')} | {int(r['n'])} |")
     lines.append("")
-  lines += ["## The paper's task groups (Table 9)", ""]
+  lines += ["## The paper's task groups (Table 9)", ""] if a.group_tasks else []
   for group, used in a.group_tasks.items():
     g = a.groups[a.groups["group"] == group] if len(a.groups) else a.groups
     if not used or g.empty:
@@ -1021,7 +1022,7 @@ def summary_markdown(a: Analysis, *, title: str = "Downstream in-context learnin
                  f"({_fmt(first['validation_ppl'], '.4g')}, {first['model']}) and "
                  f"{_fmt(last['accuracy'])} at the lowest ({_fmt(last['validation_ppl'], '.4g')}, "
                  f"{last['model']}); random {_fmt(g['random_baseline'].mean())}")
-  lines.append("")
+  lines += [""] if a.group_tasks else []
   if a.final_options["correct_option_ppl"].notna().any():
     lines += ["## Correct vs incorrect options at each size's last checkpoint", "",
               "| model | params | step | correct option ppl | incorrect option ppl |",
@@ -1039,7 +1040,8 @@ def summary_markdown(a: Analysis, *, title: str = "Downstream in-context learnin
               "options' perplexity drops faster than the incorrect ones' (the paper's account of "
               "the accuracy gains).")
     elif np.isfinite(r["spearman_lo"]) and r["spearman_lo"] > 0:
-      what = "The gap narrows as perplexity falls (the whole interval is positive), unlike in the paper."
+      what = ("The gap narrows as perplexity falls (the whole interval is positive), unlike in "
+              "the paper.")
     else:
       what = "The interval includes 0: no trend of the gap with perplexity is established."
     lines += [f"Spearman rho between validation perplexity and log(incorrect-option ppl / "
