@@ -91,7 +91,9 @@ def plot_mean_accuracy(a: icl.Analysis, path_stem: str,
       ax.axhline(chance, color="gray", ls="--", lw=1, label="random")
     if x in corr.index:
       r = corr.loc[x]
-      ax.set_title(f"rho={r['spearman']:.2f}  R^2={r['r2']:.2f}  (n={int(r['n'])})", fontsize=9)
+      ax.set_title(f"rho={r['spearman']:.2f} [{r['spearman_lo']:.2f}, {r['spearman_hi']:.2f}]  "
+                   f"R^2={r['r2']:.2f} [{r['r2_lo']:.2f}, {r['r2_hi']:.2f}]  (n={int(r['n'])})",
+                   fontsize=8)
     if hidden:
       ax.text(0.02, 0.02, f"{hidden} checkpoint(s) at {X_TITLES[x]} 0 or unknown: not on this "
               f"log axis", transform=ax.transAxes, fontsize=6, color="gray")

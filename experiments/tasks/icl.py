@@ -138,7 +138,9 @@ def load_tasks(bigbench_dir: str | None, task_names: Sequence[str] | None,
     raise InputError("no task to evaluate: every task failed to load, was not selected or is "
                      "missing:\n  " + "\n  ".join(
                          [f"{k}: {v}" for k, v in sorted({**out.failures, **out.dropped}.items())]
-                         + ([f"not in {root}: {', '.join(out.missing)}"] if out.missing else [])))
+                         + ([f"not in {root}: {', '.join(out.missing)} (the default is the "
+                             f"paper's list; --tasks={RULE} or --tasks=a,b select others)"]
+                            if out.missing else [])))
   return out
 
 
