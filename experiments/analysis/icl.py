@@ -773,6 +773,7 @@ def export_lm_eval(results: pd.DataFrame, out_dir: str, models: Sequence[Any], *
       tasks[VALIDATION_TASK] = {"alias": VALIDATION_TASK, "perplexity,none": float(ppl),
                                 "perplexity_stderr,none": "N/A"}
       versions[VALIDATION_TASK] = EXPORT_VERSION
+      n_shot[VALIDATION_TASK] = 0   # older make_table versions index n-shot by every task
       better[VALIDATION_TASK] = {"perplexity": False}
       configs[VALIDATION_TASK] = {"task": VALIDATION_TASK, "output_type": "loglikelihood_rolling",
                                   "metric_list": [{"metric": "perplexity", "aggregation":
