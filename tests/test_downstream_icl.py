@@ -189,7 +189,7 @@ def test_analysis_outputs_groups_and_four_axis_plot(env):
   assert len(means) == 6 and (means["n_tasks"] == 6).all()
 
 
-def test_four_axis_plot_has_the_papers_panels(env, monkeypatch):
+def test_four_axis_plot_has_the_papers_panels(env, monkeypatch, tmp_path):
   from experiments.analysis import icl_plots  # pylint: disable=import-outside-toplevel
   a = icl.analyze(env["table"], groups=bb.TASK_GROUPS, n_bins=2, replicates=50)
   drawn = {}
@@ -199,7 +199,7 @@ def test_four_axis_plot_has_the_papers_panels(env, monkeypatch):
     icl_plots.plt.close(fig)
     return []
   monkeypatch.setattr(icl_plots, "save", record)
-  icl_plots.plot_all(a, "unused")
+  icl_plots.plot_all(a, str(tmp_path))
   assert drawn["mean_accuracy"] == ["validation perplexity (decreasing ->)", "training FLOPs",
                                     "training tokens", "training steps"]
 
