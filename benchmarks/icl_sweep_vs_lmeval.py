@@ -10,7 +10,7 @@ the tasks' text with OPT's special tokens, saved as opt_jax checkpoints plus a s
 and each converted to HF format by `python -m tools.convert_checkpoint --to=hf`.
 
 Requests: BIG-bench multiple-choice tasks from --bigbench_dir (read in place), k-shot prompts,
-built by experiments/downstream_icl.py's own functions (load_tasks, make_items, encode), so both
+built by experiments/tasks/icl.py's functions (load_tasks, make_items, encode), so both
 sides score exactly the same (context, continuation) strings. Before timing, lm-eval's own
 encoding (HFLM._encode_pair) of every request is checked to equal opt_jax's token ids.
 
@@ -168,19 +168,19 @@ def setup(work: str, bigbench_dir: str, vocab_size: int, std: float) -> dict:
 def build_requests(bigbench_dir: str, tasks: list[str], k: int, max_examples: int | None,
                    suite: str, seed: int = 0):
   """(items, encoded, string requests) exactly as experiments.downstream_icl.run builds them."""
-  from experiments import downstream_icl as icl_bin
+  from experiments.tasks import icl as icl_tasks
   from opt_jax import checkpoint, suite as suite_lib
   from opt_jax.tokenizer import load_tokenizer
 
-  task_list = icl_bin.load_tasks(bigbench_dir, tasks)
+  task_list = icl_tasks.load_tasks(bigbench_dir, tasks)
   if task_list.failures:
     raise ValueError(f"tasks failed to load: {task_list.failures}")
-  items = icl_bin.make_items(task_list.tasks, [k], seed, max_examples)
+  items = icl_tasks.make_items(task_list.tasks, [k], seed, max_examples)
   s = suite_lib.load_suite(suite)
   first = next(iter(s.models[0].checkpoints.values()))
   max_length = min(checkpoint.load_config(next(iter(m.checkpoints.values())))
                    .max_position_embeddings for m in s.models)
-  enc = icl_bin.encode(items, load_tokenizer(first), max_length)
+  enc = icl_tasks.encode(items, load_tokenizer(first), max_length)
   strings = [(it.requests.context, c) for it, ok in zip(items, enc.kept) if ok
              for c in it.requests.continuations]
   assert len(strings) == len(enc.pairs)
@@ -240,6 +240,7 @@ def breakdown_worker(argv: list[str], out: str) -> None:
   from experiments import context as icl_context
   from experiments import downstream_icl as icl_bin
   from experiments.analysis import icl_plots
+  from experiments.tasks import icl as icl_tasks
   from opt_jax import checkpoint, scoring, sweep, tokenizer  # noqa: F401 (imported by run)
   add("import opt_jax, experiments, pandas, matplotlib", time.perf_counter() - t)
 
@@ -265,9 +266,9 @@ def breakdown_worker(argv: list[str], out: str) -> None:
     setattr(owner, attr, wrapper)
 
   timed(checkpoint, "restore", "restore (background thread)")
-  timed(icl_bin, "load_tasks", "load tasks")
-  timed(icl_bin, "make_items", "build prompts")
-  timed(icl_bin, "encode", "tokenise")
+  timed(icl_tasks, "load_tasks", "load tasks")
+  timed(icl_tasks, "make_items", "build prompts")
+  timed(icl_tasks, "encode", "tokenise")
   timed(scoring.Scorer, "loglikelihood_tokens", "scoring (incl. its compiles)")
   timed(scoring.Scorer, "__init__", "Scorer() incl. device_put")
   timed(scoring.Scorer, "set_params", "set_params")
@@ -309,6 +310,7 @@ def compare(items, enc, opt_out: str, lm_results: dict, hf_dirs: dict) -> dict:
   import pandas as pd
 
   from experiments import downstream_icl as icl_bin
+  from experiments.tasks import icl as icl_tasks
   from opt_jax.results import ResultStore
 
   table = pd.read_csv(os.path.join(opt_out, "icl_results.csv"))
@@ -323,7 +325,7 @@ def compare(items, enc, opt_out: str, lm_results: dict, hf_dirs: dict) -> dict:
     ours = store.read((icl_bin.NAME, tag, model, int(step)))[0]["logprob"]
     theirs = np.array(lm_results[path], np.float64)
     max_diff = max(max_diff, float(np.abs(ours - theirs).max()))
-    for r in icl_bin.task_rows(items, enc, theirs):
+    for r in icl_tasks.task_rows(items, enc, theirs):
       mine = table[(table.model == model) & (table.step == int(step)) & (table.task == r["task"])]
       rows.append({"model": model, "step": int(step), "task": r["task"],
                    "acc_opt_jax": float(mine.accuracy.iloc[0]), "acc_lm_eval": r["accuracy"]})

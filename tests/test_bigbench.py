@@ -4,7 +4,9 @@ import io
 import json
 import os
 import sys
+import subprocess
 import tarfile
+import zipfile
 
 import pytest
 
@@ -47,6 +49,9 @@ def test_rule_selects_every_shared_task_and_periodic_elements_only_by_hand(share
   assert [(s.name, len(s.examples)) for s in pe.subtasks] == [("subtask_0", 118)]
   # Subtasks are pooled: metaphor_understanding is two folders of 117 examples each.
   assert len(shared_tasks["metaphor_understanding"].examples) == 234
+  # The paper's Table 7 is the rule's 73 on these bigbench 1.0.0 files plus sports_understanding.
+  assert sorted(set(bb.PAPER_TASKS) - set(shared_tasks)) == ["sports_understanding"]
+  assert set(shared_tasks) <= set(bb.PAPER_TASKS)
 
 
 def test_rule_rejects_each_violation(tmp_path):
@@ -274,3 +279,49 @@ def test_fetch_downloads_once_then_is_idempotent(tmp_path):
     assert json.load(f) == {"source": "bigbench-1.0.0.tar.gz", "version": "1.0.0", "task_files": 2}
   assert fetch_bigbench.fetch(out, "1.0.0", pip_command=cmd, progress=False) == final
   assert len(calls.read_text().splitlines()) == 1  # second run: nothing downloaded
+
+
+def _repo_archive(path):
+  """A small stand-in for GitHub's archive of the BIG-bench repository."""
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("BIG-bench-main/README.md", "readme")
+    z.writestr("BIG-bench-main/bigbench/benchmark_tasks/a/task.json", '{"examples": []}')
+    z.writestr("BIG-bench-main/bigbench/benchmark_tasks/b/sub1/task.json", '{"examples": [1]}')
+    z.writestr("BIG-bench-main/bigbench/benchmark_tasks/b/README.md", "readme")
+
+
+def test_from_takes_a_repository_archive_or_checkout_through_the_binary(tmp_path):
+  archive = str(tmp_path / "BIG-bench-main.zip")
+  _repo_archive(archive)
+  out = str(tmp_path / "cache")
+  # The binary itself: --from is its flag.
+  res = subprocess.run([sys.executable, "-m", "tools.fetch_bigbench", f"--from={archive}",
+                        f"--out={out}"], cwd=os.path.dirname(os.path.dirname(__file__)),
+                       capture_output=True, text=True, timeout=120)
+  assert res.returncode == 0, res.stderr
+  tasks = os.path.join(out, "benchmark_tasks")
+  assert "2 task.json files" in res.stdout
+  assert _listing(tasks) == ["FETCHED.json", os.path.join("a", "task.json"),
+                             os.path.join("b", "sub1", "task.json")]
+  # A checkout: the same files from the folder (replacing what the tool wrote before).
+  checkout = tmp_path / "BIG-bench"
+  with zipfile.ZipFile(archive) as z:
+    z.extractall(checkout)
+  os.remove(os.path.join(tasks, "a", "task.json"))
+  final = fetch_bigbench.fetch_from(str(checkout / "BIG-bench-main"), out, progress=False)
+  assert _listing(final) == _listing(tasks) and len(_listing(final)) == 3
+  with open(os.path.join(final, "b", "sub1", "task.json")) as f:
+    assert f.read() == '{"examples": [1]}'
+  assert fetch_bigbench.fetch_from(
+      str(checkout / "BIG-bench-main" / "bigbench" / "benchmark_tasks"), out, progress=False)
+  with pytest.raises(ValueError, match="no such file"):
+    fetch_bigbench.fetch_from(str(tmp_path / "nowhere.zip"), out, progress=False)
+
+
+def test_an_index_without_the_sdist_names_both_routes(tmp_path):
+  fake_pip = tmp_path / "fake_pip.py"
+  fake_pip.write_text("import sys\nsys.exit(1)\n")     # "Could not find a version ..."
+  with pytest.raises(Exception, match=r"package index.*--from=PATH") as e:
+    fetch_bigbench.fetch(str(tmp_path / "cache"), "1.0.0",
+                         pip_command=[sys.executable, str(fake_pip)], progress=False)
+  assert "git clone https://github.com/google/BIG-bench" in str(e.value)

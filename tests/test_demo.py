@@ -171,8 +171,9 @@ def _check_csvs_have_the_expected_columns_and_rows(demo):
                                      "tokens", "flops", "valid_ppl", "nll", "ppl", "num_tokens",
                                      "num_sequences"],
       "icl/icl_results.csv": ["model", "step", "params", "tokens", "flops", "validation_ppl",
-                              "task", "n", "accuracy", "accuracy_norm", "correct_option_ppl",
-                              "incorrect_option_ppl", "random_baseline", "k_shot"],
+                              "task", "n", "accuracy", "accuracy_summed", "accuracy_per_char",
+                              "correct_option_ppl", "incorrect_option_ppl", "random_baseline",
+                              "k_shot"],
       "icl/correlations.csv": ["x", "spearman", "r2", "n"],
   }
   frames = {}

@@ -26,6 +26,7 @@ import oracle
 from experiments import downstream_icl as D
 from experiments import token_trajectories as TT
 from experiments import validation_ppl as V
+from experiments.tasks import icl as icl_tasks
 from opt_jax import suite
 from opt_jax.errors import InputError
 from opt_jax.tokenizer import load_tokenizer
@@ -150,8 +151,8 @@ def test_downstream_icl_option_log_probs_equal_hf(pythia, tmp_path, conventions)
                         batch_size=4, conventions=conventions,
                         models=tuple(dict.fromkeys(m for m, _ in checkpoints)))
   table = D.run(settings, progress=False).table
-  tasks = D.load_tasks("", None, (str(cloze),), cloze_examples=3, seed=0)
-  items = D.make_items(tasks.tasks, (1,), 0, None)
+  tasks = icl_tasks.load_tasks("", None, (str(cloze),), cloze_examples=3, seed=0)
+  items = icl_tasks.make_items(tasks.tasks, (1,), 0, None)
   pairs = [_harness_pair(pythia["hf_tok"], it.requests.context, c, conventions)
            for it in items for c in it.requests.continuations]
   assert max(len(c) + len(x) for c, x in pairs) > 65                  # some truncated on the left

@@ -1,15 +1,24 @@
-"""Fetch BIG-bench's JSON tasks through the package index, without installing bigbench.
+"""Fetch BIG-bench's JSON tasks: from the package index, or from a copy of the BIG-bench repository.
 
   python -m tools.fetch_bigbench [--out=~/.cache/opt_jax/bigbench] [--version=1.0.0]
+  python -m tools.fetch_bigbench --from=PATH [--out=~/.cache/opt_jax/bigbench]
 
-Runs `pip download --no-deps --no-binary=:all: bigbench==VERSION` into OUT/downloads (pip shows
-its own progress; about 358 MB for 1.0.0; with pip >= 26 it runs pip 24.2 from its wheel, also
-fetched from the index, because newer pip refuses this sdist's metadata), then extracts only
-`bigbench/benchmark_tasks/**/task.json` into OUT/benchmark_tasks (pass that folder to
-`experiments/downstream_icl.py --bigbench_dir`). The tasks are written under a temporary name and
-renamed into place with a FETCHED.json record, so an interrupted run leaves nothing that looks
-complete; a second run finds the record and does nothing. The package is never installed (its
-dependencies do not install on current Python); nothing is imported from it.
+Without --from: runs `pip download --no-deps --no-binary=:all: bigbench==VERSION` into
+OUT/downloads (pip shows its own progress; about 358 MB for 1.0.0; with pip >= 26 it runs pip 24.2
+from its wheel, also fetched from the index, because newer pip refuses this sdist's metadata).
+An index that does not serve that version (some mirrors hold only bigbench 0.0.1) stops the run
+with an error naming the other route.
+
+With --from=PATH: PATH is a local checkout of the BIG-bench repository (git clone
+https://github.com/google/BIG-bench), its bigbench/benchmark_tasks folder, or a downloaded archive
+of the repository (.zip or .tar.gz, e.g. GitHub's "Download ZIP") or of the bigbench sdist; nothing
+is downloaded.
+
+Either way only `bigbench/benchmark_tasks/**/task.json` is extracted, into OUT/benchmark_tasks (pass
+that folder to `experiments/downstream_icl.py --bigbench_dir`). The tasks are written under a
+temporary name and renamed into place with a FETCHED.json record, so an interrupted run leaves
+nothing that looks complete; a second index run finds the record and does nothing. The package is
+never installed (its dependencies do not install on current Python); nothing is imported from it.
 """
 
 from __future__ import annotations
@@ -59,8 +68,26 @@ def _task_relpath(member_name: str) -> str | None:
   return rel
 
 
+def _directory_entries(path: str):
+  """(relative task path, open binary file) for each task.json under a BIG-bench checkout (its
+  bigbench/benchmark_tasks folder) or under a benchmark_tasks folder itself."""
+  root = os.path.abspath(path)
+  inner = os.path.join(root, *_MARKER.rstrip("/").split("/"))
+  base = inner if os.path.isdir(inner) else root
+  for d, subdirs, names in os.walk(base):
+    subdirs.sort()
+    if TASK_FILE in names and d != base:
+      rel = os.path.relpath(os.path.join(d, TASK_FILE), base).replace(os.sep, "/")
+      with open(os.path.join(d, TASK_FILE), "rb") as f:
+        yield rel, f
+
+
 def _archive_entries(path: str):
-  """(relative task path, open binary file) for each task.json in a .tar.gz / .zip sdist."""
+  """(relative task path, open binary file) for each task.json in a .tar.gz / .zip archive (the
+  bigbench sdist or an archive of the repository), or under a folder (`_directory_entries`)."""
+  if os.path.isdir(path):
+    yield from _directory_entries(path)
+    return
   if zipfile.is_zipfile(path):
     with zipfile.ZipFile(path) as z:
       for info in z.infolist():
@@ -78,11 +105,14 @@ def _archive_entries(path: str):
 
 def extract_tasks(sdist: str, out_dir: str, *, version: str | None = None,
                   progress: bool = True) -> int:
-  """Extract every benchmark_tasks/**/task.json of `sdist` into OUT_DIR/benchmark_tasks.
+  """Extract every benchmark_tasks/**/task.json of `sdist` (an archive or a folder: see
+  `_archive_entries`) into OUT_DIR/benchmark_tasks.
 
   Atomic: written under a temporary sibling and renamed; an existing complete folder is replaced.
-  Returns the number of files extracted. Raises InputError when the archive holds none.
+  Returns the number of files extracted. Raises InputError when the source holds none.
   """
+  if not os.path.exists(sdist):
+    raise InputError(f"--from={sdist}: no such file or folder")
   final = os.path.join(out_dir, TASKS_DIR)
   n = 0
   with files.atomic_directory(final, may_replace=_own_tasks) as tmp:
@@ -96,8 +126,9 @@ def extract_tasks(sdist: str, out_dir: str, *, version: str | None = None,
       bar.update(1)
     bar.close()
     if n == 0:
-      raise InputError(f"{sdist}: no bigbench/benchmark_tasks/**/task.json inside; is this the "
-                       f"bigbench source distribution?")
+      raise InputError(f"{sdist}: no bigbench/benchmark_tasks/**/task.json inside; expected the "
+                       f"bigbench source distribution, a BIG-bench checkout or an archive of the "
+                       f"repository")
     files.write_json(os.path.join(tmp, RECORD),
                      {"source": os.path.basename(sdist), "version": version, "task_files": n},
                      indent=1)
@@ -166,8 +197,15 @@ def fetch(out_dir: str | None = None, version: str = "1.0.0", *,
     res = subprocess.run(cmd)
     sdist = _find_sdist(downloads, version)
     if sdist is None:
-      raise UserError(f"`{' '.join(cmd)}` (exit status {res.returncode}) left no "
-                      f"bigbench-{version}.tar.gz in {downloads}")
+      raise UserError(
+          f"`{' '.join(cmd)}` (exit status {res.returncode}) left no bigbench-{version}.tar.gz in "
+          f"{downloads}: the package index does not serve bigbench=={version}. Two routes: "
+          f"(1) the package index: put bigbench-{version}.tar.gz (from an index that has it, "
+          f"`pip download --no-deps --no-binary=:all: bigbench=={version}`) into {downloads} and "
+          f"run this again; (2) the BIG-bench repository: `git clone "
+          f"https://github.com/google/BIG-bench` or download its archive "
+          f"(https://github.com/google/BIG-bench/archive/refs/heads/main.zip), then "
+          f"`python -m tools.fetch_bigbench --from=PATH`")
   n = extract_tasks(sdist, out_dir, version=version, progress=progress)
   print(f"extracted {n} task.json files of bigbench {version} into {final}")
   return final
@@ -180,12 +218,31 @@ class Settings(cli.Settings):
   version: str = cli.option("1.0.0", "bigbench version on the package index.")
 
 
-def run(s: Settings) -> cli.Summary:
-  final = fetch(s.out, s.version)
+def fetch_from(source: str, out_dir: str | None = None, *, progress: bool = True) -> str:
+  """Make OUT_DIR/benchmark_tasks hold the task.json files of a BIG-bench checkout or archive
+  (`_archive_entries`); returns its path. Always extracts again (the source may have changed)."""
+  out_dir = os.path.abspath(os.path.expanduser(out_dir or default_cache_dir()))
+  source = os.path.abspath(os.path.expanduser(source))
+  n = extract_tasks(source, out_dir, version=None, progress=progress)
+  final = os.path.join(out_dir, TASKS_DIR)
+  print(f"extracted {n} task.json files from {source} into {final}")
+  return final
+
+
+def run(s: Settings, source: str | None = None) -> cli.Summary:
+  """The binary: fetch through the index, or extract from `source` (--from)."""
+  final = fetch_from(source, s.out) if source else fetch(s.out, s.version)
   count = sum(TASK_FILE in names for _, _, names in os.walk(final))
-  return cli.Summary("fetch_bigbench", evaluated=[f"bigbench {s.version}: {count} task.json files"],
+  what = source if source else f"bigbench {s.version}"
+  return cli.Summary("fetch_bigbench", evaluated=[f"{what}: {count} task.json files"],
                      out_dir=final, files=[RECORD, "<task>/task.json"])
 
 
 if __name__ == "__main__":
-  cli.main(Settings, run)
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  # "from" cannot be a settings field (a Python keyword): the binary reads it and passes it on.
+  flags.DEFINE_string("from", None, "A BIG-bench checkout, its benchmark_tasks folder, or a "
+                      "downloaded archive of the repository (.zip / .tar.gz) to take the tasks "
+                      "from instead of the package index.")
+  cli.main(Settings, lambda s: run(s, flags.FLAGS["from"].value))

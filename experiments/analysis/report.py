@@ -488,14 +488,19 @@ def _icl_section(out_dir: str, info: RunInfo) -> list[str]:
   tasks = sorted(results["task"].unique())
   lines += [f"Multiple-choice tasks ({', '.join(tasks)}; cloze tasks: the true next word or line "
             f"of {info.evaluation} among distractors from the same text), scored like "
-            f"lm-evaluation-harness by every checkpoint. Headline: {k0}-shot prompts.", ""]
+            f"lm-evaluation-harness by every checkpoint. Headline: {k0}-shot prompts, the option "
+            f"with the highest mean log-prob per token (the paper's normalisation).", ""]
   for k in ks:
     sub = results[results["k_shot"] == k] if "k_shot" in results else results
     a = icl.analyze(sub.drop(columns=["k_shot"], errors="ignore"))
-    corr = a.correlations[["x", "spearman", "spearman_p", "r2", "n"]]
+    corr = a.correlations[["x", "spearman", "spearman_lo", "spearman_hi", "spearman_p", "r2",
+                           "r2_lo", "r2_hi", "n"]]
     lines += [f"### {k}-shot", ""] + [f"- {s}" for s in icl.verdict(a)] + [""]
-    lines += ["Correlations of mean accuracy with log x, pooled over sizes and checkpoints:", ""]
-    lines += _table(corr, {"spearman": ".3f", "spearman_p": ".2g", "r2": ".3f"}) + [""]
+    lines += ["Correlations of mean accuracy with log x, pooled over sizes and checkpoints (_lo, "
+              "_hi: 95% bootstrap interval over checkpoints and tasks):", ""]
+    lines += _table(corr, {"spearman": ".3f", "spearman_lo": ".3f", "spearman_hi": ".3f",
+                           "spearman_p": ".2g", "r2": ".3f", "r2_lo": ".3f",
+                           "r2_hi": ".3f"}) + [""]
     last = sub.sort_values("step").groupby(["model", "task"], sort=False).last().reset_index()
     wide = last.pivot_table(index="task", columns="model", values="accuracy", sort=False)
     wide = wide[[m for m in model_order(sub) if m in wide.columns]]
