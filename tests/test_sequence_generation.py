@@ -289,8 +289,11 @@ def test_mesh_data2_model4_gives_the_same_sets_and_scores_as_one_device(world, t
   devices, in a subprocess (the device count is fixed when JAX starts), against the one-device
   run of the module's fixture."""
   from opt_jax import cli
+  # Two configurations (greedy and nucleus), a plain sample and one corruption rate: every
+  # decoding and scoring path, at a fraction of the module fixture's sets.
   settings = world["settings"].replace(out=str(tmp_path / "mesh"), mesh="data:2,model:4",
-                                       cross_suite=None, plots=False)
+                                       cross_suite=None, plots=False, configurations=("1:-1",),
+                                       noise_rates=(0.6,), shuffle_rates=(), swaps_per_kind=0)
   (tmp_path / "settings.json").write_text(json.dumps(cli.as_dict(settings)))
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -301,12 +304,13 @@ def test_mesh_data2_model4_gives_the_same_sets_and_scores_as_one_device(world, t
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   got = json.load(open(tmp_path / "result.json"))
   assert got["devices"] == 8
-  names = [n for n in os.listdir(os.path.join(world["out"], "sets")) if n.endswith(".jsonl")]
-  assert sorted(got["sets"]) == sorted(n[:-len(".jsonl")] for n in names)
+  names = ["ps-pl_greedy", "ps-pl_nucleus", "sample_tiny-a", "clean", "replace_0.6"]
+  assert sorted(got["sets"]) == sorted(names)
   for name in names:
-    one = T.load_set(os.path.join(world["out"], "sets", name))
+    one = T.load_set(os.path.join(world["out"], "sets", f"{name}.jsonl"))
     assert got["sets"][one.name] == {"context_ids": one.context_ids, "ids": one.ids}, one.name
-  a = world["df"][world["df"]["scored_by"] == "tiny"].reset_index(drop=True)
+  a = world["df"][(world["df"]["scored_by"] == "tiny") & world["df"]["set"].isin(names)]
+  a = a.reset_index(drop=True)
   b = pd.DataFrame(got["table"])
   pd.testing.assert_frame_equal(a.drop(columns=["nll", "ppl", "valid_ppl"]),
                                 b.drop(columns=["nll", "ppl", "valid_ppl"]), check_dtype=False)
