@@ -12,7 +12,7 @@ Stages (each one resumable; a second run redoes only what changed):
   3 validation_ppl      every checkpoint on the validation text (Macbeth)  -> OUT/validation_ppl/
   4 token_trajectories  per-token trends on the held-out document (Hamlet)
                                                                     -> OUT/token_trajectories/
-  5 sequences           five joint-decoding mixtures x greedy/nucleus, corrupted text -> OUT/sequences/
+  5 sequences           5 joint-decoding mixtures x greedy/nucleus, corrupted text -> OUT/sequences/
   6 icl                 cloze multiple-choice tasks from Hamlet (+ BIG-bench with --bigbench_dir)
                                                                            -> OUT/icl/
   7 report              OUT/REPORT.md with the plots and headline numbers (no JAX)

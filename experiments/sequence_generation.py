@@ -64,7 +64,7 @@ from experiments import context, perplexity
 from experiments.analysis import sequences as A
 from experiments.context import Experiment, ExperimentSettings, Outcome
 from experiments.tasks import sequences as T
-from experiments.tasks.sequences import SequenceSet, load_set, read_prompts  # noqa: F401
+from experiments.tasks.sequences import SequenceSet, load_set, read_prompts
 from opt_jax import cli, files, inputs
 from opt_jax.errors import InputError
 
@@ -239,6 +239,7 @@ def build_sets(ctx: Experiment, docs: Sequence[str]) -> tuple[list[SequenceSet],
       manifest = json.load(f)
     if manifest.get("key") == key:
       ctx.say(f"reusing the sequence sets in {directory}")
+      manifest["reused"] = True
       return [load_set(os.path.join(directory, f"{n}.jsonl")) for n in manifest["sets"]], manifest
   sets, gen_stats = generated_sets(ctx, docs)
   small, _ = _pair(ctx)
@@ -372,9 +373,11 @@ def run(settings: Settings, *, progress: bool = True, run_info: dict | None = No
     ctx.skipped += A.write_plots(df, ctx.path("plots"))[1]
   info = _summary_info(ctx, [label for _, label, _ in suites], manifest)
   ctx.write_text("summary.md", A.summary_markdown(df, ctx.suite.name, info, s.tolerance))
+  when = ", in the run that made the reused sets" if manifest.get("reused") else ""
   results = [A.headline(df, ctx.suite.name, s.tolerance),
              f"decode time: {gen['decode_seconds']:.1f} s for "
-             f"{sum(1 for x in gen['sets'].values() if 'method' in x)} joint sets"]
+             f"{sum(1 for x in gen['sets'].values() if 'method' in x)} joint sets (compilation "
+             f"included{when})"]
   return ctx.outcome(df, evaluated=evaluated, results=results,
                      files_=[CSV_NAME, FINAL_CSV, "summary.md", "sets/",
                              *(["plots/"] if s.plots else [])])

@@ -241,8 +241,9 @@ def test_summary_answers_both_questions_with_the_numbers(world):
     assert f"| {first:.4g} |" in line and f"{100 * rise:+.1f}%" in line
     assert line.rstrip().endswith(f"| {'yes' if falls else 'no'} | {'yes' if rises else 'no'} |")
   assert ("**Yes.**" in greedy) != ("**No.**" in greedy)
-  assert (f"greedy: at the final checkpoints p_s - p_l {final['tiny', 'ps-pl_greedy', 'tiny-a']:.4g}"
-          in world["summary"].render())
+  first_greedy = final["tiny", "ps-pl_greedy", "tiny-a"]
+  assert f"greedy: at the final checkpoints p_s - p_l {first_greedy:.4g}" in (
+      world["summary"].render())
 
 
 def test_rerun_reuses_sets_and_results(world):

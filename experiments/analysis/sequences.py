@@ -423,7 +423,8 @@ def headline(df: pd.DataFrame, primary: str, tol: float = 0.05) -> str:
     q1 = scaling_answer(final, primary, m)
     q2 = fall_then_rise_answer(shapes(sub, f"{INVERSE}_{m}", primary, tol))
     word = lambda a: "n/a" if a is None else ("yes" if a else "no")
-    arrow = lambda v: " -> ".join(f"{x:.4g}" for x in v)
+    arrow = lambda v: (" -> ".join(f"{x:.4g}" for x in v) if np.isfinite(v).all()
+                       else "not scored")
     parts.append(f"{m}: at the final checkpoints p_s - p_l {arrow(q1.inverse)}, human text "
                  f"{arrow(q1.clean)}, p_l {arrow(q1.large)} (inverse scaling with the human "
                  f"text and p_l falling: {word(q1.answer)}); along training every size falls "
