@@ -37,9 +37,10 @@ Joint decoding (`joint_generate`): with per-model probabilities p_i = softmax(lo
 the next-token distribution is q = max(sum_i w_i p_i, 0) / Z: the weighted sum of probabilities
 (not of logits), entries <= 0 dropped, renormalised (`mixture_log_probs`). This is the mixture
 p' = l1 * p_small + l2 * p_large of Xia et al. (2023, section 4; `OPTSubtract` in the authors'
-utils.py, which sets negatives to 0 and adds 1e-7 before the log: the same argmax, and for
-sampling a difference of at most 1e-7 per token, which we leave out so that dropped tokens are
-never drawn). Greedy search takes argmax q; nucleus sampling applies top-k / top-p to q and draws
+utils.py, which sets negatives to 0 and adds 1e-7 to every entry before the log: the same
+argmax; for sampling its dropped tokens keep 1e-7 each before renormalising, V x 1e-7 in all
+(0.5% of the mass for a 50k vocabulary at Z = 1), mostly outside a top-p 0.9 nucleus; here a
+dropped token is never drawn). Greedy search takes argmax q; nucleus sampling applies top-k / top-p to q and draws
 (`sampling_distribution` is what the draw sees). Weights may be negative (p_small - p_large, the
 contrastive sets). If Z <= FALLBACK_MASS * sum_i |w_i| (the weights leave no positive mass at that
 step: e.g. all weights zero, or w = (1, -1) on two models that agree), that row uses p_f (the
