@@ -12,7 +12,7 @@ Stages (each one resumable; a second run redoes only what changed):
   3 validation_ppl      every checkpoint on the validation text (Macbeth)  -> OUT/validation_ppl/
   4 token_trajectories  per-token trends on the held-out document (Hamlet)
                                                                     -> OUT/token_trajectories/
-  5 sequences           large-small / small-large joint decoding, perturbed text -> OUT/sequences/
+  5 sequences           5 joint-decoding mixtures x greedy/nucleus, corrupted text -> OUT/sequences/
   6 icl                 cloze multiple-choice tasks from Hamlet (+ BIG-bench with --bigbench_dir)
                                                                            -> OUT/icl/
   7 report              OUT/REPORT.md with the plots and headline numbers (no JAX)
@@ -53,16 +53,17 @@ FORMAT = 1
 PRESETS = {
     "full": dict(sizes=None, steps=None, validation_chars=0, tt_max_tokens=20000,
                  # Checkpoints are log-spaced: fraction 0.7 of the last step keeps only two.
-                 tt_start_fractions=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6), seq_prompts=12, seq_prompt_tokens=32,
-                 seq_new_tokens=40, seq_passages=12, seq_passage_tokens=64,
-                 seq_noise_rates=(0.1, 0.3, 0.5), seq_sample_all=True, icl_examples=60,
+                 tt_start_fractions=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6), seq_prompts=12,
+                 seq_prompt_tokens=5, seq_new_tokens=50, seq_passages=12, seq_passage_tokens=100,
+                 seq_noise_rates=(0.2, 0.4, 0.6, 0.8, 1.0), seq_sample_all=False, icl_examples=60,
                  icl_k_shot=(0,)),
     # Two sizes exercise every analysis (pairs, joint decoding), and at this scale compiling
     # dominates, so every extra size costs compilations in every stage.
     "fast": dict(sizes=("fast-s", "fast-l"), steps=None, validation_chars=20_000,
                  tt_max_tokens=3000, tt_start_fractions=(0.1, 0.3), seq_prompts=8,
-                 seq_prompt_tokens=16, seq_new_tokens=24, seq_passages=8, seq_passage_tokens=48,
-                 seq_noise_rates=(0.3,), seq_sample_all=False, icl_examples=24, icl_k_shot=(0,)),
+                 seq_prompt_tokens=5, seq_new_tokens=24, seq_passages=8, seq_passage_tokens=48,
+                 seq_noise_rates=(0.2, 0.4, 0.6, 0.8, 1.0), seq_sample_all=False, icl_examples=24,
+                 icl_k_shot=(0,)),
 }
 
 
@@ -124,10 +125,10 @@ class DemoSettings(cli.Settings):
   seq_passages: int | None = _knob("Sequences: passages perturbed", "seq_passages", ge=1)
   seq_passage_tokens: int | None = _knob("Sequences: tokens per passage", "seq_passage_tokens",
                                          ge=1)
-  seq_noise_rates: tuple[float, ...] | None = _knob("Sequences: token noise rates",
+  seq_noise_rates: tuple[float, ...] | None = _knob("Sequences: shares of replaced tokens",
                                                     "seq_noise_rates", ge=0, le=1)
-  seq_sample_all: bool | None = _knob("Sequences: plain samples from every size, else only the "
-                                      "largest", "seq_sample_all")
+  seq_sample_all: bool | None = _knob("Sequences: also plain samples from every size (an extra)",
+                                      "seq_sample_all")
   icl_examples: int | None = _knob("ICL: examples per cloze task (and at most per BIG-bench "
                                    "task)", "icl_examples", ge=1)
   icl_k_shot: tuple[int, ...] | None = _knob("ICL: shots per prompt; the first one's analysis is "
@@ -327,23 +328,24 @@ def run_demo(settings: DemoSettings | None = None, *, progress: bool = True) -> 
        "agreement.csv", "summary.md"],
       lambda: token_trajectories.run(tt_settings, progress=progress, run_info=run_info))
 
-  # 5. Sequences: joint decoding (large - small, small - large), plain samples, perturbed text.
+  # 5. Sequences: the paper's five mixtures of smallest and largest x greedy / nucleus, corrupted
+  # text. The validation text is one document: prompts are spans drawn from it.
   seq_settings = sequence_generation.Settings(
-      suite=suite_path, out=d["sequences"], corpus=tuple(validation),
+      suite=suite_path, out=d["sequences"], corpus=tuple(validation), prompt_source="spans",
       num_prompts=settings.seq_prompts, prompt_tokens=settings.seq_prompt_tokens,
       max_new_tokens=settings.seq_new_tokens, num_passages=settings.seq_passages,
       passage_tokens=settings.seq_passage_tokens, noise_rates=tuple(settings.seq_noise_rates),
-      seed=settings.seed, sample_models=None if settings.seq_sample_all else (
-          max(suite.models, key=lambda m: m.params).name,),
-      validation_ppl=d["validation_ppl"], batch_size=bs)
+      seed=settings.seed, sample_models=tuple(m.name for m in suite.models)
+      if settings.seq_sample_all else (), validation_ppl=d["validation_ppl"], batch_size=bs)
   stages["sequences"] = _stage(
       console, 5, "sequences",
       f"sequences: joint decoding of {settings.seq_prompts} prompts x {settings.seq_new_tokens} "
-      f"tokens, {settings.seq_passages} perturbed passages, scored by every checkpoint",
+      f"tokens (5 mixtures x greedy, nucleus), {settings.seq_passages} corrupted passages, "
+      f"scored by every checkpoint",
       d["sequences"],
       {"family": family_key, "text": texts_key["validation"], "vppl": vppl_key,
        "settings": cli.key(seq_settings) | {"batch_size": bs}},
-      [sequence_generation.CSV_NAME, "summary.md"],
+      [sequence_generation.CSV_NAME, sequence_generation.FINAL_CSV, "summary.md"],
       lambda: sequence_generation.run(seq_settings, progress=progress, run_info=run_info))
 
   # 6. Downstream ICL: cloze tasks from the held-out text (+ BIG-bench from a local copy).

@@ -1,49 +1,52 @@
-r"""Sequence-level trajectories (Xia et al. 2023, section 4): generated, noisy and wrong text.
+r"""Sequence level (Xia et al. 2023, section 4): generated and corrupted text, scored at the final
+checkpoints against model size and along training.
 
-  python -m experiments.sequence_generation --suite=suite.json --corpus=valid.txt --out=out/seq \
-      [--prompts=prompts.txt | --num_prompts=32 --prompt_tokens=32] [--small=NAME --large=NAME] \
-      [--max_new_tokens=64 --top_p=0.9 --temperature=1.0 --seed=0] [--noise_rates=0.1,0.3,0.5] \
+  python -m experiments.sequence_generation --suite=suite.json --corpus=valid.jsonl --out=out/seq \
+      [--small=NAME --large=NAME] [--configurations=1:-1,1:0,1:1,0:1,-1:1] \
+      [--methods=greedy,nucleus --top_p=0.9] [--num_prompts=32 --prompt_tokens=5] \
+      [--max_new_tokens=50] [--noise_rates=0.2,0.4,0.6,0.8,1.0 --passage_tokens=100] \
       [--validation_ppl=out/validation_ppl] [--cross_suite=other.json] [--mesh=data:-1]
 
-1. Sets of sequences, stored as text and token ids in --out/sets/<set>.jsonl:
-   generated, from prompts (a --prompts file, or --num_prompts spans of --prompt_tokens tokens
-   drawn from the corpus by --seed), continuations of --max_new_tokens tokens (fixed length: eos
-   does not stop them, so every sequence perplexity averages the same number of tokens) sampled
-   with temperature and nucleus top-p by the final checkpoints of the suite's models:
-     large_minus_small   q = max(p_large - p_small, 0) renormalised   (opt_jax.generation)
-     small_minus_large   q = max(p_small - p_large, 0) renormalised   (the small-preferred set)
-     sample_<model>      plain sampling from each model (--sample_models, default every model)
-   perturbed, from --num_passages spans of --passage_tokens tokens of the corpus
-   (experiments/tasks/perturb.py):
-     clean, replace_<rate>, shuffle_<rate> (token noise), facts_original / facts_swapped (the
-     passages where entities or numbers could be swapped, before and after).
-   A re-run with the same settings reuses the stored sets (sets/manifest.json records them).
-2. Trajectories: every set scored by every checkpoint of every size (opt_jax.sweep; resumable)
-   with Scorer.rolling_tokens: a generated sequence's perplexity is over its continuation given the
-   prompt, a passage's over all its tokens after the start token (the family's prefix, e.g. OPT's
-   </s>, or its end-of-text token): ppl = exp(sum NLL / tokens) over the set.
-   Validation perplexity per checkpoint from --validation_ppl (the CSV experiments/validation_ppl.py
-   writes, or its folder) or, without it, computed in the same sweep from --corpus exactly as that
-   binary does (rolling windows, token-weighted over documents).
-3. Across families: --cross_suite scores the same sets with a second suite; when a model's
-   tokenizer differs from the one a set was made with (fingerprints), the set is re-tokenised from
-   its text (a continuation whose text is empty under the other tokenizer is dropped, counted).
+The defaults are the paper's experiment (experiments/tasks/sequences.py builds the sets):
+1. Generated sets: the final checkpoints of the smallest and largest model (--small, --large)
+   decode together from p' = max(l1 * p_small + l2 * p_large, 0), renormalised, for each
+   configuration (l1, l2) of --configurations (the paper's five: p_s - p_l, p_s, p_s + p_l, p_l,
+   p_l - p_s), with greedy search and with nucleus sampling (top-p 0.9): sets `ps-pl_greedy`,
+   `ps-pl_nucleus`, `ps_greedy`, ... Prompts: the first --prompt_tokens=5 tokens of the corpus
+   documents in order, one per document, --num_prompts of them (--prompt_source=spans draws spans
+   at random positions instead, for a corpus of few long documents; --prompts reads a file);
+   --max_new_tokens=50 new tokens each (eos does not stop them).
+2. Corrupted sets: --num_passages spans of --passage_tokens=100 tokens of the corpus, clean and
+   with round(rate x 100) tokens replaced by random non-special ids for each --noise_rates rate
+   (0.2 ... 1.0): `clean`, `replace_0.2`, ...
+   Extras, off by default: --shuffle_rates (window shuffling, `shuffle_<rate>`), --swaps_per_kind
+   (swapped entities and numbers, `facts_original` / `facts_swapped`), --sample_models (plain
+   samples of other sizes, `sample_<model>`).
+   Sets are stored as text and token ids in --out/sets/<set>.jsonl; a re-run with the same
+   settings reuses them (sets/manifest.json records them, with the decode time).
+3. Every set scored by every checkpoint of every size (opt_jax.sweep; resumable) with
+   Scorer.rolling_tokens: a generated sequence's perplexity is over its continuation given the
+   prompt, a passage's over all its tokens after the start token; ppl = exp(sum NLL / tokens) over
+   the set. Validation perplexity per checkpoint from --validation_ppl (the CSV of
+   experiments/validation_ppl.py, or its folder) or computed in the same sweep from --corpus.
+   --cross_suite scores the same sets with a second suite (another family: a set is re-tokenised
+   from its text where the tokenizer differs; a continuation whose text is empty is dropped).
 
-Outputs in --out: sequence_ppl.csv (experiments/analysis/sequences.COLUMNS), plots/*.png|pdf
-(sequence perplexity against validation perplexity and against FLOPs, one line per size, one
-panel per set), summary.md (the fall-then-rise question with numbers), sets/, store/, runs/.
+Outputs in --out: sequence_ppl.csv (every checkpoint; experiments/analysis/sequences.COLUMNS),
+final_checkpoints.csv (each size's last checkpoint: the scaling table, FINAL_COLUMNS), plots/
+(perplexity at the final checkpoints against parameters: one panel per decoding method with one
+line per configuration, Figure 6 row 1, and one of the corruption rates, Figure 5 left; one file
+per scoring suite, the --cross_suite one being Figure 7; and the trajectories against validation
+perplexity and FLOPs), summary.md (the paper's two questions answered with numbers), sets/,
+store/, runs/.
 
-Bad input: models of different tokenizers in one joint decoder raise before anything is
-generated (generation.check_joint_models names them); steps of a joint decoder without positive
-mass fall back to one model's distribution (large for large_minus_small, small for
-small_minus_large) and are counted in sets/manifest.json and summary.md; prompts longer than
-max_position_embeddings - max_new_tokens keep the start token and their last tokens, counted and
-reported; prompt files and corpora that are empty or malformed raise errors naming the file and
-line.
-
-Decoding runs on the mesh like scoring does (--mesh): the decoding models are restored straight
-into the mesh's layout and generate / joint_generate run sharded, with the same tokens as on one
-device.
+Bad input fails before anything is decoded: models of different tokenizers in one joint decoder
+(generation.check_joint_models names them), configurations without a positive weight, unreadable
+prompt files and corpora, a validation CSV without a checkpoint, and the suite integrity
+pre-check (experiments/context.py). A step of a joint decoder without positive mass takes the
+distribution of the model with the larger weight, counted in sets/manifest.json and summary.md;
+prompts longer than max_position_embeddings - max_new_tokens keep the start token and their last
+tokens, counted. Decoding runs on the mesh like scoring does (--mesh), with the same tokens.
 """
 
 from __future__ import annotations
@@ -60,14 +63,16 @@ import pandas as pd
 from experiments import context, perplexity
 from experiments.analysis import sequences as A
 from experiments.context import Experiment, ExperimentSettings, Outcome
-from experiments.tasks import perturb
+from experiments.tasks import sequences as T
+from experiments.tasks.sequences import SequenceSet, load_set, read_prompts
 from opt_jax import cli, files, inputs
 from opt_jax.errors import InputError
 
 NAME = "sequence_generation"
 CSV_NAME = "sequence_ppl.csv"
+FINAL_CSV = "final_checkpoints.csv"
 SETS_DIR = "sets"
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -78,23 +83,36 @@ class Settings(ExperimentSettings):
            "plain-text document).", key=False)          # its text is in the keys
   prompts: str | None = cli.option(
       None, "Prompt file (.jsonl: a \"prompt\" or \"text\" string per line; any other file: one "
-            "prompt per non-empty line); default: --num_prompts spans drawn from the corpus.",
+            "prompt per non-empty line); default: prompts from the corpus (--prompt_source).",
       key=False)                                        # its contents are in the sets' key
-  num_prompts: int = cli.option(32, "Prompts drawn from the corpus.", ge=1)
-  prompt_tokens: int = cli.option(32, "Tokens per drawn prompt.", ge=1)
-  max_new_tokens: int = cli.option(64, "Tokens generated per prompt.", ge=1)
+  prompt_source: str = cli.option(
+      "documents", "Prompts from the corpus: 'documents' (the first --prompt_tokens tokens of "
+                   "each document, in order: the paper's) or 'spans' (drawn at random positions "
+                   "by --seed).", choices=("documents", "spans"))
+  num_prompts: int = cli.option(32, "Prompts taken from the corpus.", ge=1)
+  prompt_tokens: int = cli.option(5, "Tokens per corpus prompt.", ge=1)
+  max_new_tokens: int = cli.option(50, "Tokens generated per prompt.", ge=1)
   small: str | None = cli.option(None, "Small model of the joint decoder (default: smallest).")
   large: str | None = cli.option(None, "Large model of the joint decoder (default: largest).")
-  sample_models: tuple[str, ...] | None = cli.option(
-      None, "Models to sample plain sets from (default: all).")
+  configurations: tuple[str, ...] = cli.option(
+      T.PAPER_CONFIGURATIONS, "Mixtures l1:l2 of l1 * p_small + l2 * p_large (entries <= 0 "
+                              "dropped, renormalised).")
+  methods: tuple[str, ...] = cli.option(T.METHODS, "Decoding methods.", choices=T.METHODS)
+  sample_models: tuple[str, ...] = cli.option(
+      (), "Extra: models to sample plain sets from (sample_<model>).")
   top_p: float = cli.option(0.9, "Nucleus sampling mass.", gt=0, le=1)
   temperature: float = cli.option(1.0, "Sampling temperature.", gt=0)
   seed: int = cli.option(0, "Seed of prompts, passages, noise and sampling.", ge=0)
-  noise_rates: tuple[float, ...] = cli.option((0.1, 0.3, 0.5), "Token noise rates.", ge=0, le=1)
-  shuffle_window: int = cli.option(4, "Tokens per shuffling window.", ge=1)
-  num_passages: int = cli.option(32, "Corpus passages to perturb.", ge=1)
-  passage_tokens: int = cli.option(128, "Tokens per passage.", ge=1)
-  swaps_per_kind: int = cli.option(2, "Entity and number swaps per passage.", ge=0)
+  noise_rates: tuple[float, ...] = cli.option(
+      (0.2, 0.4, 0.6, 0.8, 1.0), "Shares of each passage's tokens replaced by random tokens.",
+      ge=0, le=1)
+  shuffle_rates: tuple[float, ...] = cli.option(
+      (), "Extra: shares of shuffled windows (shuffle_<rate> sets).", ge=0, le=1)
+  shuffle_window: int = cli.option(4, "Tokens per shuffling window.", ge=2)
+  num_passages: int = cli.option(32, "Corpus passages to corrupt.", ge=1)
+  passage_tokens: int = cli.option(100, "Tokens per passage.", ge=1)
+  swaps_per_kind: int = cli.option(
+      0, "Extra: entity and number swaps per passage (facts_original / facts_swapped sets).", ge=0)
   validation_ppl: str | None = cli.option(
       None, "validation_ppl.csv (or its folder) of --suite; default: computed from --corpus.",
       key=False)
@@ -114,129 +132,6 @@ class Settings(ExperimentSettings):
 SCORING_ONLY = ("context_length", "stride")
 
 
-@dataclasses.dataclass
-class SequenceSet:
-  """Sequences to score. ids[i] are scored given context_ids[i] (which starts with the
-  tokenizer's start token, e.g. OPT's </s>, Pythia's <|endoftext|>);
-  contexts/texts are the same as text, for tokenizers other than `tokenizer` (a fingerprint)."""
-  name: str
-  kind: str                      # "generated" or "perturbed"
-  tokenizer: str
-  contexts: list[str]
-  texts: list[str]
-  context_ids: list[list[int]]
-  ids: list[list[int]]
-  extra: list[dict] = dataclasses.field(default_factory=list)
-
-  def __len__(self) -> int:
-    return len(self.ids)
-
-  def digest(self) -> str:
-    h = hashlib.sha256(json.dumps([self.name, self.kind, self.tokenizer, self.contexts,
-                                   self.texts, self.context_ids, self.ids]).encode())
-    return h.hexdigest()[:16]
-
-
-# Files ----------------------------------------------------------------------------------------
-
-def save_set(s: SequenceSet, directory: str) -> str:
-  """Writes directory/<name>.jsonl, one sequence per line (atomic); returns the path."""
-  lines = []
-  for i in range(len(s)):
-    row = {"index": i, "set": s.name, "kind": s.kind, "context": s.contexts[i],
-           "text": s.texts[i], "context_ids": s.context_ids[i], "ids": s.ids[i],
-           "tokenizer": s.tokenizer}
-    row.update(s.extra[i] if s.extra else {})
-    lines.append(json.dumps(row, ensure_ascii=False))
-  path = os.path.join(directory, f"{s.name}.jsonl")
-  files.write_text(path, "\n".join(lines) + "\n")
-  return path
-
-
-def load_set(path: str) -> SequenceSet:
-  rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
-  if not rows:
-    raise InputError(f"{path}: empty sequence set; delete the sets folder to rebuild it")
-  core = ("index", "set", "kind", "context", "text", "context_ids", "ids", "tokenizer")
-  return SequenceSet(rows[0]["set"], rows[0]["kind"], rows[0]["tokenizer"],
-                     [r["context"] for r in rows], [r["text"] for r in rows],
-                     [r["context_ids"] for r in rows], [r["ids"] for r in rows],
-                     [{k: v for k, v in r.items() if k not in core} for r in rows])
-
-
-def read_prompts(path: str) -> list[str]:
-  """Prompts from a .jsonl file ({"prompt"|"text": ...} or a JSON string per line) or any other
-  file (one prompt per non-empty line), UTF-8. Errors name the file and line."""
-  content = inputs.read_text(path, "prompt file")
-  prompts = []
-  for i, line in enumerate(content.splitlines(), 1):
-    if not line.strip():
-      continue
-    if not path.endswith(inputs.JSONL):
-      prompts.append(line)
-      continue
-    try:
-      item = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise InputError(f"{path}:{i}: not valid JSON ({e})") from None
-    text = item.get("prompt", item.get("text")) if isinstance(item, dict) else item
-    if not isinstance(text, str) or not text.strip():
-      raise InputError(f"{path}:{i}: expected a non-empty string or an object with a "
-                       f"\"prompt\" or \"text\" string, got {line.strip()[:80]!r}")
-    prompts.append(text)
-  if not prompts:
-    raise InputError(f"{path}: no prompt (the file is empty or has no non-empty line)")
-  return prompts
-
-
-# Building the sets ----------------------------------------------------------------------------
-
-def draw_spans(docs: Sequence[Sequence[int]], num: int, length: int, rng: np.random.Generator,
-               what: str = "corpus") -> list[list[int]]:
-  """`num` spans of `length` token ids, start positions uniform over every position of every
-  document (token ids without the leading </s>) where a whole span fits."""
-  fits = np.array([max(len(d) - length + 1, 0) for d in docs], np.int64)
-  if fits.sum() == 0:
-    raise InputError(f"{what}: no document has {length} tokens (longest: "
-                     f"{max((len(d) for d in docs), default=0)}); use shorter spans")
-  picks = rng.choice(int(fits.sum()), size=num, replace=num > fits.sum())
-  bounds = np.cumsum(fits)
-  out = []
-  for p in sorted(picks.tolist()):
-    d = int(np.searchsorted(bounds, p, side="right"))
-    start = p - (int(bounds[d - 1]) if d else 0)
-    out.append([int(t) for t in docs[d][start:start + length]])
-  return out
-
-
-def _decode(tok, ids: Sequence[int]) -> str:
-  # OPT's model vocabulary (50272) is larger than its tokenizer's (50265): unknown ids have no text.
-  return tok.decode([i for i in ids if i < tok.vocab_size])
-
-
-def make_prompts(settings: Settings, tok, docs: Sequence[str], max_tokens: int
-                 ) -> tuple[list[str], list[list[int]], int]:
-  """(prompt texts, prompt ids [start, ...], number truncated to max_tokens). Every prompt starts
-  with the tokenizer's start token (the family's prefix, e.g. OPT's </s>, or its end-of-text
-  token for families without one), so that its first text token is conditioned on something."""
-  if settings.prompts:
-    texts = read_prompts(settings.prompts)
-    ids = [[tok.start_id] + b for b in tok.encode_batch(texts, add_bos=False)]
-  else:
-    body = draw_spans(tok.encode_batch(list(docs), add_bos=False), settings.num_prompts,
-                      settings.prompt_tokens, perturb.rng_for(settings.seed, "prompts"),
-                      "corpus (prompts)")
-    ids = [[tok.start_id] + b for b in body]
-    texts = [_decode(tok, b) for b in body]
-  truncated = 0
-  for i, p in enumerate(ids):
-    if len(p) > max_tokens:   # keep the start token and the most recent tokens
-      ids[i] = [p[0]] + p[len(p) - max_tokens + 1:]
-      texts[i] = _decode(tok, ids[i][1:])
-      truncated += 1
-  return texts, ids, truncated
-
-
 def _final(model) -> tuple[int, str]:
   step = max(model.checkpoints)
   return step, model.checkpoints[step]
@@ -251,144 +146,89 @@ def _model(ctx: Experiment, name: str | None, default):
     raise InputError(e.args[0]) from None
 
 
-def generated_sets(ctx: Experiment, docs: Sequence[str]) -> tuple[list[SequenceSet],
-                                                                  dict[str, Any]]:
-  """Sets (a), (b), (c) from the final checkpoints, decoded on ctx.mesh; also generation stats
-  for the manifest."""
-  from opt_jax import checkpoint, generation, sharding  # pylint: disable=import-outside-toplevel
-
-  settings = ctx.settings
+def _pair(ctx: Experiment):
+  """(small, large) suite models of the joint decoder; errors name the flag at fault."""
   by_size = sorted(ctx.suite.models, key=lambda m: m.params)
-  small, large = _model(ctx, settings.small, by_size[0]), _model(ctx, settings.large, by_size[-1])
+  small = _model(ctx, ctx.settings.small, by_size[0])
+  large = _model(ctx, ctx.settings.large, by_size[-1])
   if small.name == large.name:
     raise InputError(f"--small and --large are the same model ({small.name}); the suite needs two "
                      "sizes, or name them with --small/--large")
-  sample = ([_model(ctx, n, None) for n in settings.sample_models] if settings.sample_models
-            else by_size)
+  return small, large
+
+
+def generated_sets(ctx: Experiment, docs: Sequence[str]) -> tuple[list[SequenceSet],
+                                                                  dict[str, Any]]:
+  """The generated sets from the final checkpoints of --small and --large, decoded on ctx.mesh,
+  and the generation stats for the manifest."""
+  from opt_jax import checkpoint, generation, sharding  # pylint: disable=import-outside-toplevel
+
+  s = ctx.settings
+  small, large = _pair(ctx)
+  sample = [_model(ctx, n, None) for n in s.sample_models]
+  sc, lc = ctx.configs[small.name], ctx.configs[large.name]
+  stok, ltok = ctx.tokenizers[small.name], ctx.tokenizers[large.name]
+  try:
+    generation.check_joint_models([sc, lc], [stok, ltok], [small.name, large.name])
+  except ValueError as e:
+    raise InputError(str(e)) from None
+  max_new = s.max_new_tokens
+  context_size = min(lc.max_position_embeddings, sc.max_position_embeddings)
+  if context_size - max_new < 2:
+    raise InputError(f"--max_new_tokens={max_new} leaves no room for a prompt in a context of "
+                     f"{context_size} positions")
+  prompts = T.make_prompts(stok, docs, max_tokens=context_size - max_new, prompt_file=s.prompts,
+                           source=s.prompt_source, num_prompts=s.num_prompts,
+                           prompt_tokens=s.prompt_tokens, seed=s.seed)
 
   def load(model):
     step, path = _final(model)
     config = ctx.configs[model.name]
     # Restored straight into the mesh's layout: a large model never sits whole on one device.
     shardings = sharding.param_shardings(config, ctx.mesh) if ctx.mesh is not None else None
-    return (config, checkpoint.restore(path, shardings=shardings, dtype=ctx.dtype),
-            ctx.tokenizers[model.name], step)
+    return config, checkpoint.restore(path, shardings=shardings, dtype=ctx.dtype), step
 
-  lc, sc = ctx.configs[large.name], ctx.configs[small.name]
-  ltok, stok = ctx.tokenizers[large.name], ctx.tokenizers[small.name]
-  try:
-    generation.check_joint_models([lc, sc], [ltok, stok], [large.name, small.name])
-  except ValueError as e:
-    raise InputError(str(e)) from None
-  max_new = settings.max_new_tokens
-  max_prompt = min(lc.max_position_embeddings, sc.max_position_embeddings) - max_new
-  if max_prompt < 2:
-    raise InputError(f"--max_new_tokens={max_new} leaves no room for a prompt in a context of "
-                     f"{min(lc.max_position_embeddings, sc.max_position_embeddings)} positions")
-  texts, prompt_ids, truncated = make_prompts(settings, ltok, docs, max_prompt)
-  # Small and large stay in memory for the joint sets; other sizes are loaded one at a time.
-  loaded = {large.name: load(large), small.name: load(small)}
-  (_, lp, _, lstep), (_, sp, _, sstep) = loaded[large.name], loaded[small.name]
-  common = dict(max_new_tokens=max_new, sampler="sample", temperature=settings.temperature,
-                top_p=settings.top_p, eos_id=None, dtype=ctx.dtype,
-                batch_size=settings.generation_batch_size, mesh=ctx.mesh)
-  stats: dict[str, Any] = {"prompts": len(prompt_ids), "prompts_truncated": truncated,
-                           "max_prompt_tokens": max_prompt, "small": f"{small.name}@{sstep}",
-                           "large": f"{large.name}@{lstep}", "sets": {}}
-  sets = []
-
-  def add(name, tok, outs, fallback=None):
-    sets.append(SequenceSet(name, "generated", tok.fingerprint(), list(texts),
-                            [_decode(tok, o) for o in outs], [list(p) for p in prompt_ids],
-                            [list(o) for o in outs],
-                            [{"prompt_index": i} for i in range(len(outs))]))
-    stats["sets"][name] = {"sequences": len(outs), "tokens": sum(map(len, outs))}
-    if fallback is not None:
-      stats["sets"][name].update(fallback_steps=fallback["fallback_steps"],
-                                 fallback_steps_per_prompt=fallback["fallback_steps_per_prompt"])
-
-  ctx.say(f"decoding {len(prompt_ids)} prompts x {max_new} tokens: {large.name} - {small.name}, "
-          f"{small.name} - {large.name}, then samples of {', '.join(m.name for m in sample)}")
-  pair = [(lc, lp), (sc, sp)]
-  outs, st = generation.joint_generate(pair, (1.0, -1.0), prompt_ids, seed=settings.seed,
-                                       tokenizers=[ltok, stok], names=[large.name, small.name],
-                                       **common)
-  add("large_minus_small", ltok, outs, st)
-  # Same models and compiled program, weights (-1, 1): p_small - p_large, small as fallback.
-  outs, st = generation.joint_generate(pair, (-1.0, 1.0), prompt_ids, seed=settings.seed + 1,
-                                       fallback_model=1, tokenizers=[ltok, stok],
-                                       names=[large.name, small.name], **common)
-  add(A.SMALL_PREFERRED, stok, outs, st)
-  # Free the joint pair's params (these names and `loaded` both hold them), keeping only the
-  # model sampled first: the others are restored in turn, never held while other sizes load.
-  del pair, lp, sp
-  loaded = {name: v for name, v in loaded.items() if sample and name == sample[0].name}
-  for k, model in enumerate(sample):
-    config, params, tok, _ = loaded.pop(model.name, None) or load(model)
+  (_, sp, sstep), (_, lp, lstep) = load(small), load(large)
+  configurations = T.parse_configurations(s.configurations)
+  ctx.say(f"decoding {len(prompts.ids)} prompts x {max_new} tokens with {small.name} (small) and "
+          f"{large.name} (large): {len(configurations)} configurations x {', '.join(s.methods)}")
+  sets, stats = T.decode_sets(
+      [(sc, sp), (lc, lp)], stok, prompts, configurations, s.methods, max_new_tokens=max_new,
+      top_p=s.top_p, temperature=s.temperature, seed=s.seed, batch_size=s.generation_batch_size,
+      mesh=ctx.mesh, names=[small.name, large.name], say=ctx.say)
+  del sp, lp
+  stats.update(prompts=len(prompts.ids), prompt_source=prompts.source,
+               prompts_truncated=prompts.truncated, short_documents=prompts.short_documents,
+               max_prompt_tokens=context_size - max_new, small=f"{small.name}@{sstep}",
+               large=f"{large.name}@{lstep}")
+  for k, model in enumerate(sample):   # extras: plain samples, one model in memory at a time
+    config, params, _ = load(model)
+    tok = ctx.tokenizers[model.name]
     # Its own encoding of the prompt texts if its tokenizer differs; its own context length.
-    ids = (prompt_ids if tok.fingerprint() == ltok.fingerprint() else
-           [[tok.start_id] + b for b in tok.encode_batch(texts, add_bos=False)])
+    ids = (prompts.ids if tok.fingerprint() == stok.fingerprint() else
+           [[tok.start_id] + b for b in tok.encode_batch(prompts.texts, add_bos=False)])
     room = config.max_position_embeddings - max_new
     ids = [p if len(p) <= room else [p[0]] + p[len(p) - room + 1:] for p in ids]
-    outs = generation.generate(config, params, ids, seed=settings.seed + 2 + k, **common)
-    add(f"sample_{model.name}", tok, outs)
-    sets[-1].context_ids = [list(p) for p in ids]
+    outs = generation.generate(config, params, ids, max_new_tokens=max_new, sampler="sample",
+                               top_p=s.top_p, temperature=s.temperature, eos_id=None,
+                               seed=s.seed + 100 + k, batch_size=s.generation_batch_size,
+                               mesh=ctx.mesh)
+    name = f"sample_{model.name}"
+    sets.append(T.sample_set(name, tok, prompts.texts, ids, outs))
+    stats["sets"][name] = {"sequences": len(outs), "tokens": sum(map(len, outs))}
     del params
-  loaded.clear()
-  return sets, stats
-
-
-def perturbed_sets(settings: Settings, tok, docs: Sequence[str]) -> tuple[list[SequenceSet],
-                                                                         dict[str, Any]]:
-  """clean, replace_<rate>, shuffle_<rate>, facts_original, facts_swapped from corpus spans."""
-  body = draw_spans(tok.encode_batch(list(docs), add_bos=False), settings.num_passages,
-                    settings.passage_tokens, perturb.rng_for(settings.seed, "passages"),
-                    "corpus (passages)")
-  fp = tok.fingerprint()
-  bos = tok.start_id
-  special = tok.special_ids | {bos}   # never drawn as replacement tokens
-  pool = np.array([i for i in range(tok.vocab_size) if i not in special])
-
-  def make(name, ids_list, texts=None, extra=None):
-    texts = texts if texts is not None else [_decode(tok, x) for x in ids_list]
-    n = len(ids_list)
-    return SequenceSet(name, "perturbed", fp, [""] * n, texts, [[bos] for _ in range(n)],
-                       [list(x) for x in ids_list], extra or [])
-
-  clean_texts = [_decode(tok, b) for b in body]
-  sets = [make("clean", body, clean_texts)]
-  for rate in settings.noise_rates:
-    sets.append(make(f"replace_{rate:g}", [
-        perturb.replace_tokens(b, rate, pool, perturb.rng_for(settings.seed, "replace", i),
-                               keep_first=0) for i, b in enumerate(body)]))
-    sets.append(make(f"shuffle_{rate:g}", [
-        perturb.shuffle_windows(b, rate, settings.shuffle_window,
-                                perturb.rng_for(settings.seed, "shuffle", i), keep_first=0)
-        for i, b in enumerate(body)]))
-  swapped = [(i, perturb.swap_facts(t, perturb.rng_for(settings.seed, "facts", i),
-                                    swaps_per_kind=settings.swaps_per_kind))
-             for i, t in enumerate(clean_texts)]
-  swapped = [(i, s) for i, s in swapped if s.swaps]
-  stats = {"passages": len(body), "passage_tokens": settings.passage_tokens,
-           "passages_with_swaps": len(swapped)}
-  if swapped:
-    extra = [{"passage_index": i, "swaps": [list(x) for x in s.swaps]} for i, s in swapped]
-    sets.append(make("facts_original", [body[i] for i, _ in swapped],
-                     [clean_texts[i] for i, _ in swapped], extra))
-    sets.append(make("facts_swapped", [tok.encode(s.text, add_bos=False) for _, s in swapped],
-                     [s.text for _, s in swapped], extra))
   return sets, stats
 
 
 def build_sets(ctx: Experiment, docs: Sequence[str]) -> tuple[list[SequenceSet], dict]:
-  """The generated and perturbed sets from the corpus documents `docs`, reused from
+  """The generated and corrupted sets from the corpus documents `docs`, reused from
   out/sets when everything they depend on is unchanged."""
-  settings = ctx.settings
+  s = ctx.settings
   key = hashlib.sha256(json.dumps({
       "format": FORMAT,
-      "settings": {k: v for k, v in cli.key(settings).items() if k not in SCORING_ONLY},
-      "prompt_file": (files.sha256_file(settings.prompts)
-                      if settings.prompts and os.path.isfile(settings.prompts) else None),
+      "settings": {k: v for k, v in cli.key(s).items() if k not in SCORING_ONLY},
+      "prompt_file": (files.sha256_file(s.prompts)
+                      if s.prompts and os.path.isfile(s.prompts) else None),
       "corpus": hashlib.sha256("\0".join(docs).encode()).hexdigest(),
       "checkpoints": {m.name: _final(m)[1] for m in ctx.suite.models}}, sort_keys=True,
       default=str).encode()).hexdigest()[:16]
@@ -399,31 +239,25 @@ def build_sets(ctx: Experiment, docs: Sequence[str]) -> tuple[list[SequenceSet],
       manifest = json.load(f)
     if manifest.get("key") == key:
       ctx.say(f"reusing the sequence sets in {directory}")
+      manifest["reused"] = True
       return [load_set(os.path.join(directory, f"{n}.jsonl")) for n in manifest["sets"]], manifest
   sets, gen_stats = generated_sets(ctx, docs)
-  small = _model(ctx, settings.small, min(ctx.suite.models, key=lambda m: m.params))
-  more, pert_stats = perturbed_sets(settings, ctx.tokenizers[small.name], docs)
+  small, _ = _pair(ctx)
+  more, pert_stats = T.perturbed_sets(
+      ctx.tokenizers[small.name], docs, seed=s.seed, num_passages=s.num_passages,
+      passage_tokens=s.passage_tokens, noise_rates=s.noise_rates, shuffle_rates=s.shuffle_rates,
+      shuffle_window=s.shuffle_window, swaps_per_kind=s.swaps_per_kind)
   sets += more
-  manifest = {"key": key, "sets": [s.name for s in sets], "generation": gen_stats,
-              "perturbation": pert_stats, "digests": {s.name: s.digest() for s in sets}}
+  manifest = {"key": key, "sets": [x.name for x in sets], "generation": gen_stats,
+              "perturbation": pert_stats, "digests": {x.name: x.digest() for x in sets}}
   if ctx.is_main:
-    for s in sets:
-      save_set(s, directory)
+    for x in sets:
+      T.save_set(x, directory)
     files.write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")  # last: marks completion
   return sets, manifest
 
 
 # Scoring --------------------------------------------------------------------------------------
-
-def scoring_inputs(s: SequenceSet, tok) -> tuple[list[list[int]], list[int]]:
-  """(full token lists context + target, number of target tokens) for `tok`; the ids as stored
-  when `tok` is the set's tokenizer, else the texts re-tokenised (n = 0: nothing to score)."""
-  if tok.fingerprint() == s.tokenizer:
-    return [c + x for c, x in zip(s.context_ids, s.ids)], [len(x) for x in s.ids]
-  ctx = [[tok.start_id] + c for c in tok.encode_batch(s.contexts, add_bos=False)]
-  tgt = tok.encode_batch(s.texts, add_bos=False)
-  return [c + x for c, x in zip(ctx, tgt)], [len(x) for x in tgt]
-
 
 def make_evaluator(ctx: Experiment, sets: Sequence[SequenceSet],
                    valid: perplexity.CorpusScorer | None):
@@ -437,7 +271,7 @@ def make_evaluator(ctx: Experiment, sets: Sequence[SequenceSet],
     scorer = ctx.scorer(model, config, params)
     fp = tok.fingerprint()
     if fp not in inputs_:
-      inputs_[fp] = [scoring_inputs(s, tok) for s in sets]
+      inputs_[fp] = [T.scoring_inputs(s, tok) for s in sets]
     per_set = inputs_[fp]
     lists = [f for full, ns in per_set for f, n in zip(full, ns) if n > 0]
     # The validation documents go in the same call: one batched pass over everything.
@@ -487,7 +321,7 @@ def score_suite(ctx: Experiment, label: str, sets: Sequence[SequenceSet],
 
 
 def run(settings: Settings, *, progress: bool = True, run_info: dict | None = None) -> Outcome:
-  """Builds the sets, scores them with every suite, writes CSV, plots and summary.md.
+  """Builds the sets, scores them with every suite, writes the CSVs, plots and summary.md.
   Outcome.table: the trajectory table (A.COLUMNS)."""
   s = settings
   ctx = Experiment(NAME, s, progress=progress, run_info=run_info)
@@ -496,6 +330,10 @@ def run(settings: Settings, *, progress: bool = True, run_info: dict | None = No
   if few:   # a trajectory's fall and rise need two checkpoints at least
     raise InputError(f"--suite={s.suite}: every model needs at least 2 checkpoints; "
                      f"{', '.join(few)} {'has' if len(few) == 1 else 'have'} fewer")
+  T.parse_configurations(s.configurations)
+  _pair(ctx)
+  for name in s.sample_models:
+    _model(ctx, name, None)
   suites = [(ctx, ctx.suite.name, s.validation_ppl)]
   if s.cross_suite:
     cross = ctx.with_suite(s.cross_suite)
@@ -504,8 +342,12 @@ def run(settings: Settings, *, progress: bool = True, run_info: dict | None = No
     suites.append((cross, label, s.cross_validation_ppl))
   corpora = inputs.read_corpora(s.corpus)
   docs = [t for c in corpora for t in c.texts]
-  # Read before decoding: a wrong file fails now.
+  # Read and checked before decoding: a wrong file or a bad checkpoint fails now.
   valid = [perplexity.read_validation_ppl(csv, c.suite) if csv else None for c, _, csv in suites]
+  if s.prompts:
+    read_prompts(s.prompts)
+  for c, _, _ in suites:
+    c.check_integrity()
   sets, manifest = build_sets(ctx, docs)
   df = pd.concat([score_suite(c, label, sets, v, corpora)
                   for (c, label, _), v in zip(suites, valid)], ignore_index=True)
@@ -515,41 +357,58 @@ def run(settings: Settings, *, progress: bool = True, run_info: dict | None = No
       ctx.skipped.append(f"{label}: no validation perplexity for {', '.join(absent)} in {csv}")
   ctx.skipped += [f"{c.skipped} empty document(s) of {c.path}" for c in corpora if c.skipped]
   gen = manifest["generation"]
-  evaluated = [f"{len(sets)} sets ({gen['prompts']} prompts x {s.max_new_tokens} new tokens; "
-               f"{manifest['perturbation']['passages']} perturbed passages)"]
+  if gen["prompt_source"] == "documents" and gen["prompts"] < s.num_prompts:
+    ctx.skipped.append(f"{gen['prompts']} prompt(s) instead of --num_prompts={s.num_prompts}: the "
+                       f"corpus has no more documents of {s.prompt_tokens} tokens "
+                       f"({gen['short_documents']} shorter ones passed over)")
+  evaluated = [f"{len(sets)} sets ({gen['prompts']} prompts x {s.max_new_tokens} new tokens, "
+               f"decoded in {gen['decode_seconds']:.1f} s; "
+               f"{manifest['perturbation']['passages']} corrupted passages)"]
   if not ctx.is_main:
     return ctx.outcome(None, evaluated=evaluated)
+  final = A.final_table(df)
   ctx.write_csv(CSV_NAME, df, float_format="%.8g")
+  ctx.write_csv(FINAL_CSV, final, float_format="%.8g")
   if s.plots:
     ctx.skipped += A.write_plots(df, ctx.path("plots"))[1]
   info = _summary_info(ctx, [label for _, label, _ in suites], manifest)
   ctx.write_text("summary.md", A.summary_markdown(df, ctx.suite.name, info, s.tolerance))
-  answer = A.fall_then_rise_answer(A.shapes(df, A.SMALL_PREFERRED, ctx.suite.name, s.tolerance))
-  headline = (f"{A.SMALL_PREFERRED} set, does perplexity fall early for every size and rise later "
-              f"for the large ones only? {answer.text.replace('**', '')}")
-  return ctx.outcome(df, evaluated=evaluated, results=[headline],
-                     files_=[CSV_NAME, "summary.md", "sets/", *(["plots/"] if s.plots else [])])
+  when = ", in the run that made the reused sets" if manifest.get("reused") else ""
+  results = [A.headline(df, ctx.suite.name, s.tolerance),
+             f"decode time: {gen['decode_seconds']:.1f} s for "
+             f"{sum(1 for x in gen['sets'].values() if 'method' in x)} joint sets (compilation "
+             f"included{when})"]
+  return ctx.outcome(df, evaluated=evaluated, results=results,
+                     files_=[CSV_NAME, FINAL_CSV, "summary.md", "sets/",
+                             *(["plots/"] if s.plots else [])])
 
 
 def _summary_info(ctx: Experiment, labels, manifest: dict) -> dict[str, str]:
   settings, suite = ctx.settings, ctx.suite
   gen, pert = manifest["generation"], manifest["perturbation"]
-  fallback = {n: s["fallback_steps"] for n, s in gen["sets"].items() if "fallback_steps" in s}
-  source = f"file {settings.prompts}" if settings.prompts else "drawn from the corpus"
+  fallback = {n: x["fallback_steps"] for n, x in gen["sets"].items() if "fallback_steps" in x}
+  noise = [f"replacement {list(settings.noise_rates)}"]
+  if settings.shuffle_rates:
+    noise.append(f"shuffling {list(settings.shuffle_rates)} (window {settings.shuffle_window})")
+  if settings.swaps_per_kind:
+    noise.append(f"{pert['passages_with_swaps']} passages with entity/number swaps")
   return {
       "suite": f"{suite.name} ({', '.join(m.name for m in suite.models)}; "
                f"{len(suite)} checkpoints)",
       "scored by": ", ".join(labels),
-      "generation": f"small {gen['small']}, large {gen['large']}, {gen['prompts']} prompts "
-                    f"({source}), {settings.max_new_tokens} new tokens, top-p {settings.top_p}, "
-                    f"temperature {settings.temperature}, seed {settings.seed}",
+      "generation": f"small {gen['small']}, large {gen['large']}; configurations (l1, l2) of "
+                    f"l1 * p_small + l2 * p_large: {', '.join(settings.configurations)}; "
+                    f"{', '.join(settings.methods)} (top-p {settings.top_p}, temperature "
+                    f"{settings.temperature}, seed {settings.seed}); {gen['prompts']} prompts "
+                    f"({gen['prompt_source']}, {settings.prompt_tokens} tokens), "
+                    f"{settings.max_new_tokens} new tokens",
+      "decode time": f"{gen['decode_seconds']:.1f} s (every joint set, compilation included)",
       "prompts truncated to fit the context":
           f"{gen['prompts_truncated']} (kept the start token and the last "
           f"{gen['max_prompt_tokens'] - 1} tokens)",
-      "joint steps without positive mass (fell back to one model)": json.dumps(fallback),
-      "perturbed passages": f"{pert['passages']} x {pert['passage_tokens']} tokens; noise rates "
-                            f"{list(settings.noise_rates)} (window {settings.shuffle_window}); "
-                            f"{pert['passages_with_swaps']} passages with entity/number swaps",
+      "joint steps without positive mass (took the larger weight's model)": json.dumps(fallback),
+      "corrupted passages": f"{pert['passages']} x {pert['passage_tokens']} tokens; "
+                            + "; ".join(noise),
       "validation perplexity": (settings.validation_ppl or
                                 f"computed from {', '.join(settings.corpus)}"),
   }

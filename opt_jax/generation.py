@@ -34,13 +34,21 @@ arguments; each gets the whole result. The tokens are those of the single-device
 rounding (tensor-parallel sums add in another order), which decides a token only at a near tie.
 
 Joint decoding (`joint_generate`): with per-model probabilities p_i = softmax(logits_i / T),
-the next-token distribution is q = max(sum_i w_i p_i, 0) / Z. Weights may be negative
-(p_large - p_small, the contrastive sets of Xia et al.). If Z <= FALLBACK_MASS * sum_i |w_i| (the
-weights leave no positive mass at that step: e.g. all weights zero, or w = (1, -1) on two models
-that agree), that row uses p_1 (the first model's distribution, or the one `fallback_model`
-names) for that step; such steps are counted per prompt in the returned stats. Weights summing to
-zero are allowed (p_large - p_small keeps positive mass wherever the models differ). Models must
-share a tokenizer (fingerprints compared up front) and a vocabulary size.
+the next-token distribution is q = max(sum_i w_i p_i, 0) / Z: the weighted sum of probabilities
+(not of logits), entries <= 0 dropped, renormalised (`mixture_log_probs`). This is the mixture
+p' = l1 * p_small + l2 * p_large of Xia et al. (2023, section 4; `OPTSubtract` in the authors'
+utils.py, which sets negatives to 0 and adds 1e-7 to every entry before the log: the same
+argmax; for sampling its dropped tokens keep 1e-7 each before renormalising, V x 1e-7 in all
+(0.5% of the mass for a 50k vocabulary at Z = 1), mostly outside a top-p 0.9 nucleus; here a
+dropped token is never drawn). Greedy search takes argmax q; nucleus sampling applies top-k / top-p to q and draws
+(`sampling_distribution` is what the draw sees). Weights may be negative (p_small - p_large, the
+contrastive sets). If Z <= FALLBACK_MASS * sum_i |w_i| (the weights leave no positive mass at that
+step: e.g. all weights zero, or w = (1, -1) on two models that agree), that row uses p_f (the
+first model's distribution, or the one `fallback_model` names) for that step; such steps are
+counted per prompt in the returned stats. Models must share a tokenizer (fingerprints compared up
+front) and a vocabulary size. Weights, sampler and seed are arguments of the one compiled
+program, so every configuration and method of a pair of models (the paper's five mixtures x
+greedy / nucleus) runs one program per prompt bucket.
 """
 
 from __future__ import annotations
@@ -158,6 +166,15 @@ def mixture_log_probs(logits: Sequence[Array], weights: Array, temperature: Arra
   backup = sum(jnp.where(fallback_model == i, p, 0.0) for i, p in enumerate(probs))
   q = jnp.where(fallback[:, None], backup, pos / jnp.where(fallback, 1.0, z)[:, None])
   return jnp.where(q > 0, jnp.log(jnp.where(q > 0, q, 1.0)), -jnp.inf), fallback
+
+
+def sampling_distribution(logits: Sequence[Array], weights: Array, temperature: Array,
+                          top_k: Array, top_p: Array, fallback_model: Array | int = 0) -> Array:
+  """log of the distribution a joint nucleus / top-k draw samples from: [B, V] fp32, -inf where
+  excluded. logits: per model [B, V] fp32; the mixture of `mixture_log_probs`, then
+  `filter_top_k_top_p` (top_k 0 and top_p 1: off), renormalised."""
+  scores, _ = mixture_log_probs(logits, weights, temperature, fallback_model)
+  return jax.nn.log_softmax(filter_top_k_top_p(scores, top_k, top_p), axis=-1)
 
 
 # The decoding program -------------------------------------------------------------------------

@@ -126,11 +126,13 @@ def _check_report_has_headline_sections_and_the_csv_numbers(demo):
     assert f"{r.model} {r.n_double_descent}/{r.n_upward}" in text
   # Joint-decoding examples: the decoded texts of the stored sets.
   sets = os.path.join(out, "sequences", "sets")
-  for name in ("large_minus_small", "small_minus_large"):
+  for name in ("ps-pl_greedy", "pl-ps_greedy"):
     with open(os.path.join(sets, f"{name}.jsonl")) as f:
       first = json.loads(f.readline())
     assert report.one_line(first["text"])[:60] in text, name
-  assert re.search(r"does perplexity fall early .* \*\*(Yes|No)\.\*\*", text)
+  assert re.search(r"- greedy: \*\*(Yes|No)\.\*\* Perplexity at the final checkpoints", text)
+  # The final-checkpoint scaling plot (Figure 6, top) is embedded (its file checked below).
+  assert re.search(r"\]\(sequences/plots/[^)]+_final_vs_params\.png\)", text)
   # Correlations of accuracy with perplexity, FLOPs and size, as in correlations.csv.
   corr = pd.read_csv(os.path.join(out, "icl", "correlations.csv")).set_index("x")
   for x in ("validation_ppl", "flops", "params"):
@@ -190,7 +192,7 @@ def _check_csvs_have_the_expected_columns_and_rows(demo):
   assert icl["validation_ppl"].notna().all()
   assert frames["icl/correlations.csv"]["n"].tolist() == [n_ckpt] * 3
   seq = frames["sequences/sequence_ppl.csv"]
-  assert {"large_minus_small", "small_minus_large", "clean"} <= set(seq["set"])
+  assert {"ps-pl_greedy", "ps-pl_nucleus", "pl_greedy", "clean", "replace_1"} <= set(seq["set"])
   assert len(seq) == n_ckpt * seq["set"].nunique()
   # The validation perplexity the scorer measured agrees with the trainer's own validation loss
   # (another code path: optax loss_fn on fixed batches of the same text) at every checkpoint.

@@ -305,6 +305,90 @@ def test_joint_rejects_different_tokenizers_and_vocab(two_models):
                    tokenizers=[_Tok("a"), _Tok("a")])
 
 
+# The paper's five mixtures (Xia et al. 2023, section 4) against HF PyTorch ---------------------
+
+PAPER_WEIGHTS = [(1.0, -1.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0), (-1.0, 1.0)]
+PAIRS = {"opt": ("pre_ln", "odd_heads"), "gpt_neox": ("neox_parallel", "neox_sequential")}
+
+
+@pytest.fixture(scope="module", params=sorted(PAIRS))
+def hf_pair(request):
+  """(small, large) random HF PyTorch models of one family and one vocabulary, with their
+  converted params: [(config, hf model, params), ...]."""
+  out = []
+  for name, seed in zip(PAIRS[request.param], (11, 12)):
+    config = oracle.TINY.get(name) or oracle.FAMILY_TINY[name]
+    hf = oracle.hf_model(config, seed=seed)
+    out.append((config, hf, oracle.params_from_hf_model(hf, config)))
+  return out
+
+
+def _hf_next_probs(hf, seq):
+  """softmax of the HF model's last logits over the whole sequence (no cache), float64 [V]."""
+  with torch.no_grad():
+    logits = hf(torch.tensor([seq])).logits[0, -1].double().numpy()
+  e = np.exp(logits - logits.max())
+  return e / e.sum()
+
+
+def _paper_mixture(p_small, p_large, weights):
+  """The paper's rule written again: l1 p_s + l2 p_l, entries <= 0 dropped, renormalised."""
+  q = weights[0] * p_small + weights[1] * p_large
+  q = np.where(q > 0, q, 0.0)
+  return q / q.sum()
+
+
+def test_five_configurations_greedy_match_an_hf_loop_with_one_program(hf_pair):
+  (sc, s_hf, sp), (lc, l_hf, lp) = hf_pair
+  prompts = _prompts(sc, lengths=[5, 3], seed=8)[0]
+  prompts = [[t % oracle.TOKENS for t in p] for p in prompts]
+  n = 8
+  compiled = None
+  for weights in PAPER_WEIGHTS:
+    got, stats = G.joint_generate([(sc, sp), (lc, lp)], weights, prompts, max_new_tokens=n,
+                                  eos_id=None, fallback_model=0 if weights[0] > 0 else 1)
+    # Nucleus decoding of the same pair runs the same program.
+    G.joint_generate([(sc, sp), (lc, lp)], weights, prompts, max_new_tokens=n, eos_id=None,
+                     sampler="sample", top_p=0.9, seed=5)
+    if compiled is None:
+      compiled = programs.compilations("decode")
+    assert programs.compilations("decode") == compiled
+    assert stats["fallback_steps"] == 0
+    for prompt, new in zip(prompts, got):
+      seq, want = list(prompt), []
+      for _ in range(n):
+        q = _paper_mixture(_hf_next_probs(s_hf, seq), _hf_next_probs(l_hf, seq), weights)
+        tok = int(np.argmax(q))
+        seq.append(tok)
+        want.append(tok)
+      assert new == want, weights
+
+
+def test_nucleus_draws_from_the_paper_mixture_top_p_filtered(hf_pair):
+  """At a fixed step, the distribution a nucleus draw samples from (logits of the opt_jax models)
+  equals the mixture of the HF models' softmaxes, renormalised and top-p filtered in numpy."""
+  (sc, s_hf, sp), (lc, l_hf, lp) = hf_pair
+  seq = [2, 17, 5, 60, 33, 8, 71]
+  ids = np.ones((1, 32), np.int32)
+  ids[0, :len(seq)] = seq
+  logits = [_last_logits(config, params, ids, len(seq))[None]
+            for config, params in ((sc, sp), (lc, lp))]
+  p_small, p_large = _hf_next_probs(s_hf, seq), _hf_next_probs(l_hf, seq)
+  draw = jax.jit(G.sampling_distribution)   # one program for every weight and top_p
+  for weights in PAPER_WEIGHTS:
+    for top_p in (0.9, 0.5):
+      got = np.exp(np.asarray(draw(logits, jnp.asarray(weights, jnp.float32), jnp.float32(1.0),
+                                   jnp.int32(0), jnp.float32(top_p))))[0]
+      q = _paper_mixture(p_small, p_large, weights)
+      order = np.argsort(-q, kind="stable")
+      above = np.cumsum(q[order]) - q[order]       # mass strictly above each token
+      keep = np.zeros(q.shape, bool)
+      keep[order[above < top_p]] = True
+      want = np.where(keep, q, 0.0) / q[keep].sum()
+      np.testing.assert_allclose(got, want, atol=1e-6, err_msg=str((weights, top_p)))
+      assert 1 < keep.sum() < q.size
+
+
 # Meshes (subprocesses) -----------------------------------------------------------------------
 
 def _child_env():

@@ -6,7 +6,10 @@ import re
 import numpy as np
 import pytest
 
+import _suite_util as U
 from experiments.tasks import perturb as P
+from experiments.tasks import sequences as T
+from opt_jax.tokenizer import load_tokenizer
 
 IDS = [2] + list(range(10, 110))   # 100 distinct ids after the leading </s>
 POOL = np.arange(4, 500)
@@ -100,3 +103,29 @@ def test_swap_needs_two_distinct_forms():
   res = P.swap_facts("We met Duncan in 1606, not in 1610.", P.rng_for(0), kinds=("number",))
   assert res.text == "We met Duncan in 1610, not in 1606."
   assert re.search("Duncan", res.text)
+
+
+def test_corrupted_sets_replace_exactly_round_rate_tokens_never_a_special_id(tmp_path):
+  """The experiment's corrupted sets (the paper's rates on 100-token passages): each passage has
+  exactly round(rate x 100) positions changed, no special or start id drawn, rate 1 changes all."""
+  U.train_tokenizer(str(tmp_path))
+  tok = load_tokenizer(str(tmp_path))
+  docs = [TEXT * 4, "Banquo and Fleance walk at night; 2 torches light the road. " * 8]
+  rates = (0.2, 0.4, 0.6, 0.8, 1.0)
+  sets, stats = T.perturbed_sets(tok, docs, seed=5, num_passages=6, passage_tokens=100,
+                                 noise_rates=rates)
+  by_name = {s.name: s for s in sets}
+  assert list(by_name) == ["clean", "replace_0.2", "replace_0.4", "replace_0.6", "replace_0.8",
+                           "replace_1"]
+  assert stats["passages"] == 6 and stats["passages_with_swaps"] == 0   # extras off
+  special = tok.special_ids | {tok.start_id}
+  clean = by_name["clean"].ids
+  assert all(len(x) == 100 and not special & set(x) for x in clean)
+  for rate in rates:
+    s = by_name[f"replace_{rate:g}"]
+    assert s.context_ids == [[tok.start_id]] * 6
+    for before, after in zip(clean, s.ids):
+      assert len(after) == 100
+      assert sum(a != b for a, b in zip(before, after)) == round(rate * 100)
+      assert not special & set(after)
+      assert all(0 <= t < tok.vocab_size for t in after)

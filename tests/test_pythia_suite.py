@@ -298,14 +298,14 @@ def seq_run(pythia, opt_suite, tmp_path_factory):
 
 def test_sequence_generation_on_pythia_with_an_opt_cross_suite(pythia, opt_suite, seq_run):
   out, df, sets = seq_run["out"], seq_run["df"], seq_run["sets"]
-  assert {"large_minus_small", "small_minus_large", "clean"} <= {s.name for s in sets}
+  assert {"ps-pl_greedy", "pl-ps_nucleus", "clean", "replace_0.3"} <= {s.name for s in sets}
   # Pythia has no prefix token: every sequence is conditioned on <|endoftext|> (id 0) first.
   assert all(c[0] == 0 for s in sets for c in s.context_ids)
   hf_tok = pythia["hf_tok"]
   for s in sets:
     if s.kind == "perturbed":
       assert s.context_ids == [[0]] * len(s)
-    elif s.name.startswith("sample_") or s.name.endswith("_large"):
+    else:
       assert all(c[1:] == _ids(hf_tok, t)[-len(c) + 1:] for c, t in zip(s.context_ids,
                                                                         s.contexts))
   # The suite's own scores (stored ids) are HF's.

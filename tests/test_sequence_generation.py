@@ -17,6 +17,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 import _suite_util as U
 from experiments import sequence_generation as S
 from experiments.analysis import sequences as A
+from experiments.tasks import sequences as T
 from opt_jax import checkpoint, generation
 from opt_jax import model as M
 from opt_jax.tokenizer import load_tokenizer
@@ -31,9 +32,13 @@ DOCS = [
     "Leo and Mia walked 25 miles from York to Hull in 1950.",
     "Nora paid 3.5 marks to Otto in Riga for 40 eggs and 2 hens.",
 ]
-SETTINGS = dict(num_prompts=4, prompt_tokens=12, max_new_tokens=16, num_passages=4,
-                passage_tokens=40, noise_rates=(0.3,), batch_size=8, generation_batch_size=8,
-                seed=3, sample_models=("tiny-a",))
+# The paper's defaults except the sizes (5 prompts of 5 tokens, 16 new tokens, 40-token
+# passages); the extras (shuffling, swapped facts, plain samples) switched on once here.
+SETTINGS = dict(num_prompts=5, max_new_tokens=16, num_passages=4, passage_tokens=40,
+                noise_rates=(0.2, 0.6, 1.0), shuffle_rates=(0.3,), swaps_per_kind=2,
+                batch_size=8, generation_batch_size=8, seed=3, sample_models=("tiny-a",))
+GENERATED = [f"{c}_{m}" for c in ("ps-pl", "ps", "ps+pl", "pl", "pl-ps")
+             for m in ("greedy", "nucleus")]
 
 
 def _other_tokenizer(directory):
@@ -103,8 +108,9 @@ def _direct_nll(path, full_lists, targets):
 def test_tables_cover_every_set_checkpoint_and_suite(world):
   df = world["df"]
   sets = list(dict.fromkeys(df["set"]))
-  assert sets[:3] == ["large_minus_small", "small_minus_large", "sample_tiny-a"]
-  assert {"clean", "replace_0.3", "shuffle_0.3", "facts_original", "facts_swapped"} <= set(sets)
+  assert sets[:11] == GENERATED + ["sample_tiny-a"]
+  assert sets[11:15] == ["clean", "replace_0.2", "replace_0.6", "replace_1"]
+  assert {"shuffle_0.3", "facts_original", "facts_swapped"} <= set(sets)
   assert len(df) == len(sets) * (6 + 2)
   assert set(df["scored_by"]) == {"tiny", "other"}
   on_disk = pd.read_csv(os.path.join(world["out"], S.CSV_NAME))
@@ -114,6 +120,26 @@ def test_tables_cover_every_set_checkpoint_and_suite(world):
       for ext in ("png", "pdf"):
         for by in ("tiny", "other"):
           assert os.path.getsize(os.path.join(world["out"], "plots", f"{by}_{kind}_vs_{x}.{ext}"))
+  for by in ("tiny", "other"):   # Figure 6 row 1 / Figure 5 left, and Figure 7 (other family)
+    for ext in ("png", "pdf"):
+      assert os.path.getsize(os.path.join(world["out"], "plots", f"{by}_final_vs_params.{ext}"))
+
+
+def test_final_checkpoint_table_is_each_sizes_last_step(world):
+  df = world["df"]
+  final = pd.read_csv(os.path.join(world["out"], S.FINAL_CSV), keep_default_na=False)
+  assert list(final.columns) == A.FINAL_COLUMNS
+  sets = list(dict.fromkeys(df["set"]))
+  assert len(final) == len(sets) * (2 + 1)   # tiny-a, tiny-b; other-a
+  last = {"tiny-a": 30, "tiny-b": 30, "other-a": 15}
+  for r in final.itertuples():
+    assert r.step == last[r.model]
+    want = df[(df["scored_by"] == r.scored_by) & (df["set"] == r.set) & (df["model"] == r.model)
+              & (df["step"] == r.step)]["ppl"].iloc[0]
+    np.testing.assert_allclose(r.ppl, want, rtol=1e-6)
+  ps = final[final["set"] == "ps-pl_nucleus"].iloc[0]
+  assert (ps.configuration, ps.method) == ("ps-pl", "nucleus")
+  assert final[final["set"] == "clean"]["method"].tolist() == [""] * 3
 
 
 def test_sequence_and_validation_ppl_match_a_direct_forward(world):
@@ -122,8 +148,8 @@ def test_sequence_and_validation_ppl_match_a_direct_forward(world):
   path = os.path.join(os.path.dirname(world["suite"]), suite["models"][0]["checkpoints"]["20"])
   row = lambda s: df[(df["scored_by"] == "tiny") & (df["set"] == s) & (df["model"] == "tiny-a")
                      & (df["step"] == 20)].iloc[0]
-  for name in ("small_minus_large", "shuffle_0.3"):
-    seqs = S.load_set(os.path.join(out, "sets", f"{name}.jsonl"))
+  for name in ("ps-pl_nucleus", "replace_0.6"):
+    seqs = T.load_set(os.path.join(out, "sets", f"{name}.jsonl"))
     nll = _direct_nll(path, [c + x for c, x in zip(seqs.context_ids, seqs.ids)],
                       [len(x) for x in seqs.ids])
     n = sum(map(len, seqs.ids))
@@ -143,55 +169,81 @@ def test_other_family_scores_retokenised_text(world):
   tok = load_tokenizer(path)
   assert tok.fingerprint() != load_tokenizer(os.path.join(
       os.path.dirname(world["suite"]), "tok")).fingerprint()
-  seqs = S.load_set(os.path.join(out, "sets", "large_minus_small.jsonl"))
+  seqs = T.load_set(os.path.join(out, "sets", "pl-ps_greedy.jsonl"))
   ctx = tok.encode_batch(seqs.contexts)
   tgt = tok.encode_batch(seqs.texts, add_bos=False)
   keep = [i for i, t in enumerate(tgt) if t]
   nll = _direct_nll(path, [ctx[i] + tgt[i] for i in keep], [len(tgt[i]) for i in keep])
   n = sum(len(tgt[i]) for i in keep)
-  row = df[(df["scored_by"] == "other") & (df["set"] == "large_minus_small")
+  row = df[(df["scored_by"] == "other") & (df["set"] == "pl-ps_greedy")
            & (df["step"] == 5)].iloc[0]
   assert row["num_tokens"] == n and row["num_sequences"] == len(keep)
   np.testing.assert_allclose(row["ppl"], np.exp(nll / n), rtol=1e-4)
 
 
 def test_generated_sets_are_the_decoders_output(world):
+  """Each of the ten sets is the joint decoder's output for its (l1, l2) and method, from the
+  first 5 tokens of the first 5 documents, with (small, large) = (tiny-a, tiny-b) at step 30."""
   out, settings = world["out"], world["settings"]
   root = os.path.dirname(world["suite"])
   manifest = json.load(open(os.path.join(out, "sets", "manifest.json")))
-  small = S.load_set(os.path.join(out, "sets", "small_minus_large.jsonl"))
-  load = lambda name: (checkpoint.load_config(os.path.join(root, f"ckpt/{name}/step30")),
-                       checkpoint.restore(os.path.join(root, f"ckpt/{name}/step30")))
-  got, stats = generation.joint_generate(
-      [load("tiny-b"), load("tiny-a")], (-1.0, 1.0), small.context_ids, max_new_tokens=16,
-      sampler="sample", top_p=settings.top_p, seed=settings.seed + 1, eos_id=None,
-      fallback_model=1, batch_size=8)
-  assert got == small.ids and all(len(x) == 16 for x in got)
   gen = manifest["generation"]
   assert gen["small"] == "tiny-a@30" and gen["large"] == "tiny-b@30"
-  assert gen["sets"]["small_minus_large"]["fallback_steps"] == stats["fallback_steps"]
+  assert gen["prompts"] == 5 and gen["prompt_source"] == "documents"
   tok = load_tokenizer(os.path.join(root, "tok"))
-  assert small.texts == [tok.decode(x) for x in small.ids]
-  assert all(len(c) == 13 and c[0] == 2 for c in small.context_ids)   # </s> + 12 drawn tokens
+  prompts = [[tok.start_id] + tok.encode(d, add_bos=False)[:5] for d in DOCS[:5]]
+  load = lambda name: (checkpoint.load_config(os.path.join(root, f"ckpt/{name}/step30")),
+                       checkpoint.restore(os.path.join(root, f"ckpt/{name}/step30")))
+  pair = [load("tiny-a"), load("tiny-b")]
+  weights = {"ps-pl": (1, -1), "ps": (1, 0), "ps+pl": (1, 1), "pl": (0, 1), "pl-ps": (-1, 1)}
+  for k, (config, w) in enumerate(weights.items()):
+    for method in ("greedy", "nucleus"):
+      seqs = T.load_set(os.path.join(out, "sets", f"{config}_{method}.jsonl"))
+      assert seqs.context_ids == prompts and seqs.contexts == [tok.decode(p[1:]) for p in prompts]
+      got, stats = generation.joint_generate(
+          pair, w, prompts, max_new_tokens=16, top_p=settings.top_p, eos_id=None,
+          sampler="greedy" if method == "greedy" else "sample", seed=settings.seed + k,
+          fallback_model=0 if w[0] > w[1] else 1, batch_size=8)
+      assert got == seqs.ids and all(len(x) == 16 for x in got), seqs.name
+      assert seqs.texts == [tok.decode(x) for x in seqs.ids]
+      assert gen["sets"][seqs.name]["fallback_steps"] == stats["fallback_steps"]
+  assert gen["decode_seconds"] > 0
+  assert f"decoded in {gen['decode_seconds']:.1f} s" in world["summary"].render()
 
 
-def test_summary_answers_with_the_numbers(world):
+def test_summary_answers_both_questions_with_the_numbers(world):
   df = world["df"]
   text = open(os.path.join(world["out"], "summary.md")).read()
-  assert "For the small-preferred set, does perplexity fall early" in text
-  assert "### Scored by tiny" in text and "### Scored by other (across families)" in text
-  sub = df[(df["scored_by"] == "tiny") & (df["set"] == "small_minus_large")]
+  q1, q2 = text.split("## 2. ")[0], text.split("## 2. ")[1]
+  assert "## 1. At the final checkpoints, does the perplexity of p_s - p_l rise" in q1
+  final = df.sort_values("step").groupby(["scored_by", "set", "model"]).last()["ppl"]
+  for method in ("greedy", "nucleus"):
+    section = q1.split(f"### Scored by tiny, {method}")[1].split("###")[0]
+    inv = [final["tiny", f"ps-pl_{method}", m] for m in ("tiny-a", "tiny-b")]
+    clean = [final["tiny", "clean", m] for m in ("tiny-a", "tiny-b")]
+    large = [final["tiny", f"pl_{method}", m] for m in ("tiny-a", "tiny-b")]
+    assert f"{inv[0]:.4g} -> {inv[1]:.4g}" in section
+    assert f"{clean[0]:.4g} -> {clean[1]:.4g}" in section
+    yes = inv[1] > inv[0] and clean[1] < clean[0] and large[1] < large[0]
+    assert ("**Yes.**" if yes else "**No.**") in section
+    assert (f"x{inv[1] / inv[0]:.3g} from tiny-a to tiny-b") in section
+  assert "### Scored by other (another family's checkpoints, Figure 7), greedy" in q1
+  sub = df[(df["scored_by"] == "tiny") & (df["set"] == "ps-pl_greedy")]
+  greedy = q2.split("### Scored by tiny, greedy")[1].split("###")[0]
   for model, g in sub.groupby("model"):
     g = g.sort_values("step")
-    first, lowest, final = g["ppl"].iloc[0], g["ppl"].min(), g["ppl"].iloc[-1]
-    rise = final / lowest - 1
+    first, lowest, final_ = g["ppl"].iloc[0], g["ppl"].min(), g["ppl"].iloc[-1]
+    rise = final_ / lowest - 1
     early = g["ppl"].iloc[1:2].min()   # 3 checkpoints: the first half is checkpoint 1
-    falls, rises = early < 0.95 * first, final > 1.05 * lowest and g["ppl"].idxmin() != g.index[-1]
-    line = next(l for l in text.splitlines() if l.startswith(f"| {model} |"))
+    falls = early < 0.95 * first
+    rises = final_ > 1.05 * lowest and g["ppl"].idxmin() != g.index[-1]
+    line = next(l for l in greedy.splitlines() if l.startswith(f"| {model} |"))
     assert f"| {first:.4g} |" in line and f"{100 * rise:+.1f}%" in line
     assert line.rstrip().endswith(f"| {'yes' if falls else 'no'} | {'yes' if rises else 'no'} |")
-  first = text.split("### Scored by other")[0]
-  assert ("**Yes.**" in first) != ("**No.**" in first)
+  assert ("**Yes.**" in greedy) != ("**No.**" in greedy)
+  first_greedy = final["tiny", "ps-pl_greedy", "tiny-a"]
+  assert f"greedy: at the final checkpoints p_s - p_l {first_greedy:.4g}" in (
+      world["summary"].render())
 
 
 def test_rerun_reuses_sets_and_results(world):
@@ -212,19 +264,19 @@ def test_bad_input_is_named(world, tmp_path):
       {"name": "large-tiny", "params": U.SIZES["tiny-b"].num_params(), "tokens_per_step": 1,
        "checkpoints": {str(k): os.path.join(root, "ckpt", "tiny-b", f"step{k}")
                        for k in (20, 30)}}]}))
-  with pytest.raises(ValueError, match=r"\['small-other'\] tokenize text differently from "
-                                       "large-tiny"):
+  with pytest.raises(ValueError, match=r"\['large-tiny'\] tokenize text differently from "
+                                       "small-other"):
     S.run(world["settings"].replace(suite=str(mixed), out=str(tmp_path / "out"),
-                                    sample_models=None, cross_suite=None), progress=False)
+                                    sample_models=(), cross_suite=None), progress=False)
   assert not os.path.exists(tmp_path / "out" / "sets")
   empty = tmp_path / "prompts.txt"
   empty.write_text("\n\n")
   with pytest.raises(ValueError, match="prompts.txt: no prompt"):
-    S.read_prompts(str(empty))
+    T.read_prompts(str(empty))
   bad = tmp_path / "prompts.jsonl"
   bad.write_text('{"prompt": "ok"}\n{"oops": 1}\n')
   with pytest.raises(ValueError, match=r"prompts.jsonl:2: expected"):
-    S.read_prompts(str(bad))
+    T.read_prompts(str(bad))
   csv = tmp_path / "validation_ppl.csv"
   csv.write_text("model,step,corpus,ppl\ntiny-a,10,valid,5.0\n")
   with pytest.raises(ValueError, match="no validation perplexity for model 'tiny-b'"):
@@ -238,8 +290,11 @@ def test_mesh_data2_model4_gives_the_same_sets_and_scores_as_one_device(world, t
   devices, in a subprocess (the device count is fixed when JAX starts), against the one-device
   run of the module's fixture."""
   from opt_jax import cli
+  # Two configurations (greedy and nucleus), a plain sample and one corruption rate: every
+  # decoding and scoring path, at a fraction of the module fixture's sets.
   settings = world["settings"].replace(out=str(tmp_path / "mesh"), mesh="data:2,model:4",
-                                       cross_suite=None, plots=False)
+                                       cross_suite=None, plots=False, configurations=("1:-1",),
+                                       noise_rates=(0.6,), shuffle_rates=(), swaps_per_kind=0)
   (tmp_path / "settings.json").write_text(json.dumps(cli.as_dict(settings)))
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -250,12 +305,13 @@ def test_mesh_data2_model4_gives_the_same_sets_and_scores_as_one_device(world, t
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   got = json.load(open(tmp_path / "result.json"))
   assert got["devices"] == 8
-  names = [n for n in os.listdir(os.path.join(world["out"], "sets")) if n.endswith(".jsonl")]
-  assert sorted(got["sets"]) == sorted(n[:-len(".jsonl")] for n in names)
+  names = ["ps-pl_greedy", "ps-pl_nucleus", "sample_tiny-a", "clean", "replace_0.6"]
+  assert sorted(got["sets"]) == sorted(names)
   for name in names:
-    one = S.load_set(os.path.join(world["out"], "sets", name))
+    one = T.load_set(os.path.join(world["out"], "sets", f"{name}.jsonl"))
     assert got["sets"][one.name] == {"context_ids": one.context_ids, "ids": one.ids}, one.name
-  a = world["df"][world["df"]["scored_by"] == "tiny"].reset_index(drop=True)
+  a = world["df"][(world["df"]["scored_by"] == "tiny") & world["df"]["set"].isin(names)]
+  a = a.reset_index(drop=True)
   b = pd.DataFrame(got["table"])
   pd.testing.assert_frame_equal(a.drop(columns=["nll", "ppl", "valid_ppl"]),
                                 b.drop(columns=["nll", "ppl", "valid_ppl"]), check_dtype=False)
@@ -270,13 +326,52 @@ def test_long_prompts_keep_bos_and_their_last_tokens(world, tmp_path):
   tok = load_tokenizer(os.path.join(os.path.dirname(world["suite"]), "tok"))
   prompts = tmp_path / "p.txt"
   prompts.write_text("Ada met Bob.\n" + " ".join(["Carl met Dora in Rome."] * 10) + "\n")
-  settings = S.Settings(suite=world["suite"], out=str(tmp_path), corpus=(world["corpus"],),
-                        prompts=str(prompts))
-  texts, ids, truncated = S.make_prompts(settings, tok, DOCS, max_tokens=20)
+  got = T.make_prompts(tok, DOCS, max_tokens=20, prompt_file=str(prompts))
   full = tok.encode(" ".join(["Carl met Dora in Rome."] * 10))
-  assert truncated == 1 and ids[0] == tok.encode("Ada met Bob.")
-  assert len(ids[1]) == 20 and ids[1] == [2] + full[-19:]
-  assert texts[1] == tok.decode(full[-19:])
+  assert got.truncated == 1 and got.ids[0] == tok.encode("Ada met Bob.")
+  assert len(got.ids[1]) == 20 and got.ids[1] == [2] + full[-19:]
+  assert got.texts[1] == tok.decode(full[-19:])
+
+
+def test_document_prompts_are_the_first_tokens_of_each_document_in_order(world):
+  tok = load_tokenizer(os.path.join(os.path.dirname(world["suite"]), "tok"))
+  docs = ["Hi.", *DOCS]   # the first is too short for 5 tokens: passed over, counted
+  assert len(tok.encode(docs[0], add_bos=False)) < 5
+  got = T.make_prompts(tok, docs, max_tokens=48, num_prompts=10, prompt_tokens=5)
+  want = [tok.encode(d, add_bos=False)[:5] for d in DOCS]
+  assert got.ids == [[2] + w for w in want] and got.short_documents == 1
+  assert got.texts == [tok.decode(w) for w in want]
+  assert T.make_prompts(tok, docs, max_tokens=48, num_prompts=2).ids == [[2] + w
+                                                                          for w in want[:2]]
+
+
+def test_configuration_names_and_errors():
+  assert [T.configuration_name(*c) for c in T.parse_configurations(T.PAPER_CONFIGURATIONS)] == [
+      "ps-pl", "ps", "ps+pl", "pl", "pl-ps"]
+  assert T.configuration_name(2, -0.5) == "2ps-0.5pl"
+  for bad, match in (("1,-1", "is not l1:l2"), ("0:-1", "no positive weight"),
+                     ("x:1", "is not l1:l2")):
+    with pytest.raises(ValueError, match=match):
+      T.parse_configurations(["1:1", bad])
+  with pytest.raises(ValueError, match="repeated configuration"):
+    T.parse_configurations(["1:1", "1.0:1"])
+
+
+def test_integrity_problem_stops_the_run_before_decoding(world, tmp_path):
+  """A suite whose two checkpoints hold the same weights fails the pre-check before any set is
+  decoded or any folder written."""
+  import shutil
+  root = os.path.dirname(world["suite"])
+  shutil.copytree(os.path.join(root, "ckpt", "tiny-a", "step10"), tmp_path / "copy")
+  suite = json.load(open(world["suite"]))
+  for m in suite["models"]:
+    m["checkpoints"] = {k: os.path.join(root, v) for k, v in m["checkpoints"].items()}
+  suite["models"][0]["checkpoints"]["20"] = str(tmp_path / "copy")
+  (tmp_path / "dup.json").write_text(json.dumps(suite))
+  with pytest.raises(ValueError, match="integrity check"):
+    S.run(world["settings"].replace(suite=str(tmp_path / "dup.json"), out=str(tmp_path / "o"),
+                                    cross_suite=None), progress=False)
+  assert not os.path.exists(tmp_path / "o" / "sets")
 
 
 # The analysis on hand-made trajectories ------------------------------------------------------

@@ -5,7 +5,7 @@ Reads what the stages wrote under the demo's output folder:
   validation_ppl/validation_ppl.csv       perplexity per checkpoint (experiments/validation_ppl.py)
   token_trajectories/*.csv                trends, tokens followed across sizes, double descent,
                                           agreement (token_trajectories.py)
-  sequences/sequence_ppl.csv, sets/       joint decoding and perturbed sets (sequence_generation.py)
+  sequences/sequence_ppl.csv, sets/       generated and corrupted sets (sequence_generation.py)
   icl/icl_results.csv, correlations.csv   cloze/BIG-bench accuracy (downstream_icl.py)
 and gives the text of OUT/REPORT.md with the plots embedded by relative paths, plus
 OUT/report_plots/ (training curves). Every sentence that states a finding is computed from these tables, so it says
@@ -417,21 +417,24 @@ def _load_jsonl(path: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def joint_examples(seq_dir: str, n: int = 3) -> list[dict[str, str]]:
-  """The first n prompts with their large-small and small-large continuations (decoded text)."""
+def joint_examples(seq_dir: str, n: int = 3,
+                   names: tuple[str, ...] = ("ps-pl_greedy", "pl-ps_greedy")
+                   ) -> list[dict[str, str]]:
+  """The first n prompts with their continuations (decoded text) in the sets `names`."""
   sets = os.path.join(seq_dir, "sets")
-  ls = _load_jsonl(os.path.join(sets, "large_minus_small.jsonl"))
-  sl = {r["index"]: r for r in _load_jsonl(os.path.join(sets, "small_minus_large.jsonl"))}
-  return [{"prompt": r["context"], "large_minus_small": r["text"],
-           "small_minus_large": sl[r["index"]]["text"] if r["index"] in sl else ""}
-          for r in ls[:n]]
+  rows = {name: {r["index"]: r for r in _load_jsonl(os.path.join(sets, f"{name}.jsonl"))}
+          for name in names}
+  first = rows[names[0]]
+  return [{"prompt": r["context"], **{name: rows[name][i]["text"] if i in rows[name] else ""
+                                      for name in names}}
+          for i, r in sorted(first.items())[:n]]
 
 
 def _sequence_section(out_dir: str) -> list[str]:
   from experiments.analysis import sequences
 
   d = os.path.join(out_dir, "sequences")
-  lines = ["## 4. Sequences: joint decoding and perturbed text", ""]
+  lines = ["## 4. Sequences: generated and corrupted text", ""]
   df = _read_csv(os.path.join(d, "sequence_ppl.csv"))
   if df is None:
     return lines + ["*(sequences/sequence_ppl.csv missing)*", ""]
@@ -440,38 +443,47 @@ def _sequence_section(out_dir: str) -> list[str]:
     with open(os.path.join(d, "sets", "manifest.json")) as f:
       manifest = json.load(f)
   gen = manifest.get("generation", {})
-  lines += [f"Prompts from the validation text; the final checkpoints of the largest "
-            f"({gen.get('large', '?')}) and smallest ({gen.get('small', '?')}) model decode "
-            f"together: *large - small* samples from max(p_large - p_small, 0), *small - large* "
-            f"from max(p_small - p_large, 0) (text the small model prefers), nucleus top-p 0.9. "
-            f"Then every checkpoint scores every set.", ""]
+  lines += [f"The final checkpoints of the smallest ({gen.get('small', '?')}) and largest "
+            f"({gen.get('large', '?')}) model decode together from p' = l1 p_s + l2 p_l "
+            f"(probabilities; entries <= 0 dropped, renormalised) for the paper's five "
+            f"configurations p_s - p_l, p_s, p_s + p_l, p_l, p_l - p_s, each with greedy search "
+            f"and nucleus sampling (top-p 0.9), from {gen.get('prompts', '?')} prompts of the "
+            f"validation text; the corrupted sets replace 20% to 100% of a passage's tokens with "
+            f"random ones. Decoding the sets took {gen.get('decode_seconds', float('nan')):.1f} s. "
+            f"Every checkpoint then scores every set.", ""]
   examples = joint_examples(d)
   if examples:
-    lines += ["Joint-decoding examples:", ""]
+    lines += ["Greedy examples:", ""]
     for i, ex in enumerate(examples, 1):
       lines += [f"{i}. prompt: `{one_line(ex['prompt'], 200)}`",
-                f"   - large - small: `{one_line(ex['large_minus_small'])}`",
-                f"   - small - large: `{one_line(ex['small_minus_large'])}`"]
+                f"   - p_s - p_l: `{one_line(ex['ps-pl_greedy'])}`",
+                f"   - p_l - p_s: `{one_line(ex['pl-ps_greedy'])}`"]
     lines.append("")
   primary = df["scored_by"].iloc[0]
   sub = df[df["scored_by"] == primary]
-  if sequences.SMALL_PREFERRED in set(sub["set"]):
-    shapes = sequences.shapes(sub, sequences.SMALL_PREFERRED)
-    answer = sequences.fall_then_rise_answer(shapes)
-    lines += ["For the small-preferred set (small - large), does perplexity fall early for every "
-              "size and later rise for the large models only (the paper's finding)? "
-              + answer.text, "", sequences.shape_table(shapes), ""]
-  final = sub.sort_values("step").groupby(["set", "model"], sort=False).last().reset_index()
-  wide = final.pivot_table(index="set", columns="model", values="ppl", sort=False)
-  wide = wide[[m for m in model_order(sub) if m in wide.columns]].reset_index()
+  final = sequences.final_table(sub)
+  methods = [m for m in sequences.METHODS if f"{sequences.INVERSE}_{m}" in set(sub["set"])]
+  if methods:
+    lines += ["At the final checkpoints, does the perplexity of p_s - p_l rise with model size "
+              "(inverse scaling) while the human text and p_l fall (the paper's Figure 6, top)?",
+              ""]
+    lines += [f"- {m}: " + sequences.scaling_answer(final, primary, m).text for m in methods]
+    lines += ["", "Along training, does every size first lower the perplexity of p_s - p_l, and "
+              "do the larger sizes later raise it?", ""]
+    for m in methods:
+      shapes = sequences.shapes(sub, f"{sequences.INVERSE}_{m}")
+      lines += [f"- {m}: " + sequences.fall_then_rise_answer(shapes).text]
+    lines.append("")
+  lines += _image(out_dir, f"sequences/plots/{primary}_final_vs_params.png",
+                  "perplexity at the final checkpoints against parameters")
   lines += ["Perplexity of every set at each size's final checkpoint:", ""]
-  lines += _table(wide, {c: ".2f" for c in wide.columns if c != "set"}) + [""]
+  lines += sequences.final_overview(final, primary).splitlines() + [""]
   plot_dir = os.path.join(d, "plots")
   plots = sorted(p for p in os.listdir(plot_dir)
                  if p.endswith("_vs_valid_ppl.png")) if os.path.isdir(plot_dir) else []
   for p in plots:
     lines += _image(out_dir, f"sequences/plots/{p}", p[:-4].replace("_", " "))
-  lines += ["Full tables: `sequences/summary.md`.", ""]
+  lines += ["Full tables: `sequences/summary.md`, `sequences/final_checkpoints.csv`.", ""]
   return lines
 
 
