@@ -246,6 +246,11 @@ class Summary:
     return "\n".join(lines)
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+  """'1 document', '5 documents' ('1 entry', '2 entries' with many="entries")."""
+  return f"{n:,} {word if n == 1 else (many or word + 's')}"
+
+
 def format_seconds(seconds: float) -> str:
   s = int(round(seconds))
   if s < 60:

@@ -5,15 +5,18 @@ pythia-12b steps whose first shard is the final model's, byte-identical OLMo 2 b
 analysis over them draws wrong curves, so `check_suite` looks at every checkpoint of every model
 before anything is evaluated:
 
-- duplicates: checkpoints of one model whose weights are identical (`duplicate`), or share some
-  trained tensors or weight files (`partial_duplicate`); stored buffers (causal masks, rotary
-  tables: `hf_cache.is_buffer`) are left out;
+- duplicates: checkpoints of one model whose weights are identical (`duplicate`: each later step
+  of a group is the problem, named once against the group's first step, which is kept), or share
+  some trained tensors or weight files (`partial_duplicate`); stored buffers (causal masks, rotary
+  tables: `hf_cache.is_buffer`) are left out. Groups the manifest lists in the model's
+  "known_duplicates" (Pythia's step 0 = step 1) are `known_duplicate`: no problem, but marked;
 - unreadable: a safetensors header that is corrupt or promises more bytes than the file has, an
   index whose shards or tensors are missing, a .bin whose zip directory is gone, a missing or
   short orbax chunk, a blob whose content does not match its sha256 name (deep mode);
 - config_differs / layout_differs: config.json (minus IGNORED_CONFIG_FIELDS) or tensor names and
-  dtypes and shapes unlike the model's other checkpoints (the most common value is the
-  reference);
+  dtypes and shapes unlike the model's other checkpoints of the same storage format (the most
+  common value is the reference; an opt_jax checkpoint converted from one of its HF siblings
+  names its arrays differently and is compared with its opt_jax siblings only);
 - out_of_order: a revision name whose step is not the manifest's step, tokens in revision names
   that decrease with step, or that disagree with step x tokens_per_step.
 
@@ -25,9 +28,11 @@ small units); `deep` hashes every byte. A .bin file that is an HF-cache LFS blob
 by the sha256 of its content, which serves as its hash in both modes, exact and free. Equal fast
 hashes mean "identical in the sampled bytes": the report says so until --deep confirms.
 
-Hashes are cached in `cache_dir` (integrity_hashes.jsonl), keyed by file identity: the blob name and
-size for HF-cache blobs, else real path, size and mtime. A second check of unchanged files reads
-no tensor bytes. Pure Python and numpy; no JAX.
+Hashes are cached in `cache_dir` (integrity_hashes.jsonl), keyed by file identity: real path,
+size, mtime and inode (an HF-cache blob's name says what its content should be, not what it is).
+A second fast check of unchanged files reads no tensor bytes; a deep check never answers from the
+cache: it re-reads every byte, since a corrupted blob keeps its name and size. Pure Python and
+numpy; no JAX.
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ IGNORED_CONFIG_FIELDS = frozenset({
 
 # Row statuses, most severe first: a row shows the first that applies.
 STATUSES = ("unreadable", "duplicate", "partial_duplicate", "config_differs", "layout_differs",
-            "out_of_order", "not_checked", "ok")
+            "out_of_order", "not_checked", "known_duplicate", "ok")
 CSV_COLUMNS = ("model", "step", "revision", "sha", "status", "duplicate_of", "problem")
 
 _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
@@ -134,14 +139,16 @@ class HashCache:
   def key(path: str, mode: str) -> str:
     real = os.path.realpath(path)
     st = os.stat(real)
-    blob = _blob_sha256(real)
-    ident = f"blob:{blob}:{st.st_size}" if blob else f"file:{real}:{st.st_size}:{st.st_mtime_ns}"
-    return f"{mode}|{ident}"
+    return f"{mode}|file:{real}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
   def get(self, key: str) -> Any:
+    if key.startswith("deep:"):   # a deep check re-reads every byte (module docstring)
+      return None
     return self._entries.get(key)
 
   def put(self, key: str, value: Any) -> None:
+    if key.startswith("deep:"):
+      return
     self._entries[key] = value
     if self.path:
       os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -170,6 +177,7 @@ class _Scan:
   exact: bool = True
   blobs: tuple[str, ...] | None = None
   config: dict[str, Any] | None = None
+  format: str = "hf"
 
 
 def _safetensors_file(path: str, deep: bool, cache: HashCache) -> dict[str, Any]:
@@ -229,7 +237,7 @@ def _safetensors_file(path: str, deep: bool, cache: HashCache) -> dict[str, Any]
 def _bin_file(path: str, deep: bool, cache: HashCache) -> dict[str, Any]:
   """{"hash", "exact", "problems", "not_checked"} of one PyTorch .bin file (file-level)."""
   blob = _blob_sha256(path)
-  key = cache.key(path, _mode(deep) if deep or not blob else "blob")
+  key = cache.key(path, _mode(deep))
   cached = cache.get(key)
   if cached is not None:
     return cached
@@ -328,6 +336,7 @@ def _scan_orbax(directory: str, deep: bool, cache: HashCache, scan: _Scan) -> No
     scan.not_checked = f"{params}: no zarr arrays (OCDBT layout?): not checked"
     return
   scan.exact = deep
+  scan.format = "opt_jax"
   for name in arrays:
     folder = os.path.join(params, name)
     try:
@@ -446,7 +455,9 @@ def _steps_text(steps: Iterable[int]) -> str:
   return shown + (f" and {len(steps) - 8} more" if len(steps) > 8 else "")
 
 
-def _check_duplicates(rows: dict[int, Row], scans: dict[int, _Scan]) -> None:
+def _check_duplicates(rows: dict[int, Row], scans: dict[int, _Scan],
+                      known: Iterable[Iterable[int]] = ()) -> None:
+  known_groups = [set(g) for g in known]
   full: dict[tuple, list[int]] = collections.defaultdict(list)
   for step, scan in scans.items():
     if scan.units and all(h is not None for h in scan.units.values()):
@@ -458,12 +469,22 @@ def _check_duplicates(rows: dict[int, Row], scans: dict[int, _Scan]) -> None:
     exact = (all(scans[s].exact for s in steps)
              or (scans[steps[0]].blobs is not None
                  and all(scans[s].blobs == scans[steps[0]].blobs for s in steps)))
+    steps = sorted(steps)
+    first, how = steps[0], "" if exact else " (in the sampled bytes; --deep compares every byte)"
+    is_known = any(set(steps) <= g for g in known_groups)
+    in_full.update(steps)
     for s in steps:
-      others = [o for o in steps if o != s]
-      rows[s].duplicate_of = min(others)
-      how = "" if exact else " (in the sampled bytes; --deep compares every byte)"
-      _add(rows[s], "duplicate", f"weights identical to step {_steps_text(others)}{how}")
-      in_full.add(s)
+      rows[s].duplicate_of = first if s != first else steps[1]
+      if is_known:
+        if STATUSES.index("known_duplicate") < STATUSES.index(rows[s].status):
+          rows[s].status = "known_duplicate"
+        if s != first:
+          rows[s].note = f"known duplicate of step {first} (the manifest's known_duplicates)"
+      elif s != first:   # each pair named once, on its later step; the first step is kept
+        _add(rows[s], "duplicate", f"weights identical to step {first}{how}")
+      elif STATUSES.index("duplicate") < STATUSES.index(rows[s].status):
+        rows[s].status = "duplicate"
+        rows[s].note = f"steps {_steps_text(steps[1:])} hold the same weights"
   holders: dict[tuple[str, str], list[int]] = collections.defaultdict(list)
   for step, scan in scans.items():
     for name, h in scan.units.items():
@@ -509,7 +530,12 @@ def _check_siblings(rows: dict[int, Row], scans: dict[int, _Scan]) -> None:
       if diff:
         _add(rows[step], "config_differs",
              f"config.json differs from the model's other checkpoints: {', '.join(diff[:6])}")
-  layouts = {s: sc.layout for s, sc in scans.items() if sc.layout}
+  for fmt in sorted({sc.format for sc in scans.values()}):
+    _check_layouts(rows, {s: sc.layout for s, sc in scans.items()
+                          if sc.layout and sc.format == fmt})
+
+
+def _check_layouts(rows: dict[int, Row], layouts: dict[int, dict[str, list[Any]]]) -> None:
   if len(layouts) > 1:
     ref_step, ref = _most_common(layouts)
     for step, layout in layouts.items():
@@ -579,7 +605,7 @@ def check_suite(suite: Any, *, deep: bool = False, cache_dir: str | None = None,
       rows[step], scans[step] = row, scan
       if bar is not None:
         bar.update(1)
-    _check_duplicates(rows, scans)
+    _check_duplicates(rows, scans, getattr(m, "known_duplicates", ()))
     _check_siblings(rows, scans)
     _check_order(rows, m.tokens_per_step)
     rows_out.extend(rows[s] for s in sorted(rows))

@@ -327,7 +327,8 @@ def test_orbax_checkpoints_are_hashed_and_a_missing_chunk_is_found(tmp_path):
         "corrupt"]
 
 
-def test_second_check_reads_no_tensor_bytes(tmp_path, sources, monkeypatch):
+def test_second_fast_check_reads_no_tensor_bytes_and_deep_rereads_all(tmp_path, sources,
+                                                                     monkeypatch):
   single, sharded = sources
   cache = str(tmp_path / "hub")
   plain = _copy(single[1], tmp_path / "plain")
@@ -344,9 +345,22 @@ def test_second_check_reads_no_tensor_bytes(tmp_path, sources, monkeypatch):
     read_bytes.append(sum(reads))
     reads.clear()
     assert integrity.check_suite(s, deep=deep, cache_dir=out).records() == first
-    assert reads == []
+    # fast: nothing read again; deep: every byte read again (a cache never answers for it).
+    assert sum(reads) == (read_bytes[-1] if deep else 0)
   # Tiny tensors are read whole in both modes; deep also reads headers for the file sha256.
   assert 0 < read_bytes[0] < read_bytes[1]
+  # A blob corrupted in place after a deep check (same name, size and mtime) is caught by the
+  # next deep check.
+  blob = os.path.realpath(os.path.join(s.models[0].path(0), "model.safetensors"))
+  st = os.stat(blob)
+  with open(blob, "r+b") as f:
+    f.seek(st.st_size - 3)
+    byte = f.read(1)
+    f.seek(st.st_size - 3)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+  deep = _by_step(integrity.check_suite(s, deep=True, cache_dir=out))
+  assert deep[0].status == "unreadable" and "does not match its blob name" in deep[0].problems[0]
   # A changed file (new mtime) is hashed again; the others come from the cache.
   path = os.path.join(plain, "model.safetensors")
   os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
@@ -358,7 +372,7 @@ def test_second_check_reads_no_tensor_bytes(tmp_path, sources, monkeypatch):
 # The experiments' pre-check -------------------------------------------------------------------
 
 
-def test_experiment_sweep_stops_on_a_duplicate_unless_told_to_skip_the_check(tmp_path):
+def test_experiment_sweep_leaves_out_a_duplicate_or_stops_when_strict(tmp_path):
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   import _suite_util  # pylint: disable=import-outside-toplevel
@@ -379,26 +393,56 @@ def test_experiment_sweep_stops_on_a_duplicate_unless_told_to_skip_the_check(tmp
     return {"x": np.zeros(1)}, {}
 
   out = tmp_path / "out"
-  ctx = context.Experiment("t", context.ExperimentSettings(suite=path, out=str(out)),
-                           progress=False)
+  strict = context.ExperimentSettings(suite=path, out=str(out), strict_integrity=True)
+  ctx = context.Experiment("t", strict, progress=False)
   with pytest.raises(InputError) as e:
     ctx.sweep(evaluate, ctx.key())
   msg = str(e.value)
-  assert msg.startswith("suite tiny: the integrity check found 2 problem(s); nothing was "
-                        "evaluated:\n  tiny-a step 10: weights identical to step 20")
-  assert "tiny-a step 20: weights identical to step 10" in msg
-  assert msg.endswith("or pass --skip_integrity_check to evaluate anyway") and seen == []
+  # The pair is named once, on its later step.
+  assert msg.startswith("suite tiny: the integrity check found 1 problem(s) (--strict_integrity); "
+                        "nothing was evaluated:\n  tiny-a step 20: weights identical to step 10")
+  assert "step 10: weights identical" not in msg and seen == []
   # The hash cache lives under --out: a second check reads no tensor bytes of unchanged files.
   cache = out / context.INTEGRITY_DIR / integrity.CACHE_FILE
   hashed = cache.read_text()
   assert hashed.count("/step10/") == hashed.count("/step30/") > 0
+  # By default the duplicate is left out, the rest evaluated, and the summary says so.
   ctx = context.Experiment("t", context.ExperimentSettings(suite=path, out=str(out)),
                            progress=False)
-  with pytest.raises(InputError, match="integrity check found 2 problem"):
-    ctx.sweep(evaluate, ctx.key())
+  report = ctx.sweep(evaluate, ctx.key())
+  assert seen == [10, 30] and len(report.evaluated) == 2
   assert cache.read_text() == hashed
+  text = ctx.outcome(None).summary.render()
+  assert ("tiny-a step 20 left out by the integrity check: weights identical to step 10"
+          in text)
+  seen.clear()
+  # Known duplicates are evaluated, and marked in the CSVs and the summary.
+  with open(path) as f:
+    manifest = json.load(f)
+  manifest["models"][0]["known_duplicates"] = [[10, 20]]
+  with open(path, "w") as f:
+    json.dump(manifest, f)
+  ctx = context.Experiment("t", context.ExperimentSettings(suite=path, out=str(out / "k")),
+                           progress=False)
+  report = ctx.sweep(evaluate, ctx.key())
+  assert seen == [10, 20, 30] and len(report.evaluated) == 3
+  assert "known duplicates evaluated (column duplicate_of in the CSVs): tiny-a step 20 = step " \
+         "10" in ctx.outcome(None).summary.render()
+  import pandas as pd  # pylint: disable=import-outside-toplevel
+  table = pd.read_csv(ctx.write_csv("t.csv", pd.DataFrame({"model": ["tiny-a"] * 3,
+                                                           "step": [10, 20, 30]})))
+  assert table["duplicate_of"].fillna(-1).tolist() == [-1, 10, -1]
+  seen.clear()
+  # --exclude leaves a checkpoint out without turning the other checks off.
+  ctx = context.Experiment("t", context.ExperimentSettings(suite=path, out=str(out / "x"),
+                                                           exclude=("tiny-a@30",)),
+                           progress=False)
+  ctx.sweep(evaluate, ctx.key())
+  assert seen == [10, 20]
+  assert "tiny-a step 30 excluded: --exclude" in ctx.outcome(None).summary.render()
+  seen.clear()
 
-  ctx = context.Experiment("t", context.ExperimentSettings(suite=path, out=str(out),
+  ctx = context.Experiment("t", context.ExperimentSettings(suite=path, out=str(out / "skip"),
                                                            skip_integrity_check=True),
                            progress=False)
   report = ctx.sweep(evaluate, ctx.key())
