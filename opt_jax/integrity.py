@@ -17,6 +17,8 @@ before anything is evaluated:
   dtypes and shapes unlike the model's other checkpoints of the same storage format (the most
   common value is the reference; an opt_jax checkpoint converted from one of its HF siblings
   names its arrays differently and is compared with its opt_jax siblings only);
+- bin_only: HF weights in PyTorch .bin files only, which experiments cannot read in place (no
+  problem: the files are checked as far as they can be; the note says how to convert them);
 - out_of_order: a revision name whose step is not the manifest's step, tokens in revision names
   that decrease with step, or that disagree with step x tokens_per_step.
 
@@ -70,7 +72,9 @@ IGNORED_CONFIG_FIELDS = frozenset({
 
 # Row statuses, most severe first: a row shows the first that applies.
 STATUSES = ("unreadable", "duplicate", "partial_duplicate", "config_differs", "layout_differs",
-            "out_of_order", "not_checked", "known_duplicate", "ok")
+            "out_of_order", "bin_only", "not_checked", "known_duplicate", "ok")
+BIN_ONLY_NOTE = ("PyTorch .bin weights only: experiments leave it out (python -m tools.make_suite "
+                 "... --convert_bin converts it to safetensors and the manifest then uses the copy)")
 CSV_COLUMNS = ("model", "step", "revision", "sha", "status", "duplicate_of", "problem")
 
 _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
@@ -178,6 +182,7 @@ class _Scan:
   blobs: tuple[str, ...] | None = None
   config: dict[str, Any] | None = None
   format: str = "hf"
+  bin_only: bool = False
 
 
 def _safetensors_file(path: str, deep: bool, cache: HashCache) -> dict[str, Any]:
@@ -290,6 +295,7 @@ def _scan_hf(directory: str, deep: bool, cache: HashCache, scan: _Scan) -> None:
   if present and all(blobs):
     scan.blobs = blobs
   if kind.startswith(hf_cache.TORCH_BIN):
+    scan.bin_only = True
     for path in present:
       r = _bin_file(path, deep, cache)
       scan.units[os.path.basename(path)] = r["hash"]
@@ -531,8 +537,8 @@ def _check_siblings(rows: dict[int, Row], scans: dict[int, _Scan]) -> None:
         _add(rows[step], "config_differs",
              f"config.json differs from the model's other checkpoints: {', '.join(diff[:6])}")
   for fmt in sorted({sc.format for sc in scans.values()}):
-    _check_layouts(rows, {s: sc.layout for s, sc in scans.items()
-                          if sc.layout and sc.format == fmt})
+    _check_layouts(rows, {s: {k: v for k, v in sc.layout.items() if k not in sc.buffers}
+                          for s, sc in scans.items() if sc.layout and sc.format == fmt})
 
 
 def _check_layouts(rows: dict[int, Row], layouts: dict[int, dict[str, list[Any]]]) -> None:
@@ -602,6 +608,10 @@ def check_suite(suite: Any, *, deep: bool = False, cache_dir: str | None = None,
         row.note = scan.not_checked
         if row.status == "ok":
           row.status = "not_checked"
+      if scan.bin_only:
+        row.note = "; ".join(n for n in (row.note, BIN_ONLY_NOTE) if n)
+        if STATUSES.index("bin_only") < STATUSES.index(row.status):
+          row.status = "bin_only"
       rows[step], scans[step] = row, scan
       if bar is not None:
         bar.update(1)

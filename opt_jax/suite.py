@@ -35,8 +35,9 @@ import json
 import os
 from typing import Any, Iterator, Mapping
 
-from opt_jax import files
 from opt_jax import families
+from opt_jax import files
+from opt_jax import hf_cache
 from opt_jax.config import DecoderConfig
 from opt_jax.errors import InputError, MissingFileError
 
@@ -511,6 +512,10 @@ def _checkpoint_problems(m: SuiteModel) -> tuple[dict[int, str], list[str]]:
   for step, path in m.checkpoints.items():
     if not os.path.isdir(path):
       per_step[step] = f"checkpoint directory {path} does not exist"
+      continue
+    if hf_cache.is_bin_only(path):
+      per_step[step] = (f"{path} holds only PyTorch .bin weights, which opt_jax reads only to "
+                        "convert them (python -m tools.make_suite ... --convert_bin)")
       continue
     problem = checkpoint.checkpoint_problem(path)
     if problem is not None:

@@ -182,7 +182,8 @@ def test_bin_shards_are_compared_by_their_blob_sha256(tmp_path):
   assert "sampled" not in rows[400].problems[0]          # blob names are exact sha256s
   assert rows[200].status == "partial_duplicate" and "pytorch_model-00001-of-00002.bin" in \
       rows[200].problems[0]
-  assert rows[300].status == "ok"
+  assert rows[300].status == "bin_only" and not rows[300].problems
+  assert rows[300].note == integrity.BIN_ONLY_NOTE
   assert rows[500].status == "unreadable" and "zip" in rows[500].problems[0]
   # --deep also checks that each blob's bytes have the sha256 it is named by.
   blob = os.path.realpath(os.path.join(a["path"], "pytorch_model-00002-of-00002.bin"))
