@@ -38,6 +38,8 @@ def _lines(ax, df: pd.DataFrame, x: str, y: str, models: Sequence[str]):
     if keep.any():
       ax.plot(d[x][keep], d[y][keep], marker="o", ms=3, color=colors[i % len(colors)], label=m)
   ax.set_xscale("log")
+  if x == "params":
+    figures.count_axis(ax)
 
 
 def has_data(values) -> bool:
