@@ -223,7 +223,10 @@ class Experiment:
     if report.ok:
       return
     problems = report.problems
-    bad = {(r.model, r.step): "; ".join(r.problems) for r in report.rows if r.problems}
+    # A duplicate group is left out whole (which step holds its own weights is unknowable); its
+    # problem is named once, on the later steps, the first step's row says which steps repeat it.
+    bad = {(r.model, r.step): "; ".join(r.problems or [r.note or r.status])
+           for r in report.rows if r.problems or r.status == "duplicate"}
     kept = [(m, s) for m, s, _ in self.suite.checkpoints() if (m.name, s) not in bad]
     if self.settings.strict_integrity or not kept:
       shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more"

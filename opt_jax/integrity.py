@@ -12,7 +12,8 @@ before anything is evaluated:
   "known_duplicates" (Pythia's step 0 = step 1) are `known_duplicate`: no problem, but marked;
 - unreadable: a safetensors header that is corrupt or promises more bytes than the file has, an
   index whose shards or tensors are missing, a .bin whose zip directory is gone, a missing or
-  short orbax chunk, a blob whose content does not match its sha256 name (deep mode);
+  short orbax chunk, a blob whose content does not match its sha256 name (deep mode, and the fast
+  mode for blobs of at most FAST_VERIFY_BYTES);
 - config_differs / layout_differs: config.json (minus IGNORED_CONFIG_FIELDS) or tensor names and
   dtypes and shapes unlike the model's other checkpoints of the same storage format (the most
   common value is the reference; an opt_jax checkpoint converted from one of its HF siblings
@@ -54,6 +55,9 @@ from opt_jax.errors import InputError
 
 FAST_WINDOWS = 8
 WINDOW_BYTES = 4096
+# The fast mode also checks the sha256 of HF-cache blobs up to this size (every byte: cheap for
+# small files, cached like the rest); larger blobs only in deep mode.
+FAST_VERIFY_BYTES = 64 << 20
 _BLOCK = 8 << 20
 CACHE_FILE = "integrity_hashes.jsonl"
 _BLOB_NAME = re.compile(r"[0-9a-f]{64}")
@@ -109,6 +113,21 @@ def _hash_range(f, begin: int, end: int, tag: bytes, deep: bool, also: Any = Non
     for i in range(FAST_WINDOWS):
       h.update(_read(f, begin + (n - WINDOW_BYTES) * i // (FAST_WINDOWS - 1), WINDOW_BYTES))
   return h.hexdigest()[:32]
+
+
+def _blob_mismatch(path: str, blob: str | None, size: int) -> str | None:
+  """The problem when HF-cache blob `path` (of `size` bytes, named `blob`) does not hash to its
+  name, else None; reads the whole file."""
+  if not blob:
+    return None
+  content = hashlib.sha256()
+  with open(path, "rb") as f:
+    for off in range(0, size, _BLOCK):
+      content.update(_read(f, off, min(_BLOCK, size - off)))
+  if content.hexdigest() == blob:
+    return None
+  return (f"{path}: content sha256 {content.hexdigest()[:12]}... does not match its blob name "
+          f"{blob[:12]}...: the download is corrupt")
 
 
 def _blob_sha256(path: str) -> str | None:
@@ -234,6 +253,10 @@ def _safetensors_file(path: str, deep: bool, cache: HashCache) -> dict[str, Any]
       if blob and file_hash.hexdigest() != blob:
         problems.append(f"{path}: content sha256 {file_hash.hexdigest()[:12]}... does not match "
                         f"its blob name {blob[:12]}...: the download is corrupt")
+  if not deep and not problems and header.file_size <= FAST_VERIFY_BYTES:
+    mismatch = _blob_mismatch(path, _blob_sha256(path), header.file_size)
+    if mismatch:
+      problems.append(mismatch)
   out = {"tensors": tensors, "problems": problems}
   cache.put(key, out)
   return out
@@ -264,14 +287,10 @@ def _bin_file(path: str, deep: bool, cache: HashCache) -> dict[str, Any]:
     out["not_checked"] = f"{os.path.basename(path)}: legacy torch format, completeness not checked"
   if blob:
     out["hash"] = blob
-    if deep:
-      with open(path, "rb") as f:
-        content = hashlib.sha256()
-        for off in range(0, size, _BLOCK):
-          content.update(_read(f, off, min(_BLOCK, size - off)))
-      if content.hexdigest() != blob:
-        out["problems"].append(f"{path}: content sha256 {content.hexdigest()[:12]}... does not "
-                               f"match its blob name {blob[:12]}...: the download is corrupt")
+    if deep or size <= FAST_VERIFY_BYTES:
+      mismatch = _blob_mismatch(path, blob, size)
+      if mismatch:
+        out["problems"].append(mismatch)
   else:
     with open(path, "rb") as f:
       out["hash"] = _hash_range(f, 0, size, _tag("bin", size), deep)
@@ -490,7 +509,9 @@ def _check_duplicates(rows: dict[int, Row], scans: dict[int, _Scan],
         _add(rows[s], "duplicate", f"weights identical to step {first}{how}")
       elif STATUSES.index("duplicate") < STATUSES.index(rows[s].status):
         rows[s].status = "duplicate"
-        rows[s].note = f"steps {_steps_text(steps[1:])} hold the same weights"
+        many = len(steps) > 2
+        rows[s].note = (f"{'steps' if many else 'step'} {_steps_text(steps[1:])} "
+                        f"{'hold' if many else 'holds'} the same weights")
   holders: dict[tuple[str, str], list[int]] = collections.defaultdict(list)
   for step, scan in scans.items():
     for name, h in scan.units.items():

@@ -152,7 +152,7 @@ def test_a_stale_shard_is_a_partial_duplicate(tmp_path, sources):
   assert rows[2000].status == "ok"
 
 
-def test_bin_shards_are_compared_by_their_blob_sha256(tmp_path):
+def test_bin_shards_are_compared_by_their_blob_sha256(tmp_path, monkeypatch):
   import torch  # pylint: disable=import-outside-toplevel
 
   def bin_dir(name, parts):
@@ -190,6 +190,11 @@ def test_bin_shards_are_compared_by_their_blob_sha256(tmp_path):
   with open(blob, "r+b") as f:
     f.seek(100)
     f.write(b"\0" * 4)
+  # The fast check verifies small blobs (all of these) too; past FAST_VERIFY_BYTES only --deep.
+  fast = _by_step(integrity.check_suite(_suite(tmp_path, ckpts)))
+  assert fast[100].status == "unreadable" and "does not match its blob name" in \
+      fast[100].problems[0]
+  monkeypatch.setattr(integrity, "FAST_VERIFY_BYTES", 0)
   assert _by_step(integrity.check_suite(_suite(tmp_path, ckpts)))[100].status == "duplicate"
   deep = _by_step(integrity.check_suite(_suite(tmp_path, ckpts), deep=True))
   assert deep[100].status == deep[400].status == "unreadable"   # one blob, both revisions
@@ -227,8 +232,14 @@ def test_unreadable_and_truncated_files_are_found(tmp_path, sources):
   assert "no weights" in rows[40].problems[0]
   assert "does not match its blob name" in rows[50].problems[0]
   assert "no such directory" in rows[60].problems[0]
-  # The fast mode does not read whole files, so it cannot see the changed blob.
-  assert _by_step(integrity.check_suite(s))[50].status == "ok"
+  # The fast mode reads whole blobs only up to FAST_VERIFY_BYTES: past that it cannot see the
+  # changed blob.
+  assert _by_step(integrity.check_suite(s))[50].status == "unreadable"
+  integrity.FAST_VERIFY_BYTES, before = 0, integrity.FAST_VERIFY_BYTES
+  try:
+    assert _by_step(integrity.check_suite(s))[50].status == "ok"
+  finally:
+    integrity.FAST_VERIFY_BYTES = before
 
 
 def test_config_difference_is_found_and_ignored_fields_are_not(tmp_path, sources):
@@ -331,6 +342,7 @@ def test_orbax_checkpoints_are_hashed_and_a_missing_chunk_is_found(tmp_path):
 def test_second_fast_check_reads_no_tensor_bytes_and_deep_rereads_all(tmp_path, sources,
                                                                      monkeypatch):
   single, sharded = sources
+  monkeypatch.setattr(integrity, "FAST_VERIFY_BYTES", 0)   # the fast mode samples every blob
   cache = str(tmp_path / "hub")
   plain = _copy(single[1], tmp_path / "plain")
   s = _suite(tmp_path, {0: _cached(cache, "org/m", "step0", single[0]), 1: plain,
@@ -407,15 +419,16 @@ def test_experiment_sweep_leaves_out_a_duplicate_or_stops_when_strict(tmp_path):
   cache = out / context.INTEGRITY_DIR / integrity.CACHE_FILE
   hashed = cache.read_text()
   assert hashed.count("/step10/") == hashed.count("/step30/") > 0
-  # By default the duplicate is left out, the rest evaluated, and the summary says so.
+  # By default the duplicate pair is left out, the rest evaluated, and the summary says so.
   ctx = context.Experiment("t", context.ExperimentSettings(suite=path, out=str(out)),
                            progress=False)
   report = ctx.sweep(evaluate, ctx.key())
-  assert seen == [10, 30] and len(report.evaluated) == 2
+  assert seen == [30] and len(report.evaluated) == 1
   assert cache.read_text() == hashed
   text = ctx.outcome(None).summary.render()
   assert ("tiny-a step 20 left out by the integrity check: weights identical to step 10"
           in text)
+  assert "tiny-a step 10 left out by the integrity check: step 20 holds the same weights" in text
   seen.clear()
   # Known duplicates are evaluated, and marked in the CSVs and the summary.
   with open(path) as f:
