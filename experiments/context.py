@@ -304,8 +304,9 @@ class Experiment:
     if len(self.suite.models) == 1:
       per = cli.plural(n, "checkpoint")
     else:
-      per = (f"{cli.plural(steps.pop(), 'checkpoint')} each" if len(steps) == 1
-             else "checkpoints") + f", {n} in all"
+      per = (f"{cli.plural(steps.pop(), 'checkpoint')} each" if len(steps) == 1 else
+             " and ".join(str(len(m.steps)) for m in self.suite.models) + " checkpoints")
+      per += f", {n} in all"
     return f"suite {self.suite.name}: {', '.join(m.name for m in self.suite.models)} ({per})"
 
   def outcome(self, table: Any, *, results: Sequence[str] = (), files_: Sequence[str] = (),
