@@ -455,6 +455,16 @@ def test_experiment_sweep_leaves_out_a_duplicate_or_stops_when_strict(tmp_path):
   assert seen == [10, 20]
   assert "tiny-a step 30 excluded: --exclude" in ctx.outcome(None).summary.render()
   seen.clear()
+  # --models restricts the pre-checks: another model's unreadable checkpoints are not looked at.
+  manifest["models"].append({"name": "gone", "params": 1000, "tokens_per_step": 1,
+                             "checkpoints": {"10": "nowhere/step10"}})
+  with open(path, "w") as f:
+    json.dump(manifest, f)
+  _, lines = context._load_suite(path, ["tiny-a"])  # pylint: disable=protected-access
+  assert lines == []
+  _, lines = context._load_suite(path, None)  # pylint: disable=protected-access
+  assert len(lines) == 1 and lines[0].startswith("gone step 10 left out: ") and \
+      "does not exist" in lines[0]
 
   ctx = context.Experiment("t", context.ExperimentSettings(suite=path, out=str(out / "skip"),
                                                            skip_integrity_check=True),

@@ -229,3 +229,22 @@ def test_the_experiments_finish_and_name_each_bad_checkpoint(flow, key):
     assert len([l for l in left if l.startswith(name)]) == 1, (name, left)
   assert not [l for l in left if l.startswith(f"{SMALL} step 512")]   # converted: evaluated
   assert len(left) == len(names), left
+
+
+def test_an_error_after_the_sweep_marks_the_run_manifest_failed_in_one_line(tmp_path):
+  from experiments import context  # pylint: disable=import-outside-toplevel
+  from opt_jax import files  # pylint: disable=import-outside-toplevel
+  runs = tmp_path / "runs"
+  runs.mkdir()
+  mine = {"status": "finished", "writer": files.process_tag()}
+  (runs / "a.json").write_text(json.dumps(mine))
+  (runs / "b.json").write_text(json.dumps({**mine, "writer": "1.2@elsewhere"}))
+  try:
+    raise ValueError("steps must be finite\nand > 0")
+  except ValueError as e:
+    marked = context.mark_runs_failed(str(tmp_path), e)
+  assert marked == [str(runs / "a.json")]
+  data = json.loads((runs / "a.json").read_text())
+  assert data["status"] == "failed" and data["error"] == "ValueError: steps must be finite and > 0"
+  assert any("Traceback" in line for line in data["traceback"])
+  assert json.loads((runs / "b.json").read_text())["status"] == "finished"
