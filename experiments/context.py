@@ -116,11 +116,13 @@ class Experiment:
     self.out_dir = files.check_output(settings.out, folder=True, what="--out")
     self.store = ResultStore(os.path.join(self.out_dir, STORE_DIR))
 
-  def _load(self, suite_path: str, models: Sequence[str] | None) -> None:
+  def _load(self, suite_path: str, models: Sequence[str] | None, *, own: bool = True) -> None:
+    """Loads the suite of the run (own) or another (with_suite: --exclude names of models it does
+    not have are not its)."""
     from opt_jax import checkpoint, sharding, sweep  # pylint: disable=import-outside-toplevel
 
     self.suite, left_out = _load_suite(suite_path, models, self.settings.exclude,
-                                       strict=self.settings.strict_integrity)
+                                       strict=self.settings.strict_integrity, own=own)
     for line in left_out:
       self._leave_out(line)
     self.configs = {m.name: checkpoint.load_config(next(iter(m.checkpoints.values())))
@@ -144,7 +146,7 @@ class Experiment:
   def with_suite(self, suite_path: str) -> "Experiment":
     """The same run (mesh, dtype, store, summary) over another suite's models."""
     other = copy.copy(self)
-    other._load(suite_path, None)  # pylint: disable=protected-access
+    other._load(suite_path, None, own=False)  # pylint: disable=protected-access
     return other
 
   # Checks and names ---------------------------------------------------------------------------
@@ -403,7 +405,7 @@ def _make_mesh(spec: str):
 
 
 def _load_suite(path: str, models: Sequence[str] | None, exclude: Sequence[str] = (), *,
-                strict: bool = False):
+                strict: bool = False, own: bool = True):
   """(suite, lines): the manifest's --models without the checkpoints --exclude or the manifest
   excludes and, unless strict, without those that cannot be read (a line each); only the
   selected models' checkpoints are looked at."""
@@ -419,6 +421,14 @@ def _load_suite(path: str, models: Sequence[str] | None, exclude: Sequence[str] 
     if isinstance(e, InputError):
       raise
     raise InputError(str(e)) from None
+  if not own:
+    def has(name):
+      try:
+        suite.model(name.rpartition("@")[0])
+        return True
+      except KeyError:
+        return False
+    exclude = [n for n in exclude if has(n)]
   try:
     suite = suite.exclude(list(exclude))
   except KeyError as e:
