@@ -161,7 +161,7 @@ def test_make_suite_manifest_round_trips_through_load_suite(tmp_path, sources):
   res = _run(["tools.make_suite", "--repos=org/opt-a,org/opt-b", f"--out={out}",
               "--tokens_per_step=1000"], env={"HF_HUB_CACHE": cache})
   assert res.returncode == 0, res.stderr
-  assert "ref 'main' is step200" in res.stderr and "2 model(s), 4 checkpoint(s)" in res.stdout
+  assert "ref 'main' is step200" in res.stderr and "2 models, 4 checkpoints" in res.stdout
 
   # A re-run replaces its own manifest, never a file it did not write.
   assert _run(["tools.make_suite", f"--hf_cache={cache}", "--repos=org/opt-a", f"--out={out}",

@@ -91,7 +91,8 @@ def run(s: Settings) -> cli.Summary:
   if build.manifest:
     files.write_json(s.out, build.manifest)
     n = sum(len(m["checkpoints"]) for m in build.manifest["models"])
-    results.append(f"{len(build.manifest['models'])} model(s), {n} checkpoint(s)")
+    results.append(f"{cli.plural(len(build.manifest['models']), 'model')}, "
+                   f"{cli.plural(n, 'checkpoint')}")
     written.append(os.path.abspath(s.out))
   else:
     results.append("no checkpoints in the cache: no manifest written")
@@ -101,15 +102,16 @@ def run(s: Settings) -> cli.Summary:
                for r in repos if r.lower() in by_repo}
     files.write_text(script, hub.download_commands(
         {r: v for r, v in missing.items() if v}, s.hf_cache))
-    results.append(f"{sum(len(v) for v in missing.values())} revision(s) to download: {script}")
+    results.append(f"{cli.plural(sum(len(v) for v in missing.values()), 'revision')} to "
+                   f"download: {script}")
     written.append(os.path.abspath(script))
   if build.bin_only:
     results.append(f"{cli.plural(len(build.bin_only), 'revision')} with PyTorch .bin weights only "
                    "(left out by experiments; --convert_bin converts them)")
   return cli.Summary("make_suite", evaluated=[f"{cli.plural(len(repos), 'repo')} in the HF cache"],
                      results=results,
-                     skipped=[f"{len(build.unknown)} revision name(s) without a step, "
-                              f"{len(build.problems)} problem(s) (listed above)"]
+                     skipped=[f"{cli.plural(len(build.unknown), 'revision name')} without a "
+                              f"step, {cli.plural(len(build.problems), 'problem')} (listed above)"]
                      if build.unknown or build.problems else [], files=written)
 
 
