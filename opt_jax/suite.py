@@ -513,9 +513,10 @@ def _checkpoint_problems(m: SuiteModel) -> tuple[dict[int, str], list[str]]:
     if not os.path.isdir(path):
       per_step[step] = f"checkpoint directory {path} does not exist"
       continue
-    if hf_cache.is_bin_only(path):
+    if hf_cache.is_bin_only(path) and os.path.basename(os.path.dirname(path)) == "snapshots":
       per_step[step] = (f"{path} holds only PyTorch .bin weights, which opt_jax reads only to "
-                        "convert them (python -m tools.make_suite ... --convert_bin)")
+                        "convert them (an HF-cache snapshot: python -m tools.make_suite ... "
+                        "--convert_bin)")
       continue
     problem = checkpoint.checkpoint_problem(path)
     if problem is not None:
