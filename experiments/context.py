@@ -21,10 +21,10 @@ Before a suite's first sweep, the fast integrity check (opt_jax.integrity: repea
 config drift, unreadable files, steps out of order) leaves out every checkpoint it finds a
 problem with and lists them (--strict_integrity: stops the run instead; --skip_integrity_check:
 no check). Known duplicates (the manifest's "known_duplicates") are evaluated and marked in the
-CSVs (column duplicate_of) and the closing summary. `key` names the stored results by every setting that
-changes a number (`cli.option(key=True)`, the default), the compute dtype, the tokenizers'
-fingerprints and a digest of the data, so a run with another dtype, window or corpus never
-reuses a stale result.
+CSVs (column duplicate_of) and the closing summary. `key` names the stored results by every
+setting that changes a number (`cli.option(key=True)`, the default), the compute dtype, the
+tokenizers' fingerprints and a digest of the data, so a run with another dtype, window or corpus
+never reuses a stale result.
 """
 
 from __future__ import annotations

@@ -78,7 +78,8 @@ IGNORED_CONFIG_FIELDS = frozenset({
 STATUSES = ("unreadable", "duplicate", "partial_duplicate", "config_differs", "layout_differs",
             "out_of_order", "bin_only", "not_checked", "known_duplicate", "ok")
 BIN_ONLY_NOTE = ("PyTorch .bin weights only: experiments leave it out (python -m tools.make_suite "
-                 "... --convert_bin converts it to safetensors and the manifest then uses the copy)")
+                 "... --convert_bin converts it to safetensors and the manifest then uses the "
+                 "copy)")
 CSV_COLUMNS = ("model", "step", "revision", "sha", "status", "duplicate_of", "problem")
 
 _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,

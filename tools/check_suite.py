@@ -7,7 +7,8 @@ one row per checkpoint) and keeps a hash cache in DIR (default DIR: the manifest
 second fast check reads no weights of unchanged files (--deep re-reads every byte). Exits 1 when
 it finds a problem, 0 when the suite is clean; known duplicates (the manifest's
 "known_duplicates") and revisions with PyTorch .bin weights only are noted, not problems, and the
-checkpoints the manifest excludes are listed and not checked. The checks are described in opt_jax/integrity.py.
+checkpoints the manifest excludes are listed and not checked. The checks are described in
+opt_jax/integrity.py.
 """
 
 from __future__ import annotations
