@@ -70,7 +70,8 @@ class SuiteModel:
   revisions / shas: step -> HF revision name / snapshot commit sha, for the checkpoints whose
   manifest entry names them. refs: refs that name no step (e.g. "main") -> the step they point at.
   known_duplicates: groups of steps whose weights are identical by design (Pythia's 0 and 1).
-  excluded: step -> why, of the manifest's checkpoints that are left out (not in `checkpoints`).
+  excluded: step -> why, of the manifest's checkpoints that are left out (not in `checkpoints`);
+  excluded_paths: their paths (what `Suite.to_dict` writes back).
   """
   name: str
   params: int
@@ -83,6 +84,7 @@ class SuiteModel:
   refs: dict[str, int] = dataclasses.field(default_factory=dict)
   known_duplicates: tuple[tuple[int, ...], ...] = ()
   excluded: dict[int, str] = dataclasses.field(default_factory=dict)
+  excluded_paths: dict[int, str] = dataclasses.field(default_factory=dict)
 
   @property
   def steps(self) -> list[int]:
@@ -178,7 +180,9 @@ class Suite:
       gone = drop.get(m.name, set()) & set(m.checkpoints)
       models.append(dataclasses.replace(
           m, checkpoints={s: p for s, p in m.checkpoints.items() if s not in gone},
-          excluded={**m.excluded, **{s: why for s in gone}}) if gone else m)
+          excluded={**m.excluded, **{s: why for s in gone}},
+          excluded_paths={**m.excluded_paths, **{s: m.checkpoints[s] for s in gone}})
+          if gone else m)
     return dataclasses.replace(self, models=models)
 
   def excluded_lines(self) -> list[str]:
@@ -196,9 +200,10 @@ class Suite:
       out["description"] = self.description
     out["models"] = []
     for m in self.models:
+      every = dict(sorted({**m.checkpoints, **m.excluded_paths}.items()))
       d = {"name": m.name, "params": m.params, "tokens_per_step": m.tokens_per_step,
            "aliases": list(m.aliases), "checkpoints": {str(s): _checkpoint_entry(m, s, p)
-                                                       for s, p in m.checkpoints.items()}}
+                                                       for s, p in every.items()}}
       if m.description:
         d["description"] = m.description
       if m.refs:
@@ -473,7 +478,8 @@ def _parse_model(raw: Any, index: int, base_dir: str, problems: list[str],
                      checkpoints={s: p for s, p in sorted(checkpoints.items())
                                   if s not in excluded},
                      description=description, revisions=revisions, shas=shas, refs=refs,
-                     known_duplicates=tuple(known), excluded=excluded)
+                     known_duplicates=tuple(known), excluded=excluded,
+                     excluded_paths={s: checkpoints[s] for s in excluded})
   return model, ok
 
 
