@@ -548,19 +548,35 @@ def _most_common(values: dict[int, Any]) -> tuple[int, Any]:
 
 
 def _check_siblings(rows: dict[int, Row], scans: dict[int, _Scan]) -> None:
-  configs = {s: {k: v for k, v in sc.config.items() if k not in IGNORED_CONFIG_FIELDS}
-             for s, sc in scans.items() if sc.config is not None}
+  formats = sorted({sc.format for sc in scans.values()})
+  for fmt in formats:   # config.json as stored, among the checkpoints of one format
+    _check_configs(rows, {s: {k: v for k, v in sc.config.items() if k not in IGNORED_CONFIG_FIELDS}
+                          for s, sc in scans.items() if sc.config is not None and sc.format == fmt})
+  if len(formats) > 1:  # across formats: the architecture opt_jax reads from it
+    from opt_jax.config import DecoderConfig  # pylint: disable=import-outside-toplevel
+    parsed = {}
+    for s, sc in scans.items():
+      try:
+        parsed[s] = dataclasses.asdict(DecoderConfig.from_hf_dict(sc.config))
+      except (ValueError, KeyError, TypeError, AttributeError):
+        continue
+    _check_configs({s: r for s, r in rows.items() if r.status != "config_differs"}, parsed,
+                   what="the architecture read from config.json")
+  for fmt in formats:
+    _check_layouts(rows, {s: {k: v for k, v in sc.layout.items() if k not in sc.buffers}
+                          for s, sc in scans.items() if sc.layout and sc.format == fmt})
+
+
+def _check_configs(rows: dict[int, Row], configs: dict[int, dict[str, Any]],
+                   what: str = "config.json") -> None:
   if len(configs) > 1:
     ref_step, ref = _most_common(configs)
     for step, config in configs.items():
       diff = [f"{k}={config.get(k, '<absent>')!r} (step {ref_step}: {ref.get(k, '<absent>')!r})"
               for k in sorted(set(config) | set(ref)) if config.get(k) != ref.get(k)]
-      if diff:
+      if diff and step in rows:
         _add(rows[step], "config_differs",
-             f"config.json differs from the model's other checkpoints: {', '.join(diff[:6])}")
-  for fmt in sorted({sc.format for sc in scans.values()}):
-    _check_layouts(rows, {s: {k: v for k, v in sc.layout.items() if k not in sc.buffers}
-                          for s, sc in scans.items() if sc.layout and sc.format == fmt})
+             f"{what} differs from the model's other checkpoints: {', '.join(diff[:6])}")
 
 
 def _check_layouts(rows: dict[int, Row], layouts: dict[int, dict[str, list[Any]]]) -> None:

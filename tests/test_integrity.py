@@ -471,3 +471,20 @@ def test_experiment_sweep_leaves_out_a_duplicate_or_stops_when_strict(tmp_path):
                            progress=False)
   report = ctx.sweep(evaluate, ctx.key())
   assert seen == [10, 20, 30] and len(report.evaluated) == 3
+
+
+def test_an_opt_jax_checkpoint_among_hf_siblings_is_no_layout_or_config_difference(tmp_path,
+                                                                                    sources):
+  from opt_jax import convert  # pylint: disable=import-outside-toplevel
+  single, _ = sources
+  converted = convert.convert(single[2], tmp_path / "opt_jax")   # tensor names of its own
+  rows = _by_step(integrity.check_suite(_suite(tmp_path, {1: single[0], 2: converted,
+                                                          3: single[1]})))
+  assert all(r.status == "ok" and not r.problems for r in rows.values()), rows
+  # A real difference of architecture is still found across formats.
+  config = json.loads((tmp_path / "opt_jax" / "config.json").read_text())
+  config["num_hidden_layers"] = 3
+  (tmp_path / "opt_jax" / "config.json").write_text(json.dumps(config))
+  rows = _by_step(integrity.check_suite(_suite(tmp_path, {1: single[0], 2: converted,
+                                                          3: single[1]})))
+  assert rows[2].status == "config_differs" and "num_hidden_layers=3" in rows[2].problems[0]
