@@ -76,7 +76,11 @@ def run(s: Settings) -> cli.Summary:
   if s.convert_bin and build.bin_only:
     for c, target in build.bin_only.items():
       cli.say(f"converting {c.repo} revision {c.revision.name} (.bin) -> {target}")
-      _convert(c.path, target)
+      try:
+        _convert(c.path, target)
+      except Exception as e:  # pylint: disable=broad-except  (one revision; go on with the rest)
+        cli.say(f"problem: {c.repo} revision {c.revision.name}: conversion failed "
+                f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); it stays left out")
     build = build_suite()
   if templates:
     others = [r for r in repos if suite_templates.lookup(r) not in templates]
