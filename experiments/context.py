@@ -14,12 +14,17 @@ flags and the run manifest come from it), an evaluate function (one checkpoint -
 Everything that can be wrong with the inputs is checked in the constructor and in `window`,
 before any checkpoint is restored: the suite and model names, the output folder, the mesh spec
 (and that it divides every model), the dtype, the tokenizer files, and windows against the
-models' positions. Before a suite's first sweep, the fast integrity check (opt_jax.integrity:
-repeated weights, config drift, unreadable files, steps out of order) stops the run with its
-problems unless --skip_integrity_check. `key` names the stored results by every setting that
-changes a number (`cli.option(key=True)`, the default), the compute dtype, the tokenizers'
-fingerprints and a digest of the data, so a run with another dtype, window or corpus never
-reuses a stale result.
+models' positions. Checkpoints that cannot be read (a missing folder, a .bin-only or truncated HF
+snapshot: opt_jax.suite.readable) and those --exclude or the manifest's "exclude" names are left
+out of the run, one line each, before anything else; only the --models asked for are looked at.
+Before a suite's first sweep, the fast integrity check (opt_jax.integrity: repeated weights,
+config drift, unreadable files, steps out of order) leaves out every checkpoint it finds a
+problem with and lists them (--strict_integrity: stops the run instead; --skip_integrity_check:
+no check). Known duplicates (the manifest's "known_duplicates") are evaluated and marked in the
+CSVs (column duplicate_of) and the closing summary. `key` names the stored results by every
+setting that changes a number (`cli.option(key=True)`, the default), the compute dtype, the
+tokenizers' fingerprints and a digest of the data, so a run with another dtype, window or corpus
+never reuses a stale result.
 """
 
 from __future__ import annotations
@@ -59,9 +64,16 @@ class ExperimentSettings(cli.Settings):
       False, "Stop at the first checkpoint that fails to restore or evaluate (default: report it "
              "in one line, leave it out and go on).", key=False)
   skip_integrity_check: bool = cli.option(
-      False, "Evaluate even when the fast integrity check of the suite (python -m "
-             "tools.check_suite) finds problems: repeated weights, config drift, unreadable files, "
-             "steps out of order.", key=False)
+      False, "Do not run the fast integrity check of the suite (python -m tools.check_suite: "
+             "repeated weights, config drift, unreadable files, steps out of order); checkpoints "
+             "that cannot be read are still left out.", key=False)
+  strict_integrity: bool = cli.option(
+      False, "Stop the run when a checkpoint cannot be read or the integrity check finds a "
+             "problem (default: leave those checkpoints out, list them and evaluate the rest).",
+      key=False)
+  exclude: tuple[str, ...] = cli.option(
+      (), "Checkpoints to leave out, as MODEL@STEP (e.g. pythia-160m@512), besides those the "
+          "manifest's \"exclude\" names.", key=False)
   conventions: str = cli.option(
       "native", "Text conventions: native (each family's own prefix: OPT </s>, Llama <s>, none for "
                 "Pythia and OLMo) or lm_eval (lm-evaluation-harness HFLM's defaults, to compare "
@@ -94,6 +106,7 @@ class Experiment:
     self.is_main = sharding.is_main_process()
     self.reports: list[tuple[str, Any]] = []
     self.skipped: list[str] = []
+    self.left_out: list[str] = []         # checkpoints left out by the pre-checks, one line each
     self._scorers: Any = None
     self._failed: dict[tuple, str] = {}   # shared with with_suite() copies, like reports
     self._checked: set[str] = set()       # suites (their paths) checked for integrity; shared
@@ -103,10 +116,15 @@ class Experiment:
     self.out_dir = files.check_output(settings.out, folder=True, what="--out")
     self.store = ResultStore(os.path.join(self.out_dir, STORE_DIR))
 
-  def _load(self, suite_path: str, models: Sequence[str] | None) -> None:
+  def _load(self, suite_path: str, models: Sequence[str] | None, *, own: bool = True) -> None:
+    """Loads the suite of the run (own) or another (with_suite: --exclude names of models it does
+    not have are not its)."""
     from opt_jax import checkpoint, sharding, sweep  # pylint: disable=import-outside-toplevel
 
-    self.suite = _load_suite(suite_path, models)
+    self.suite, left_out = _load_suite(suite_path, models, self.settings.exclude,
+                                       strict=self.settings.strict_integrity, own=own)
+    for line in left_out:
+      self._leave_out(line)
     self.configs = {m.name: checkpoint.load_config(next(iter(m.checkpoints.values())))
                     for m in self.suite.models}
     self.max_positions = min(c.max_position_embeddings for c in self.configs.values())
@@ -120,10 +138,15 @@ class Experiment:
                        for m in self.suite.models}
     self.fingerprints = {name: t.fingerprint() for name, t in self.tokenizers.items()}
 
+  def _leave_out(self, line: str) -> None:
+    if line not in self.left_out:
+      self.left_out.append(line)
+      self.say(line)
+
   def with_suite(self, suite_path: str) -> "Experiment":
     """The same run (mesh, dtype, store, summary) over another suite's models."""
     other = copy.copy(self)
-    other._load(suite_path, None)  # pylint: disable=protected-access
+    other._load(suite_path, None, own=False)  # pylint: disable=protected-access
     return other
 
   # Checks and names ---------------------------------------------------------------------------
@@ -187,9 +210,11 @@ class Experiment:
 
   def check_integrity(self) -> None:
     """The fast integrity check of the suite (opt_jax.integrity.check_suite), once per suite,
-    before its first sweep: InputError listing every problem unless --skip_integrity_check.
-    Its hash cache is kept in out/integrity/ (main process), so a re-run reads no weights of
-    unchanged files."""
+    before its first sweep: every checkpoint it finds a problem with is left out of the suite
+    (one line each, in the closing summary); InputError listing every problem instead with
+    --strict_integrity, or when nothing is left. Nothing with --skip_integrity_check. Its hash
+    cache is kept in out/integrity/ (main process), so a re-run reads no weights of unchanged
+    files."""
     which = "\0".join(path for _, _, path in self.suite.checkpoints())
     if self.settings.skip_integrity_check or which in self._checked:
       return
@@ -197,15 +222,28 @@ class Experiment:
     cache = self.path(INTEGRITY_DIR) if self.is_main else None
     report = integrity.check_suite(self.suite, cache_dir=cache)
     self._checked.add(which)
-    if not report.ok:
-      problems = report.problems
+    if report.ok:
+      return
+    problems = report.problems
+    # A duplicate group is left out whole (which step holds its own weights is unknowable); its
+    # problem is named once, on the later steps, the first step's row says which steps repeat it.
+    bad = {(r.model, r.step): "; ".join(r.problems or [r.note or r.status])
+           for r in report.rows if r.problems or r.status == "duplicate"}
+    kept = [(m, s) for m, s, _ in self.suite.checkpoints() if (m.name, s) not in bad]
+    if self.settings.strict_integrity or not kept:
       shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more"
                                              if len(problems) > 20 else "")
+      why = ("--strict_integrity" if kept else "no checkpoint passes it")
       raise InputError(
-          f"suite {self.suite.name}: the integrity check found {len(problems)} problem(s); "
-          "nothing was evaluated:\n  " + shown + "\nSee python -m tools.check_suite "
-          "--suite=... [--deep] for the full report, fix the suite, or pass "
-          "--skip_integrity_check to evaluate anyway")
+          f"suite {self.suite.name}: the integrity check found {len(problems)} problem(s) "
+          f"({why}); nothing was evaluated:\n  " + shown + "\nSee python -m tools.check_suite "
+          "--suite=... [--deep] for the full report; fix the suite, name known duplicates in the "
+          "manifest's \"known_duplicates\", leave checkpoints out with --exclude, or pass "
+          "--skip_integrity_check")
+    for (model, step), why in bad.items():
+      self._leave_out(f"{model} step {step} left out by the integrity check: {why}")
+    self.suite = self.suite.exclude([f"{m}@{s}" for m, s in bad],
+                                    "left out by the integrity check").without_empty_models()
 
   def scorer(self, model, config, params):
     """The Scorer of this size holding `params` (inside evaluate)."""
@@ -226,11 +264,30 @@ class Experiment:
   def path(self, *parts: str) -> str:
     return os.path.join(self.out_dir, *parts)
 
+  def known_duplicates(self) -> dict[tuple[str, int], int]:
+    """{(model, step): the step whose weights it repeats} of the suite's known duplicates
+    (the manifest's "known_duplicates") that are evaluated."""
+    return {(m.name, s): m.duplicate_of(s) for m, s, _ in self.suite.checkpoints()
+            if m.duplicate_of(s) is not None and m.duplicate_of(s) in m.checkpoints}
+
+  def mark_duplicates(self, frame):
+    """`frame` with a duplicate_of column (the step a known duplicate repeats, else empty) when
+    it has model and step columns and the suite has known duplicates; else `frame` itself."""
+    dups = self.known_duplicates()
+    columns = getattr(frame, "columns", ())
+    if not dups or "model" not in columns or "step" not in columns or "duplicate_of" in columns:
+      return frame
+    frame = frame.copy()
+    frame["duplicate_of"] = [dups.get((m, int(s)), "") if s == s else ""
+                             for m, s in zip(frame["model"], frame["step"])]
+    return frame
+
   def write_csv(self, name: str, frame, float_format: str | None = None) -> str:
-    """out/<name> on the main process (atomic); returns the path."""
+    """out/<name> on the main process (atomic), known duplicates marked (`mark_duplicates`);
+    returns the path."""
     path = self.path(name)
     if self.is_main:
-      files.write_csv(frame, path, float_format=float_format)
+      files.write_csv(self.mark_duplicates(frame), path, float_format=float_format)
     return path
 
   def write_text(self, name: str, text: str) -> str:
@@ -245,15 +302,20 @@ class Experiment:
   def describe_suite(self) -> str:
     """'suite S: tiny-a, tiny-b x 4 checkpoints (8)'."""
     steps = {len(m.steps) for m in self.suite.models}
-    per = f"{steps.pop()} checkpoints each" if len(steps) == 1 else "checkpoints"
-    return (f"suite {self.suite.name}: {', '.join(m.name for m in self.suite.models)} ({per}, "
-            f"{len(self.suite)} in all)")
+    n = len(self.suite)
+    if len(self.suite.models) == 1:
+      per = cli.plural(n, "checkpoint")
+    else:
+      per = (f"{cli.plural(steps.pop(), 'checkpoint')} each" if len(steps) == 1 else
+             " and ".join(str(len(m.steps)) for m in self.suite.models) + " checkpoints")
+      per += f", {n} in all"
+    return f"suite {self.suite.name}: {', '.join(m.name for m in self.suite.models)} ({per})"
 
   def outcome(self, table: Any, *, results: Sequence[str] = (), files_: Sequence[str] = (),
               evaluated: Sequence[str] = (), analysis: Any = None) -> Outcome:
     """The Outcome with its closing summary: what the sweeps did, `evaluated` (what was scored:
     tokens, tasks), `results` (headline), what was skipped (self.skipped) and the files."""
-    lines, failed = list(evaluated), []
+    lines, failed = list(evaluated), list(self.left_out)
     for label, report in self.reports:
       done, reused, bad = len(report.evaluated), len(report.skipped), len(report.failed)
       stale = f", {len(report.recomputed)} of them recomputed (stale)" if report.recomputed else ""
@@ -262,6 +324,10 @@ class Experiment:
                    + (f", {bad} failed" if bad else "") + ")")
       failed += [f"{label} {k[-2]} step {k[-1]} failed and is left out: {why}"
                  for k, why in report.failed.items()]
+    dups = self.known_duplicates()
+    if dups:
+      lines.append("known duplicates evaluated (column duplicate_of in the CSVs): "
+                   + ", ".join(f"{m} step {s} = step {d}" for (m, s), d in dups.items()))
     summary = cli.Summary(self.name, evaluated=lines, results=list(results),
                           skipped=failed + list(self.skipped), out_dir=self.out_dir,
                           files=list(files_))
@@ -270,11 +336,62 @@ class Experiment:
 
 def main(settings_cls: type, run: Callable[[Any], Outcome]) -> None:
   """The binary of an experiment: flags from settings_cls, multi-host start-up (every process
-  runs the same command), run(settings), its closing summary (opt_jax.cli.main)."""
+  runs the same command), run(settings), its closing summary (opt_jax.cli.main). An error after
+  a sweep finished (in the analysis, tables or plots) marks that sweep's run manifest "failed"
+  with the error in one line and stops the binary with that line (rc 2), not a traceback (the
+  manifest keeps it)."""
   def start(_):
     from opt_jax import sharding  # pylint: disable=import-outside-toplevel
     sharding.initialize_distributed()   # before anything touches a device; no-op on one host
-  cli.main(settings_cls, lambda settings: run(settings).summary, before=start)
+
+  def run_and_mark(settings):
+    try:
+      return run(settings).summary
+    except Exception as e:  # pylint: disable=broad-except
+      marked = mark_runs_failed(settings.out, e)
+      if not marked or cli.user_error_message(e) is not None:
+        raise
+      raise AnalysisError(f"{type(e).__name__}: {_one_line(e)} (after the sweep; the results are "
+                          f"kept under {settings.out}/{STORE_DIR}, the run manifest "
+                          f"{marked[0]} says \"failed\" and holds the traceback)") from None
+  cli.main(settings_cls, run_and_mark, before=start)
+
+
+class AnalysisError(InputError):
+  """An error after the sweeps, reported in one line (the run manifest holds the traceback)."""
+
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  return text[:500] + (" ..." if len(text) > 500 else "")
+
+
+def mark_runs_failed(out_dir: str | None, error: BaseException) -> list[str]:
+  """Sets "status": "failed" and "error" (one line) in the run manifests under out_dir/runs that
+  this process wrote and marked finished: their sweep ended, what came after it failed. Returns
+  the paths marked (none on processes other than the main one, or when no sweep finished)."""
+  import traceback  # pylint: disable=import-outside-toplevel
+  runs = os.path.join(out_dir or "", "runs")
+  if not out_dir or not os.path.isdir(runs):
+    return []
+  me, marked = files.process_tag(), []
+  for name in sorted(os.listdir(runs)):
+    path = os.path.join(runs, name)
+    if name.startswith(".") or not name.endswith(".json"):
+      continue
+    try:
+      with open(path) as f:
+        data = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if (not isinstance(data, dict) or data.get("writer") != me
+        or data.get("status") not in ("finished", "finished_with_failures")):
+      continue
+    data.update(status="failed", error=f"{type(error).__name__}: {_one_line(error)}",
+                traceback="".join(traceback.format_exception(error)).splitlines())
+    files.write_json(path, data)
+    marked.append(path)
+  return marked
 
 
 def _make_mesh(spec: str):
@@ -287,15 +404,43 @@ def _make_mesh(spec: str):
     raise InputError(f"--mesh={spec}: {e}") from None
 
 
-def _load_suite(path: str, models: Sequence[str] | None):
+def _load_suite(path: str, models: Sequence[str] | None, exclude: Sequence[str] = (), *,
+                strict: bool = False, own: bool = True):
+  """(suite, lines): the manifest's --models without the checkpoints --exclude or the manifest
+  excludes and, unless strict, without those that cannot be read (a line each); only the
+  selected models' checkpoints are looked at."""
   from opt_jax import suite as suite_lib  # pylint: disable=import-outside-toplevel
   if not os.path.isfile(path):
     raise InputError(f"--suite={path}: no such file; expected a suite manifest (.json/.yaml)")
   try:
-    return suite_lib.load_suite(path).select(list(models) if models else None)
+    suite = suite_lib.load_suite(path, check_paths=False)
+    suite = suite.select(list(models) if models else None)
   except KeyError as e:   # an unknown --models name; the message lists the suite's models
     raise InputError(f"--models: {e.args[0]}") from None
   except ValueError as e:  # suite.SuiteError lists every problem of the manifest
     if isinstance(e, InputError):
       raise
     raise InputError(str(e)) from None
+  if not own:
+    def has(name):
+      try:
+        suite.model(name.rpartition("@")[0])
+        return True
+      except KeyError:
+        return False
+    exclude = [n for n in exclude if has(n)]
+  try:
+    suite = suite.exclude(list(exclude))
+  except KeyError as e:
+    raise InputError(f"--exclude: {e.args[0]}") from None
+  lines = suite.excluded_lines()
+  suite = suite.without_empty_models()
+  if not suite.models:
+    raise InputError(f"--suite={path}: every checkpoint is excluded:\n  " + "\n  ".join(lines))
+  if strict:
+    problems = suite_lib.check_checkpoints(suite)
+    if problems:
+      raise suite_lib.SuiteError(suite.source or path, problems)
+    return suite, lines
+  suite, left_out = suite_lib.readable(suite)
+  return suite, lines + left_out

@@ -64,8 +64,9 @@ def run(settings: Settings, *, progress: bool = True, run_info: dict | None = No
     arrays, total = scorer(ctx.scorer(model, config, params), ctx.tokenizers[model.name])
     return arrays, {"num_tokens": total, "corpora": [c.name for c in corpora]}
 
-  ctx.say(f"{ctx.describe_suite()}; {sum(len(c.documents) for c in corpora)} documents of "
-          f"{len(corpora)} corpus file(s)")
+  ctx.say(f"{ctx.describe_suite()}; "
+          f"{cli.plural(sum(len(c.documents) for c in corpora), 'document')} of "
+          f"{cli.plural(len(corpora), 'corpus file')}")
   ctx.sweep(evaluate, key, max_length=settings.context_length)
   table = perplexity.ppl_table(ctx.checkpoints(key), lambda m, s: ctx.read(key, m, s), scorer)
   table = ppl_breaks.flag_breaks(table)

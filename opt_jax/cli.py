@@ -246,6 +246,11 @@ class Summary:
     return "\n".join(lines)
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+  """'1 document', '5 documents' ('1 entry', '2 entries' with many="entries")."""
+  return f"{n:,} {word if n == 1 else (many or word + 's')}"
+
+
 def format_seconds(seconds: float) -> str:
   s = int(round(seconds))
   if s < 60:
@@ -281,13 +286,25 @@ class _BarSafeStream:
     """Logging closes handler streams at exit; stderr stays open."""
 
 
+class _PlainFormatter(logging.Formatter):
+  """'warning: message' instead of absl's 'W1207 23:37:01.118535 123 sweep.py:289] message'."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    text = record.getMessage()
+    if record.exc_info:
+      text += "\n" + self.formatException(record.exc_info)
+    return f"{record.levelname.lower()}: {text}"
+
+
 def quiet_logs(verbosity_given: bool) -> None:
-  """Library logs at WARNING unless --verbosity was given; log lines never break a bar."""
+  """Library logs at WARNING, as 'warning: message', unless --verbosity was given (then absl's
+  full prefix: time, thread, file and line); log lines never break a bar."""
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
 
+  handler = absl_logging.get_absl_handler()
   if not verbosity_given:
     absl_logging.set_verbosity(absl_logging.WARNING)
-  handler = absl_logging.get_absl_handler()
+    handler.python_handler.setFormatter(_PlainFormatter())
   handler.python_handler.stream = _BarSafeStream(sys.stderr)
   if handler not in logging.root.handlers:
     logging.root.addHandler(handler)
@@ -381,6 +398,14 @@ def main(settings_cls: type, fn: Callable[[Any], Summary | None], *,
         before(settings)
       enable_compilation_cache(default_compilation_cache() if cache is None else cache)
       summary = fn(settings)
+    except KeyboardInterrupt:
+      # One line and a closing summary, not a traceback: Ctrl-C is how a user stops a run.
+      name = os.path.splitext(os.path.basename(sys.argv[0] or "run"))[0]
+      print("\ninterrupted (Ctrl-C)", file=sys.stderr)
+      if _is_main_process():
+        print(f"== {name} interrupted after {format_seconds(time.perf_counter() - start)}: "
+              "what was finished is kept; the same command resumes from there", flush=True)
+      sys.exit(130)
     except Exception as e:  # pylint: disable=broad-except
       message = user_error_message(e)
       if message is None:

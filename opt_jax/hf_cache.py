@@ -14,6 +14,11 @@ at a checkpoint's snapshot), an unknown name (listed, never guessed) or a proble
 folder is missing or lacks config.json or weights). `build_suite` turns the scans of several repos
 into a suite manifest (the format `opt_jax.suite` reads) with each checkpoint's revision and sha.
 
+Revisions that hold only PyTorch .bin weights (older Pythia uploads) cannot be evaluated in place:
+`build_suite` names each one, and takes its converted copy instead when `converted_dir` holds one
+(`converted_path`: CONVERTED/models--ORG--NAME/<revision>-<sha[:12]>, safetensors in the HF layout,
+written by `tools.make_suite --convert_bin`), so a re-run keeps using the copies.
+
 Why not `huggingface_hub.scan_cache_dir`: it drops a whole repo as corrupted when one ref points to
 a missing snapshot or one link is broken, which are exactly the per-revision problems to report,
 and it walks every file of every repo in the cache. Pure Python; no JAX.
@@ -62,7 +67,11 @@ def default_cache_dir() -> str:
 def repo_folder(cache_dir: str, repo: str) -> str:
   """CACHE/models--ORG--NAME for model repo `repo` ("ORG/NAME")."""
   from huggingface_hub import file_download  # pylint: disable=import-outside-toplevel
-  return os.path.join(cache_dir, file_download.repo_folder_name(repo_id=repo, repo_type="model"))
+  try:
+    name = file_download.repo_folder_name(repo_id=repo, repo_type="model")
+  except ValueError as e:   # huggingface_hub's HFValidationError
+    raise InputError(f"{repo!r} is not an HF repo name (ORG/NAME): {e}") from None
+  return os.path.join(cache_dir, name)
 
 
 # Revision names -------------------------------------------------------------------------------
@@ -298,13 +307,37 @@ def _read_refs(folder: str) -> dict[str, str]:
   return dict(sorted(refs.items()))
 
 
+def cached_repos(cache_dir: str) -> list[str]:
+  """The model repos ("ORG/NAME") that have a folder in the HF cache `cache_dir`."""
+  names = sorted(os.listdir(cache_dir)) if os.path.isdir(cache_dir) else []
+  return [n[len("models--"):].replace("--", "/", 1) for n in names if n.startswith("models--")]
+
+
+def _cache_hint(cache_dir: str, repo: str) -> str:
+  """' (did you mean ...?)' for a repo missing from the cache, or a hint that `cache_dir` is
+  HF_HOME rather than its hub/ folder; '' when there is nothing to say."""
+  import difflib  # pylint: disable=import-outside-toplevel
+  hub = os.path.join(cache_dir, "hub")
+  if not cached_repos(cache_dir) and os.path.isdir(hub) and cached_repos(hub):
+    return (f"; {cache_dir} looks like HF_HOME: the hub cache is its hub/ folder, "
+            f"--hf_cache={hub}")
+  known = cached_repos(cache_dir) + [t.repo for f in suite_templates.TEMPLATE_FAMILIES
+                                     for t in suite_templates.family_templates(f)]
+  close = difflib.get_close_matches(repo.lower(), [k.lower() for k in known], n=1, cutoff=0.8)
+  if close:
+    match = next(k for k in known if k.lower() == close[0])
+    if match != repo:
+      return f"; did you mean {match}?"
+  return ""
+
+
 def scan_repo(cache_dir: str, repo: str) -> RepoScan:
   """Reads the refs and snapshots of model repo `repo` ("ORG/NAME") in the HF cache `cache_dir`."""
   folder = repo_folder(cache_dir, repo)
   if not os.path.isdir(folder):
     raise MissingFileError(f"{repo}: not in the HF cache {cache_dir} (no folder "
-                           f"{os.path.basename(folder)}); download revisions with "
-                           f"`hf download {repo} --revision REV`")
+                           f"{os.path.basename(folder)}){_cache_hint(cache_dir, repo)}; download "
+                           f"revisions with `hf download {repo} --revision REV`")
   refs = _read_refs(folder)
   snapshots_dir = os.path.join(folder, "snapshots")
   snapshots = sorted(os.listdir(snapshots_dir)) if os.path.isdir(snapshots_dir) else []
@@ -349,12 +382,14 @@ def scan_repo(cache_dir: str, repo: str) -> RepoScan:
 @dataclasses.dataclass
 class SuiteBuild:
   """The result of `build_suite`. manifest: the suite dict (None when no repo had a checkpoint);
-  notes / unknown / problems: one line each, for the user to read."""
+  notes / unknown / problems: one line each, for the user to read. bin_only: the checkpoints
+  holding only PyTorch .bin weights that have no converted copy (-> their converted_path)."""
   manifest: dict[str, Any] | None
   scans: list[RepoScan]
   notes: list[str]
   unknown: list[str]
   problems: list[str]
+  bin_only: dict[CachedCheckpoint, str] = dataclasses.field(default_factory=dict)
 
   def present(self, repo: str) -> set[str]:
     """Revision names of `repo` present as checkpoints (or as a ref to one)."""
@@ -363,6 +398,23 @@ class SuiteBuild:
       if s.repo == repo:
         out |= {c.revision.name for c in s.checkpoints} | set(s.step_refs)
     return out
+
+
+def is_bin_only(directory: str) -> bool:
+  """True when the weights of `directory` are PyTorch .bin files (no safetensors)."""
+  try:
+    kind = weight_files(directory)[0]
+  except InputError:
+    return False
+  return kind is not None and kind.startswith(TORCH_BIN)
+
+
+def converted_path(converted_dir: str, checkpoint: CachedCheckpoint) -> str:
+  """Where the converted copy of a .bin-only checkpoint lives under `converted_dir`."""
+  from huggingface_hub import file_download  # pylint: disable=import-outside-toplevel
+  repo = file_download.repo_folder_name(repo_id=checkpoint.repo, repo_type="model")
+  return os.path.join(os.path.abspath(converted_dir), repo,
+                      f"{checkpoint.revision.name}-{checkpoint.sha[:12]}")
 
 
 def _model_params(checkpoints: list[CachedCheckpoint], template_params: int | None,
@@ -384,7 +436,8 @@ def _model_params(checkpoints: list[CachedCheckpoint], template_params: int | No
 
 def build_suite(repos: list[str], *, cache_dir: str | None = None, name: str = "hf",
                 tokens_per_step: int | None = None, params: int | None = None,
-                olmo2_stage2: str = "separate", missing_ok: bool = False) -> SuiteBuild:
+                olmo2_stage2: str = "separate", missing_ok: bool = False,
+                converted_dir: str | None = None) -> SuiteBuild:
   """A suite manifest of every checkpoint of `repos` in the HF cache.
 
   repos: HF model repos ("ORG/NAME"). Repos of one template model (the TinyLlama repos) become one
@@ -394,6 +447,7 @@ def build_suite(repos: list[str], *, cache_dir: str | None = None, name: str = "
   olmo2_stage2: "separate" (each stage-2 ingredient a model `<model>-stage2-ingredient<k>`, its
     steps and tokens counted from the start of stage 2 as in the revision names) or "drop".
   missing_ok: a repo absent from the cache is a note instead of a MissingFileError.
+  converted_dir: where converted copies of .bin-only revisions are looked for (module docstring).
   Raises InputError naming every model whose tokens_per_step or params cannot be determined.
   """
   if olmo2_stage2 not in STAGE2_MODES:
@@ -401,11 +455,15 @@ def build_suite(repos: list[str], *, cache_dir: str | None = None, name: str = "
   if not repos:
     raise InputError("no repos given: name HF repos like EleutherAI/pythia-160m")
   cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
+  scans, notes, bin_only = [], [], {}
   if not os.path.isdir(cache_dir):
-    raise MissingFileError(f"HF cache folder {cache_dir} does not exist")
-  scans, notes = [], []
+    if not missing_ok:
+      raise MissingFileError(f"HF cache folder {cache_dir} does not exist")
+    notes.append(f"HF cache folder {cache_dir} does not exist yet: nothing is downloaded")
   for repo in repos:
     try:
+      if not os.path.isdir(cache_dir):
+        continue
       scans.append(scan_repo(cache_dir, repo))
     except MissingFileError as e:
       if not missing_ok:
@@ -463,7 +521,20 @@ def build_suite(repos: list[str], *, cache_dir: str | None = None, name: str = "
       mismatch = tokens_mismatch(c.revision, tps)
       if mismatch:
         problems.append(f"{key}: {mismatch} (is tokens_per_step right?)")
-      checkpoints[str(c.revision.step)] = {"path": c.path, "revision": c.revision.name,
+      path = c.path
+      if is_bin_only(c.path):
+        copy = converted_path(converted_dir, c) if converted_dir else None
+        if copy and os.path.isfile(os.path.join(copy, CONFIG_FILE)) and not is_bin_only(copy) \
+            and weight_files(copy)[0] is not None:
+          path = copy
+          notes.append(f"{c.repo} revision {c.revision.name} holds only PyTorch .bin weights: "
+                       f"using its converted copy {copy}")
+        else:
+          bin_only[c] = copy or ""
+          problems.append(f"{c.repo} revision {c.revision.name} holds only PyTorch .bin weights: "
+                          "experiments leave it out; tools.make_suite --convert_bin converts it "
+                          "(safetensors) into a folder the manifest then uses")
+      checkpoints[str(c.revision.step)] = {"path": path, "revision": c.revision.name,
                                            "sha": c.sha}
     shared = collections.defaultdict(list)
     for step, entry in checkpoints.items():
@@ -476,6 +547,13 @@ def build_suite(repos: list[str], *, cache_dir: str | None = None, name: str = "
              "checkpoints": checkpoints}
     if g["refs"]:
       model["refs"] = g["refs"]
+    known = [[s for s in group if str(s) in checkpoints]
+             for group in (template.known_duplicates if template else ())]
+    known = [group for group in known if len(group) > 1]
+    if known:
+      model["known_duplicates"] = known
+      notes.append(f"{key}: steps {' and '.join(', '.join(map(str, g_)) for g_ in known)} hold "
+                   "the same weights by design (noted as known_duplicates; evaluated and marked)")
     models.append(model)
   if unresolved:
     raise InputError("cannot complete the manifest for model(s) without a template value:\n  "
@@ -486,17 +564,28 @@ def build_suite(repos: list[str], *, cache_dir: str | None = None, name: str = "
                 "description": f"{MANIFEST_MARK}{cache_dir}: {', '.join(s.repo for s in scans)}",
                 "models": models}
   return SuiteBuild(manifest=manifest, scans=scans, notes=notes, unknown=unknown,
-                    problems=problems)
+                    problems=problems, bin_only=bin_only)
+
+
+# What a download fetches of a revision: safetensors weights, config and tokenizer files (Pythia
+# revisions also hold the same weights as pytorch_model.bin: twice the bytes otherwise).
+DOWNLOAD_PATTERNS = ("*.safetensors", "*.json", "*.txt", "*.model")
 
 
 def download_commands(missing: dict[str, list[str]], cache_dir: str | None = None) -> str:
-  """A shell script with one `hf download REPO --revision REV` line per missing revision."""
-  cache = f" --cache-dir {cache_dir}" if cache_dir else ""
-  lines = ["#!/bin/sh", SCRIPT_MARK, "# Each line downloads one revision (all its files); in",
-           "# Python: huggingface_hub.snapshot_download(repo_id, revision=REV). Then run",
-           "# tools.make_suite again.", "set -e"]
+  """A shell script with one `hf download REPO --revision REV --include ...` line per missing
+  revision: safetensors weights, config.json and tokenizer files only (DOWNLOAD_PATTERNS)."""
+  import shlex  # pylint: disable=import-outside-toplevel
+  cache = f" --cache-dir {shlex.quote(cache_dir)}" if cache_dir else ""
+  include = "".join(f" --include {shlex.quote(p)}" for p in DOWNLOAD_PATTERNS)
+  lines = ["#!/bin/sh", SCRIPT_MARK,
+           "# Each line downloads one revision: its safetensors weights, config and tokenizer",
+           "# files (in Python: huggingface_hub.snapshot_download(repo_id, revision=REV,",
+           f"# allow_patterns={list(DOWNLOAD_PATTERNS)})). A revision published with PyTorch .bin",
+           "# weights only then has none: download it again with --include '*.bin' and run",
+           "# tools.make_suite --convert_bin. Then run tools.make_suite again.", "set -e"]
   for repo, revisions in missing.items():
-    lines += [f"hf download {repo} --revision {r}{cache}" for r in revisions]
+    lines += [f"hf download {repo} --revision {r}{include}{cache}" for r in revisions]
   return "\n".join(lines) + "\n"
 
 

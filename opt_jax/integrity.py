@@ -5,15 +5,21 @@ pythia-12b steps whose first shard is the final model's, byte-identical OLMo 2 b
 analysis over them draws wrong curves, so `check_suite` looks at every checkpoint of every model
 before anything is evaluated:
 
-- duplicates: checkpoints of one model whose weights are identical (`duplicate`), or share some
-  trained tensors or weight files (`partial_duplicate`); stored buffers (causal masks, rotary
-  tables: `hf_cache.is_buffer`) are left out;
+- duplicates: checkpoints of one model whose weights are identical (`duplicate`: each later step
+  of a group is the problem, named once against the group's first step, which is kept), or share
+  some trained tensors or weight files (`partial_duplicate`); stored buffers (causal masks, rotary
+  tables: `hf_cache.is_buffer`) are left out. Groups the manifest lists in the model's
+  "known_duplicates" (Pythia's step 0 = step 1) are `known_duplicate`: no problem, but marked;
 - unreadable: a safetensors header that is corrupt or promises more bytes than the file has, an
   index whose shards or tensors are missing, a .bin whose zip directory is gone, a missing or
-  short orbax chunk, a blob whose content does not match its sha256 name (deep mode);
+  short orbax chunk, a blob whose content does not match its sha256 name (deep mode, and the fast
+  mode for blobs of at most FAST_VERIFY_BYTES);
 - config_differs / layout_differs: config.json (minus IGNORED_CONFIG_FIELDS) or tensor names and
-  dtypes and shapes unlike the model's other checkpoints (the most common value is the
-  reference);
+  dtypes and shapes unlike the model's other checkpoints of the same storage format (the most
+  common value is the reference; an opt_jax checkpoint converted from one of its HF siblings
+  names its arrays differently and is compared with its opt_jax siblings only);
+- bin_only: HF weights in PyTorch .bin files only, which experiments cannot read in place (no
+  problem: the files are checked as far as they can be; the note says how to convert them);
 - out_of_order: a revision name whose step is not the manifest's step, tokens in revision names
   that decrease with step, or that disagree with step x tokens_per_step.
 
@@ -25,9 +31,11 @@ small units); `deep` hashes every byte. A .bin file that is an HF-cache LFS blob
 by the sha256 of its content, which serves as its hash in both modes, exact and free. Equal fast
 hashes mean "identical in the sampled bytes": the report says so until --deep confirms.
 
-Hashes are cached in `cache_dir` (integrity_hashes.jsonl), keyed by file identity: the blob name and
-size for HF-cache blobs, else real path, size and mtime. A second check of unchanged files reads
-no tensor bytes. Pure Python and numpy; no JAX.
+Hashes are cached in `cache_dir` (integrity_hashes.jsonl), keyed by file identity: real path,
+size, mtime and inode (an HF-cache blob's name says what its content should be, not what it is).
+A second fast check of unchanged files reads no tensor bytes; a deep check never answers from the
+cache: it re-reads every byte, since a corrupted blob keeps its name and size. Pure Python and
+numpy; no JAX.
 """
 
 from __future__ import annotations
@@ -47,6 +55,9 @@ from opt_jax.errors import InputError
 
 FAST_WINDOWS = 8
 WINDOW_BYTES = 4096
+# The fast mode also checks the sha256 of HF-cache blobs up to this size (every byte: cheap for
+# small files, cached like the rest); larger blobs only in deep mode.
+FAST_VERIFY_BYTES = 64 << 20
 _BLOCK = 8 << 20
 CACHE_FILE = "integrity_hashes.jsonl"
 _BLOB_NAME = re.compile(r"[0-9a-f]{64}")
@@ -65,7 +76,10 @@ IGNORED_CONFIG_FIELDS = frozenset({
 
 # Row statuses, most severe first: a row shows the first that applies.
 STATUSES = ("unreadable", "duplicate", "partial_duplicate", "config_differs", "layout_differs",
-            "out_of_order", "not_checked", "ok")
+            "out_of_order", "bin_only", "not_checked", "known_duplicate", "ok")
+BIN_ONLY_NOTE = ("PyTorch .bin weights only: experiments leave it out (python -m tools.make_suite "
+                 "... --convert_bin converts it to safetensors and the manifest then uses the "
+                 "copy)")
 CSV_COLUMNS = ("model", "step", "revision", "sha", "status", "duplicate_of", "problem")
 
 _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
@@ -102,6 +116,21 @@ def _hash_range(f, begin: int, end: int, tag: bytes, deep: bool, also: Any = Non
   return h.hexdigest()[:32]
 
 
+def _blob_mismatch(path: str, blob: str | None, size: int) -> str | None:
+  """The problem when HF-cache blob `path` (of `size` bytes, named `blob`) does not hash to its
+  name, else None; reads the whole file."""
+  if not blob:
+    return None
+  content = hashlib.sha256()
+  with open(path, "rb") as f:
+    for off in range(0, size, _BLOCK):
+      content.update(_read(f, off, min(_BLOCK, size - off)))
+  if content.hexdigest() == blob:
+    return None
+  return (f"{path}: content sha256 {content.hexdigest()[:12]}... does not match its blob name "
+          f"{blob[:12]}...: the download is corrupt")
+
+
 def _blob_sha256(path: str) -> str | None:
   """The sha256 an HF-cache LFS blob is named by, or None for any other file."""
   real = os.path.realpath(path)
@@ -134,14 +163,16 @@ class HashCache:
   def key(path: str, mode: str) -> str:
     real = os.path.realpath(path)
     st = os.stat(real)
-    blob = _blob_sha256(real)
-    ident = f"blob:{blob}:{st.st_size}" if blob else f"file:{real}:{st.st_size}:{st.st_mtime_ns}"
-    return f"{mode}|{ident}"
+    return f"{mode}|file:{real}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
   def get(self, key: str) -> Any:
+    if key.startswith("deep:"):   # a deep check re-reads every byte (module docstring)
+      return None
     return self._entries.get(key)
 
   def put(self, key: str, value: Any) -> None:
+    if key.startswith("deep:"):
+      return
     self._entries[key] = value
     if self.path:
       os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -170,6 +201,8 @@ class _Scan:
   exact: bool = True
   blobs: tuple[str, ...] | None = None
   config: dict[str, Any] | None = None
+  format: str = "hf"
+  bin_only: bool = False
 
 
 def _safetensors_file(path: str, deep: bool, cache: HashCache) -> dict[str, Any]:
@@ -221,6 +254,10 @@ def _safetensors_file(path: str, deep: bool, cache: HashCache) -> dict[str, Any]
       if blob and file_hash.hexdigest() != blob:
         problems.append(f"{path}: content sha256 {file_hash.hexdigest()[:12]}... does not match "
                         f"its blob name {blob[:12]}...: the download is corrupt")
+  if not deep and not problems and header.file_size <= FAST_VERIFY_BYTES:
+    mismatch = _blob_mismatch(path, _blob_sha256(path), header.file_size)
+    if mismatch:
+      problems.append(mismatch)
   out = {"tensors": tensors, "problems": problems}
   cache.put(key, out)
   return out
@@ -229,7 +266,7 @@ def _safetensors_file(path: str, deep: bool, cache: HashCache) -> dict[str, Any]
 def _bin_file(path: str, deep: bool, cache: HashCache) -> dict[str, Any]:
   """{"hash", "exact", "problems", "not_checked"} of one PyTorch .bin file (file-level)."""
   blob = _blob_sha256(path)
-  key = cache.key(path, _mode(deep) if deep or not blob else "blob")
+  key = cache.key(path, _mode(deep))
   cached = cache.get(key)
   if cached is not None:
     return cached
@@ -251,14 +288,10 @@ def _bin_file(path: str, deep: bool, cache: HashCache) -> dict[str, Any]:
     out["not_checked"] = f"{os.path.basename(path)}: legacy torch format, completeness not checked"
   if blob:
     out["hash"] = blob
-    if deep:
-      with open(path, "rb") as f:
-        content = hashlib.sha256()
-        for off in range(0, size, _BLOCK):
-          content.update(_read(f, off, min(_BLOCK, size - off)))
-      if content.hexdigest() != blob:
-        out["problems"].append(f"{path}: content sha256 {content.hexdigest()[:12]}... does not "
-                               f"match its blob name {blob[:12]}...: the download is corrupt")
+    if deep or size <= FAST_VERIFY_BYTES:
+      mismatch = _blob_mismatch(path, blob, size)
+      if mismatch:
+        out["problems"].append(mismatch)
   else:
     with open(path, "rb") as f:
       out["hash"] = _hash_range(f, 0, size, _tag("bin", size), deep)
@@ -282,6 +315,7 @@ def _scan_hf(directory: str, deep: bool, cache: HashCache, scan: _Scan) -> None:
   if present and all(blobs):
     scan.blobs = blobs
   if kind.startswith(hf_cache.TORCH_BIN):
+    scan.bin_only = True
     for path in present:
       r = _bin_file(path, deep, cache)
       scan.units[os.path.basename(path)] = r["hash"]
@@ -328,6 +362,7 @@ def _scan_orbax(directory: str, deep: bool, cache: HashCache, scan: _Scan) -> No
     scan.not_checked = f"{params}: no zarr arrays (OCDBT layout?): not checked"
     return
   scan.exact = deep
+  scan.format = "opt_jax"
   for name in arrays:
     folder = os.path.join(params, name)
     try:
@@ -446,7 +481,9 @@ def _steps_text(steps: Iterable[int]) -> str:
   return shown + (f" and {len(steps) - 8} more" if len(steps) > 8 else "")
 
 
-def _check_duplicates(rows: dict[int, Row], scans: dict[int, _Scan]) -> None:
+def _check_duplicates(rows: dict[int, Row], scans: dict[int, _Scan],
+                      known: Iterable[Iterable[int]] = ()) -> None:
+  known_groups = [set(g) for g in known]
   full: dict[tuple, list[int]] = collections.defaultdict(list)
   for step, scan in scans.items():
     if scan.units and all(h is not None for h in scan.units.values()):
@@ -458,12 +495,24 @@ def _check_duplicates(rows: dict[int, Row], scans: dict[int, _Scan]) -> None:
     exact = (all(scans[s].exact for s in steps)
              or (scans[steps[0]].blobs is not None
                  and all(scans[s].blobs == scans[steps[0]].blobs for s in steps)))
+    steps = sorted(steps)
+    first, how = steps[0], "" if exact else " (in the sampled bytes; --deep compares every byte)"
+    is_known = any(set(steps) <= g for g in known_groups)
+    in_full.update(steps)
     for s in steps:
-      others = [o for o in steps if o != s]
-      rows[s].duplicate_of = min(others)
-      how = "" if exact else " (in the sampled bytes; --deep compares every byte)"
-      _add(rows[s], "duplicate", f"weights identical to step {_steps_text(others)}{how}")
-      in_full.add(s)
+      rows[s].duplicate_of = first if s != first else steps[1]
+      if is_known:
+        if STATUSES.index("known_duplicate") < STATUSES.index(rows[s].status):
+          rows[s].status = "known_duplicate"
+        if s != first:
+          rows[s].note = f"known duplicate of step {first} (the manifest's known_duplicates)"
+      elif s != first:   # each pair named once, on its later step; the first step is kept
+        _add(rows[s], "duplicate", f"weights identical to step {first}{how}")
+      elif STATUSES.index("duplicate") < STATUSES.index(rows[s].status):
+        rows[s].status = "duplicate"
+        many = len(steps) > 2
+        rows[s].note = (f"{'steps' if many else 'step'} {_steps_text(steps[1:])} "
+                        f"{'hold' if many else 'holds'} the same weights")
   holders: dict[tuple[str, str], list[int]] = collections.defaultdict(list)
   for step, scan in scans.items():
     for name, h in scan.units.items():
@@ -499,17 +548,38 @@ def _most_common(values: dict[int, Any]) -> tuple[int, Any]:
 
 
 def _check_siblings(rows: dict[int, Row], scans: dict[int, _Scan]) -> None:
-  configs = {s: {k: v for k, v in sc.config.items() if k not in IGNORED_CONFIG_FIELDS}
-             for s, sc in scans.items() if sc.config is not None}
+  formats = sorted({sc.format for sc in scans.values()})
+  for fmt in formats:   # config.json as stored, among the checkpoints of one format
+    _check_configs(rows, {s: {k: v for k, v in sc.config.items() if k not in IGNORED_CONFIG_FIELDS}
+                          for s, sc in scans.items() if sc.config is not None and sc.format == fmt})
+  if len(formats) > 1:  # across formats: the architecture opt_jax reads from it
+    from opt_jax.config import DecoderConfig  # pylint: disable=import-outside-toplevel
+    parsed = {}
+    for s, sc in scans.items():
+      try:
+        parsed[s] = dataclasses.asdict(DecoderConfig.from_hf_dict(sc.config))
+      except (ValueError, KeyError, TypeError, AttributeError):
+        continue
+    _check_configs({s: r for s, r in rows.items() if r.status != "config_differs"}, parsed,
+                   what="the architecture read from config.json")
+  for fmt in formats:
+    _check_layouts(rows, {s: {k: v for k, v in sc.layout.items() if k not in sc.buffers}
+                          for s, sc in scans.items() if sc.layout and sc.format == fmt})
+
+
+def _check_configs(rows: dict[int, Row], configs: dict[int, dict[str, Any]],
+                   what: str = "config.json") -> None:
   if len(configs) > 1:
     ref_step, ref = _most_common(configs)
     for step, config in configs.items():
       diff = [f"{k}={config.get(k, '<absent>')!r} (step {ref_step}: {ref.get(k, '<absent>')!r})"
               for k in sorted(set(config) | set(ref)) if config.get(k) != ref.get(k)]
-      if diff:
+      if diff and step in rows:
         _add(rows[step], "config_differs",
-             f"config.json differs from the model's other checkpoints: {', '.join(diff[:6])}")
-  layouts = {s: sc.layout for s, sc in scans.items() if sc.layout}
+             f"{what} differs from the model's other checkpoints: {', '.join(diff[:6])}")
+
+
+def _check_layouts(rows: dict[int, Row], layouts: dict[int, dict[str, list[Any]]]) -> None:
   if len(layouts) > 1:
     ref_step, ref = _most_common(layouts)
     for step, layout in layouts.items():
@@ -576,10 +646,14 @@ def check_suite(suite: Any, *, deep: bool = False, cache_dir: str | None = None,
         row.note = scan.not_checked
         if row.status == "ok":
           row.status = "not_checked"
+      if scan.bin_only:
+        row.note = "; ".join(n for n in (row.note, BIN_ONLY_NOTE) if n)
+        if STATUSES.index("bin_only") < STATUSES.index(row.status):
+          row.status = "bin_only"
       rows[step], scans[step] = row, scan
       if bar is not None:
         bar.update(1)
-    _check_duplicates(rows, scans)
+    _check_duplicates(rows, scans, getattr(m, "known_duplicates", ()))
     _check_siblings(rows, scans)
     _check_order(rows, m.tokens_per_step)
     rows_out.extend(rows[s] for s in sorted(rows))

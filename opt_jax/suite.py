@@ -10,6 +10,10 @@ A manifest is JSON (or YAML, by extension .yaml/.yml):
 A checkpoint may also be an object naming where it came from (what `tools/make_suite.py` writes
 for the HF cache): {"path": ".../snapshots/<sha>", "revision": "step2000", "sha": "<commit sha>"}.
 A model's optional "refs" maps refs that name no step to the step they point at ({"main": 143000}).
+Its optional "known_duplicates" lists groups of steps whose weights are identical by design
+([[0, 1]]: Pythia uploaded the initial weights as step 0 and step 1): the integrity check accepts
+them, and the experiments mark them in their tables. Its optional "exclude" maps steps that no
+experiment evaluates to why ({"512": "a byte copy of step 1000"}; a list of steps also works).
 
 Relative checkpoint paths resolve against the manifest's folder. Derived per checkpoint:
   tokens seen    = step x tokens_per_step
@@ -17,6 +21,8 @@ Relative checkpoint paths resolve against the manifest's folder. Derived per che
 
 `load_suite` validates everything and raises one `SuiteError` that lists every problem, including
 every entry that is not a checkpoint opt_jax can read (checked cheaply, before any sweep starts).
+`readable` instead leaves out the checkpoints that cannot be read (one line each) and keeps the
+rest: what experiments do unless told to be strict.
 `opt_suite_template` / `write_opt_template` give the OPT suite analysed by Xia et al. (2023) with
 placeholder paths that users point at their converted checkpoints.
 """
@@ -29,14 +35,15 @@ import json
 import os
 from typing import Any, Iterator, Mapping
 
-from opt_jax import files
 from opt_jax import families
+from opt_jax import files
+from opt_jax import hf_cache
 from opt_jax.config import DecoderConfig
 from opt_jax.errors import InputError, MissingFileError
 
 _SUITE_FIELDS = ("name", "models", "description")
 _MODEL_FIELDS = ("name", "params", "tokens_per_step", "aliases", "checkpoints", "description",
-                 "refs")
+                 "refs", "known_duplicates", "exclude")
 _CHECKPOINT_FIELDS = ("path", "revision", "sha")
 _PARAMS_TOLERANCE = 0.05  # manifest `params` may be rounded; a larger gap means a wrong checkpoint
 
@@ -62,6 +69,9 @@ class SuiteModel:
   params: parameter count used for FLOPs; tokens_per_step: training batch size in tokens.
   revisions / shas: step -> HF revision name / snapshot commit sha, for the checkpoints whose
   manifest entry names them. refs: refs that name no step (e.g. "main") -> the step they point at.
+  known_duplicates: groups of steps whose weights are identical by design (Pythia's 0 and 1).
+  excluded: step -> why, of the manifest's checkpoints that are left out (not in `checkpoints`);
+  excluded_paths: their paths (what `Suite.to_dict` writes back).
   """
   name: str
   params: int
@@ -72,6 +82,9 @@ class SuiteModel:
   revisions: dict[int, str] = dataclasses.field(default_factory=dict)
   shas: dict[int, str] = dataclasses.field(default_factory=dict)
   refs: dict[str, int] = dataclasses.field(default_factory=dict)
+  known_duplicates: tuple[tuple[int, ...], ...] = ()
+  excluded: dict[int, str] = dataclasses.field(default_factory=dict)
+  excluded_paths: dict[int, str] = dataclasses.field(default_factory=dict)
 
   @property
   def steps(self) -> list[int]:
@@ -101,6 +114,13 @@ class SuiteModel:
   def flops(self, step: int) -> float:
     """Training compute at `step` in FLOPs: 6 x params x tokens."""
     return 6.0 * self.params * self.tokens(step)
+
+  def duplicate_of(self, step: int) -> int | None:
+    """The first step of the known-duplicate group `step` is a later member of, else None."""
+    for group in self.known_duplicates:
+      if step in group and step != min(group):
+        return min(group)
+    return None
 
   def matches(self, name: str) -> bool:
     """True if `name` is this model's name or one of its aliases (case-insensitive)."""
@@ -139,6 +159,40 @@ class Suite:
       return self
     return dataclasses.replace(self, models=[find_model(self, n) for n in models])
 
+  def exclude(self, names: list[str], why: str = "--exclude") -> "Suite":
+    """The suite without the checkpoints named "MODEL@STEP" (a model name or alias); KeyError
+    naming the one that is not in the suite."""
+    if not names:
+      return self
+    drop: dict[str, set[int]] = collections.defaultdict(set)
+    for n in names:
+      model, sep, step = n.rpartition("@")
+      if not sep or _parse_step(step) is None:
+        raise KeyError(f"{n!r}: expected MODEL@STEP, e.g. {self.models[0].name}@"
+                       f"{self.models[0].steps[0] if self.models[0].steps else 1000}")
+      m = find_model(self, model)
+      if _parse_step(step) not in m.checkpoints and _parse_step(step) not in m.excluded:
+        raise KeyError(f"{n!r}: model {m.name!r} has no checkpoint at step {step}; steps: "
+                       f"{m.steps}")
+      drop[m.name].add(_parse_step(step))
+    models = []
+    for m in self.models:
+      gone = drop.get(m.name, set()) & set(m.checkpoints)
+      models.append(dataclasses.replace(
+          m, checkpoints={s: p for s, p in m.checkpoints.items() if s not in gone},
+          excluded={**m.excluded, **{s: why for s in gone}},
+          excluded_paths={**m.excluded_paths, **{s: m.checkpoints[s] for s in gone}})
+          if gone else m)
+    return dataclasses.replace(self, models=models)
+
+  def excluded_lines(self) -> list[str]:
+    """One line per excluded checkpoint: 'pythia-160m step 512 excluded: why'."""
+    return [f"{m.name} step {s} excluded: {why}" for m in self.models
+            for s, why in sorted(m.excluded.items())]
+
+  def without_empty_models(self) -> "Suite":
+    return dataclasses.replace(self, models=[m for m in self.models if m.checkpoints])
+
   def to_dict(self) -> dict[str, Any]:
     """Manifest form with absolute paths (what a run manifest records)."""
     out: dict[str, Any] = {"name": self.name}
@@ -146,13 +200,18 @@ class Suite:
       out["description"] = self.description
     out["models"] = []
     for m in self.models:
+      every = dict(sorted({**m.checkpoints, **m.excluded_paths}.items()))
       d = {"name": m.name, "params": m.params, "tokens_per_step": m.tokens_per_step,
            "aliases": list(m.aliases), "checkpoints": {str(s): _checkpoint_entry(m, s, p)
-                                                       for s, p in m.checkpoints.items()}}
+                                                       for s, p in every.items()}}
       if m.description:
         d["description"] = m.description
       if m.refs:
         d["refs"] = dict(m.refs)
+      if m.known_duplicates:
+        d["known_duplicates"] = [list(g) for g in m.known_duplicates]
+      if m.excluded:
+        d["exclude"] = {str(s): why for s, why in m.excluded.items()}
       out["models"].append(d)
     return out
 
@@ -385,12 +444,42 @@ def _parse_model(raw: Any, index: int, base_dir: str, problems: list[str],
       ok = False
       continue
     refs[ref] = _parse_step(step)
+  known: list[tuple[int, ...]] = []
+  raw_known = fields.get("known_duplicates", [])
+  if not isinstance(raw_known, list):
+    raw_known = [raw_known]
+  for group in raw_known:
+    steps = [_parse_step(x) for x in group] if isinstance(group, list) else [None]
+    if len(steps) < 2 or None in steps:
+      problems.append(f"{where}: 'known_duplicates' must be a list of groups of two or more steps "
+                      f"([[0, 1]]), got {group!r}")
+      ok = False
+      continue
+    known.append(tuple(sorted(set(steps))))
+  excluded: dict[int, str] = {}
+  raw_exclude = fields.get("exclude", {})
+  pairs = (_as_pairs(raw_exclude) if not isinstance(raw_exclude, list)
+           else _Pairs((x, "excluded by the manifest") for x in raw_exclude))
+  for key, why in pairs or _Pairs():
+    step = _parse_step(key)
+    if step is None or step not in checkpoints or not isinstance(why, str):
+      problems.append(f"{where}: 'exclude' must map steps of its checkpoints to a reason "
+                      f"(or list them), got {key!r}: {why!r}")
+      ok = False
+      continue
+    excluded[step] = why.strip() or "excluded by the manifest"
+  if pairs is None:
+    problems.append(f"{where}: 'exclude' must map steps to a reason, got {raw_exclude!r}")
+    ok = False
   count = lambda f: int(fields[f]) if _is_count(fields.get(f)) else 0
   model = SuiteModel(name=name.strip(), params=count("params"),
                      tokens_per_step=count("tokens_per_step"),
                      aliases=tuple(a.strip() for a in aliases),
-                     checkpoints=dict(sorted(checkpoints.items())), description=description,
-                     revisions=revisions, shas=shas, refs=refs)
+                     checkpoints={s: p for s, p in sorted(checkpoints.items())
+                                  if s not in excluded},
+                     description=description, revisions=revisions, shas=shas, refs=refs,
+                     known_duplicates=tuple(known), excluded=excluded,
+                     excluded_paths={s: checkpoints[s] for s in excluded})
   return model, ok
 
 
@@ -416,20 +505,35 @@ def _check_checkpoints(m: SuiteModel) -> list[str]:
   """Missing directories, entries opt_jax cannot read (opt_jax.checkpoint.checkpoint_problem:
   e.g. an unconverted HF folder), configs that differ within the model, params far from the
   config's."""
+  per_step, model_problems = _checkpoint_problems(m)
+  return [f"model {m.name!r} step {s}: {p}" for s, p in per_step.items()] + model_problems
+
+
+def _checkpoint_problems(m: SuiteModel) -> tuple[dict[int, str], list[str]]:
+  """({step: why it cannot be read or differs}, [problems of the model as a whole])."""
   from opt_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  problems = []
+  per_step: dict[int, str] = {}
+  problems: list[str] = []
   configs: dict[int, DecoderConfig] = {}
   for step, path in m.checkpoints.items():
     if not os.path.isdir(path):
-      problems.append(f"model {m.name!r} step {step}: checkpoint directory {path} does not exist")
+      per_step[step] = f"checkpoint directory {path} does not exist"
+      continue
+    if hf_cache.is_bin_only(path) and os.path.basename(os.path.dirname(path)) == "snapshots":
+      per_step[step] = (f"{path} holds only PyTorch .bin weights, which opt_jax reads only to "
+                        "convert them (an HF-cache snapshot: python -m tools.make_suite ... "
+                        "--convert_bin)")
       continue
     problem = checkpoint.checkpoint_problem(path)
     if problem is not None:
-      problems.append(f"model {m.name!r} step {step}: {problem}")
+      per_step[step] = problem
       continue
-    configs[step] = checkpoint.load_config(path)
+    try:
+      configs[step] = checkpoint.load_config(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      per_step[step] = f"{path}: config.json unreadable ({e})"
   if not configs:
-    return problems
+    return per_step, problems
   # The most common config is the model's; every checkpoint that differs is named.
   counts = collections.Counter(configs.values())
   reference, _ = counts.most_common(1)[0]
@@ -440,14 +544,42 @@ def _check_checkpoints(m: SuiteModel) -> list[str]:
               f"{getattr(reference, f.name)!r})"
               for f in dataclasses.fields(DecoderConfig)
               if getattr(config, f.name) != getattr(reference, f.name)]
-      problems.append(f"model {m.name!r} step {step}: config.json in {m.checkpoints[step]} "
-                      f"differs from the model's other checkpoints: {', '.join(diff)}")
+      per_step[step] = (f"config.json in {m.checkpoints[step]} differs from the model's other "
+                        f"checkpoints: {', '.join(diff)}")
   actual = reference.num_params()
   if m.params > 0 and abs(actual - m.params) > _PARAMS_TOLERANCE * actual:
     problems.append(f"model {m.name!r}: manifest says params={m.params} but its checkpoints' "
                     f"config.json has {actual} parameters (more than "
                     f"{_PARAMS_TOLERANCE:.0%} apart: wrong checkpoints or wrong size?)")
-  return problems
+  return dict(sorted(per_step.items())), problems
+
+
+def check_checkpoints(suite: Suite) -> list[str]:
+  """Every problem `load_suite(check_paths=True)` finds with the checkpoints of `suite`."""
+  return [p for m in suite.models for p in _check_checkpoints(m)]
+
+
+def readable(suite: Suite) -> tuple[Suite, list[str]]:
+  """(the suite without the checkpoints opt_jax cannot read, one line per checkpoint left out).
+
+  The cheap checks of `load_suite(check_paths=True)`, per checkpoint: a missing directory, an
+  entry `opt_jax.checkpoint.checkpoint_problem` refuses (a .bin-only or truncated HF snapshot),
+  a config.json unlike the model's other checkpoints. Models left with no checkpoint are dropped.
+  Raises SuiteError for problems of a model as a whole (params far from its config's) and when
+  nothing is left to evaluate."""
+  models, left_out, problems = [], [], []
+  for m in suite.models:
+    per_step, model_problems = _checkpoint_problems(m)
+    problems += model_problems
+    left_out += [f"{m.name} step {s} left out: {why}" for s, why in per_step.items()]
+    kept = {s: p for s, p in m.checkpoints.items() if s not in per_step}
+    if kept:
+      models.append(dataclasses.replace(m, checkpoints=kept))
+  if not models and not problems:
+    problems.append("no checkpoint can be read:\n    " + "\n    ".join(left_out))
+  if problems:
+    raise SuiteError(suite.source or suite.name, problems)
+  return dataclasses.replace(suite, models=models), left_out
 
 
 def load_suite(path: str | os.PathLike, *, check_paths: bool = True,

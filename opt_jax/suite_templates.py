@@ -35,6 +35,12 @@ PYTHIA_PUBLISHED_PARAMS = {"70m": 70_426_624, "160m": 162_322_944, "410m": 405_3
                            "6.9b": 6_857_302_016, "12b": 11_846_072_320}
 
 
+# Steps whose weights are identical by design: Pythia's step0 and step1 branches hold the same
+# bytes (github.com/EleutherAI/pythia issue #83: the step-1 checkpoint is the initialization, as
+# is step 0). The integrity check accepts these and the experiments mark them.
+PYTHIA_KNOWN_DUPLICATES = ((0, 1),)
+
+
 def pythia_steps() -> list[int]:
   """The 154 published Pythia checkpoint steps."""
   return [0] + [2 ** i for i in range(10)] + list(range(1000, 143001, 1000))
@@ -110,6 +116,7 @@ class RepoTemplate:
   tokens_per_step: training batch in tokens (None: not confirmed). params: total parameters where
   published (None: count them from the checkpoint). revisions: published checkpoint revisions
   (empty: unknown). repo_is_checkpoint: the repo name carries the step and `main` is it.
+  known_duplicates: groups of steps whose weights are identical by design.
   """
   repo: str
   model: str
@@ -118,6 +125,7 @@ class RepoTemplate:
   params: int | None = None
   revisions: tuple[str, ...] = ()
   repo_is_checkpoint: bool = False
+  known_duplicates: tuple[tuple[int, ...], ...] = ()
 
 
 def _pythia_templates(deduped: bool) -> list[RepoTemplate]:
@@ -127,7 +135,8 @@ def _pythia_templates(deduped: bool) -> list[RepoTemplate]:
   return [RepoTemplate(repo=f"EleutherAI/pythia-{s}{suffix}", model=f"pythia-{s}{suffix}",
                        family="pythia", tokens_per_step=PYTHIA_TOKENS_PER_STEP,
                        params=PYTHIA_PUBLISHED_PARAMS.get(s),
-                       revisions=revisions) for s in sizes]
+                       revisions=revisions, known_duplicates=PYTHIA_KNOWN_DUPLICATES)
+          for s in sizes]
 
 
 def family_templates(family: str) -> list[RepoTemplate]:

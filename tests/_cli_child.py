@@ -4,6 +4,7 @@
                                                                       persistent cache's hits
   python tests/_cli_child.py --mode=logs [--verbosity=0]              library logs inside a bar
   python tests/_cli_child.py --mode=bug                               an unexpected exception
+  python tests/_cli_child.py --mode=interrupt                         Ctrl-C
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from opt_jax import cli
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings(cli.Settings):
-  mode: str = cli.option(help="What to do.", choices=("cache", "logs", "bug"))
+  mode: str = cli.option(help="What to do.", choices=("cache", "logs", "bug",
+                                                                   "interrupt"))
 
 
 def run(s: Settings) -> cli.Summary:
   if s.mode == "bug":
     raise RuntimeError("a bug, not a user error")
+  if s.mode == "interrupt":
+    raise KeyboardInterrupt
   if s.mode == "logs":
     from absl import logging as absl_logging
     from tqdm import tqdm

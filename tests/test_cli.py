@@ -129,7 +129,7 @@ def test_library_logs_are_quiet_unless_asked_and_never_break_the_bar():
   assert "absl info" not in quiet.stderr and "orbax info" not in quiet.stderr
   warning = [line for line in _screen(quiet.stderr) if "a warning the user must see" in line]
   # On a line of its own (the bar is cleared first and redrawn below), not after bar text.
-  assert len(warning) == 1 and warning[0].startswith("W"), warning
+  assert warning == ["warning: a warning the user must see"], warning   # no absl prefix
   assert "== logs finished in" in quiet.stdout
   loud = _run(CHILD, "--mode=logs", "--verbosity=0", "--compilation_cache=")
   assert loud.returncode == 0, loud.stderr
@@ -137,6 +137,14 @@ def test_library_logs_are_quiet_unless_asked_and_never_break_the_bar():
   for message in ("absl info 2", "orbax info 2", "a warning the user must see"):
     lines = [line for line in screen if message in line]
     assert len(lines) == 1 and lines[0][0] in "IW", (message, lines)
+
+
+def test_ctrl_c_prints_one_line_and_a_closing_summary():
+  p = _run(CHILD, "--mode=interrupt", "--compilation_cache=")
+  assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr
+  assert p.stderr.strip() == "interrupted (Ctrl-C)", p.stderr
+  assert p.stdout.startswith("== _cli_child interrupted after "), p.stdout
+  assert "the same command resumes" in p.stdout
 
 
 def test_persistent_compilation_cache_is_hit_by_a_second_run(tmp_path):

@@ -161,7 +161,7 @@ def test_make_suite_manifest_round_trips_through_load_suite(tmp_path, sources):
   res = _run(["tools.make_suite", "--repos=org/opt-a,org/opt-b", f"--out={out}",
               "--tokens_per_step=1000"], env={"HF_HUB_CACHE": cache})
   assert res.returncode == 0, res.stderr
-  assert "ref 'main' is step200" in res.stderr and "2 model(s), 4 checkpoint(s)" in res.stdout
+  assert "ref 'main' is step200" in res.stderr and "2 models, 4 checkpoints" in res.stdout
 
   # A re-run replaces its own manifest, never a file it did not write.
   assert _run(["tools.make_suite", f"--hf_cache={cache}", "--repos=org/opt-a", f"--out={out}",
@@ -260,13 +260,37 @@ def test_template_mode_writes_the_download_commands_of_missing_revisions(tmp_pat
   script = (tmp_path / "pythia.download.sh").read_text().splitlines()
   commands = [line for line in script if line.startswith("hf download")]
   assert len(commands) == 152 + 154
-  assert f"hf download EleutherAI/pythia-160m --revision step143000 --cache-dir {cache}" \
-      in commands
-  assert not any(f"{repo} --revision step1000 " in c or c.endswith(f"{repo} --revision step0 "
-                 f"--cache-dir {cache}") for c in commands)
+  include = "".join(f" --include '{p}'" for p in hf_cache.DOWNLOAD_PATTERNS)
+  assert "'*.safetensors'" in include and "bin" not in include
+  assert (f"hf download EleutherAI/pythia-160m --revision step143000{include} --cache-dir "
+          f"{cache}") in commands
+  assert not any(f"{repo} --revision step1000 " in c or f"{repo} --revision step0 " in c
+                 for c in commands)
   (model,) = suite.load_suite(out, check_paths=False).models
   assert (model.name, model.steps, model.refs) == ("pythia-70m", [0, 1000], {"main": 1000})
   assert model.tokens_per_step == 2_097_152
+
+
+def test_template_mode_works_before_the_cache_folder_exists(tmp_path):
+  cache = tmp_path / "not-yet"
+  out = tmp_path / "pythia.json"
+  res = _run(["tools.make_suite", f"--hf_cache={cache}", "--template=pythia",
+              "--repos=EleutherAI/pythia-70m,org/other", f"--out={out}"])
+  assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+  assert f"HF cache folder {cache} does not exist yet" in res.stderr
+  assert "note: org/other is not in the pythia template" in res.stderr
+  commands = [line for line in (tmp_path / "pythia.download.sh").read_text().splitlines()
+              if line.startswith("hf download")]
+  assert len(commands) == 154 and not out.exists()
+
+
+def test_a_mistyped_repo_or_hf_home_gets_a_hint(tmp_path, sources):
+  home = tmp_path / "hf_home"
+  u.add_revision(str(home / "hub"), "EleutherAI/pythia-70m", "step0", sources[0])
+  with pytest.raises(MissingFileError, match=r"looks like HF_HOME: the hub cache is its hub/"):
+    hf_cache.build_suite(["EleutherAI/pythia-70m"], cache_dir=str(home))
+  with pytest.raises(MissingFileError, match=r"did you mean EleutherAI/pythia-70m\?"):
+    hf_cache.build_suite(["EleutherAI/pythia-07m"], cache_dir=str(home / "hub"))
 
 
 def test_manifest_checkpoint_objects_are_validated(tmp_path):

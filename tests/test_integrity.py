@@ -152,7 +152,7 @@ def test_a_stale_shard_is_a_partial_duplicate(tmp_path, sources):
   assert rows[2000].status == "ok"
 
 
-def test_bin_shards_are_compared_by_their_blob_sha256(tmp_path):
+def test_bin_shards_are_compared_by_their_blob_sha256(tmp_path, monkeypatch):
   import torch  # pylint: disable=import-outside-toplevel
 
   def bin_dir(name, parts):
@@ -182,13 +182,19 @@ def test_bin_shards_are_compared_by_their_blob_sha256(tmp_path):
   assert "sampled" not in rows[400].problems[0]          # blob names are exact sha256s
   assert rows[200].status == "partial_duplicate" and "pytorch_model-00001-of-00002.bin" in \
       rows[200].problems[0]
-  assert rows[300].status == "ok"
+  assert rows[300].status == "bin_only" and not rows[300].problems
+  assert rows[300].note == integrity.BIN_ONLY_NOTE
   assert rows[500].status == "unreadable" and "zip" in rows[500].problems[0]
   # --deep also checks that each blob's bytes have the sha256 it is named by.
   blob = os.path.realpath(os.path.join(a["path"], "pytorch_model-00002-of-00002.bin"))
   with open(blob, "r+b") as f:
     f.seek(100)
     f.write(b"\0" * 4)
+  # The fast check verifies small blobs (all of these) too; past FAST_VERIFY_BYTES only --deep.
+  fast = _by_step(integrity.check_suite(_suite(tmp_path, ckpts)))
+  assert fast[100].status == "unreadable" and "does not match its blob name" in \
+      fast[100].problems[0]
+  monkeypatch.setattr(integrity, "FAST_VERIFY_BYTES", 0)
   assert _by_step(integrity.check_suite(_suite(tmp_path, ckpts)))[100].status == "duplicate"
   deep = _by_step(integrity.check_suite(_suite(tmp_path, ckpts), deep=True))
   assert deep[100].status == deep[400].status == "unreadable"   # one blob, both revisions
@@ -226,8 +232,14 @@ def test_unreadable_and_truncated_files_are_found(tmp_path, sources):
   assert "no weights" in rows[40].problems[0]
   assert "does not match its blob name" in rows[50].problems[0]
   assert "no such directory" in rows[60].problems[0]
-  # The fast mode does not read whole files, so it cannot see the changed blob.
-  assert _by_step(integrity.check_suite(s))[50].status == "ok"
+  # The fast mode reads whole blobs only up to FAST_VERIFY_BYTES: past that it cannot see the
+  # changed blob.
+  assert _by_step(integrity.check_suite(s))[50].status == "unreadable"
+  integrity.FAST_VERIFY_BYTES, before = 0, integrity.FAST_VERIFY_BYTES
+  try:
+    assert _by_step(integrity.check_suite(s))[50].status == "ok"
+  finally:
+    integrity.FAST_VERIFY_BYTES = before
 
 
 def test_config_difference_is_found_and_ignored_fields_are_not(tmp_path, sources):
@@ -327,8 +339,10 @@ def test_orbax_checkpoints_are_hashed_and_a_missing_chunk_is_found(tmp_path):
         "corrupt"]
 
 
-def test_second_check_reads_no_tensor_bytes(tmp_path, sources, monkeypatch):
+def test_second_fast_check_reads_no_tensor_bytes_and_deep_rereads_all(tmp_path, sources,
+                                                                     monkeypatch):
   single, sharded = sources
+  monkeypatch.setattr(integrity, "FAST_VERIFY_BYTES", 0)   # the fast mode samples every blob
   cache = str(tmp_path / "hub")
   plain = _copy(single[1], tmp_path / "plain")
   s = _suite(tmp_path, {0: _cached(cache, "org/m", "step0", single[0]), 1: plain,
@@ -344,9 +358,22 @@ def test_second_check_reads_no_tensor_bytes(tmp_path, sources, monkeypatch):
     read_bytes.append(sum(reads))
     reads.clear()
     assert integrity.check_suite(s, deep=deep, cache_dir=out).records() == first
-    assert reads == []
+    # fast: nothing read again; deep: every byte read again (a cache never answers for it).
+    assert sum(reads) == (read_bytes[-1] if deep else 0)
   # Tiny tensors are read whole in both modes; deep also reads headers for the file sha256.
   assert 0 < read_bytes[0] < read_bytes[1]
+  # A blob corrupted in place after a deep check (same name, size and mtime) is caught by the
+  # next deep check.
+  blob = os.path.realpath(os.path.join(s.models[0].path(0), "model.safetensors"))
+  st = os.stat(blob)
+  with open(blob, "r+b") as f:
+    f.seek(st.st_size - 3)
+    byte = f.read(1)
+    f.seek(st.st_size - 3)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+  deep = _by_step(integrity.check_suite(s, deep=True, cache_dir=out))
+  assert deep[0].status == "unreadable" and "does not match its blob name" in deep[0].problems[0]
   # A changed file (new mtime) is hashed again; the others come from the cache.
   path = os.path.join(plain, "model.safetensors")
   os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
@@ -358,7 +385,7 @@ def test_second_check_reads_no_tensor_bytes(tmp_path, sources, monkeypatch):
 # The experiments' pre-check -------------------------------------------------------------------
 
 
-def test_experiment_sweep_stops_on_a_duplicate_unless_told_to_skip_the_check(tmp_path):
+def test_experiment_sweep_leaves_out_a_duplicate_or_stops_when_strict(tmp_path):
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   import _suite_util  # pylint: disable=import-outside-toplevel
@@ -379,27 +406,85 @@ def test_experiment_sweep_stops_on_a_duplicate_unless_told_to_skip_the_check(tmp
     return {"x": np.zeros(1)}, {}
 
   out = tmp_path / "out"
-  ctx = context.Experiment("t", context.ExperimentSettings(suite=path, out=str(out)),
-                           progress=False)
+  strict = context.ExperimentSettings(suite=path, out=str(out), strict_integrity=True)
+  ctx = context.Experiment("t", strict, progress=False)
   with pytest.raises(InputError) as e:
     ctx.sweep(evaluate, ctx.key())
   msg = str(e.value)
-  assert msg.startswith("suite tiny: the integrity check found 2 problem(s); nothing was "
-                        "evaluated:\n  tiny-a step 10: weights identical to step 20")
-  assert "tiny-a step 20: weights identical to step 10" in msg
-  assert msg.endswith("or pass --skip_integrity_check to evaluate anyway") and seen == []
+  # The pair is named once, on its later step.
+  assert msg.startswith("suite tiny: the integrity check found 1 problem(s) (--strict_integrity); "
+                        "nothing was evaluated:\n  tiny-a step 20: weights identical to step 10")
+  assert "step 10: weights identical" not in msg and seen == []
   # The hash cache lives under --out: a second check reads no tensor bytes of unchanged files.
   cache = out / context.INTEGRITY_DIR / integrity.CACHE_FILE
   hashed = cache.read_text()
   assert hashed.count("/step10/") == hashed.count("/step30/") > 0
+  # By default the duplicate pair is left out, the rest evaluated, and the summary says so.
   ctx = context.Experiment("t", context.ExperimentSettings(suite=path, out=str(out)),
                            progress=False)
-  with pytest.raises(InputError, match="integrity check found 2 problem"):
-    ctx.sweep(evaluate, ctx.key())
+  report = ctx.sweep(evaluate, ctx.key())
+  assert seen == [30] and len(report.evaluated) == 1
   assert cache.read_text() == hashed
+  text = ctx.outcome(None).summary.render()
+  assert ("tiny-a step 20 left out by the integrity check: weights identical to step 10"
+          in text)
+  assert "tiny-a step 10 left out by the integrity check: step 20 holds the same weights" in text
+  seen.clear()
+  # Known duplicates are evaluated, and marked in the CSVs and the summary.
+  with open(path) as f:
+    manifest = json.load(f)
+  manifest["models"][0]["known_duplicates"] = [[10, 20]]
+  with open(path, "w") as f:
+    json.dump(manifest, f)
+  ctx = context.Experiment("t", context.ExperimentSettings(suite=path, out=str(out / "k")),
+                           progress=False)
+  report = ctx.sweep(evaluate, ctx.key())
+  assert seen == [10, 20, 30] and len(report.evaluated) == 3
+  assert "known duplicates evaluated (column duplicate_of in the CSVs): tiny-a step 20 = step " \
+         "10" in ctx.outcome(None).summary.render()
+  import pandas as pd  # pylint: disable=import-outside-toplevel
+  table = pd.read_csv(ctx.write_csv("t.csv", pd.DataFrame({"model": ["tiny-a"] * 3,
+                                                           "step": [10, 20, 30]})))
+  assert table["duplicate_of"].fillna(-1).tolist() == [-1, 10, -1]
+  seen.clear()
+  # --exclude leaves a checkpoint out without turning the other checks off.
+  ctx = context.Experiment("t", context.ExperimentSettings(suite=path, out=str(out / "x"),
+                                                           exclude=("tiny-a@30",)),
+                           progress=False)
+  ctx.sweep(evaluate, ctx.key())
+  assert seen == [10, 20]
+  assert "tiny-a step 30 excluded: --exclude" in ctx.outcome(None).summary.render()
+  seen.clear()
+  # --models restricts the pre-checks: another model's unreadable checkpoints are not looked at.
+  manifest["models"].append({"name": "gone", "params": 1000, "tokens_per_step": 1,
+                             "checkpoints": {"10": "nowhere/step10"}})
+  with open(path, "w") as f:
+    json.dump(manifest, f)
+  _, lines = context._load_suite(path, ["tiny-a"])  # pylint: disable=protected-access
+  assert lines == []
+  _, lines = context._load_suite(path, None)  # pylint: disable=protected-access
+  assert len(lines) == 1 and lines[0].startswith("gone step 10 left out: ") and \
+      "does not exist" in lines[0]
 
-  ctx = context.Experiment("t", context.ExperimentSettings(suite=path, out=str(out),
+  ctx = context.Experiment("t", context.ExperimentSettings(suite=path, out=str(out / "skip"),
                                                            skip_integrity_check=True),
                            progress=False)
   report = ctx.sweep(evaluate, ctx.key())
   assert seen == [10, 20, 30] and len(report.evaluated) == 3
+
+
+def test_an_opt_jax_checkpoint_among_hf_siblings_is_no_layout_or_config_difference(tmp_path,
+                                                                                    sources):
+  from opt_jax import convert  # pylint: disable=import-outside-toplevel
+  single, _ = sources
+  converted = convert.convert(single[2], tmp_path / "opt_jax")   # tensor names of its own
+  rows = _by_step(integrity.check_suite(_suite(tmp_path, {1: single[0], 2: converted,
+                                                          3: single[1]})))
+  assert all(r.status == "ok" and not r.problems for r in rows.values()), rows
+  # A real difference of architecture is still found across formats.
+  config = json.loads((tmp_path / "opt_jax" / "config.json").read_text())
+  config["num_hidden_layers"] = 3
+  (tmp_path / "opt_jax" / "config.json").write_text(json.dumps(config))
+  rows = _by_step(integrity.check_suite(_suite(tmp_path, {1: single[0], 2: converted,
+                                                          3: single[1]})))
+  assert rows[2].status == "config_differs" and "num_hidden_layers=3" in rows[2].problems[0]

@@ -204,25 +204,34 @@ def _bad_suite(pythia, tmp_path, edit):
 
 def test_unsupported_model_type_in_a_suite_fails_in_one_line(pythia, tmp_path):
   bad = _bad_suite(pythia, tmp_path, lambda c: c.update(model_type="mistral"))
-  proc = subprocess.run(
-      [sys.executable, "-m", "experiments.validation_ppl", f"--suite={bad}",
-       f"--corpus={pythia['corpus']}", f"--out={tmp_path / 'out'}"],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  cmd = [sys.executable, "-m", "experiments.validation_ppl", f"--suite={bad}",
+         f"--corpus={pythia['corpus']}", f"--out={tmp_path / 'out'}"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  # By default the checkpoint is left out in one line and the others are evaluated ...
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+  assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  left = [l for l in proc.stderr.splitlines() if " left out: " in l]
+  assert len(left) == 1 and left[0].startswith(f"pythia-a step {U.PYTHIA_STEPS[0]} left out: ")
+  assert "model_type 'mistral' is not supported" in left[0]
+  assert "bad: 2 checkpoints (2 evaluated now" in proc.stdout, proc.stdout
+  # ... and --strict_integrity stops the run in one line.
+  cmd[-1] = f"--out={tmp_path / 'strict'}"
+  proc = subprocess.run(cmd + ["--strict_integrity"], cwd=REPO, capture_output=True, text=True,
+                        timeout=300, env=env)
   assert proc.returncode == 2, proc.stderr[-3000:]
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
   assert "model_type 'mistral' is not supported" in lines[0] and "gpt_neox" in lines[0]
   assert "config.json" in lines[0]
-  assert not os.path.exists(tmp_path / "out")                    # nothing written
+  assert not os.path.exists(tmp_path / "strict")                 # nothing written
 
 
 def test_unimplemented_config_field_in_a_suite_is_named_before_scoring(pythia, tmp_path):
   bad = _bad_suite(pythia, tmp_path,
                    lambda c: c.update(rope_scaling={"rope_type": "linear", "factor": 2.0}))
   with pytest.raises(InputError, match="config.json: rope_scaling=.* is not supported"):
-    V.run(V.Settings(suite=bad, out=str(tmp_path / "out"), corpus=(pythia["corpus"],)),
-          progress=False)
+    V.run(V.Settings(suite=bad, out=str(tmp_path / "out"), corpus=(pythia["corpus"],),
+                     strict_integrity=True), progress=False)
   assert not os.path.exists(tmp_path / "out")
 
 

@@ -1,6 +1,7 @@
 import functools
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -88,8 +89,14 @@ def test_token_logprobs_match_hf(pair, side):
   np.testing.assert_allclose(lp[:, 1:][scored], ref[scored], atol=1e-4, rtol=0)
   assert (lp[:, 0] == 0).all() and (lp[:, 1:][~scored] == 0).all()
   with torch.no_grad():
-    argmax = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.argmax(-1).numpy()
-  np.testing.assert_array_equal(greedy[:, 1:], scored & (argmax[:, :-1] == ids[:, 1:]))
+    logits = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  argmax = logits.argmax(-1)
+  # Two implementations may break a near-tie of the top two logits differently on another CPU:
+  # positions whose top-two gap is under 1e-4 are not compared.
+  top2 = np.sort(logits, -1)[..., -2:]
+  clear = (top2[..., 1] - top2[..., 0] > 1e-4)[:, :-1]
+  want = scored & (argmax[:, :-1] == ids[:, 1:])
+  np.testing.assert_array_equal(greedy[:, 1:][clear], want[clear])
   if config == oracle.TINY["pre_ln"]:
     assert greedy[0, 1:].all()
 
@@ -329,7 +336,9 @@ def test_score_text_end_to_end_matches_hf(tmp_path):
     total_nll -= want.sum()
     total_n += len(want)
   assert f"2 document(s) of {tmp_path / 'in.jsonl'}, {total_n:,} tokens" in printed
-  assert f"perplexity {np.exp(total_nll / total_n):.4f}" in printed
+  # The printed perplexity is read back as a number: its last digit may differ across CPUs.
+  printed_ppl = float(re.search(r"perplexity ([0-9.]+)", printed).group(1))
+  assert printed_ppl == pytest.approx(np.exp(total_nll / total_n), rel=1e-5)
   assert [r["source"] for r in records] == [f"{tmp_path / 'in.jsonl'}:{i}" for i in (1, 2)]
   assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # no temp left
 

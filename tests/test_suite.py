@@ -223,3 +223,25 @@ def test_store_only_writer_writes(tmp_path):
   assert not reader.has(("e", 1)) and not os.listdir(tmp_path)
   # Default: the main process (opt_jax.sharding.is_main_process) writes; tests run as process 0.
   assert results.ResultStore(tmp_path).is_writer
+
+
+def test_exclude_and_known_duplicates_round_trip(tmp_path):
+  data = {"name": "t", "models": [{
+      "name": "m", "params": 10, "tokens_per_step": 5, "known_duplicates": [[0, 1]],
+      "exclude": {"2": "a copy of step 3"}, "checkpoints": {str(s): f"c{s}" for s in range(4)}}]}
+  s = suite.parse_suite(data, str(tmp_path), check_paths=False)
+  m = s.models[0]
+  assert m.steps == [0, 1, 3] and m.excluded == {2: "a copy of step 3"}
+  assert (m.duplicate_of(1), m.duplicate_of(0), m.duplicate_of(3)) == (0, None, None)
+  s = s.exclude(["m@3"])
+  assert s.models[0].steps == [0, 1] and s.excluded_lines() == [
+      "m step 2 excluded: a copy of step 3", "m step 3 excluded: --exclude"]
+  again = suite.parse_suite(s.to_dict(), str(tmp_path), check_paths=False).models[0]
+  assert again.steps == [0, 1] and again.known_duplicates == ((0, 1),)
+  assert sorted(again.excluded) == [2, 3]
+  for bad in ({"exclude": {"9": "x"}}, {"known_duplicates": [[0]]}):
+    with pytest.raises(suite.SuiteError):
+      suite.parse_suite({**data, "models": [{**data["models"][0], **bad}]}, str(tmp_path),
+                        check_paths=False)
+  with pytest.raises(KeyError, match="expected MODEL@STEP"):
+    s.exclude(["m3"])

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -119,7 +120,8 @@ def test_closing_summary_names_the_checkpoints_headline_and_files(setup):
   assert text.splitlines()[0] == "== validation_ppl finished in 12.0 s"
   assert "tiny: 8 checkpoints (8 evaluated now, 0 already in" in text
   last = df[(df.corpus == "all") & (df.model == "tiny-b") & (df.step == 40)].iloc[0]
-  assert f"tiny-b {last.ppl:.4g} (step 40)" in text
+  printed = float(re.search(r"tiny-b ([0-9.e+]+) \(step 40\)", text).group(1))
+  assert printed == pytest.approx(last.ppl, rel=6e-4)
   assert "skipped:   1 empty document(s) of " in text and "web.jsonl" in text
   assert f"outputs:   {out}/ validation_ppl.csv" in text
 
@@ -161,11 +163,16 @@ def test_a_damaged_checkpoint_is_left_out_and_named_in_the_summary(setup, tmp_pa
   os.remove(bad / "params" / "layers.mlp.down_kernel" / "0.0.0")
   damaged = settings.replace(suite=str(root / "suite.json"), out=str(tmp_path / "out"),
                              models=("tiny-a",), plots=False)
-  # The integrity check finds the missing chunk before anything is evaluated ...
+  # Strict: the integrity check finds the missing chunk before anything is evaluated ...
   with pytest.raises(InputError, match=r"tiny-a step 20: .*layers.mlp.down_kernel: chunk 0.0.0 "
                                        r"is missing"):
-    V.run(damaged, progress=False)
-  # ... and when told to go on anyway, the sweep leaves the checkpoint out and names it.
+    V.run(damaged.replace(strict_integrity=True), progress=False)
+  # ... by default it leaves that checkpoint out, names it and evaluates the rest ...
+  outcome = V.run(damaged, progress=False)
+  assert sorted(set(outcome.table["step"])) == [10, 30, 40]
+  assert ("tiny-a step 20 left out by the integrity check: " in outcome.summary.render())
+  # ... and without the check, the sweep leaves the checkpoint out and names it.
+  damaged = damaged.replace(out=str(tmp_path / "out2"))
   outcome = V.run(damaged.replace(skip_integrity_check=True), progress=False)
   table = outcome.table
   assert sorted(set(table["step"])) == [10, 30, 40]       # the others are all there

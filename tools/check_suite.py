@@ -4,8 +4,11 @@ r"""Checks a checkpoint suite for repeated weights, config drift, unreadable fil
 
 Writes DIR/<suite name>_integrity.csv (model, step, revision, sha, status, duplicate_of, problem;
 one row per checkpoint) and keeps a hash cache in DIR (default DIR: the manifest's folder), so a
-second check reads no weights of unchanged files. Exits 1 when it finds a problem, 0 when the
-suite is clean. The checks are described in opt_jax/integrity.py.
+second fast check reads no weights of unchanged files (--deep re-reads every byte). Exits 1 when
+it finds a problem, 0 when the suite is clean; known duplicates (the manifest's
+"known_duplicates") and revisions with PyTorch .bin weights only are noted, not problems, and the
+checkpoints the manifest excludes are listed and not checked. The checks are described in
+opt_jax/integrity.py.
 """
 
 from __future__ import annotations
@@ -40,11 +43,14 @@ def run(s: Settings) -> cli.Summary:
   counts: dict[str, int] = {}
   for r in report.rows:
     counts[r.status] = counts.get(r.status, 0) + 1
+  notes = [f"{r.model} step {r.step}: {r.note}" for r in report.rows
+           if r.status in ("bin_only", "known_duplicate") and r.note]
   return cli.Summary(
-      "check_suite", evaluated=[f"{len(report.rows)} checkpoint(s) of {manifest.name}, "
-                                f"{'deep' if report.deep else 'fast'} check"],
+      "check_suite", evaluated=[f"{cli.plural(len(report.rows), 'checkpoint')} of "
+                                f"{manifest.name}, {'deep' if report.deep else 'fast'} check"],
       results=[", ".join(f"{n} {k}" for k, n in sorted(counts.items()))]
-      + [f"problem: {line}" for line in report.problems], files=[os.path.abspath(csv)],
+      + [f"problem: {line}" for line in report.problems] + [f"note: {n}" for n in notes],
+      skipped=manifest.excluded_lines(), files=[os.path.abspath(csv)],
       exit_code=0 if report.ok else 1)
 
 

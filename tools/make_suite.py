@@ -10,7 +10,13 @@ Every cached revision whose name gives a step (step1000, stage1-step...-tokens..
 ...) becomes a checkpoint with its revision name and snapshot sha; refs such as `main` that point
 at one of them are noted in the model's "refs"; other names and incomplete snapshots are listed,
 never guessed. --hf_cache defaults to HF's own ($HF_HUB_CACHE, $HF_HOME/hub,
-~/.cache/huggingface/hub).
+~/.cache/huggingface/hub). With --template the cache folder need not exist yet: the manifest is
+skipped and the download script lists every revision.
+
+Revisions that hold only PyTorch .bin weights are named; --convert_bin converts each into
+--converted (default <out without .json>.converted/; safetensors in the HF layout, config.json
+and tokenizer files kept), and every run uses the converted copies it finds there, so a re-run
+keeps them in the manifest.
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ class Settings(cli.Settings):
                                  choices=hub.STAGE2_MODES)
   overwrite: bool = cli.option(False, "Replace --out / --download_script even if they were not "
                                "written by make_suite.")
+  converted: str | None = cli.option(
+      None, "Folder of converted copies of revisions that hold only PyTorch .bin weights; the "
+            "manifest uses the copies found there (default: <out without .json>.converted).")
+  convert_bin: bool = cli.option(False, "Convert the revisions that hold only PyTorch .bin "
+                                 "weights into --converted (needs torch).")
   download_script: str | None = cli.option(
       None, "With --template: where to write the download commands (default: <out without "
             ".json>.download.sh).")
@@ -54,9 +65,28 @@ def run(s: Settings) -> cli.Summary:
   hub.check_replaceable(s.out, s.overwrite)
   if templates:
     hub.check_replaceable(script, s.overwrite)
-  build = hub.build_suite(repos, cache_dir=s.hf_cache, name=name,
-                               tokens_per_step=s.tokens_per_step, params=s.params,
-                               olmo2_stage2=s.olmo2_stage2, missing_ok=bool(templates))
+  converted = s.converted or os.path.splitext(s.out)[0] + ".converted"
+
+  def build_suite():
+    return hub.build_suite(repos, cache_dir=s.hf_cache, name=name,
+                           tokens_per_step=s.tokens_per_step, params=s.params,
+                           olmo2_stage2=s.olmo2_stage2, missing_ok=bool(templates),
+                           converted_dir=converted)
+  build = build_suite()
+  if s.convert_bin and build.bin_only:
+    for c, target in build.bin_only.items():
+      cli.say(f"converting {c.repo} revision {c.revision.name} (.bin) -> {target}")
+      try:
+        _convert(c.path, target)
+      except Exception as e:  # pylint: disable=broad-except  (one revision; go on with the rest)
+        cli.say(f"problem: {c.repo} revision {c.revision.name}: conversion failed "
+                f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); it stays left out")
+    build = build_suite()
+  if templates:
+    others = [r for r in repos if suite_templates.lookup(r) not in templates]
+    for r in others:
+      cli.say(f"note: {r} is not in the {s.template} template: its cached revisions go into the "
+              "manifest, none is listed for download")
   for title, lines in (("note", build.notes), ("unknown", build.unknown),
                        ("problem", build.problems)):
     for line in lines:
@@ -65,23 +95,38 @@ def run(s: Settings) -> cli.Summary:
   if build.manifest:
     files.write_json(s.out, build.manifest)
     n = sum(len(m["checkpoints"]) for m in build.manifest["models"])
-    results.append(f"{len(build.manifest['models'])} model(s), {n} checkpoint(s)")
+    results.append(f"{cli.plural(len(build.manifest['models']), 'model')}, "
+                   f"{cli.plural(n, 'checkpoint')}")
     written.append(os.path.abspath(s.out))
   else:
     results.append("no checkpoints in the cache: no manifest written")
   if templates:
-    by_repo = {t.repo: t for t in templates}
-    missing = {r: [v for v in by_repo[r].revisions if v not in build.present(r)]
-               for r in repos if r in by_repo}
+    by_repo = {t.repo.lower(): t for t in templates}
+    missing = {r: [v for v in by_repo[r.lower()].revisions if v not in build.present(r)]
+               for r in repos if r.lower() in by_repo}
     files.write_text(script, hub.download_commands(
         {r: v for r, v in missing.items() if v}, s.hf_cache))
-    results.append(f"{sum(len(v) for v in missing.values())} revision(s) to download: {script}")
+    results.append(f"{cli.plural(sum(len(v) for v in missing.values()), 'revision')} to "
+                   f"download: {script}")
     written.append(os.path.abspath(script))
-  return cli.Summary("make_suite", evaluated=[f"{len(repos)} repo(s) in the HF cache"],
+  if build.bin_only:
+    results.append(f"{cli.plural(len(build.bin_only), 'revision')} with PyTorch .bin weights only "
+                   "(left out by experiments; --convert_bin converts them)")
+  return cli.Summary("make_suite", evaluated=[f"{cli.plural(len(repos), 'repo')} in the HF cache"],
                      results=results,
-                     skipped=[f"{len(build.unknown)} revision name(s) without a step, "
-                              f"{len(build.problems)} problem(s) (listed above)"]
+                     skipped=[f"{cli.plural(len(build.unknown), 'revision name')} without a "
+                              f"step, {cli.plural(len(build.problems), 'problem')} (listed above)"]
                      if build.unknown or build.problems else [], files=written)
+
+
+def _convert(source: str, target: str) -> None:
+  """An HF safetensors copy of the .bin checkpoint `source` at `target`, with the source's own
+  config.json (the integrity check compares it with the model's other revisions)."""
+  from opt_jax import convert  # pylint: disable=import-outside-toplevel
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  convert.convert(source, target, output_format="hf")
+  with open(os.path.join(source, hub.CONFIG_FILE)) as f:
+    files.write_text(os.path.join(target, hub.CONFIG_FILE), f.read())
 
 
 if __name__ == "__main__":

@@ -61,6 +61,8 @@ def _lines(ax, df: pd.DataFrame, x: str, y: str, models: Sequence[str],
       ax.scatter(shown[x], shown[y], s=8, alpha=0.4, color=color)
       ax.plot(shown[x], icl.ema(shown[y], smooth), color=color, label=m, **style)
   ax.set_xscale("log")
+  if x == "params":
+    figures.count_axis(ax)
   return hidden
 
 
