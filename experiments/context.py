@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -270,11 +271,41 @@ class Experiment:
 
 def main(settings_cls: type, run: Callable[[Any], Outcome]) -> None:
   """The binary of an experiment: flags from settings_cls, multi-host start-up (every process
-  runs the same command), run(settings), its closing summary (opt_jax.cli.main)."""
+  runs the same command), run(settings), its closing summary (opt_jax.cli.main).
+
+  Multi-process: every process ends the same way: all print process 0's closing summary and
+  exit with its code, or all print the same one-line error within seconds of the first process
+  failing (opt_jax.sharding.fail_together)."""
   def start(_):
     from opt_jax import sharding  # pylint: disable=import-outside-toplevel
     sharding.initialize_distributed()   # before anything touches a device; no-op on one host
-  cli.main(settings_cls, lambda settings: run(settings).summary, before=start)
+
+  def body(settings):
+    from opt_jax import sharding  # pylint: disable=import-outside-toplevel
+    began = time.perf_counter()
+    return sharding.fail_together(lambda: _closing(run(settings).summary, began),
+                                  cli.user_error_message)
+  cli.main(settings_cls, body, before=start)
+
+
+def _closing(summary: cli.Summary, began: float) -> cli.Summary:
+  """Multi-process: process 0's closing summary, printed by the other processes too (opt_jax.cli
+  prints it on process 0), and its exit code on every process."""
+  from opt_jax import sharding  # pylint: disable=import-outside-toplevel
+  if jax_process_count() == 1:
+    return summary
+  mine = (json.dumps([summary.render(time.perf_counter() - began), summary.exit_code])
+          if sharding.is_main_process() else None)
+  text, code = json.loads(sharding.from_main("closing summary", mine))
+  if not sharding.is_main_process():
+    print(text, flush=True)
+    summary = dataclasses.replace(summary, exit_code=code)
+  return summary
+
+
+def jax_process_count() -> int:
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.process_count()
 
 
 def _make_mesh(spec: str):
