@@ -553,7 +553,27 @@ class _Together:
         return                          # this process reports its own error
       sys.stdout.flush()
       print(f"error: {message}", file=sys.stderr, flush=True)
-      os._exit(2)                       # pylint: disable=protected-access
+      self.leave(2)
+
+  def leave(self, code: int) -> None:
+    """Exits now (no JAX shutdown: it would wait for the others). Process 0 hosts the
+    coordination service and leaves last: a process that loses it while still running aborts."""
+    pid = jax.process_index()
+    try:
+      self.client.key_value_set(f"{_ERROR_KEY}/left/{pid}", "1")
+    except Exception:  # pylint: disable=broad-except
+      pass
+    if pid == 0:
+      deadline = time.monotonic() + self.grace_s
+      for i in range(1, jax.process_count()):
+        try:
+          _get(self.client, f"{_ERROR_KEY}/left/{i}", max(0.0, deadline - time.monotonic()))
+        except Exception:  # pylint: disable=broad-except
+          pass
+      time.sleep(0.5)                   # their exit after saying so
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)                      # pylint: disable=protected-access
 
   def fail(self, message: str) -> None:
     """Tells the other processes (the first message posted wins) and waits up to grace_s for
@@ -598,8 +618,7 @@ def fail_together(fn: Callable[[], Any], describe_error: Callable[[BaseException
       traceback.print_exc()
     else:
       print(f"error: {message}", file=sys.stderr)
-    sys.stderr.flush()
-    os._exit(2 if message is not None else 1)  # pylint: disable=protected-access
+    watch.leave(2 if message is not None else 1)
   watch.done.set()
   # Not left to die at exit: a daemon thread stopped inside the client's C++ call aborts Python.
   watch.thread.join()
