@@ -292,7 +292,7 @@ def _closing(summary: cli.Summary, began: float) -> cli.Summary:
   """Multi-process: process 0's closing summary, printed by the other processes too (opt_jax.cli
   prints it on process 0), and its exit code on every process."""
   from opt_jax import sharding  # pylint: disable=import-outside-toplevel
-  if jax_process_count() == 1:
+  if not sharding.multi_process():
     return summary
   mine = (json.dumps([summary.render(time.perf_counter() - began), summary.exit_code])
           if sharding.is_main_process() else None)
@@ -301,11 +301,6 @@ def _closing(summary: cli.Summary, began: float) -> cli.Summary:
     print(text, flush=True)
     summary = dataclasses.replace(summary, exit_code=code)
   return summary
-
-
-def jax_process_count() -> int:
-  import jax  # pylint: disable=import-outside-toplevel
-  return jax.process_count()
 
 
 def _make_mesh(spec: str):

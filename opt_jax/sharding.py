@@ -450,8 +450,10 @@ def _client() -> Any:
   return distributed.global_state.client
 
 
-def _multi() -> bool:
-  return jax.process_count() > 1 and _client() is not None
+def multi_process() -> bool:
+  """True in a run of several processes joined by jax.distributed (without starting a backend
+  when there is none)."""
+  return _client() is not None and jax.process_count() > 1
 
 
 def _next_name(name: str) -> str:
@@ -464,7 +466,7 @@ def barrier(name: str, timeout_s: float = 24 * 3600) -> None:
 
   E.g. after process 0 wrote results and before any process reads them. Call it in the same
   order on every process (its name is numbered by the call)."""
-  if _multi():
+  if multi_process():
     _client().wait_at_barrier(_next_name(name), int(timeout_s * 1000))
 
 
@@ -483,7 +485,7 @@ def agree(name: str, error: str | None, timeout_s: float = 24 * 3600) -> str | N
   the same answer on every process, e.g. whether a checkpoint restored everywhere.
 
   Call it in the same order on every process. One process: returns `error`."""
-  if not _multi():
+  if not multi_process():
     return error
   client, key = _client(), _next_name(name)
   client.key_value_set(f"{key}/{jax.process_index()}", "" if error is None else "!" + error)
@@ -497,7 +499,7 @@ def agree(name: str, error: str | None, timeout_s: float = 24 * 3600) -> str | N
 def same_everywhere(name: str, value: str) -> str | None:
   """None when every process passed the same `value`; else a line naming the processes that
   differ from process 0 (e.g. the keys each decided to compute, as a digest)."""
-  if not _multi():
+  if not multi_process():
     return None
   client, key = _client(), _next_name(name)
   client.key_value_set(f"{key}/{jax.process_index()}", value)
@@ -508,7 +510,7 @@ def same_everywhere(name: str, value: str) -> str | None:
 
 def from_main(name: str, value: str | None) -> str:
   """Process 0's `value` on every process (the others pass anything, e.g. None)."""
-  if not _multi():
+  if not multi_process():
     return value or ""
   client, key = _client(), _next_name(name)
   if is_main_process():
@@ -603,7 +605,7 @@ def fail_together(fn: Callable[[], Any], describe_error: Callable[[BaseException
   exit 2 (1 for a traceback) without waiting for the others at JAX's shutdown. A process that
   loses its coordinator (process 0 ended or was killed) ends the same way. On success every
   process waits for the others (a barrier) and returns fn()'s value. One process: plain fn()."""
-  if not _multi():
+  if not multi_process():
     return fn()
   watch = _Together(grace_s)
   try:
