@@ -28,6 +28,13 @@ is faster), also the median of per-round ratios. The perplexities of both sides 
 (rtol 1e-4). From opt_jax's run manifest and stored results: the sweep's wall time, compile
 time, programs compiled, and per checkpoint the restore and evaluation seconds, so the process's
 other seconds (start-up, imports, integrity pre-check, tokenising) are what is left.
+
+Kernel (`--kernel_only`, or after the rounds): one process restores the first revision and times
+opt_jax's scoring program alone (scoring.score_program, blocked attention) on the text's windows
+as the sweep runs them ([rows, 2048], rows = the batch bucket of the real windows) and padded to
+the full batch ([8, 2048], what a sweep ran before batch buckets), --kernel_reps times each,
+alternating; printed: medians, their ratio, and per checkpoint of the sweep
+(sweep wall - compile) / checkpoints / (restore + kernel).
 """
 
 from __future__ import annotations
@@ -187,6 +194,65 @@ def hf_worker(cache: str, corpus: str, steps: list[int], out: str) -> None:
     json.dump({"ppl": ppl, "seconds_inside": time.perf_counter() - t0}, f)
 
 
+# The kernel alone (a process of its own) --------------------------------------------------------
+
+def kernel_worker(path: str, corpus: str, reps: int, out: str) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, REPO)
+  from opt_jax import checkpoint, programs, scoring, tokenizer  # pylint: disable=import-outside-toplevel
+  config = checkpoint.load_config(path)
+  params = checkpoint.restore(path)
+  tok = tokenizer.load_tokenizer(path, config=config)
+  (ids,) = tok.encode_documents([open(corpus, encoding="utf-8").read()])
+  windows = scoring.rolling_windows(ids, CONTEXT, CONTEXT)
+  spec = scoring.ScoreSpec(config, "float32", scoring.resolve_attention("auto", config,
+                                                                         jnp.float32))
+  fn = scoring.score_program(spec)
+  real = programs.bucket(len(windows), 1, 8)
+
+  def batch(rows: int):
+    ids = np.full((rows, CONTEXT), config.filler_token_id, np.int32)
+    mask = np.zeros((rows, CONTEXT), np.int32)
+    targets_ = ids.copy()
+    positions = np.full((rows, CONTEXT), -1, np.int32)
+    for r, (inputs, targets, _) in enumerate(windows):
+      n = len(inputs)
+      ids[r, :n], mask[r, :n], targets_[r, :n] = inputs, 1, targets
+      positions[r, :n] = np.arange(n)
+    return ids, mask, targets_, positions, np.zeros((rows, CONTEXT), np.int32)
+
+  shapes = {real: batch(real), 8: batch(8)}
+  for args in shapes.values():
+    jax.block_until_ready(fn(params, *args))        # compile outside the timing
+  times: dict[int, list[float]] = {b: [] for b in shapes}
+  for r in range(reps):
+    for b in (list(shapes) if r % 2 == 0 else list(shapes)[::-1]):
+      t = time.perf_counter()
+      jax.block_until_ready(fn(params, *shapes[b]))
+      times[b].append(time.perf_counter() - t)
+  with open(out, "w") as f:
+    json.dump({"windows": len(windows), "real_rows": real, "times": times}, f)
+
+
+def _kernel(info: dict, reps: int, work: str) -> dict:
+  with open(info["suite"]) as f:
+    first = json.load(f)["models"][0]["checkpoints"][str(info["steps"][0])]["path"]
+  out = os.path.join(work, "kernel.json")
+  _run([sys.executable, os.path.abspath(__file__), "--worker=kernel", first, info["corpus"],
+        str(reps), out], os.path.join(work, "kernel.log"), dict(os.environ, JAX_PLATFORMS="cpu"))
+  with open(out) as f:
+    k = json.load(f)
+  real, full = k["times"][str(k["real_rows"])], k["times"]["8"]
+  k["real_s"], k["full_s"] = statistics.median(real), statistics.median(full)
+  k["ratio"] = statistics.median(f / r for f, r in zip(full, real))
+  print(f"kernel, {k['windows']} windows (load {_loadavg():.1f}): [{k['real_rows']}, {CONTEXT}] "
+        f"{k['real_s']:.2f} s, [8, {CONTEXT}] {k['full_s']:.2f} s (medians of {reps}); padded / "
+        f"real rows {k['ratio']:.2f}x (median of ratios)")
+  return k
+
+
 # Parent -----------------------------------------------------------------------------------------
 
 def _run(cmd: list[str], log: str, env: dict | None = None) -> float:
@@ -235,14 +301,23 @@ def main() -> None:
                            "folder warmed by one untimed run), both")
   parser.add_argument("--opt_jax_root", default=REPO,
                       help="the opt_jax tree to time (e.g. an older commit, extracted)")
+  parser.add_argument("--kernel_reps", type=int, default=3)
+  parser.add_argument("--kernel_only", action="store_true")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args, rest = parser.parse_known_args()
   if args.worker == "hf":
     hf_worker(*rest[:2], [int(s) for s in rest[2].split(",")], rest[3])
     return
+  if args.worker == "kernel":
+    kernel_worker(rest[0], rest[1], int(rest[2]), rest[3])
+    return
 
   info = setup(args.work_dir, args.revisions, args.vocab, args.chars)
   work = tempfile.mkdtemp(prefix="sweep_vs_hf-")
+  if args.kernel_only:
+    _kernel(info, args.kernel_reps, work)
+    shutil.rmtree(work, ignore_errors=True)
+    return
   steps = ",".join(map(str, info["steps"]))
   modes = {"off": ["off"], "on": ["on"], "both": ["off", "on"]}[args.cache]
   warm = os.path.join(work, "jax_cache")
@@ -276,6 +351,7 @@ def main() -> None:
       print(f"round {r} {side}: {times[side][-1]:.1f} s (load {loads[-1]:.1f})", flush=True)
 
   n = len(info["steps"])
+  kernel = _kernel(info, args.kernel_reps, work)
   print(f"\nmedians over {args.rounds} rounds, {n} checkpoints, load average "
         f"{min(loads):.1f}-{max(loads):.1f}:")
   print(f"  hf (from_pretrained loop): {statistics.median(times['hf']):.1f} s")
@@ -299,6 +375,9 @@ def main() -> None:
           f"pre-check, tokenising, tables) {wall - sweep:.1f} s")
     print(f"    per checkpoint after the first: wall / (restore + evaluation) = "
           f"{(sweep - compile_s) / n / (restore + ev):.2f}")
+    kernel_s = kernel["real_s"]
+    print(f"    per checkpoint: (sweep - compile) / checkpoints / (restore + kernel of the real "
+          f"rows, {kernel_s:.2f} s) = {(sweep - compile_s) / n / (restore + kernel_s):.2f}")
     print(f"    perplexities equal to HF's: largest relative difference {worst:.2e}")
     assert worst < 1e-4, "perplexities differ from HF's"
   shutil.rmtree(work, ignore_errors=True)
