@@ -553,13 +553,12 @@ class _Together:
           pass
       if self.failing.is_set() or self.done.is_set():
         return                          # this process reports its own error
-      sys.stdout.flush()
-      print(f"error: {message}", file=sys.stderr, flush=True)
-      self.leave(2)
+      self.leave(2, f"error: {message}")
 
-  def leave(self, code: int) -> None:
-    """Exits now (no JAX shutdown: it would wait for the others). Process 0 hosts the
-    coordination service and leaves last: a process that loses it while still running aborts."""
+  def leave(self, code: int, line: str | None = None) -> None:
+    """Prints `line` (last, to stderr) and exits now (no JAX shutdown: it would wait for the
+    others). Process 0 hosts the coordination service and leaves last: a process that loses it
+    while still running aborts."""
     pid = jax.process_index()
     try:
       self.client.key_value_set(f"{_ERROR_KEY}/left/{pid}", "1")
@@ -574,6 +573,8 @@ class _Together:
           pass
       time.sleep(0.5)                   # their exit after saying so
     sys.stdout.flush()
+    if line is not None:
+      print(line, file=sys.stderr)
     sys.stderr.flush()
     os._exit(code)                      # pylint: disable=protected-access
 
@@ -615,12 +616,10 @@ def fail_together(fn: Callable[[], Any], describe_error: Callable[[BaseException
     message = describe_error(e) if isinstance(e, Exception) else None
     text = message or f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
     watch.fail(text)
-    sys.stdout.flush()
     if message is None:
       traceback.print_exc()
-    else:
-      print(f"error: {message}", file=sys.stderr)
-    watch.leave(2 if message is not None else 1)
+    watch.leave(2 if message is not None else 1,
+                None if message is None else f"error: {message}")
   watch.done.set()
   # Not left to die at exit: a daemon thread stopped inside the client's C++ call aborts Python.
   watch.thread.join()

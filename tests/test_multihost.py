@@ -165,4 +165,3 @@ def test_an_error_on_one_process_ends_both_with_its_message(world):
   assert [rc for rc, _, _ in runs] == [2, 2], errors
   assert errors[0] == errors[1] and "--models: suite 'tiny' has no model named 'nope'" in errors[0]
   assert seconds < 60
-  assert not os.path.exists(world["root"] / "bad")
