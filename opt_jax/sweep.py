@@ -458,6 +458,8 @@ def run_sweep(suite: Suite, evaluate: Evaluate, store: ResultStore, *,
                                             report.wall_seconds)
     manifest.update(status=status, finished=_utc_now(), evaluated=len(report.evaluated),
                     wall_seconds=report.wall_seconds, eval_seconds=report.total_eval_seconds,
+                    restore_seconds=float(sum(report.restore_seconds.values())),
+                    restore_wait_seconds=float(sum(report.wait_seconds.values())),
                     compile=report.compile)
   return report
 
