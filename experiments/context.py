@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -339,7 +340,11 @@ def main(settings_cls: type, run: Callable[[Any], Outcome]) -> None:
   runs the same command), run(settings), its closing summary (opt_jax.cli.main). An error after
   a sweep finished (in the analysis, tables or plots) marks that sweep's run manifest "failed"
   with the error in one line and stops the binary with that line (rc 2), not a traceback (the
-  manifest keeps it)."""
+  manifest keeps it).
+
+  Multi-process: every process ends the same way: all print process 0's closing summary and
+  exit with its code, or all print the same one-line error within seconds of the first process
+  failing (opt_jax.sharding.fail_together)."""
   def start(_):
     from opt_jax import sharding  # pylint: disable=import-outside-toplevel
     sharding.initialize_distributed()   # before anything touches a device; no-op on one host
@@ -354,7 +359,12 @@ def main(settings_cls: type, run: Callable[[Any], Outcome]) -> None:
       raise AnalysisError(f"{type(e).__name__}: {_one_line(e)} (after the sweep; the results are "
                           f"kept under {settings.out}/{STORE_DIR}, the run manifest "
                           f"{marked[0]} says \"failed\" and holds the traceback)") from None
-  cli.main(settings_cls, run_and_mark, before=start)
+  def body(settings):
+    from opt_jax import sharding  # pylint: disable=import-outside-toplevel
+    began = time.perf_counter()
+    return sharding.fail_together(lambda: _closing(run_and_mark(settings), began),
+                                  cli.user_error_message)
+  cli.main(settings_cls, body, before=start)
 
 
 class AnalysisError(InputError):
@@ -392,6 +402,21 @@ def mark_runs_failed(out_dir: str | None, error: BaseException) -> list[str]:
     files.write_json(path, data)
     marked.append(path)
   return marked
+
+
+def _closing(summary: cli.Summary, began: float) -> cli.Summary:
+  """Multi-process: process 0's closing summary, printed by the other processes too (opt_jax.cli
+  prints it on process 0), and its exit code on every process."""
+  from opt_jax import sharding  # pylint: disable=import-outside-toplevel
+  if not sharding.multi_process():
+    return summary
+  mine = (json.dumps([summary.render(time.perf_counter() - began), summary.exit_code])
+          if sharding.is_main_process() else None)
+  text, code = json.loads(sharding.from_main("closing summary", mine))
+  if not sharding.is_main_process():
+    print(text, flush=True)
+    summary = dataclasses.replace(summary, exit_code=code)
+  return summary
 
 
 def _make_mesh(spec: str):

@@ -44,6 +44,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from opt_jax import files
 from opt_jax.config import DecoderConfig
@@ -413,15 +414,21 @@ def restore(directory: str | os.PathLike, *, shardings: Any = None, dtype: Any =
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype if dtype is not None else s.dtype,
                                          sharding=sh),
       stored, shardings)
+  # The handler, not a Checkpointer: Checkpointer.restore ends with a barrier across processes
+  # (a device collective on CPU), which would race the evaluation's collectives when a sweep
+  # restores the next checkpoint in a background thread. Reading needs no agreement: each
+  # process reads the slices its own devices hold.
+  handler = ocp.StandardCheckpointHandler()
   try:
-    with _checkpointer() as ckptr:
-      return ckptr.restore(os.path.join(directory, PARAMS_DIR),
+    return handler.restore(epath.Path(directory) / PARAMS_DIR,
                            args=ocp.args.StandardRestore(target))
   except Exception as e:  # orbax / tensorstore: name the tensor if a file of it is at fault
     error = _read_error(directory, e)
     if error is None:
       raise
     raise error from e
+  finally:
+    handler.close()
 
 
 def _first_line(e: BaseException) -> str:

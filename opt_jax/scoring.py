@@ -6,8 +6,10 @@ Two layers:
     chunk at a time inside a `lax.fori_loop` with a running max / sum / argmax in fp32, so the
     largest temporary is [B, T, vocab_chunk], never [B, T, V].
   * `Scorer`: requests -> rows -> bucketed batches -> the jitted functions -> per-request results.
-    Rows are sorted by length and padded to power-of-two lengths and a fixed batch size, so a long
-    run compiles a handful of programs; parameters are arguments, so `set_params` with another
+    Rows are sorted by length and padded to power-of-two lengths; a batch holds batch_size rows,
+    and a last (or only) batch with fewer real rows runs in the next power-of-two bucket of its
+    rows (times the data-parallel split) instead of batch_size, so no more than that many padding
+    rows are computed; a long run compiles a handful of programs; parameters are arguments, so `set_params` with another
     checkpoint of the same size compiles nothing.
 
 Requests (lm-evaluation-harness, `lm_eval/api/model.py` and `lm_eval/utils.py`), with the text
@@ -328,7 +330,8 @@ class Scorer:
   tokenizer: an `opt_jax.tokenizer.Tokenizer`, needed by the string APIs only.
   conventions: "native" or "lm_eval": the text convention of the string APIs (the tokenizer is
     switched to it); None keeps the tokenizer's own.
-  batch_size: rows per program (fixed; short batches are padded with dummy rows).
+  batch_size: rows per program at most; a batch of fewer rows runs in the smallest bucket
+    data_shards * 2^k (or batch_size) that holds them, padded with dummy rows.
   max_length: longest model input (default config.max_position_embeddings).
   dtype: compute dtype; log-probs are fp32 whatever it is.
   attention: "auto" (blocked on CPU, cudnn on GPU for bf16), "xla", "blocked", "cudnn".
@@ -367,6 +370,8 @@ class Scorer:
     self.shapes_run: set[tuple[int, int]] = set()
     if mesh is not None:
       sharding.check_divisible(config, mesh, batch_size=self.batch_size)
+    # Batch buckets are multiples of the rows' split over devices (data x fsdp).
+    self.min_batch = sharding.num_shards(mesh, "batch")
     self._batch_sharding = sharding.batch_sharding(mesh)
     self.spec = ScoreSpec(config, jnp.dtype(dtype).name, self.attention, int(attention_block),
                           int(vocab_chunk), mesh)
@@ -382,9 +387,12 @@ class Scorer:
     Scorer of an equal spec; opt_jax.programs counts them)."""
     return programs.compilations("score", self.spec)
 
-  def bucket_shape(self, length: int) -> tuple[int, int]:
-    """[batch, length] of the program that runs a row of `length` tokens."""
-    return self.batch_size, programs.bucket(length, self.min_bucket, self.max_length)
+  def bucket_shape(self, length: int, rows: int | None = None) -> tuple[int, int]:
+    """[batch, length] of the program that runs `rows` rows (default batch_size) of at most
+    `length` tokens: batch is the bucket of rows (min_batch * 2^k, at most batch_size)."""
+    rows = self.batch_size if rows is None else rows
+    return (programs.bucket(rows, self.min_batch, self.batch_size),
+            programs.bucket(length, self.min_bucket, self.max_length))
 
   def set_params(self, params: Any) -> None:
     """Switch to another checkpoint of the same config (and dtypes): no recompilation."""
@@ -444,7 +452,7 @@ class Scorer:
     pending = None
     with tqdm(total=len(rows), desc=desc, disable=not self.progress, unit="row") as bar:
       for batch in batches:
-        n_rows, length = self.bucket_shape(len(rows[batch[0]].inputs))
+        n_rows, length = self.bucket_shape(len(rows[batch[0]].inputs), len(batch))
         arrays = self._pack([rows[i] for i in batch], n_rows, length, pad_id)
         result = self._call(self._score, *map(self._put, arrays))
         self.rows_run += len(batch)

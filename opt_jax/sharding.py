@@ -34,7 +34,11 @@ import contextlib
 import math
 import os
 import re
-from typing import Any, Iterator, Sequence
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -428,3 +432,195 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 def is_main_process() -> bool:
   """True on process 0 only: the one process that writes results, plots and logs."""
   return jax.process_index() == 0
+
+
+# Multi-process agreement: barriers, shared decisions, failing together --------------------------
+#
+# These talk through jax.distributed's coordination service (a key-value store and barriers over
+# gRPC), never through device collectives: they can be called from any thread without racing the
+# evaluation's collectives, and they keep working while another process is inside one.
+
+_SEQUENCE = [0]        # every process calls these in the same order: the n-th call has one name
+_WAIT_MS = 500
+_KEY = "opt_jax"
+
+
+def _client() -> Any:
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  return distributed.global_state.client
+
+
+def multi_process() -> bool:
+  """True in a run of several processes joined by jax.distributed (without starting a backend
+  when there is none)."""
+  return _client() is not None and jax.process_count() > 1
+
+
+def _next_name(name: str) -> str:
+  _SEQUENCE[0] += 1
+  return f"{_KEY}/{_SEQUENCE[0]}/{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:80]}"
+
+
+def barrier(name: str, timeout_s: float = 24 * 3600) -> None:
+  """Every process waits here until all have arrived (no-op for one process).
+
+  E.g. after process 0 wrote results and before any process reads them. Call it in the same
+  order on every process (its name is numbered by the call)."""
+  if multi_process():
+    _client().wait_at_barrier(_next_name(name), int(timeout_s * 1000))
+
+
+def _get(client: Any, key: str, timeout_s: float) -> str:
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      return client.blocking_key_value_get(key, _WAIT_MS)
+    except Exception:  # pylint: disable=broad-except
+      if time.monotonic() > deadline:
+        raise
+
+
+def agree(name: str, error: str | None, timeout_s: float = 24 * 3600) -> str | None:
+  """The first error of any process (by process index; None when every process passed None):
+  the same answer on every process, e.g. whether a checkpoint restored everywhere.
+
+  Call it in the same order on every process. One process: returns `error`."""
+  if not multi_process():
+    return error
+  client, key = _client(), _next_name(name)
+  client.key_value_set(f"{key}/{jax.process_index()}", "" if error is None else "!" + error)
+  for i in range(jax.process_count()):
+    value = _get(client, f"{key}/{i}", timeout_s)
+    if value:
+      return value[1:]
+  return None
+
+
+def same_everywhere(name: str, value: str) -> str | None:
+  """None when every process passed the same `value`; else a line naming the processes that
+  differ from process 0 (e.g. the keys each decided to compute, as a digest)."""
+  if not multi_process():
+    return None
+  client, key = _client(), _next_name(name)
+  client.key_value_set(f"{key}/{jax.process_index()}", value)
+  values = [_get(client, f"{key}/{i}", 600) for i in range(jax.process_count())]
+  odd = [i for i, v in enumerate(values) if v != values[0]]
+  return f"process(es) {odd} differ from process 0" if odd else None
+
+
+def from_main(name: str, value: str | None) -> str:
+  """Process 0's `value` on every process (the others pass anything, e.g. None)."""
+  if not multi_process():
+    return value or ""
+  client, key = _client(), _next_name(name)
+  if is_main_process():
+    client.key_value_set(key, value or "")
+    return value or ""
+  return _get(client, key, 600)
+
+
+_ERROR_KEY = f"{_KEY}/error"
+
+
+class _Together:
+  """The watchdog of `fail_together` (one per process)."""
+
+  def __init__(self, grace_s: float):
+    self.grace_s = grace_s
+    self.client = _client()
+    self.failing = threading.Event()    # this process's run raised
+    self.done = threading.Event()       # this process finished (or is leaving): stop watching
+    self.thread = threading.Thread(target=self._watch, name="fail_together", daemon=True)
+    self.thread.start()
+
+  def _watch(self) -> None:
+    pid = jax.process_index()
+    while not self.done.is_set():
+      try:
+        message = self.client.blocking_key_value_get(_ERROR_KEY, _WAIT_MS)
+      except Exception as e:  # pylint: disable=broad-except
+        text = str(e)
+        if self.done.is_set():
+          return
+        if "DEADLINE_EXCEEDED" in text or "deadline" in text.lower():
+          continue
+        message = (f"lost contact with the coordinator (process 0) of this {jax.process_count()}"
+                   f"-process run: it ended or was killed ({text.splitlines()[0][:200]})")
+      else:
+        try:
+          self.client.key_value_set(f"{_ERROR_KEY}/ack/{pid}", "1")
+        except Exception:  # pylint: disable=broad-except
+          pass
+      if self.failing.is_set() or self.done.is_set():
+        return                          # this process reports its own error
+      self.leave(2, f"error: {message}")
+
+  def leave(self, code: int, line: str | None = None) -> None:
+    """Prints `line` (last, to stderr) and exits now (no JAX shutdown: it would wait for the
+    others). Process 0 hosts the coordination service and leaves last: a process that loses it
+    while still running aborts."""
+    pid = jax.process_index()
+    try:
+      self.client.key_value_set(f"{_ERROR_KEY}/left/{pid}", "1")
+    except Exception:  # pylint: disable=broad-except
+      pass
+    if pid == 0:
+      deadline = time.monotonic() + self.grace_s
+      for i in range(1, jax.process_count()):
+        try:
+          _get(self.client, f"{_ERROR_KEY}/left/{i}", max(0.0, deadline - time.monotonic()))
+        except Exception:  # pylint: disable=broad-except
+          pass
+      time.sleep(0.5)                   # their exit after saying so
+    sys.stdout.flush()
+    if line is not None:
+      print(line, file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(code)                      # pylint: disable=protected-access
+
+  def fail(self, message: str) -> None:
+    """Tells the other processes (the first message posted wins) and waits up to grace_s for
+    each to have read it."""
+    self.failing.set()
+    try:
+      self.client.key_value_set(_ERROR_KEY, message)
+    except Exception:  # pylint: disable=broad-except
+      pass  # another process posted first (or the coordinator is gone)
+    deadline = time.monotonic() + self.grace_s
+    for i in range(jax.process_count()):
+      if i == jax.process_index():
+        continue
+      try:
+        _get(self.client, f"{_ERROR_KEY}/ack/{i}", max(0.0, deadline - time.monotonic()))
+      except Exception:  # pylint: disable=broad-except
+        pass
+
+
+def fail_together(fn: Callable[[], Any], describe_error: Callable[[BaseException], str | None],
+                  grace_s: float = 10.0) -> Any:
+  """fn() on every process of a multi-process run such that all end the same way.
+
+  When fn raises on one process, every other process prints `error: <message>` (one line) and
+  exits 2 within seconds instead of hanging in a collective; the raising process prints the same
+  line (a traceback when describe_error(e) is None: not a user error), then leaves at once with
+  exit 2 (1 for a traceback) without waiting for the others at JAX's shutdown. A process that
+  loses its coordinator (process 0 ended or was killed) ends the same way. On success every
+  process waits for the others (a barrier) and returns fn()'s value. One process: plain fn()."""
+  if not multi_process():
+    return fn()
+  watch = _Together(grace_s)
+  try:
+    value = fn()
+    barrier("finished")
+  except BaseException as e:  # pylint: disable=broad-except
+    message = describe_error(e) if isinstance(e, Exception) else None
+    text = message or f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+    watch.fail(text)
+    if message is None:
+      traceback.print_exc()
+    watch.leave(2 if message is not None else 1,
+                None if message is None else f"error: {message}")
+  watch.done.set()
+  # Not left to die at exit: a daemon thread stopped inside the client's C++ call aborts Python.
+  watch.thread.join()
+  return value

@@ -24,7 +24,14 @@ checkpoint of a size: `ScorerCache` keeps one `opt_jax.scoring.Scorer` per confi
 each new checkpoint with `Scorer.set_params`.
 
 Multi-host: every process runs the same loop (the forward passes are collective); which keys to
-skip is decided once, up front, from the shared store; only the main process writes.
+skip is decided once, up front, from the shared store (the processes check that they decided the
+same); only the main process writes, and every process waits at a barrier at the end of the
+sweep, so results are written before any process reads them. Collectives come from the main
+thread only: the prefetching restore reads each process's own slices and issues none
+(opt_jax.checkpoint.restore). Whether a checkpoint restored is agreed by all processes before it
+is evaluated (a file one process cannot read fails it on every process); an evaluation error
+stops the run on every process, since the others may be inside a collective of that evaluation
+(the binaries end every process with the same one-line error: sharding.fail_together).
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from opt_jax import checkpoint, files, programs
+from opt_jax import checkpoint, files, programs, sharding
 from opt_jax.config import DecoderConfig
 from opt_jax.errors import InputError, UserError
 from opt_jax.results import CorruptResultError, Key, ResultStore
@@ -299,8 +306,16 @@ def run_sweep(suite: Suite, evaluate: Evaluate, store: ResultStore, *,
       configs[path] = checkpoint.load_config(path)
     return configs[path]
 
+  # Multi-host: every process must have decided the same (they read one shared store).
+  differ = sharding.same_everywhere(
+      f"sweep {name} todo", json.dumps([list(map(str, t[0])) for t in todo] +
+                                       [list(map(str, u[0])) for u in unreadable]))
+  if differ:
+    raise InputError(f"sweep {name}: the processes found different results in {store.root} "
+                     f"({differ}): --out must be one folder that every process sees (a shared "
+                     f"file system)")
+
   if mesh is not None:
-    from opt_jax import sharding  # pylint: disable=import-outside-toplevel
     checked = set()
     for key, model, step, _ in todo:
       path = model.path(step)
@@ -329,7 +344,6 @@ def run_sweep(suite: Suite, evaluate: Evaluate, store: ResultStore, *,
     sh = None
     if mesh is not None:
       if config not in shardings:
-        from opt_jax import sharding  # pylint: disable=import-outside-toplevel
         shardings[config] = sharding.param_shardings(config, mesh)
       sh = shardings[config]
     params = restore(path, shardings=sh, dtype=dtype)
@@ -376,8 +390,16 @@ def run_sweep(suite: Suite, evaluate: Evaluate, store: ResultStore, *,
           params, restore_s = future.result()
         else:
           params, restore_s = load(path)
+        error = None
       except Exception as e:  # pylint: disable=broad-except
-        fail(key, model, step, "restoring", e)
+        error = e
+      # Multi-host: a checkpoint is evaluated only where it restored on every process.
+      other = sharding.agree(f"restored {key}", None if error is None else _one_line(error, path))
+      if other is not None and jax.process_count() > 1:
+        params = None
+        error = InputError(other)          # the same reason on every process
+      if error is not None:
+        fail(key, model, step, "restoring", error)
         continue
       report.wait_seconds[key] = time.perf_counter() - t_wait
       report.restore_seconds[key] = restore_s
@@ -390,6 +412,10 @@ def run_sweep(suite: Suite, evaluate: Evaluate, store: ResultStore, *,
         arrays = {k: np.asarray(v) for k, v in dict(arrays).items()}
       except Exception as e:  # pylint: disable=broad-except
         del params
+        if jax.process_count() > 1 and not stop_on_failure:
+          # The other processes may be waiting in a collective of this evaluation.
+          e.add_note("(a multi-process run stops at an evaluation error)")
+          stop_on_failure = True
         fail(key, model, step, "evaluating", e)
         continue
       eval_s = time.perf_counter() - t_eval
@@ -412,6 +438,8 @@ def run_sweep(suite: Suite, evaluate: Evaluate, store: ResultStore, *,
         postfix += f", {len(report.failed)} failed"
       bar.set_postfix_str(postfix, refresh=False)
       bar.update(1)
+    # Every process waits until the main process has written every result.
+    sharding.barrier(f"sweep {name} written")
     status = "finished_with_failures" if report.failed else "finished"
     if report.failed:
       log.warning("sweep %s: %d of %d checkpoints failed (listed in %s)", name,
@@ -430,6 +458,8 @@ def run_sweep(suite: Suite, evaluate: Evaluate, store: ResultStore, *,
                                             report.wall_seconds)
     manifest.update(status=status, finished=_utc_now(), evaluated=len(report.evaluated),
                     wall_seconds=report.wall_seconds, eval_seconds=report.total_eval_seconds,
+                    restore_seconds=float(sum(report.restore_seconds.values())),
+                    restore_wait_seconds=float(sum(report.wait_seconds.values())),
                     compile=report.compile)
   return report
 

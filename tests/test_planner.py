@@ -33,11 +33,12 @@ def test_score_and_multiple_choice_plans_are_the_scorer_programs(setup):
   scorer = scoring.Scorer(CONFIG, params, batch_size=2, mesh=mesh, attention="xla")
   rng = np.random.RandomState(0)
   tokens = lambda n: rng.randint(3, 100, n).tolist()
-  ctx = [2] + tokens(11)
-  # One context, 3 options of 5 tokens: one packed row of 11 + 15 = 26 tokens -> bucket 32.
-  scorer.loglikelihood_tokens([(ctx, tokens(5)) for _ in range(3)])
-  # A plain row of 40 tokens -> bucket 64.
-  scorer.rolling_tokens([[2] + tokens(40)])
+  # Two contexts, 3 options of 5 tokens each: two packed rows of 11 + 15 = 26 tokens -> one
+  # full batch in bucket 32 (a batch of fewer rows would run in a smaller batch bucket).
+  ctxs = [[2] + tokens(11), [2] + tokens(11)]
+  scorer.loglikelihood_tokens([(ctx, tokens(5)) for ctx in ctxs for _ in range(3)])
+  # Two plain rows of 40 tokens -> bucket 64.
+  scorer.rolling_tokens([[2] + tokens(40), [2] + tokens(40)])
   assert sorted(programs.traced_shapes("score", scorer.spec)) == [(2, 32), (2, 64)]
   before = programs.compilations("score")
 

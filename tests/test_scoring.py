@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from opt_jax import programs
 from opt_jax import scoring as S
 import oracle
 
@@ -219,17 +220,28 @@ def test_compilations_bounded_and_set_params_reuses_programs(pre_ln, scorers):
   rng = np.random.RandomState(5)
   rand = lambda lo, hi: [int(t) for t in rng.randint(3, 100, rng.randint(lo, hi))]
   reqs = [([2] + rand(0, 50), rand(1, 10)) for _ in range(60)]
-  scorer.loglikelihood_tokens(reqs)
+  scorer.loglikelihood_tokens(reqs)                # 60 rows: 15 full batches of 4
   assert scorer.buckets == [16, 32, 64]
-  assert scorer.num_compilations == 3              # one program per bucket, whatever the lengths
-  scorer.loglikelihood_tokens(reqs[::-1][:17])
+  # One program per length bucket for full batches, whatever the lengths (earlier tests of this
+  # scorer may have run short batches as well: [1 or 2 rows, length]).
+  shapes = set(programs.traced_shapes("score", scorer.spec))
+  assert {n for b, n in shapes if b == 4} == {16, 32, 64}
+  # 9 rows: two batches of 4 and a last one of 1 row, run as [1, length], not [4, length].
+  rows_before, tokens_before = scorer.rows_run, scorer.tokens_run
+  scorer.loglikelihood_tokens(reqs[:9])
+  assert scorer.rows_run - rows_before == 9
+  shapes = set(programs.traced_shapes("score", scorer.spec))
+  assert shapes <= {(b, n) for b in (1, 2, 4) for n in (16, 32, 64)}
+  assert scorer.tokens_run - tokens_before <= 9 * 64
+  compiled = scorer.num_compilations
+  assert compiled == len(shapes) <= 9
   other = oracle.hf_model(config, seed=7)
   try:
     scorer.set_params(oracle.params_from_hf_model(other, config))
     got = scorer.loglikelihood_tokens(reqs[:9])
   finally:
     scorer.set_params(params)
-  assert scorer.num_compilations == 3
+  assert scorer.num_compilations == compiled       # another checkpoint: no new program
   np.testing.assert_allclose([s for s, _ in got], [_hf_request(other, c, x)[0] for c, x in reqs[:9]],
                              atol=1e-4, rtol=0)
   with pytest.raises(ValueError, match="differ in structure, shape or dtype"):
