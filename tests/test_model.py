@@ -7,13 +7,7 @@ import torch
 from opt_jax import model as M
 from opt_jax import families
 import oracle
-
-
-@pytest.fixture(scope="module", params=sorted(oracle.TINY))
-def pair(request):
-  config = oracle.TINY[request.param]
-  hf = oracle.hf_model(config, seed=1)
-  return config, hf, oracle.params_from_hf_model(hf, config)
+from _oracle_fixtures import pair  # noqa: F401  (a pytest fixture)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
