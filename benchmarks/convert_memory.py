@@ -52,7 +52,7 @@ print(json.dumps({"maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss *
 def write_random_hf(directory: str, config: DecoderConfig, seed: int = 0) -> str:
   """config.json + one fp32 model.safetensors of random values, written tensor by tensor."""
   os.makedirs(directory, exist_ok=True)
-  config.to_json_file(os.path.join(directory, "config.json"))
+  families.write_config(config, os.path.join(directory, "config.json"))
   shapes = hf.expected_tensors(config)
   entries = [(k, s, np.dtype("<f4")) for k, s in shapes.items()]
   path = os.path.join(directory, hf.SAFETENSORS)

@@ -48,8 +48,10 @@ def hf_side(cfg, ids, reps: int, device: str):
   import numpy as np
   import torch
   import transformers
+
+  from opt_jax import families
   torch.manual_seed(0)
-  hf_cfg = transformers.OPTConfig(**cfg.to_hf_dict())
+  hf_cfg = transformers.OPTConfig(**families.to_hf_dict(cfg))
   model = transformers.OPTForCausalLM._from_config(hf_cfg, attn_implementation="sdpa",
                                                    dtype=torch.bfloat16)
   model = model.to(device).eval()

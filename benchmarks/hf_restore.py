@@ -80,7 +80,7 @@ def _config():
 def write_random_hf(directory: str, config, dtype: np.dtype, seed: int = 0) -> str:
   """config.json + one model.safetensors of random values, written tensor by tensor."""
   os.makedirs(directory, exist_ok=True)
-  config.to_json_file(os.path.join(directory, "config.json"))
+  families.write_config(config, os.path.join(directory, "config.json"))
   entries = [(k, s, dtype) for k, s in hf.expected_tensors(config).items()]
   path = os.path.join(directory, hf.SAFETENSORS)
   rng = np.random.default_rng(seed)

@@ -79,15 +79,10 @@ def _train_tokenizer(texts: list[str], directory: str, vocab_size: int) -> str:
   """Byte-level BPE with OPT's specials (<s>=0 <pad>=1 </s>=2 <unk>=3). Its post-processor
   prepends </s> as OPT's HF tokenizer does, so HF's tokenizer (hence HFLM) adds the same first
   token that opt_jax's tokenizer adds itself (it ignores post-processors)."""
-  import tokenizers
-  from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-  tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size,
-                                special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(texts, trainer)
+  from tokenizers import processors
+
+  from experiments.tasks import corpus
+  tok = corpus.bpe_tokenizer(texts, vocab_size, min_frequency=0)
   tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, "tokenizer.json")

@@ -41,17 +41,9 @@ _MAX_LENGTH = flags.DEFINE_integer("max_length", 1024, "scorer window in tokens"
 
 def train_tokenizer(texts: list[str], directory: str, vocab_size: int = 8000):
   """A byte-level BPE with OPT's special tokens (<s>=0, <pad>=1, </s>=2, <unk>=3)."""
-  import tokenizers
-  from tokenizers import decoders, models, pre_tokenizers, trainers
-
+  from experiments.tasks import corpus
   from opt_jax.tokenizer import load_tokenizer
-  tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size,
-                                special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(texts, trainer)
+  tok = corpus.bpe_tokenizer(texts, vocab_size, min_frequency=0)
   tok.save(os.path.join(directory, "tokenizer.json"))
   return load_tokenizer(directory)
 

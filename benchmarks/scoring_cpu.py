@@ -195,6 +195,7 @@ def write_weights(directory: str, config, seed: int = 0) -> None:
   checkpoint."""
   import numpy as np
   from safetensors.numpy import save_file
+  from opt_jax import families
   from opt_jax.convert import hf
   rng = np.random.default_rng(seed)
   tensors = {}
@@ -207,7 +208,7 @@ def write_weights(directory: str, config, seed: int = 0) -> None:
       value = 0.02 * rng.standard_normal(shape, np.float32)
     tensors[name] = value
   save_file(tensors, os.path.join(directory, "model.safetensors"))
-  config.to_json_file(os.path.join(directory, "config.json"))
+  families.write_config(config, os.path.join(directory, "config.json"))
 
 
 def _cpu_flags() -> list[str]:

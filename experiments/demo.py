@@ -49,7 +49,7 @@ FORMAT = 1
 
 
 # The budget of each mode; a knob left unset (None) takes its mode's value. sizes/steps None:
-# opt_jax.train.demo_family's.
+# experiments.training.demo_family's.
 PRESETS = {
     "full": dict(sizes=None, steps=None, validation_chars=0, tt_max_tokens=20000,
                  # Checkpoints are log-spaced: fraction 0.7 of the last step keeps only two.
@@ -102,8 +102,8 @@ class DemoSettings(cli.Settings):
   fast: bool = cli.option(False, "The CI variant: two tiny sizes (fast-s, fast-l), 120 steps, "
                           "64-token context, small analyses; about 2 minutes on 2 cores.")
   sizes: tuple[str, ...] | None = _knob(
-      "Train and analyse only these sizes (opt_jax.train.demo_family names: demo-0.1m,demo-0.3m,"
-      "demo-1m; fast-s,fast-m,fast-l)", "sizes")
+      "Train and analyse only these sizes (experiments.training.demo_family names: demo-0.1m,"
+      "demo-0.3m,demo-1m; fast-s,fast-m,fast-l)", "sizes")
   steps: int | None = cli.option(None, "Training steps per size (default 1000, fast 120).", ge=1)
   seed: int = cli.option(0, "Seed of data order, initialisation, prompts, tasks.", ge=0)
   batch_size: int = cli.option(8, "Windows per forward pass when scoring.", ge=1)
@@ -234,7 +234,8 @@ def run_demo(settings: DemoSettings | None = None, *, progress: bool = True) -> 
   the caller should have set XLA_FLAGS (opt_jax.train.FAST_COMPILE_XLA_FLAG) before JAX started;
   the binary does.
   """
-  from experiments import downstream_icl, sequence_generation, token_trajectories, validation_ppl
+  from experiments import (downstream_icl, sequence_generation, token_trajectories, training,
+                           validation_ppl)
   from experiments.analysis import report as report_lib
   from experiments.tasks import corpus as corpus_lib
   from opt_jax import suite as suite_lib, train
@@ -268,7 +269,7 @@ def run_demo(settings: DemoSettings | None = None, *, progress: bool = True) -> 
   t0 = time.perf_counter()
   family_dir = os.path.join(out_dir, "family")
   before = _member_records(family_dir)
-  suite_path = train.train_demo_family(
+  suite_path = training.train_demo_family(
       family_dir, data.train_ids, data.validation_ids, data.tokenizer_file, fast=settings.fast,
       sizes=settings.sizes, steps=settings.steps, seed=settings.seed, progress=progress)
   with open(os.path.join(family_dir, train.TRAINING_FILE)) as f:

@@ -26,8 +26,8 @@ class Settings(cli.Settings):
                                       "~/.cache/opt_jax/corpus).")
   fast: bool = cli.option(False, "The CI variant: tiny sizes, few steps, small vocab.")
   sizes: tuple[str, ...] | None = cli.option(
-      None, "Train only these sizes of the family (names as in opt_jax.train.demo_family, e.g. "
-            "demo-0.3m,demo-1m).")
+      None, "Train only these sizes of the family (names as in "
+            "experiments.training.demo_family, e.g. demo-0.3m,demo-1m).")
   steps: int | None = cli.option(None, "Training steps (default: the family's).", ge=1)
   batch_size: int | None = cli.option(None, "Sequences per batch (default: the family's).", ge=1)
   seq_len: int | None = cli.option(None, "Tokens per sequence, also the models' "
@@ -39,13 +39,16 @@ class Settings(cli.Settings):
 
 def run(s: Settings) -> cli.Summary:
   """Trains the family; returns the closing summary (final validation loss of each size)."""
+  # Imported here, not at the top: they import JAX, which must start after _before_jax has set
+  # XLA_FLAGS.
+  from experiments import training  # pylint: disable=import-outside-toplevel
   from experiments.tasks import corpus  # pylint: disable=import-outside-toplevel
   from opt_jax import train  # pylint: disable=import-outside-toplevel
 
   data = corpus.demo_training_data(os.path.join(s.out, "tokenizer"), corpus_dir=s.corpus_dir,
                                    fast=s.fast, vocab_size=s.vocab_size)
   family = os.path.join(s.out, "family")
-  suite_path = train.train_demo_family(
+  suite_path = training.train_demo_family(
       family, data.train_ids, data.validation_ids, data.tokenizer_file, fast=s.fast,
       sizes=s.sizes, steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len, seed=s.seed)
   with open(os.path.join(family, train.TRAINING_FILE)) as f:

@@ -2,6 +2,8 @@
 
 A model family (opt_jax/families/) is a set of values of these fields plus its HF file formats;
 opt_jax/model.py builds the decoder from the fields alone and never asks which family it is.
+HF config.json in and out: `opt_jax.families` (from_hf_dict, to_hf_dict, read_config,
+write_config). This module imports nothing of opt_jax but its errors.
 
 Dimension letters (as in model.py): V vocab, E embed_dim, D hidden_size, N heads, K kv heads,
 H head_dim, F intermediate_size, L layers, P max_position_embeddings.
@@ -10,12 +12,12 @@ H head_dim, F intermediate_size, L layers, P max_position_embeddings.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
-from opt_jax.errors import InputError, MissingFileError
+from opt_jax.errors import InputError
 
+# The model families (opt_jax/families/, one module each, named as config.json's model_type).
+FAMILIES = ("opt", "gpt_neox", "llama", "olmo", "olmo2")
 POSITIONS = ("learned", "rotary")
 NORMS = ("layernorm", "rmsnorm")
 BLOCKS = ("pre_norm", "post_norm", "parallel", "output_norm")
@@ -99,10 +101,9 @@ class DecoderConfig:
 
   def validate(self) -> None:
     """Raises InputError naming every field whose value is invalid."""
-    from opt_jax import families  # pylint: disable=import-outside-toplevel
     problems = []
-    if self.family not in families.NAMES:
-      problems.append(f"family={self.family!r} is not one of {families.NAMES}")
+    if self.family not in FAMILIES:
+      problems.append(f"family={self.family!r} is not one of {FAMILIES}")
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "intermediate_size", "max_position_embeddings",
                  "embed_dim"):
@@ -205,40 +206,27 @@ class DecoderConfig:
         changes[name] = None
     return dataclasses.replace(self, **changes)
 
-  # HF config.json, through the family -----------------------------------------------------------
+  # Until the checkpoint layer, opt_jax/convert/ and opt_jax/hf_cache.py call opt_jax.families
+  # (from_hf_dict, to_hf_dict, read_config, write_config) directly: thin forwards, to be removed
+  # then. They import opt_jax.families when called, never when this module is imported.
 
   def to_hf_dict(self) -> dict[str, Any]:
-    """The HF config.json of this model (its family's model_type and field names)."""
     from opt_jax import families  # pylint: disable=import-outside-toplevel
-    return families.get(self.family).to_hf(self)
+    return families.to_hf_dict(self)
 
   @classmethod
   def from_hf_dict(cls, d: dict[str, Any], source: str = "config") -> "DecoderConfig":
-    """The config of an HF config.json dict, read by the family of its model_type.
-
-    Raises InputError naming `source` for an unsupported model_type (listing the supported ones),
-    a missing key, or a field opt_jax does not implement set to a non-default value."""
     from opt_jax import families  # pylint: disable=import-outside-toplevel
     return families.from_hf_dict(d, source)
 
   @classmethod
-  def from_json_file(cls, path: str | os.PathLike) -> "DecoderConfig":
-    path = os.fspath(path)
-    try:
-      with open(path) as f:
-        d = json.load(f)
-    except FileNotFoundError:
-      raise MissingFileError(f"config file not found: {path}") from None
-    except json.JSONDecodeError as e:
-      raise InputError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-      raise InputError(f"{path}: expected a JSON object (an HF config.json)")
-    return cls.from_hf_dict(d, source=path)
+  def from_json_file(cls, path: Any) -> "DecoderConfig":
+    from opt_jax import families  # pylint: disable=import-outside-toplevel
+    return families.read_config(path)
 
-  def to_json_file(self, path: str | os.PathLike) -> None:
-    """Writes the HF-compatible config.json atomically."""
-    from opt_jax import files  # pylint: disable=import-outside-toplevel
-    files.write_text(path, json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+  def to_json_file(self, path: Any) -> None:
+    from opt_jax import families  # pylint: disable=import-outside-toplevel
+    families.write_config(self, path)
 
 
 def _positive_int(value: Any) -> bool:

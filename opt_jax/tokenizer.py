@@ -171,7 +171,7 @@ def load_tokenizer(directory: str | os.PathLike, *, config: DecoderConfig | None
   if conventions not in families.CONVENTIONS:
     raise InputError(f"conventions={conventions!r}: expected one of {families.CONVENTIONS}")
   if config is None and os.path.isfile(os.path.join(directory, CONFIG_JSON)):
-    config = DecoderConfig.from_json_file(os.path.join(directory, CONFIG_JSON))
+    config = families.read_config(os.path.join(directory, CONFIG_JSON))
   family = families.get(config.family if config is not None else families.BARE_TOKENIZER_FAMILY)
   tj = os.path.join(directory, TOKENIZER_JSON)
   vj, mt = os.path.join(directory, VOCAB_JSON), os.path.join(directory, MERGES_TXT)

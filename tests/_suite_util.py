@@ -14,9 +14,8 @@ import json
 import os
 
 import numpy as np
-import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from experiments.tasks import corpus
 from opt_jax import checkpoint
 from opt_jax import families
 from opt_jax.model import param_shapes
@@ -59,15 +58,14 @@ PYTHIA_STEPS = (128, 512, 1000)
 PYTHIA_TOKENS_PER_STEP = 2048
 
 
-def train_tokenizer(directory: str, specials=OPT_SPECIALS, vocab_size: int = 320) -> str:
+def train_tokenizer(directory: str, specials=OPT_SPECIALS, vocab_size: int = 320,
+                    texts=None) -> str:
   """Byte-level BPE without a prefix space (GPT-2's, OPT's and GPT-NeoX's pipeline), `specials`
-  first (ids 0, 1, ...), the 256 byte symbols next; returns the path of tokenizer.json."""
-  tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(CORPUS * 4, trainer)
+  first (ids 0, 1, ...), the 256 byte symbols next, trained on `texts` (default CORPUS * 4) with
+  the project's trainer (experiments.tasks.corpus.bpe_tokenizer, every pair a merge candidate);
+  returns the path of DIRECTORY/tokenizer.json."""
+  tok = corpus.bpe_tokenizer(CORPUS * 4 if texts is None else texts, vocab_size,
+                             specials=specials, min_frequency=0)
   assert tok.get_vocab_size() <= vocab_size
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, "tokenizer.json")

@@ -58,7 +58,7 @@ FAMILY_TINY = {
 
 
 def hf_config(config: DecoderConfig) -> transformers.PretrainedConfig:
-  d = config.to_hf_dict()
+  d = families.to_hf_dict(config)
   d.pop("architectures")
   return transformers.AutoConfig.for_model(d.pop("model_type"), **d)
 

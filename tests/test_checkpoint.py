@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from opt_jax import checkpoint
+from opt_jax import checkpoint, families
 import oracle
 
 CONFIG = oracle.TINY["post_ln_350m"]  # has project_in/out: every kind of leaf.
@@ -191,7 +191,7 @@ def test_format_1_checkpoint_fails_asking_to_reconvert(saved, tmp_path):
 
 
 def test_hf_directory_with_a_damaged_weights_file_is_refused_naming_it(tmp_path):
-  CONFIG.to_json_file(tmp_path / "config.json")
+  families.write_config(CONFIG, tmp_path / "config.json")
   (tmp_path / "model.safetensors").write_bytes(b"")
   with pytest.raises(ValueError, match=r"model.safetensors: not a valid safetensors file.*"
                                        r"truncated or corrupt"):

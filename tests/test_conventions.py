@@ -20,11 +20,10 @@ import json
 
 import numpy as np
 import pytest
-import tokenizers
 import torch
 import transformers
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
+import _suite_util as U
 from opt_jax import checkpoint, families
 from opt_jax import scoring as S
 from opt_jax import tokenizer as T
@@ -55,13 +54,7 @@ CASES = {
 
 
 def _tokenizer_dir(tmp_path, specials):
-  tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(specials),
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(CORPUS, trainer)
-  tok.save(str(tmp_path / "tokenizer.json"))
+  U.train_tokenizer(str(tmp_path), specials, vocab_size=300, texts=CORPUS)
   return tmp_path
 
 

@@ -14,7 +14,7 @@ import safetensors.torch
 import torch
 import transformers
 
-from opt_jax import checkpoint
+from opt_jax import checkpoint, families
 from opt_jax import model as M
 from opt_jax.convert import ConversionError, convert, hf, metaseq
 import oracle
@@ -55,7 +55,7 @@ def hf_pre(tmp_path_factory):
 def _hf_variant(root, name, config, tensors, filename="model.safetensors", torch_save=False):
   d = os.path.join(root, name)
   os.makedirs(d)
-  config.to_json_file(os.path.join(d, "config.json"))
+  families.write_config(config, os.path.join(d, "config.json"))
   if torch_save:
     torch.save(tensors, os.path.join(d, filename))
   else:
@@ -249,7 +249,7 @@ def test_metaseq_two_parts_via_directory_and_config_file(hf_models, tmp_path):
   config, model = POST, hf_models["post_ln_350m"]
   want = oracle.params_from_hf_model(model, config)
   write_metaseq(tmp_path / "ms", model.state_dict(), config, 2)
-  config.to_json_file(tmp_path / "config.json")
+  families.write_config(config, tmp_path / "config.json")
   params, got = metaseq.read_metaseq(tmp_path / "ms", config_path=str(tmp_path / "config.json"))
   assert got == config
   _assert_params_equal(params, want)

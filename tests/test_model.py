@@ -6,15 +6,8 @@ import torch
 
 from opt_jax import model as M
 from opt_jax import families
-from opt_jax.config import DecoderConfig
 import oracle
-
-
-@pytest.fixture(scope="module", params=sorted(oracle.TINY))
-def pair(request):
-  config = oracle.TINY[request.param]
-  hf = oracle.hf_model(config, seed=1)
-  return config, hf, oracle.params_from_hf_model(hf, config)
+from _oracle_fixtures import pair  # noqa: F401  (a pytest fixture)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -78,8 +71,8 @@ def test_presets_have_published_sizes():
 def test_hf_config_round_trip(tmp_path):
   for config in list(oracle.TINY.values()) + list(families.presets().values()):
     path = tmp_path / "config.json"
-    config.to_json_file(path)
-    assert DecoderConfig.from_json_file(path) == config
+    families.write_config(config, path)
+    assert families.read_config(path) == config
 
 
 def test_bad_config_is_named():

@@ -330,7 +330,7 @@ def test_two_processes_with_gloo_match_single_process(devices8, tmp_path):
 
 def _plan(tmp_path, mesh: str, memory_gib: float) -> tuple[str, float, bool, float]:
   cfg_path = tmp_path / "config.json"
-  child.config().to_json_file(cfg_path)
+  families.write_config(child.config(), cfg_path)
   proc = subprocess.run(
       [sys.executable, "-m", "tools.plan_mesh", f"--model={cfg_path}", f"--mesh={mesh}",
        "--batch=8", "--length=32", "--dtype=bfloat16", f"--device_memory_gib={memory_gib}"],

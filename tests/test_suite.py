@@ -16,7 +16,7 @@ def _fake_checkpoint(directory, config=TINY):
   # Manifest validation reads config.json and opt_jax.json and checks that orbax's metadata file
   # is there (opt_jax.checkpoint.checkpoint_problem); it reads no arrays.
   os.makedirs(os.path.join(directory, "params"), exist_ok=True)
-  config.to_json_file(os.path.join(directory, "config.json"))
+  families.write_config(config, os.path.join(directory, "config.json"))
   _write(os.path.join(directory, "opt_jax.json"), json.dumps({"format": checkpoint.FORMAT_VERSION}))
   _write(os.path.join(directory, "params", "_METADATA"), "{}")
 

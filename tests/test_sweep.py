@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import _suite_util as U
-from opt_jax import checkpoint, results, scoring, sharding, suite, sweep
+from opt_jax import checkpoint, families, results, scoring, sharding, suite, sweep
 from opt_jax.tokenizer import load_tokenizer
 
 SCORER_KW = dict(batch_size=4, max_length=32)
@@ -212,7 +212,8 @@ def test_unconverted_folder_is_rejected_by_the_manifest_check_before_any_sweep(t
   m = tiny.models[0]
   broken = tmp_path / "broken"
   os.makedirs(broken)
-  checkpoint.load_config(m.path(10)).to_json_file(str(broken / "config.json"))  # no params/
+  # no params/
+  families.write_config(checkpoint.load_config(m.path(10)), str(broken / "config.json"))
   manifest = {"name": "b", "models": [{"name": "m", "params": m.params, "tokens_per_step": 1,
                                        "checkpoints": {"1": m.path(10), "2": str(broken),
                                                        "3": m.path(20)}}]}

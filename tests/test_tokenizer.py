@@ -4,8 +4,8 @@ import os
 import pytest
 import tokenizers
 import transformers
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
+import _suite_util as U
 from opt_jax import families
 from opt_jax import tokenizer as T
 
@@ -22,22 +22,12 @@ TEXTS = ["Hello world", " Hello world", "The lazy fox, 42 times.", "", "  two sp
          "unseen wörds ☃ and emoji 🙂", "a</s>b <pad> c"]
 
 
-def _train_bpe() -> tokenizers.Tokenizer:
-  """A small byte-level BPE with OPT's special ids <s>=0, <pad>=1, </s>=2, <unk>=3."""
-  tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(OPT.special_tokens),
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(CORPUS, trainer)
-  return tok
-
-
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-  tok = _train_bpe()
+  # A small byte-level BPE with OPT's special ids <s>=0, <pad>=1, </s>=2, <unk>=3.
   json_dir = tmp_path_factory.mktemp("tokjson")
-  tok.save(str(json_dir / "tokenizer.json"))
+  tok = tokenizers.Tokenizer.from_file(
+      U.train_tokenizer(str(json_dir), OPT.special_tokens, vocab_size=400, texts=CORPUS))
   pair_dir = tmp_path_factory.mktemp("tokpair")
   tok.model.save(str(pair_dir))                     # vocab.json + merges.txt
   return json_dir, pair_dir

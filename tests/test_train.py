@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import oracle
+from experiments import training
 from experiments.tasks import corpus
 from opt_jax import checkpoint, suite
 from opt_jax import model as model_lib
@@ -262,20 +263,20 @@ def test_weight_decay_skips_biases_and_layer_norms():
 
 
 def test_demo_family_sizes():
-  members, tc = train_lib.demo_family(2048)
+  members, tc = training.demo_family(2048)
   params = [m.config.num_params() for m in members]
   assert len(members) >= 3 and params == sorted(params)
   assert 0.08e6 < params[0] < 0.12e6 and 0.2e6 < params[1] < 0.3e6 and 0.9e6 < params[2] < 1.2e6
   assert all(m.config.max_position_embeddings == tc.seq_len for m in members)
-  fast, ftc = train_lib.demo_family(512, fast=True, sizes=["fast-s", "fast-l"])
+  fast, ftc = training.demo_family(512, fast=True, sizes=["fast-s", "fast-l"])
   assert [m.name for m in fast] == ["fast-s", "fast-l"]
   with pytest.raises(ValueError, match="unknown size"):
-    train_lib.demo_family(512, sizes=["nope"])
+    training.demo_family(512, sizes=["nope"])
 
 
 def test_train_demo_family_wires_tokenizer_vocab_and_fast_sizes(data, tokenizer_file, tmp_path):
-  path = train_lib.train_demo_family(str(tmp_path), data[0], data[1], tokenizer_file, fast=True,
-                                     sizes=["fast-s"], steps=20, seq_len=32, progress=False)
+  path = training.train_demo_family(str(tmp_path), data[0], data[1], tokenizer_file, fast=True,
+                                    sizes=["fast-s"], steps=20, seq_len=32, progress=False)
   loaded = suite.load_suite(path)
   assert loaded.name == "demo-fast" and [m.name for m in loaded.models] == ["fast-s"]
   config = checkpoint.load_config(loaded.models[0].path(20))

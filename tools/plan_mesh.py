@@ -30,10 +30,15 @@ temporaries), so treat them as an estimate, with a few GiB of headroom for the r
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
-from opt_jax import cli
+from opt_jax import cli, families
 from opt_jax.errors import InputError
+
+# jax, and the opt_jax modules that import it, are imported inside the functions that use them:
+# JAX reads JAX_PLATFORMS when it is first imported, and _simulate_devices must set it (and the
+# number of simulated devices) before that.
 
 GIB = 1024 ** 3
 MODES = ("score", "multiple_choice", "decode")
@@ -75,10 +80,8 @@ class Settings(cli.Settings):
 def load_model_config(model: str):
   """A preset name ('175b', 'opt-1.3b', 'facebook/opt-30b', 'pythia-12b', 'olmo-2-13b',
   'llama-7b') or a config.json path -> DecoderConfig."""
-  from opt_jax import families
-  from opt_jax.config import DecoderConfig
   if model.endswith(".json") or os.sep in model:
-    return DecoderConfig.from_json_file(model)
+    return families.read_config(model)
   return families.preset(model)
 
 
@@ -147,8 +150,6 @@ def plan(config, mesh_spec: str, *, batch: int, length: int, dtype: str = "bfloa
   """Compiles the program of `mode` (module docstring) for abstract sharded inputs on the first
   `num_devices` devices. Shapes are those Scorer (batch_size=batch, max_length, min_bucket) or
   generate / joint_generate (batch_size=batch) would run."""
-  import math
-
   import jax
   import jax.numpy as jnp
 

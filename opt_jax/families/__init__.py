@@ -1,11 +1,12 @@
 """Model families: everything that differs between OPT, GPT-NeoX (Pythia), Llama, OLMo and OLMo-2.
 
-One module per family defines `FAMILY = Family(...)`: its HF config.json in and out (as a
-`DecoderConfig`, whose fields name features), its presets, its ONE table of HF tensor names <->
-params paths <-> transforms (`opt_jax.families.table`, read in both conversion directions), its
-special tokens and its native text convention. Nothing outside this package names a family:
-the engine asks `families.get(config.family)`. Adding a family = one module listed in
-`NAMES` + its parity test.
+One module per family defines `FAMILY = Family(...)` (`opt_jax.families.base`): its HF
+config.json in and out (as a `DecoderConfig`, whose fields name features), its presets, its ONE
+table of HF tensor names <-> params paths <-> transforms (`opt_jax.families.table`, read in both
+conversion directions), its special tokens and its native text convention. Nothing outside this
+package names a family: the engine asks `families.get(config.family)`. This package also reads
+and writes config.json files (`read_config`, `write_config`). Adding a family = one module
+imported here and named in `opt_jax.config.FAMILIES` + its parity test.
 
 Text conventions (what precedes a text, see opt_jax/tokenizer.py):
   native   the family's own: OPT prepends `</s>` (its bos), Llama `<s>`; Pythia and OLMo prepend
@@ -18,87 +19,49 @@ Text conventions (what precedes a text, see opt_jax/tokenizer.py):
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-from collections.abc import Callable, Mapping
+import json
+import os
+from collections.abc import Mapping
 from typing import Any
 
+from opt_jax import files
+from opt_jax.config import FAMILIES as NAMES
 from opt_jax.config import DecoderConfig
-from opt_jax.errors import InputError
-from opt_jax.families import table
+from opt_jax.errors import InputError, MissingFileError
+from opt_jax.families import gpt_neox, llama, olmo, olmo2, opt
+from opt_jax.families.base import (ACTIVATION_TO_HF, UNSUPPORTED, Family, activation,
+                                   check_unsupported, require, rope, token_id)
+
+__all__ = ["ACTIVATION_TO_HF", "BARE_TOKENIZER_FAMILY", "CONVENTIONS", "FAMILIES", "NAMES",
+           "UNSUPPORTED", "Family", "activation", "check_unsupported", "from_hf_dict", "get",
+           "preset", "presets", "read_config", "require", "rope", "to_hf_dict", "token_id",
+           "write_config"]
 
 CONVENTIONS = ("native", "lm_eval")
-# One module per family, named as the family and as the model_type of its HF config.json.
-NAMES = ("opt", "gpt_neox", "llama", "olmo", "olmo2")
 # The conventions of a tokenizer directory without a config.json beside it: the tokenizers
 # opt_jax trains (the demo's, the tests') use OPT's special tokens.
 BARE_TOKENIZER_FAMILY = "opt"
 
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-  """What opt_jax knows about one family.
-
-  name: the value of DecoderConfig.family and of config.json's model_type.
-  architecture: the HF class written to config.json ("OPTForCausalLM").
-  from_hf(d, source) -> DecoderConfig and to_hf(config) -> dict: config.json in and out.
-  tensors: the table (rows for every tensor the family can have).
-  prefixes: names of the base model's tensors start with one of these (the first is written;
-    e.g. "model.decoder." for OPTForCausalLM, "decoder." for a bare OPTModel).
-  head: the absolute name of the LM head tensor (also read when the head is tied, and then it
-    must equal the token embedding).
-  ignored: regular expression of stored tensors that are not parameters (buffers), skipped.
-  presets: published shapes, by name ("opt-125m"); aliases: other names of presets.
-  prepend_bos: the native convention prepends bos to every text.
-  bos_token, eos_token, pad_token: the special tokens of the released tokenizer (strings);
-    special_tokens: every token string that text may contain as one special token.
-  """
-  name: str
-  architecture: str
-  from_hf: Callable[[dict[str, Any], str], DecoderConfig]
-  to_hf: Callable[[DecoderConfig], dict[str, Any]]
-  tensors: tuple[table.Tensor, ...]
-  prefixes: tuple[str, ...]
-  head: str
-  presets: Mapping[str, DecoderConfig]
-  prepend_bos: bool
-  bos_token: str | None
-  eos_token: str
-  pad_token: str | None
-  special_tokens: tuple[str, ...]
-  ignored: str = ""
-  aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
-
-  def config(self, **hf_fields: Any) -> DecoderConfig:
-    """The config of a config.json with these fields (HF's names for this family), e.g.
-    families.get("gpt_neox").config(vocab_size=128, hidden_size=64, ..., rotary_pct=0.25)."""
-    return self.from_hf({"model_type": self.name, **hf_fields}, f"{self.name} config")
-
-
-FAMILIES: dict[str, Family] = {}
-
-
-def _load() -> None:
-  # Family modules import this package (for Family and the helpers below), so they are loaded
-  # after it is initialised, on first use.
-  if not FAMILIES:
-    for name in NAMES:
-      family = importlib.import_module(f"opt_jax.families.{name}").FAMILY
-      assert family.name == name, (family.name, name)
-      FAMILIES[name] = family
+# One module per family, named as the family and as the model_type of its HF config.json, in the
+# order of opt_jax.config.FAMILIES.
+FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (opt, gpt_neox, llama, olmo, olmo2)}
+assert tuple(FAMILIES) == NAMES, (tuple(FAMILIES), NAMES)
 
 
 def get(name: str) -> Family:
   """The family called `name` (DecoderConfig.family)."""
-  _load()
   if name not in FAMILIES:
     raise InputError(f"unknown model family {name!r}; supported: {', '.join(FAMILIES)}")
   return FAMILIES[name]
 
 
+# HF config.json ---------------------------------------------------------------------------------
+
 def from_hf_dict(d: Mapping[str, Any], source: str = "config") -> DecoderConfig:
-  """DecoderConfig of an HF config.json dict, read by the family of its model_type."""
-  _load()
+  """The config of an HF config.json dict, read by the family of its model_type.
+
+  Raises InputError naming `source` for an unsupported model_type (listing the supported ones),
+  a missing key, or a field opt_jax does not implement set to a non-default value."""
   model_type = d.get("model_type")
   if model_type not in FAMILIES:
     what = "has no model_type" if model_type is None else f"model_type {model_type!r}"
@@ -107,16 +70,41 @@ def from_hf_dict(d: Mapping[str, Any], source: str = "config") -> DecoderConfig:
   return FAMILIES[model_type].from_hf(dict(d), source)
 
 
+def to_hf_dict(config: DecoderConfig) -> dict[str, Any]:
+  """The HF config.json of `config` (its family's model_type and field names)."""
+  return get(config.family).to_hf(config)
+
+
+def read_config(path: str | os.PathLike) -> DecoderConfig:
+  """The DecoderConfig of an HF config.json file (errors name the file)."""
+  path = os.fspath(path)
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except FileNotFoundError:
+    raise MissingFileError(f"config file not found: {path}") from None
+  except json.JSONDecodeError as e:
+    raise InputError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(d, dict):
+    raise InputError(f"{path}: expected a JSON object (an HF config.json)")
+  return from_hf_dict(d, source=path)
+
+
+def write_config(config: DecoderConfig, path: str | os.PathLike) -> None:
+  """Writes the HF-compatible config.json of `config` atomically."""
+  files.write_text(path, json.dumps(to_hf_dict(config), indent=2, sort_keys=True) + "\n")
+
+
+# Presets ----------------------------------------------------------------------------------------
+
 def presets() -> dict[str, DecoderConfig]:
   """Every preset of every family, by name."""
-  _load()
   return {name: c for f in FAMILIES.values() for name, c in f.presets.items()}
 
 
 def preset(name: str) -> DecoderConfig:
   """A published shape by name: "opt-1.3b", "pythia-12b", "olmo-2-13b", "llama-7b", an HF repo
   id ("facebook/opt-30b", "EleutherAI/pythia-160m-deduped") or a family's alias ("175b")."""
-  _load()
   key = name.strip().lower().rsplit("/", 1)[-1]
   for f in FAMILIES.values():
     if key in f.presets:
@@ -124,69 +112,3 @@ def preset(name: str) -> DecoderConfig:
     if key in f.aliases:
       return f.presets[f.aliases[key]]
   raise InputError(f"unknown preset {name!r}; known: {', '.join(presets())}")
-
-
-# Helpers shared by the family modules ----------------------------------------------------------
-
-_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh",
-                "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "silu": "silu",
-                "swish": "silu"}
-ACTIVATION_TO_HF = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu"}
-
-# Fields of HF configs that change the math in ways opt_jax does not implement, with the value
-# that means "off". Any other value fails naming the field instead of computing something else.
-UNSUPPORTED = {"rope_scaling": None, "sliding_window": None, "use_sliding_window": False,
-               "alibi": False, "attn_logit_softcapping": None, "final_logit_softcapping": None,
-               "layer_types": None, "use_qk_norm": False, "num_experts": None}
-
-
-def activation(d: Mapping[str, Any], key: str, default: str, source: str) -> str:
-  value = d.get(key) or default
-  if value not in _ACTIVATIONS:
-    raise InputError(f"{source}: {key}={value!r} is not supported; expected one of "
-                     f"{', '.join(_ACTIVATIONS)}")
-  return _ACTIVATIONS[value]
-
-
-def require(d: Mapping[str, Any], keys: tuple[str, ...], source: str, family: str) -> None:
-  missing = [k for k in keys if d.get(k) is None]
-  if missing:
-    raise InputError(f"{source}: missing key(s) {missing} needed for a {family} config")
-
-
-def check_unsupported(d: Mapping[str, Any], source: str,
-                      extra: Mapping[str, Any] | None = None) -> None:
-  """InputError naming the first field set to a value opt_jax does not implement."""
-  for key, off in {**UNSUPPORTED, **(extra or {})}.items():
-    if key in d and d[key] != off and not (off is None and d[key] in ({}, [])):
-      raise InputError(f"{source}: {key}={d[key]!r} is not supported by opt_jax (only "
-                       f"{off!r}); it would compute a different model")
-
-
-def rope(d: Mapping[str, Any], source: str, theta_key: str = "rope_theta",
-         fraction_key: str | None = None, default_fraction: float = 1.0) -> tuple[float, float]:
-  """(rotary base, rotated fraction of head_dim) from legacy keys or transformers' newer
-  `rope_parameters` {"rope_type", "rope_theta", "partial_rotary_factor"}; only plain RoPE."""
-  params = d.get("rope_parameters") or {}
-  if not isinstance(params, Mapping) or "full_attention" in params:
-    raise InputError(f"{source}: rope_parameters={params!r} is not supported (per-layer or "
-                     "non-dict rope parameters)")
-  kind = params.get("rope_type", params.get("type", "default"))
-  if kind != "default":
-    raise InputError(f"{source}: rope_parameters.rope_type={kind!r} is not supported by opt_jax "
-                     "(only 'default': plain RoPE without scaling)")
-  base = params.get("rope_theta", d.get(theta_key))
-  fraction = params.get("partial_rotary_factor",
-                        d.get(fraction_key) if fraction_key else None)
-  return (float(10000.0 if base is None else base),
-          float(default_fraction if fraction is None else fraction))
-
-
-def token_id(d: Mapping[str, Any], key: str, default: int | None, source: str) -> int | None:
-  """A special-token id of config.json; a list (several eos ids) must hold exactly one."""
-  value = d.get(key, default)
-  if isinstance(value, list):
-    if len(value) != 1:
-      raise InputError(f"{source}: {key}={value!r}: opt_jax supports one id per special token")
-    value = value[0]
-  return value

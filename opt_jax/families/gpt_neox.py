@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from opt_jax import families
 from opt_jax.config import DecoderConfig
 from opt_jax.errors import InputError
+from opt_jax.families import base
 from opt_jax.families.table import LINEAR, LINEAR_FROM_HEADS, FusedHeads, row
 
 NAME = "gpt_neox"
@@ -45,26 +45,26 @@ TENSORS = (
 
 
 def from_hf(d: dict[str, Any], source: str) -> DecoderConfig:
-  families.require(d, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                       "intermediate_size"), source, "GPT-NeoX")
-  families.check_unsupported(d, source)
-  base, fraction = families.rope(d, source, theta_key="rotary_emb_base",
-                                 fraction_key="rotary_pct", default_fraction=0.25)
+  base.require(d, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                   "intermediate_size"), source, "GPT-NeoX")
+  base.check_unsupported(d, source)
+  rotary_base, fraction = base.rope(d, source, theta_key="rotary_emb_base",
+                                    fraction_key="rotary_pct", default_fraction=0.25)
   bias = bool(d.get("attention_bias", True))
   return DecoderConfig(
       family=NAME, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
       num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
       intermediate_size=d["intermediate_size"],
       max_position_embeddings=d.get("max_position_embeddings") or 2048,
-      positions="rotary", rotary_base=base, rotary_fraction=fraction,
+      positions="rotary", rotary_base=rotary_base, rotary_fraction=fraction,
       norm="layernorm", norm_affine=True, norm_eps=float(d.get("layer_norm_eps", 1e-5)),
       block="parallel" if d.get("use_parallel_residual", True) else "pre_norm",
-      final_norm=True, activation=families.activation(d, "hidden_act", "gelu", source),
+      final_norm=True, activation=base.activation(d, "hidden_act", "gelu", source),
       attention_bias=bias, mlp_bias=True,
       tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-      bos_token_id=families.token_id(d, "bos_token_id", 0, source),
-      eos_token_id=families.token_id(d, "eos_token_id", 2, source),
-      pad_token_id=families.token_id(d, "pad_token_id", None, source))
+      bos_token_id=base.token_id(d, "bos_token_id", 0, source),
+      eos_token_id=base.token_id(d, "eos_token_id", 2, source),
+      pad_token_id=base.token_id(d, "pad_token_id", None, source))
 
 
 def to_hf(c: DecoderConfig) -> dict[str, Any]:
@@ -87,7 +87,7 @@ def to_hf(c: DecoderConfig) -> dict[str, Any]:
       "max_position_embeddings": c.max_position_embeddings,
       "rotary_pct": c.rotary_fraction, "rotary_emb_base": c.rotary_base,
       "use_parallel_residual": c.block == "parallel", "layer_norm_eps": c.norm_eps,
-      "hidden_act": families.ACTIVATION_TO_HF[c.activation], "attention_bias": c.attention_bias,
+      "hidden_act": base.ACTIVATION_TO_HF[c.activation], "attention_bias": c.attention_bias,
       "tie_word_embeddings": c.tie_embeddings, "bos_token_id": c.bos_token_id,
       "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
       "attention_dropout": 0.0, "hidden_dropout": 0.0, "initializer_range": 0.02,
@@ -117,7 +117,7 @@ PRESETS = {
     "pythia-12b": _pythia(5120, 36, 40, vocab=50688),
 }
 
-FAMILY = families.Family(
+FAMILY = base.Family(
     name=NAME, architecture="GPTNeoXForCausalLM", from_hf=from_hf, to_hf=to_hf,
     tensors=TENSORS, prefixes=("gpt_neox.", ""), head="embed_out.weight", presets=PRESETS,
     aliases={f"{name}-deduped": name for name in PRESETS},

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from opt_jax import families
 from opt_jax.config import DecoderConfig
 from opt_jax.errors import InputError
+from opt_jax.families import base
 from opt_jax.families.table import FLAT, LINEAR, LINEAR_FROM_HEADS, row
 
 NAME = "llama"
@@ -47,24 +47,24 @@ IGNORED = r"\.rotary_emb\.inv_freq$"   # a buffer older checkpoints saved
 
 
 def from_hf(d: dict[str, Any], source: str) -> DecoderConfig:
-  families.require(d, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                       "intermediate_size"), source, "Llama")
-  families.check_unsupported(d, source)
-  base, _ = families.rope(d, source)   # HF's Llama rotates whole heads, whatever the fraction
+  base.require(d, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                   "intermediate_size"), source, "Llama")
+  base.check_unsupported(d, source)
+  rotary_base, _ = base.rope(d, source)   # HF's Llama rotates whole heads, whatever the fraction
   return DecoderConfig(
       family=NAME, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
       num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
       num_key_value_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
       intermediate_size=d["intermediate_size"],
       max_position_embeddings=d.get("max_position_embeddings") or 2048,
-      positions="rotary", rotary_base=base, norm="rmsnorm", norm_affine=True,
+      positions="rotary", rotary_base=rotary_base, norm="rmsnorm", norm_affine=True,
       norm_eps=float(d.get("rms_norm_eps", 1e-6)), block="pre_norm", final_norm=True,
-      activation=families.activation(d, "hidden_act", "silu", source), gated_mlp=True,
+      activation=base.activation(d, "hidden_act", "silu", source), gated_mlp=True,
       attention_bias=bool(d.get("attention_bias", False)), mlp_bias=bool(d.get("mlp_bias", False)),
       tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-      bos_token_id=families.token_id(d, "bos_token_id", 1, source),
-      eos_token_id=families.token_id(d, "eos_token_id", 2, source),
-      pad_token_id=families.token_id(d, "pad_token_id", None, source))
+      bos_token_id=base.token_id(d, "bos_token_id", 1, source),
+      eos_token_id=base.token_id(d, "eos_token_id", 2, source),
+      pad_token_id=base.token_id(d, "pad_token_id", None, source))
 
 
 def to_hf(c: DecoderConfig) -> dict[str, Any]:
@@ -90,7 +90,7 @@ def common_hf(c: DecoderConfig) -> dict[str, Any]:
       "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
       "num_key_value_heads": c.num_key_value_heads, "intermediate_size": c.intermediate_size,
       "max_position_embeddings": c.max_position_embeddings, "rope_theta": c.rotary_base,
-      "rope_scaling": None, "hidden_act": families.ACTIVATION_TO_HF[c.activation],
+      "rope_scaling": None, "hidden_act": base.ACTIVATION_TO_HF[c.activation],
       "attention_bias": c.attention_bias, "tie_word_embeddings": c.tie_embeddings,
       "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
       "pad_token_id": c.pad_token_id, "attention_dropout": 0.0, "initializer_range": 0.02,
@@ -111,7 +111,7 @@ PRESETS = {
                              max_position_embeddings=2048, rms_norm_eps=1e-5),
 }
 
-FAMILY = families.Family(
+FAMILY = base.Family(
     name=NAME, architecture="LlamaForCausalLM", from_hf=from_hf, to_hf=to_hf, tensors=TENSORS,
     prefixes=("model.", ""), head="lm_head.weight", presets=PRESETS,
     aliases={"llama-2-7b": "llama-7b", "llama-2-7b-hf": "llama-7b"}, ignored=IGNORED,

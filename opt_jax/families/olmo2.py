@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from opt_jax import families
 from opt_jax.config import DecoderConfig
-from opt_jax.families import llama
+from opt_jax.families import base, llama
 from opt_jax.families.table import FLAT, row
 
 NAME = "olmo2"
@@ -27,23 +26,23 @@ TENSORS = llama.PROJECTIONS + (
 
 
 def from_hf(d: dict[str, Any], source: str) -> DecoderConfig:
-  families.require(d, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                       "intermediate_size"), source, "OLMo-2")
-  families.check_unsupported(d, source)
-  base, _ = families.rope(d, source)
+  base.require(d, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                   "intermediate_size"), source, "OLMo-2")
+  base.check_unsupported(d, source)
+  rotary_base, _ = base.rope(d, source)
   return DecoderConfig(
       family=NAME, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
       num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
       num_key_value_heads=d.get("num_key_value_heads"), intermediate_size=d["intermediate_size"],
       max_position_embeddings=d.get("max_position_embeddings") or 2048,
-      positions="rotary", rotary_base=base, norm="rmsnorm", norm_affine=True,
+      positions="rotary", rotary_base=rotary_base, norm="rmsnorm", norm_affine=True,
       norm_eps=float(d.get("rms_norm_eps", 1e-5)), block="output_norm", final_norm=True,
-      qk_norm=True, activation=families.activation(d, "hidden_act", "silu", source),
+      qk_norm=True, activation=base.activation(d, "hidden_act", "silu", source),
       gated_mlp=True, attention_bias=bool(d.get("attention_bias", False)), mlp_bias=False,
       tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-      bos_token_id=families.token_id(d, "bos_token_id", None, source),
-      eos_token_id=families.token_id(d, "eos_token_id", 50279, source),
-      pad_token_id=families.token_id(d, "pad_token_id", 1, source))
+      bos_token_id=base.token_id(d, "bos_token_id", None, source),
+      eos_token_id=base.token_id(d, "eos_token_id", 50279, source),
+      pad_token_id=base.token_id(d, "pad_token_id", 1, source))
 
 
 def to_hf(c: DecoderConfig) -> dict[str, Any]:
@@ -68,7 +67,7 @@ PRESETS = {
     "olmo-2-13b": _olmo2(5120, 40, 40, 13824),
 }
 
-FAMILY = families.Family(
+FAMILY = base.Family(
     name=NAME, architecture="Olmo2ForCausalLM", from_hf=from_hf, to_hf=to_hf, tensors=TENSORS,
     prefixes=("model.", ""), head="lm_head.weight", presets=PRESETS,
     aliases={"olmo-2-1124-7b": "olmo-2-7b", "olmo-2-1124-13b": "olmo-2-13b"},

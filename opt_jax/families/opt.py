@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from opt_jax import families
 from opt_jax.config import DecoderConfig
 from opt_jax.errors import InputError
+from opt_jax.families import base
 from opt_jax.families.table import FLAT, LINEAR, LINEAR_FROM_HEADS, row
 
 NAME = "opt"
@@ -49,9 +49,9 @@ TENSORS = (
 
 
 def from_hf(d: dict[str, Any], source: str) -> DecoderConfig:
-  families.require(d, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                       "ffn_dim"), source, "OPT")
-  families.check_unsupported(d, source)
+  base.require(d, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                   "ffn_dim"), source, "OPT")
+  base.check_unsupported(d, source)
   pre_ln = bool(d.get("do_layer_norm_before", True))
   bias = bool(d.get("enable_bias", True))
   return DecoderConfig(
@@ -64,12 +64,12 @@ def from_hf(d: dict[str, Any], source: str) -> DecoderConfig:
       norm="layernorm", norm_affine=bool(d.get("layer_norm_elementwise_affine", True)),
       norm_eps=1e-5, block="pre_norm" if pre_ln else "post_norm",
       final_norm=pre_ln and not d.get("_remove_final_layer_norm", False),
-      activation=families.activation(d, "activation_function", "relu", source),
+      activation=base.activation(d, "activation_function", "relu", source),
       attention_bias=bias, mlp_bias=bias,
       tie_embeddings=bool(d.get("tie_word_embeddings", True)),
-      bos_token_id=families.token_id(d, "bos_token_id", 2, source),
-      eos_token_id=families.token_id(d, "eos_token_id", 2, source),
-      pad_token_id=families.token_id(d, "pad_token_id", 1, source))
+      bos_token_id=base.token_id(d, "bos_token_id", 2, source),
+      eos_token_id=base.token_id(d, "eos_token_id", 2, source),
+      pad_token_id=base.token_id(d, "pad_token_id", 1, source))
 
 
 def to_hf(c: DecoderConfig) -> dict[str, Any]:
@@ -82,7 +82,7 @@ def to_hf(c: DecoderConfig) -> dict[str, Any]:
       "word_embed_proj_dim": c.embed_dim, "do_layer_norm_before": c.block == "pre_norm",
       "_remove_final_layer_norm": bool(c.block == "pre_norm" and not c.final_norm),
       "enable_bias": c.attention_bias, "layer_norm_elementwise_affine": c.norm_affine,
-      "activation_function": families.ACTIVATION_TO_HF[c.activation],
+      "activation_function": base.ACTIVATION_TO_HF[c.activation],
       "pad_token_id": c.pad_token_id, "bos_token_id": c.bos_token_id,
       "eos_token_id": c.eos_token_id, "tie_word_embeddings": c.tie_embeddings,
       "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0, "layerdrop": 0.0,
@@ -122,7 +122,7 @@ PRESETS = {
     "opt-175b": _preset(12288, 96, 96),
 }
 
-FAMILY = families.Family(
+FAMILY = base.Family(
     name=NAME, architecture="OPTForCausalLM", from_hf=from_hf, to_hf=to_hf, tensors=TENSORS,
     prefixes=("model.decoder.", "decoder."), head="lm_head.weight", presets=PRESETS,
     aliases={name.removeprefix("opt-"): name for name in PRESETS},

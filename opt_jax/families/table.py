@@ -223,7 +223,7 @@ def flatten(tree: Any) -> dict[str, Any]:
 
 
 def _flat_shapes(config) -> dict[str, Any]:
-  from opt_jax import model  # pylint: disable=import-outside-toplevel
+  from opt_jax import model  # pylint: disable=import-outside-toplevel  (model imports JAX)
   return flatten(model.param_shapes(config))
 
 
@@ -234,6 +234,8 @@ def items(config, prefix: str) -> tuple[Item, ...]:
   metaseq's fused parts hold them), with the base-model tensors named `prefix` + row name.
   Raises ValueError when the family's table leaves a parameter uncovered or covers one twice (a
   bug in the family file)."""
+  # opt_jax.families imports this module (a known cycle, tests/test_imports.py): callers should
+  # hand `items` the family instead.
   from opt_jax import families  # pylint: disable=import-outside-toplevel
   family = families.get(config.family)
   leaves = _flat_shapes(config)

@@ -1,0 +1,19 @@
+"""Fixtures shared by the parity tests: a tiny model of every oracle.TINY config with its HF
+PyTorch twin (random init, seed 1). Import the fixture into a test module by name:
+
+  from _oracle_fixtures import pair  # noqa: F401  (a pytest fixture)
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import oracle
+
+
+@pytest.fixture(scope="module", params=sorted(oracle.TINY))
+def pair(request):
+  """(config, HF model, opt_jax params of the same weights), for each config of oracle.TINY."""
+  config = oracle.TINY[request.param]
+  hf = oracle.hf_model(config, seed=1)
+  return config, hf, oracle.params_from_hf_model(hf, config)
