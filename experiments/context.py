@@ -101,6 +101,7 @@ class Experiment:
     # Checked, not created: the first file written creates it, so a run that fails its checks
     # leaves nothing behind.
     self.out_dir = files.check_output(settings.out, folder=True, what="--out")
+    _check_out_is_ours(self.out_dir, name)
     self.store = ResultStore(os.path.join(self.out_dir, STORE_DIR))
 
   def _load(self, suite_path: str, models: Sequence[str] | None) -> None:
@@ -270,11 +271,82 @@ class Experiment:
 
 def main(settings_cls: type, run: Callable[[Any], Outcome]) -> None:
   """The binary of an experiment: flags from settings_cls, multi-host start-up (every process
-  runs the same command), run(settings), its closing summary (opt_jax.cli.main)."""
+  runs the same command), run(settings), its closing summary (opt_jax.cli.main). A run that
+  fails after its sweeps (writing tables, plots, summary.md) is marked so in its run manifests:
+  they never say finished for outputs that were not all written."""
   def start(_):
     from opt_jax import sharding  # pylint: disable=import-outside-toplevel
     sharding.initialize_distributed()   # before anything touches a device; no-op on one host
-  cli.main(settings_cls, lambda settings: run(settings).summary, before=start)
+
+  cli.main(settings_cls, lambda settings: run_and_mark(run, settings).summary, before=start)
+
+
+def run_and_mark(run: Callable[[Any], Outcome], settings: ExperimentSettings) -> Outcome:
+  """run(settings); when it raises, its finished run manifests are marked first
+  (`mark_unfinished_runs`)."""
+  try:
+    return run(settings)
+  except BaseException as e:
+    mark_unfinished_runs(settings.out, e)
+    raise
+
+
+def mark_unfinished_runs(out: str, error: BaseException) -> list[str]:
+  """Sets "status" to "failed" ("interrupted" for Ctrl-C) in the run manifests under out/runs/
+  that this process wrote and marked finished: the sweep ended, then writing the outputs did
+  not. Returns the manifests changed; never raises (the error being reported matters more)."""
+  changed = []
+  runs = os.path.join(os.path.abspath(out), "runs")
+  try:
+    names = sorted(os.listdir(runs)) if os.path.isdir(runs) else []
+    for entry in names:
+      path = os.path.join(runs, entry)
+      if entry.startswith(".") or not entry.endswith(".json"):
+        continue
+      with open(path) as f:
+        data = json.load(f)
+      if (not isinstance(data, dict) or data.get("writer") != files.process_tag()
+          or not str(data.get("status", "")).startswith("finished")):
+        continue
+      status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+      message = cli.user_error_message(error) or f"{type(error).__name__}: {error}"
+      data.update(status=status, error=message.splitlines()[0] if message else "",
+                  sweep_status=data.get("status"))
+      files.write_json(path, data)
+      changed.append(path)
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return changed
+
+
+def _check_out_is_ours(out: str, name: str) -> None:
+  """One experiment per output folder, and never a checkpoint folder: InputError before any work
+  when --out is (or lies inside) a checkpoint, or holds another experiment's results or run
+  manifests (its summary.md and tables would be overwritten)."""
+  from opt_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  inside = checkpoint.enclosing_checkpoint(out)
+  if inside:
+    raise InputError(f"--out={out} is or lies inside the checkpoint folder {inside}: outputs "
+                     "never go into a checkpoint (later runs would find it changed); give "
+                     "another folder")
+  others = set()
+  store = os.path.join(out, STORE_DIR)
+  if os.path.isdir(store):
+    others |= {e for e in os.listdir(store) if os.path.isdir(os.path.join(store, e))
+               and not e.startswith(".")}
+  runs = os.path.join(out, "runs")
+  for entry in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+    if entry.endswith(".json") and not entry.startswith("."):
+      try:
+        with open(os.path.join(runs, entry)) as f:
+          others.add(str(json.load(f)["experiment"][0]))
+      except (OSError, ValueError, KeyError, IndexError, TypeError):
+        continue
+  others.discard(name)
+  if others:
+    raise InputError(f"--out={out} holds the outputs of {', '.join(sorted(others))} (its "
+                     f"{STORE_DIR}/ and runs/): one experiment per output folder, or their "
+                     f"summary.md and tables overwrite each other; give {name} another --out")
 
 
 def _make_mesh(spec: str):

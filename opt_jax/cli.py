@@ -36,6 +36,7 @@ folder, batch size, plots...); every other field goes into the experiment's resu
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import os
@@ -48,6 +49,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from opt_jax.errors import InputError, UserError
+
+# OS errors about a path the user named (missing, not allowed, in the way, read-only, full): one
+# `error:` line naming the path. Any other OSError keeps its traceback.
+_USER_ERRNOS = frozenset((errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR,
+                          errno.EEXIST, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                          errno.ENAMETOOLONG, errno.ELOOP))
 
 COMPILATION_CACHE_FLAG = "compilation_cache"
 _MISSING = dataclasses.MISSING
@@ -321,10 +328,16 @@ def enable_compilation_cache(path: str | None) -> None:
 
 def user_error_message(error: BaseException) -> str | None:
   """The message to print for an error the user can fix, None for a bug."""
+  from opt_jax import files  # pylint: disable=import-outside-toplevel
+  full = None if isinstance(error, UserError) else files.disk_full_cause(error)
   if isinstance(error, UserError):
     text = str(error)
-  elif (isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError,
-                           NotADirectoryError)) and error.filename):
+  elif full is not None:   # not through opt_jax.files (which names the output): say what is known
+    path = getattr(full, "filename", None)
+    text = (str(files.disk_full_error(path)) if path else
+            f"no space left on device ({type(full).__name__}: {str(full).splitlines()[0][:200]}): "
+            "free some space or write the outputs elsewhere")
+  elif (isinstance(error, OSError) and error.filename and error.errno in _USER_ERRNOS):
     text = f"{error.filename}: {error.strerror or error}"
   else:
     return None
