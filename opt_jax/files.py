@@ -353,14 +353,13 @@ def check_new_output(path: str | os.PathLike, *, what: str,
                      inputs: Mapping[str, str | os.PathLike | None], overwrite: bool,
                      ours: Callable[[str], bool], owner: str,
                      overwrite_flag: str = "--overwrite") -> str:
-  """The absolute path of a file output, checked before any work: never one of `inputs` (or
-  inside or around one: `conflict_with_inputs`), an existing file only with `overwrite` and only
-  when `ours(path)` recognises it as an earlier output of `owner` (the binary); then
-  `check_output`. Raises OutputExistsError / InputError naming the conflict."""
+  """The absolute path of a file output, checked before any work: `check_output`, then never one
+  of `inputs` (or inside or around one: `conflict_with_inputs`), and an existing file only with
+  `overwrite` and only when `ours(path)` recognises it as an earlier output of `owner`. Raises OutputExistsError / InputError naming the conflict."""
+  path = check_output(path, folder=False, what=what)
   conflict = conflict_with_inputs(path, inputs, what)
   if conflict:
     raise OutputExistsError(f"refusing to write: {conflict}")
-  path = check_output(path, folder=False, what=what)
   if os.path.lexists(path):
     if not overwrite:
       raise OutputExistsError(f"{what}={path} already exists; pass {overwrite_flag} to replace "
