@@ -345,6 +345,19 @@ def user_error_message(error: BaseException) -> str | None:
   return "\n".join([text, *notes])
 
 
+def _quiet_closed_loop_callbacks() -> None:
+  """Drops "Event loop is closed" from the unraisable-exception hook: orbax's worker threads,
+  stopped by an error (e.g. a full disk) that the binary reports in one line, leave tensorstore
+  callbacks that fire on their closed event loops and would print a traceback each."""
+  default = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      default(unraisable)
+  sys.unraisablehook = hook
+
+
 def _is_main_process() -> bool:
   if "jax" not in sys.modules:
     return True
@@ -387,6 +400,7 @@ def main(settings_cls: type, fn: Callable[[Any], Summary | None], *,
     del argv
     start = time.perf_counter()
     quiet_logs(flags.FLAGS["verbosity"].present)
+    _quiet_closed_loop_callbacks()
     cache = flags.FLAGS[COMPILATION_CACHE_FLAG].value
     try:
       settings = from_flags(settings_cls)

@@ -21,6 +21,7 @@ binaries print as one `error:` line.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import errno
@@ -32,6 +33,7 @@ import re
 import secrets
 import shutil
 import socket
+import time
 from typing import Any, Callable, Iterator, Mapping
 
 from opt_jax.errors import OutputExistsError, UserError
@@ -278,12 +280,28 @@ def atomic_directory(directory: str | os.PathLike, *,
     else:
       os.rename(tmp, directory)
   except BaseException as e:
-    if os.path.lexists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
+    _remove_until_gone(tmp)
     if (isinstance(e, Exception) and not isinstance(e, DiskFullError)
         and disk_full_cause(e) is not None):
       raise disk_full_error(directory) from e
     raise
+
+
+def _remove_until_gone(path: str, seconds: float = 5.0) -> None:
+  """Removes the folder `path`, again while something still writes into it: a library's worker
+  threads (orbax's) may go on creating files for a moment after the error that stopped the
+  write. Whatever is still there at exit is removed then."""
+  deadline = time.monotonic() + seconds
+  while os.path.lexists(path):
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.lexists(path) or time.monotonic() > deadline:
+      break
+    time.sleep(0.05)
+  time.sleep(0.05)   # a last file created after the rmtree: once more
+  if os.path.lexists(path):
+    shutil.rmtree(path, ignore_errors=True)
+  if os.path.lexists(path):
+    atexit.register(shutil.rmtree, path, True)
 
 
 def _refuse_existing(directory: str) -> None:
