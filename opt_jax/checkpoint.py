@@ -256,12 +256,17 @@ def checkpoint_kind(directory: str | os.PathLike) -> str | None:
 
 
 def enclosing_checkpoint(path: str | os.PathLike) -> str | None:
-  """The checkpoint folder (opt_jax or HF: `checkpoint_kind`) that `path` is or lies inside,
-  links resolved; None when there is none. Outputs never go there: a run writing into a
-  checkpoint would change what later runs read (and its identity)."""
+  """The checkpoint folder that `path` is or lies inside, links resolved; None when there is
+  none. A checkpoint here is a folder with opt_jax.json, or config.json beside params/ or HF
+  weights (a folder that merely has a params/ subfolder is not one). Outputs never go there: a
+  run writing into a checkpoint would change what later runs read (and its identity)."""
+  from opt_jax.convert import hf_direct  # pylint: disable=import-outside-toplevel
   path = os.path.realpath(os.path.expanduser(os.fspath(path)))
   while True:
-    if os.path.isdir(path) and checkpoint_kind(path) is not None:
+    if os.path.isdir(path) and (
+        os.path.isfile(os.path.join(path, METADATA_FILE))
+        or (os.path.isfile(os.path.join(path, CONFIG_FILE))
+            and (os.path.isdir(os.path.join(path, PARAMS_DIR)) or hf_direct.has_weights(path)))):
       return path
     parent = os.path.dirname(path)
     if parent == path:

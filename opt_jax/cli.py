@@ -22,9 +22,10 @@ folder, batch size, plots...); every other field goes into the experiment's resu
   * library logs (orbax, absl, JAX) at WARNING; absl's `--verbosity` (e.g. -v 0 for INFO) brings
     them back; every log line and warning is written through tqdm, so a progress bar is redrawn
     below it instead of being broken;
-  * a user error (opt_jax.errors.UserError, a flag that does not parse, a missing or unreadable
-    file named by the OS error) prints `error: <message>` and exits with status 2, without a
-    traceback; any other exception is a bug and keeps its traceback;
+  * a user error (opt_jax.errors.UserError, a flag that does not parse, a path named by an OS
+    error that is missing, not allowed, in the way or read-only, a full disk however deep in a
+    library it was hit: opt_jax.files.disk_full_cause) prints `error: <message>` and exits with
+    status 2, without a traceback; any other exception is a bug and keeps its traceback;
   * JAX's persistent compilation cache is on (default $XDG_CACHE_HOME/opt_jax/jax_cache, i.e.
     ~/.cache/opt_jax/jax_cache; `--compilation_cache=DIR` moves it, `--compilation_cache=` turns it
     off; JAX_COMPILATION_CACHE_DIR is honoured), so a second run compiles nothing it compiled

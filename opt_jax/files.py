@@ -14,9 +14,9 @@ keeps NAME's extension at its end: writers that infer a format from it (matplotl
 unchanged. Files and folders are created with the default modes, so the user's umask applies.
 
 A write that fails because the disk (or quota) is full, however deep in a library it happened
-(orbax's RESOURCE_EXHAUSTED naming ENOSPC, matplotlib's broken stream, a numpy write), leaves no temporary and
-is raised as one DiskFullError naming the output and the free space (`disk_full_cause`), which the
-binaries print as one `error:` line.
+(orbax's RESOURCE_EXHAUSTED naming ENOSPC, matplotlib's broken stream, a numpy write), leaves no
+temporary and is raised as one DiskFullError naming the output and the free space
+(`disk_full_cause`), which the binaries print as one `error:` line.
 """
 
 from __future__ import annotations
@@ -174,7 +174,8 @@ def disk_full_error(path: str | os.PathLike, needed: int | None = None) -> DiskF
   where = f"{format_bytes(free)} free there" if free is not None else "free space unknown"
   need = f", about {format_bytes(needed)} needed" if needed else ""
   error = DiskFullError(f"no space left on the device of {os.fspath(path)} ({where}{need}; "
-                        "the partial output was removed): free some space or write the output elsewhere")
+                        "the partial output was removed): free some space or write the output "
+                        "elsewhere")
   error.errno = errno.ENOSPC
   return error
 
@@ -373,7 +374,8 @@ def check_new_output(path: str | os.PathLike, *, what: str,
                      overwrite_flag: str = "--overwrite") -> str:
   """The absolute path of a file output, checked before any work: `check_output`, then never one
   of `inputs` (or inside or around one: `conflict_with_inputs`), and an existing file only with
-  `overwrite` and only when `ours(path)` recognises it as an earlier output of `owner`. Raises OutputExistsError / InputError naming the conflict."""
+  `overwrite` and only when `ours(path)` recognises it as an earlier output of `owner`. Raises
+  OutputExistsError / InputError naming the conflict."""
   path = check_output(path, folder=False, what=what)
   conflict = conflict_with_inputs(path, inputs, what)
   if conflict:

@@ -13,7 +13,7 @@ The one corpus rule, used by every binary (`--corpus`, `--input`, `--validation_
     same text scores the same whichever editor saved it (a BOM would otherwise be three byte
     tokens, each \r a token). Of a .jsonl file this is its lines; a "text" value is taken as its
     JSON says (an escaped \r\n in it is content). What was changed is in `Corpus.notes`, which
-    the closing summary says once (`normalisation_note`), and logged as a warning.
+    the closing summary says once (`normalisation_note`), and logged as a warning once per file.
 
 Errors are opt_jax.errors classes (the binaries print them in one line, exit status 2).
 """
@@ -36,6 +36,7 @@ BOM_DROPPED = "a leading UTF-8 byte-order mark dropped"
 CRLF_READ_AS_LF = "CRLF line endings read as LF"
 
 log = logging.getLogger(__name__)
+_WARNED: set[tuple[str, tuple[str, ...]]] = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +93,8 @@ def read_corpus(path: str | os.PathLike, what: str = "corpus") -> Corpus:
     notes.append(CRLF_READ_AS_LF)
     if not path.endswith(JSONL):   # .jsonl: splitlines() below drops them with the line breaks
       content = content.replace("\r\n", "\n")
-  if notes:
+  if notes and (path, tuple(notes)) not in _WARNED:   # once per file, however often it is read
+    _WARNED.add((path, tuple(notes)))
     log.warning("%s: %s", path, "; ".join(notes))
   documents: list[Document] = []
   skipped = 0

@@ -105,6 +105,10 @@ def test_score_text_never_writes_over_an_input_a_checkpoint_or_a_foreign_file(ma
   with pytest.raises(OutputExistsError, match="pass --overwrite"):
     score_text.check_output(settings(earlier))
   assert score_text.check_output(settings(earlier, overwrite=True)) == str(earlier)
+  # A folder that merely has a params/ subfolder is no checkpoint.
+  (tmp_path / "params").mkdir()
+  assert checkpoint.enclosing_checkpoint(tmp_path / "params" / "new.jsonl") is None
+  assert checkpoint.enclosing_checkpoint(made["steps"][1]) == made["steps"][1]
 
 
 # 2-3. Integer weights and a differing tied head: the same error, converted or read in place ----
@@ -184,7 +188,7 @@ def test_disk_full_deep_in_a_library_is_one_error_and_leaves_no_temporary(tmp_pa
     try:
       raise OSError(errno.ENOSPC, "No space left on device")
     except OSError:
-      raise AttributeError("'Stream' object has no attribute 'pos'")  # pylint: disable=raise-missing-from
+      raise AttributeError("'Stream' object has no attribute 'pos'")  # pylint: disable=W0707
 
   with pytest.raises(files.DiskFullError) as e:
     with files.atomic_path(target) as tmp:
