@@ -282,40 +282,48 @@ def main(settings_cls: type, run: Callable[[Any], Outcome]) -> None:
 
 
 def run_and_mark(run: Callable[[Any], Outcome], settings: ExperimentSettings) -> Outcome:
-  """run(settings); when it raises, its finished run manifests are marked first
-  (`mark_unfinished_runs`)."""
+  """run(settings); when it raises, the run manifests this run wrote and marked finished are
+  marked failed first (`mark_unfinished_runs`)."""
+  before = set(_manifests(settings.out))
   try:
     return run(settings)
   except BaseException as e:
-    mark_unfinished_runs(settings.out, e)
+    mark_unfinished_runs(settings.out, e, skip=before)
     raise
 
 
-def mark_unfinished_runs(out: str, error: BaseException) -> list[str]:
-  """Sets "status" to "failed" ("interrupted" for Ctrl-C) in the run manifests under out/runs/
-  that this process wrote and marked finished: the sweep ended, then writing the outputs did
-  not. Returns the manifests changed; never raises (the error being reported matters more)."""
-  changed = []
+def _manifests(out: str) -> list[str]:
   runs = os.path.join(os.path.abspath(out), "runs")
   try:
     names = sorted(os.listdir(runs)) if os.path.isdir(runs) else []
-    for entry in names:
-      path = os.path.join(runs, entry)
-      if entry.startswith(".") or not entry.endswith(".json"):
-        continue
+  except OSError:
+    return []
+  return [os.path.join(runs, n) for n in names if n.endswith(".json") and not n.startswith(".")]
+
+
+def mark_unfinished_runs(out: str, error: BaseException, skip=frozenset()) -> list[str]:
+  """Sets "status" to "failed" ("interrupted" for Ctrl-C) in the run manifests under out/runs/
+  (but those in `skip`) that this process wrote and marked finished: the sweep ended, then
+  writing the outputs did not. Returns the manifests changed; never raises (the error being
+  reported matters more)."""
+  changed = []
+  status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+  message = (cli.user_error_message(error) or f"{type(error).__name__}: {error}").splitlines()
+  for path in _manifests(out):
+    if path in skip:
+      continue
+    try:
       with open(path) as f:
         data = json.load(f)
       if (not isinstance(data, dict) or data.get("writer") != files.process_tag()
           or not str(data.get("status", "")).startswith("finished")):
         continue
-      status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-      message = cli.user_error_message(error) or f"{type(error).__name__}: {error}"
-      data.update(status=status, error=message.splitlines()[0] if message else "",
+      data.update(status=status, error=message[0] if message else "",
                   sweep_status=data.get("status"))
       files.write_json(path, data)
       changed.append(path)
-  except Exception:  # pylint: disable=broad-except
-    pass
+    except Exception:  # pylint: disable=broad-except
+      continue
   return changed
 
 
