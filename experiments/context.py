@@ -350,7 +350,7 @@ def _check_out_is_ours(out: str, name: str) -> None:
           others.add(str(json.load(f)["experiment"][0]))
       except (OSError, ValueError, KeyError, IndexError, TypeError):
         continue
-  others.discard(name)
+  others = {o for o in others if o != name and not o.startswith(name + "_")}  # its own tables
   if others:
     raise InputError(f"--out={out} holds the outputs of {', '.join(sorted(others))} (its "
                      f"{STORE_DIR}/ and runs/): one experiment per output folder, or their "
