@@ -36,6 +36,9 @@ from opt_jax import cli, files, inputs
 from opt_jax.errors import InputError
 
 STORE_DIR = "store"
+# A run manifest's status between the end of its sweep and the last output written (outcome):
+# a run that stops there (an error writing tables or plots, a full disk) never says finished.
+WRITING_OUTPUTS = "writing_outputs"
 INTEGRITY_DIR = "integrity"   # under --out: the integrity check's hash cache
 
 
@@ -97,6 +100,7 @@ class Experiment:
     self._scorers: Any = None
     self._failed: dict[tuple, str] = {}   # shared with with_suite() copies, like reports
     self._checked: set[str] = set()       # suites (their paths) checked for integrity; shared
+    self._manifests: list[str] = []       # run manifests of this run's sweeps; shared
     self._load(suite_path or settings.suite, settings.models)
     # Checked, not created: the first file written creates it, so a run that fails its checks
     # leaves nothing behind.
@@ -184,6 +188,9 @@ class Experiment:
       self._scorers.clear()
     self.reports.append((label or self.suite.name, report))
     self._failed.update(report.failed)
+    if report.run_manifest:   # finished only once the outputs are written too (outcome)
+      _set_status(report.run_manifest, WRITING_OUTPUTS)
+      self._manifests.append(report.run_manifest)
     return report
 
   def check_integrity(self) -> None:
@@ -266,14 +273,17 @@ class Experiment:
     summary = cli.Summary(self.name, evaluated=lines, results=list(results),
                           skipped=failed + list(self.skipped), out_dir=self.out_dir,
                           files=list(files_))
+    for path in self._manifests:   # every output is written: the sweep's status stands
+      _set_status(path, None)
     return Outcome(table, summary, analysis)
 
 
 def main(settings_cls: type, run: Callable[[Any], Outcome]) -> None:
   """The binary of an experiment: flags from settings_cls, multi-host start-up (every process
   runs the same command), run(settings), its closing summary (opt_jax.cli.main). A run that
-  fails after its sweeps (writing tables, plots, summary.md) is marked so in its run manifests:
-  they never say finished for outputs that were not all written."""
+  fails after its sweeps (writing tables, plots, summary.md) is marked so in its run manifests
+  (status "failed", the sweep's in "sweep_status"): they never say finished for outputs that
+  were not all written (between the sweep and the last output, "writing_outputs")."""
   def start(_):
     from opt_jax import sharding  # pylint: disable=import-outside-toplevel
     sharding.initialize_distributed()   # before anything touches a device; no-op on one host
@@ -292,6 +302,15 @@ def run_and_mark(run: Callable[[Any], Outcome], settings: ExperimentSettings) ->
     raise
 
 
+def _set_status(path: str, status: str | None) -> None:
+  """Sets a run manifest's status, keeping the sweep's in "sweep_status"; None: back to it."""
+  with open(path) as f:
+    data = json.load(f)
+  data.setdefault("sweep_status", data.get("status"))
+  data["status"] = status or data["sweep_status"]
+  files.write_json(path, data)
+
+
 def _manifests(out: str) -> list[str]:
   runs = os.path.join(os.path.abspath(out), "runs")
   try:
@@ -303,9 +322,10 @@ def _manifests(out: str) -> list[str]:
 
 def mark_unfinished_runs(out: str, error: BaseException, skip=frozenset()) -> list[str]:
   """Sets "status" to "failed" ("interrupted" for Ctrl-C) in the run manifests under out/runs/
-  (but those in `skip`) that this process wrote and marked finished: the sweep ended, then
-  writing the outputs did not. Returns the manifests changed; never raises (the error being
-  reported matters more)."""
+  (but those in `skip`) that this process wrote and marked finished or writing_outputs: the
+  sweep ended, then writing the outputs did not. Returns the manifests changed; never raises
+  (the error being reported matters more; on a full disk the manifest keeps "writing_outputs",
+  which says the same)."""
   changed = []
   status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
   message = (cli.user_error_message(error) or f"{type(error).__name__}: {error}").splitlines()
@@ -316,10 +336,11 @@ def mark_unfinished_runs(out: str, error: BaseException, skip=frozenset()) -> li
       with open(path) as f:
         data = json.load(f)
       if (not isinstance(data, dict) or data.get("writer") != files.process_tag()
-          or not str(data.get("status", "")).startswith("finished")):
+          or not (data.get("status") == WRITING_OUTPUTS
+                  or str(data.get("status", "")).startswith("finished"))):
         continue
-      data.update(status=status, error=message[0] if message else "",
-                  sweep_status=data.get("status"))
+      data.setdefault("sweep_status", data.get("status"))
+      data.update(status=status, error=message[0] if message else "")
       files.write_json(path, data)
       changed.append(path)
     except Exception:  # pylint: disable=broad-except

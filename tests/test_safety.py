@@ -225,6 +225,12 @@ def test_a_run_whose_plots_fail_is_marked_failed_not_finished(made, tmp_path, mo
   assert data["status"] == "failed" and data["sweep_status"] == "finished"
   assert data["error"].startswith("no space left on the device of")
   assert not [p for p in glob.glob(str(tmp_path / "out" / "**" / ".*"), recursive=True)]
+  # Written all the way: the sweep's status stands.
+  monkeypatch.undo()
+  context.run_and_mark(lambda s: V.run(s, progress=False), settings.replace(plots=False))
+  statuses = sorted(json.loads(open(p).read())["status"]
+                    for p in glob.glob(str(tmp_path / "out" / "runs" / "*.json")))
+  assert statuses == ["failed", "finished"]
 
 
 @pytest.fixture
