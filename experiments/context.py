@@ -42,6 +42,9 @@ from opt_jax import cli, files, inputs
 from opt_jax.errors import InputError
 
 STORE_DIR = "store"
+# A run manifest's status between the end of its sweep and the last output written (outcome):
+# a run that stops there (an error writing tables or plots, a full disk) never says finished.
+WRITING_OUTPUTS = "writing_outputs"
 INTEGRITY_DIR = "integrity"   # under --out: the integrity check's hash cache
 
 
@@ -111,10 +114,12 @@ class Experiment:
     self._scorers: Any = None
     self._failed: dict[tuple, str] = {}   # shared with with_suite() copies, like reports
     self._checked: set[str] = set()       # suites (their paths) checked for integrity; shared
+    self._manifests: list[str] = []       # run manifests of this run's sweeps; shared
     self._load(suite_path or settings.suite, settings.models)
     # Checked, not created: the first file written creates it, so a run that fails its checks
     # leaves nothing behind.
     self.out_dir = files.check_output(settings.out, folder=True, what="--out")
+    _check_out_is_ours(self.out_dir, name)
     self.store = ResultStore(os.path.join(self.out_dir, STORE_DIR))
 
   def _load(self, suite_path: str, models: Sequence[str] | None, *, own: bool = True) -> None:
@@ -207,6 +212,9 @@ class Experiment:
       self._scorers.clear()
     self.reports.append((label or self.suite.name, report))
     self._failed.update(report.failed)
+    if report.run_manifest:   # finished only once the outputs are written too (outcome)
+      _set_status(report.run_manifest, WRITING_OUTPUTS)
+      self._manifests.append(report.run_manifest)
     return report
 
   def check_integrity(self) -> None:
@@ -332,15 +340,18 @@ class Experiment:
     summary = cli.Summary(self.name, evaluated=lines, results=list(results),
                           skipped=failed + list(self.skipped), out_dir=self.out_dir,
                           files=list(files_))
+    for path in self._manifests:   # every output is written: the sweep's status stands
+      _set_status(path, None)
     return Outcome(table, summary, analysis)
 
 
 def main(settings_cls: type, run: Callable[[Any], Outcome]) -> None:
   """The binary of an experiment: flags from settings_cls, multi-host start-up (every process
-  runs the same command), run(settings), its closing summary (opt_jax.cli.main). An error after
-  a sweep finished (in the analysis, tables or plots) marks that sweep's run manifest "failed"
-  with the error in one line and stops the binary with that line (rc 2), not a traceback (the
-  manifest keeps it).
+  runs the same command), run(settings), its closing summary (opt_jax.cli.main). A run that
+  fails after its sweeps (analysis, tables, plots, summary.md) is marked so in its run manifests
+  (status "failed", the sweep's in "sweep_status"; between the sweep and the last output they say
+  "writing_outputs", never finished for outputs that were not all written), and an error that is
+  not a user error stops the binary with one line (rc 2), not a traceback (the manifest keeps it).
 
   Multi-process: every process ends the same way: all print process 0's closing summary and
   exit with its code, or all print the same one-line error within seconds of the first process
@@ -349,20 +360,10 @@ def main(settings_cls: type, run: Callable[[Any], Outcome]) -> None:
     from opt_jax import sharding  # pylint: disable=import-outside-toplevel
     sharding.initialize_distributed()   # before anything touches a device; no-op on one host
 
-  def run_and_mark(settings):
-    try:
-      return run(settings).summary
-    except Exception as e:  # pylint: disable=broad-except
-      marked = mark_runs_failed(settings.out, e)
-      if not marked or cli.user_error_message(e) is not None:
-        raise
-      raise AnalysisError(f"{type(e).__name__}: {_one_line(e)} (after the sweep; the results are "
-                          f"kept under {settings.out}/{STORE_DIR}, the run manifest "
-                          f"{marked[0]} says \"failed\" and holds the traceback)") from None
   def body(settings):
     from opt_jax import sharding  # pylint: disable=import-outside-toplevel
     began = time.perf_counter()
-    return sharding.fail_together(lambda: _closing(run_and_mark(settings), began),
+    return sharding.fail_together(lambda: _closing(run_and_mark(run, settings).summary, began),
                                   cli.user_error_message)
   cli.main(settings_cls, body, before=start)
 
@@ -371,37 +372,79 @@ class AnalysisError(InputError):
   """An error after the sweeps, reported in one line (the run manifest holds the traceback)."""
 
 
+def run_and_mark(run: Callable[[Any], Outcome], settings: ExperimentSettings) -> Outcome:
+  """run(settings); when it raises, the run manifests this run wrote and marked finished (or
+  writing_outputs) are marked failed first (`mark_runs_failed`); an error that is not a user error
+  is then raised again as one line (AnalysisError) naming the manifest that keeps its traceback."""
+  before = set(_manifests(settings.out))
+  try:
+    return run(settings)
+  except BaseException as e:
+    marked = mark_runs_failed(settings.out, e, skip=before)
+    if (not marked or not isinstance(e, Exception)
+        or cli.user_error_message(e) is not None):
+      raise
+    raise AnalysisError(f"{type(e).__name__}: {_one_line(e)} (after the sweep; the results are "
+                        f"kept under {settings.out}/{STORE_DIR}, the run manifest "
+                        f"{marked[0]} says \"failed\" and holds the traceback)") from None
+
+
 def _one_line(e: BaseException) -> str:
   text = " ".join(str(e).split())
   return text[:500] + (" ..." if len(text) > 500 else "")
 
 
-def mark_runs_failed(out_dir: str | None, error: BaseException) -> list[str]:
-  """Sets "status": "failed" and "error" (one line) in the run manifests under out_dir/runs that
-  this process wrote and marked finished: their sweep ended, what came after it failed. Returns
-  the paths marked (none on processes other than the main one, or when no sweep finished)."""
-  import traceback  # pylint: disable=import-outside-toplevel
-  runs = os.path.join(out_dir or "", "runs")
-  if not out_dir or not os.path.isdir(runs):
+def _set_status(path: str, status: str | None) -> None:
+  """Sets a run manifest's status, keeping the sweep's in "sweep_status"; None: back to it."""
+  with open(path) as f:
+    data = json.load(f)
+  data.setdefault("sweep_status", data.get("status"))
+  data["status"] = status or data["sweep_status"]
+  files.write_json(path, data)
+
+
+def _manifests(out: str | None) -> list[str]:
+  if not out:
     return []
-  me, marked = files.process_tag(), []
-  for name in sorted(os.listdir(runs)):
-    path = os.path.join(runs, name)
-    if name.startswith(".") or not name.endswith(".json"):
+  runs = os.path.join(os.path.abspath(out), "runs")
+  try:
+    names = sorted(os.listdir(runs)) if os.path.isdir(runs) else []
+  except OSError:
+    return []
+  return [os.path.join(runs, n) for n in names if n.endswith(".json") and not n.startswith(".")]
+
+
+def mark_runs_failed(out: str | None, error: BaseException, skip=frozenset()) -> list[str]:
+  """Sets "status" to "failed" ("interrupted" for Ctrl-C), "error" (one line) and "traceback" in
+  the run manifests under out/runs/ (but those in `skip`) that this process wrote and marked
+  finished or writing_outputs: the sweep ended, what came after it did not. Returns the manifests
+  changed; never raises (the error being reported matters more; on a full disk a manifest keeps
+  "writing_outputs", which says the same). None on processes other than the main one, which
+  write no manifest."""
+  import traceback  # pylint: disable=import-outside-toplevel
+  changed = []
+  status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+  message = cli.user_error_message(error)
+  message = (" ".join(message.split()) if message is not None
+             else f"{type(error).__name__}: {_one_line(error)}")
+  for path in _manifests(out):
+    if path in skip:
       continue
     try:
       with open(path) as f:
         data = json.load(f)
-    except (OSError, ValueError):
+      if (not isinstance(data, dict) or data.get("writer") != files.process_tag()
+          or not (data.get("status") == WRITING_OUTPUTS
+                  or str(data.get("status", "")).startswith("finished"))):
+        continue
+      data.setdefault("sweep_status", data.get("status"))
+      data.update(status=status, error=message,
+                  traceback="".join(traceback.format_exception(error)).splitlines())
+      files.write_json(path, data)
+      changed.append(path)
+    except Exception:  # pylint: disable=broad-except
       continue
-    if (not isinstance(data, dict) or data.get("writer") != me
-        or data.get("status") not in ("finished", "finished_with_failures")):
-      continue
-    data.update(status="failed", error=f"{type(error).__name__}: {_one_line(error)}",
-                traceback="".join(traceback.format_exception(error)).splitlines())
-    files.write_json(path, data)
-    marked.append(path)
-  return marked
+  return changed
 
 
 def _closing(summary: cli.Summary, began: float) -> cli.Summary:
@@ -417,6 +460,36 @@ def _closing(summary: cli.Summary, began: float) -> cli.Summary:
     print(text, flush=True)
     summary = dataclasses.replace(summary, exit_code=code)
   return summary
+
+
+def _check_out_is_ours(out: str, name: str) -> None:
+  """One experiment per output folder, and never a checkpoint folder: InputError before any work
+  when --out is (or lies inside) a checkpoint, or holds another experiment's results or run
+  manifests (its summary.md and tables would be overwritten)."""
+  from opt_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  inside = checkpoint.enclosing_checkpoint(out)
+  if inside:
+    raise InputError(f"--out={out} is or lies inside the checkpoint folder {inside}: outputs "
+                     "never go into a checkpoint (later runs would find it changed); give "
+                     "another folder")
+  others = set()
+  store = os.path.join(out, STORE_DIR)
+  if os.path.isdir(store):
+    others |= {e for e in os.listdir(store) if os.path.isdir(os.path.join(store, e))
+               and not e.startswith(".")}
+  runs = os.path.join(out, "runs")
+  for entry in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+    if entry.endswith(".json") and not entry.startswith("."):
+      try:
+        with open(os.path.join(runs, entry)) as f:
+          others.add(str(json.load(f)["experiment"][0]))
+      except (OSError, ValueError, KeyError, IndexError, TypeError):
+        continue
+  others = {o for o in others if o != name and not o.startswith(name + "_")}  # its own tables
+  if others:
+    raise InputError(f"--out={out} holds the outputs of {', '.join(sorted(others))} (its "
+                     f"{STORE_DIR}/ and runs/): one experiment per output folder, or their "
+                     f"summary.md and tables overwrite each other; give {name} another --out")
 
 
 def _make_mesh(spec: str):

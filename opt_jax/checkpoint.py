@@ -68,8 +68,12 @@ _CHUNK_BYTES = 64 << 20
 
 class _DropOcdbtMergeWarning(logging.Filter):
   # Orbax warns on every save without OCDBT that it has no OCDBT files to merge; we chose that.
+  # Its worker threads also log, with a traceback, the error they then hand to the caller of our
+  # synchronous save or restore (e.g. a full disk), which reports it in one line.
   def filter(self, record: logging.LogRecord) -> bool:
-    return "Skipping merge of OCDBT checkpoints" not in str(record.msg)
+    text = str(record.msg)
+    return ("Skipping merge of OCDBT checkpoints" not in text
+            and "_SignalingThread.run() raised an exception" not in text)
 
 
 logging.getLogger("absl").addFilter(_DropOcdbtMergeWarning())
@@ -250,6 +254,25 @@ def checkpoint_kind(directory: str | os.PathLike) -> str | None:
     return "opt_jax"
   from opt_jax.convert import hf_direct  # pylint: disable=import-outside-toplevel
   return "hf" if hf_direct.has_weights(directory) else None
+
+
+def enclosing_checkpoint(path: str | os.PathLike) -> str | None:
+  """The checkpoint folder that `path` is or lies inside, links resolved; None when there is
+  none. A checkpoint here is a folder with opt_jax.json, or config.json beside params/ or HF
+  weights (a folder that merely has a params/ subfolder is not one). Outputs never go there: a
+  run writing into a checkpoint would change what later runs read (and its identity)."""
+  from opt_jax.convert import hf_direct  # pylint: disable=import-outside-toplevel
+  path = os.path.realpath(os.path.expanduser(os.fspath(path)))
+  while True:
+    if os.path.isdir(path) and (
+        os.path.isfile(os.path.join(path, METADATA_FILE))
+        or (os.path.isfile(os.path.join(path, CONFIG_FILE))
+            and (os.path.isdir(os.path.join(path, PARAMS_DIR)) or hf_direct.has_weights(path)))):
+      return path
+    parent = os.path.dirname(path)
+    if parent == path:
+      return None
+    path = parent
 
 
 def _problem(directory: str) -> tuple[type[Exception], str] | None:

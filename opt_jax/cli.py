@@ -22,9 +22,10 @@ folder, batch size, plots...); every other field goes into the experiment's resu
   * library logs (orbax, absl, JAX) at WARNING; absl's `--verbosity` (e.g. -v 0 for INFO) brings
     them back; every log line and warning is written through tqdm, so a progress bar is redrawn
     below it instead of being broken;
-  * a user error (opt_jax.errors.UserError, a flag that does not parse, a missing or unreadable
-    file named by the OS error) prints `error: <message>` and exits with status 2, without a
-    traceback; any other exception is a bug and keeps its traceback;
+  * a user error (opt_jax.errors.UserError, a flag that does not parse, a path named by an OS
+    error that is missing, not allowed, in the way or read-only, a full disk however deep in a
+    library it was hit: opt_jax.files.disk_full_cause) prints `error: <message>` and exits with
+    status 2, without a traceback; any other exception is a bug and keeps its traceback;
   * JAX's persistent compilation cache is on (default $XDG_CACHE_HOME/opt_jax/jax_cache, i.e.
     ~/.cache/opt_jax/jax_cache; `--compilation_cache=DIR` moves it, `--compilation_cache=` turns it
     off; JAX_COMPILATION_CACHE_DIR is honoured), so a second run compiles nothing it compiled
@@ -36,6 +37,7 @@ folder, batch size, plots...); every other field goes into the experiment's resu
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import os
@@ -48,6 +50,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from opt_jax.errors import InputError, UserError
+
+# OS errors about a path the user named (missing, not allowed, in the way, read-only, full): one
+# `error:` line naming the path. Any other OSError keeps its traceback.
+_USER_ERRNOS = frozenset((errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR,
+                          errno.EEXIST, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                          errno.ENAMETOOLONG, errno.ELOOP))
 
 COMPILATION_CACHE_FLAG = "compilation_cache"
 _MISSING = dataclasses.MISSING
@@ -338,15 +346,34 @@ def enable_compilation_cache(path: str | None) -> None:
 
 def user_error_message(error: BaseException) -> str | None:
   """The message to print for an error the user can fix, None for a bug."""
+  from opt_jax import files  # pylint: disable=import-outside-toplevel
+  full = None if isinstance(error, UserError) else files.disk_full_cause(error)
   if isinstance(error, UserError):
     text = str(error)
-  elif (isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError,
-                           NotADirectoryError)) and error.filename):
+  elif full is not None:   # not through opt_jax.files (which names the output): say what is known
+    path = getattr(full, "filename", None)
+    text = (str(files.disk_full_error(path)) if path else
+            f"no space left on device ({type(full).__name__}: {str(full).splitlines()[0][:200]}): "
+            "free some space or write the outputs elsewhere")
+  elif (isinstance(error, OSError) and error.filename and error.errno in _USER_ERRNOS):
     text = f"{error.filename}: {error.strerror or error}"
   else:
     return None
   notes = getattr(error, "__notes__", None) or []
   return "\n".join([text, *notes])
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Drops "Event loop is closed" from the unraisable-exception hook: orbax's worker threads,
+  stopped by an error (e.g. a full disk) that the binary reports in one line, leave tensorstore
+  callbacks that fire on their closed event loops and would print a traceback each."""
+  default = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      default(unraisable)
+  sys.unraisablehook = hook
 
 
 def _is_main_process() -> bool:
@@ -391,6 +418,7 @@ def main(settings_cls: type, fn: Callable[[Any], Summary | None], *,
     del argv
     start = time.perf_counter()
     quiet_logs(flags.FLAGS["verbosity"].present)
+    _quiet_closed_loop_callbacks()
     cache = flags.FLAGS[COMPILATION_CACHE_FLAG].value
     try:
       settings = from_flags(settings_cls)

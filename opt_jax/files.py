@@ -12,12 +12,19 @@ killed conversion leaves one nearly the size of the model) and remove them, and 
 whose writer may still be running (alive on this host, or on another host). A file temporary
 keeps NAME's extension at its end: writers that infer a format from it (matplotlib, numpy) work
 unchanged. Files and folders are created with the default modes, so the user's umask applies.
+
+A write that fails because the disk (or quota) is full, however deep in a library it happened
+(orbax's RESOURCE_EXHAUSTED naming ENOSPC, matplotlib's broken stream, a numpy write), leaves no
+temporary and is raised as one DiskFullError naming the output and the free space
+(`disk_full_cause`), which the binaries print as one `error:` line.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
+import errno
 import hashlib
 import json
 import logging
@@ -26,9 +33,10 @@ import re
 import secrets
 import shutil
 import socket
-from typing import Any, Callable, Iterator
+import time
+from typing import Any, Callable, Iterator, Mapping
 
-from opt_jax.errors import OutputExistsError
+from opt_jax.errors import OutputExistsError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +122,72 @@ def _temporaries_of(path: str) -> list[tuple[str, str, str]]:
   return found
 
 
+class DiskFullError(UserError, OSError):
+  """An output could not be written: no space left on its device (or over quota)."""
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# Words of wrapped errors (tensorstore's RESOURCE_EXHAUSTED carries the OS message; its other
+# RESOURCE_EXHAUSTED errors, e.g. device memory, are not about disks).
+_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "os_error_code='28'")
+
+
+def disk_full_cause(error: BaseException | None) -> BaseException | None:
+  """The exception in `error`'s chain (itself, its cause or context) saying the disk or quota is
+  full, None if there is none: libraries wrap ENOSPC in their own errors (tensorstore's
+  RESOURCE_EXHAUSTED, matplotlib's AttributeError raised while handling it)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, DiskFullError):
+      return error
+    if isinstance(error, OSError) and error.errno in _FULL_ERRNOS:
+      return error
+    if not isinstance(error, UserError) and any(w in str(error) for w in _FULL_WORDS):
+      return error
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def format_bytes(n: float) -> str:
+  for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+    if n < 1024 or unit == "TiB":
+      return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+    n /= 1024
+  return f"{n} bytes"  # unreachable
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+  """Free space (for this user) on the file system of `path` or its nearest existing parent."""
+  path = os.path.abspath(os.fspath(path))
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  try:
+    return shutil.disk_usage(path).free
+  except OSError:
+    return None
+
+
+def disk_full_error(path: str | os.PathLike, needed: int | None = None) -> DiskFullError:
+  """The one-line error for an output `path` that did not fit (what was written is removed)."""
+  free = free_bytes(path)
+  where = f"{format_bytes(free)} free there" if free is not None else "free space unknown"
+  need = f", about {format_bytes(needed)} needed" if needed else ""
+  error = DiskFullError(f"no space left on the device of {os.fspath(path)} ({where}{need}; "
+                        "the partial output was removed): free some space or write the output "
+                        "elsewhere")
+  error.errno = errno.ENOSPC
+  return error
+
+
+def check_free_space(path: str | os.PathLike, needed: int) -> None:
+  """DiskFullError before anything is written when the file system of `path` (or its nearest
+  existing parent) has less than `needed` bytes free."""
+  free = free_bytes(path)
+  if free is not None and free < needed:
+    raise disk_full_error(path, needed)
+
+
 def _remove(path: str) -> None:
   if os.path.isdir(path) and not os.path.islink(path):
     shutil.rmtree(path)
@@ -162,6 +236,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
   try:
     yield tmp
     os.replace(tmp, path)
+  except Exception as e:
+    if os.path.lexists(tmp):
+      _remove(tmp)
+    if disk_full_cause(e) is not None and not isinstance(e, DiskFullError):
+      raise disk_full_error(path) from e
+    raise
   finally:
     if os.path.lexists(tmp):
       _remove(tmp)
@@ -200,10 +280,29 @@ def atomic_directory(directory: str | os.PathLike, *,
         log.warning("could not remove %s (the previous %s): %s", old, directory, e)
     else:
       os.rename(tmp, directory)
-  except BaseException:
-    if os.path.lexists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
+  except BaseException as e:
+    _remove_until_gone(tmp)
+    if (isinstance(e, Exception) and not isinstance(e, DiskFullError)
+        and disk_full_cause(e) is not None):
+      raise disk_full_error(directory) from e
     raise
+
+
+def _remove_until_gone(path: str, seconds: float = 5.0) -> None:
+  """Removes the folder `path`, again while something still writes into it: a library's worker
+  threads (orbax's) may go on creating files for a moment after the error that stopped the
+  write. Whatever is still there at exit is removed then."""
+  deadline = time.monotonic() + seconds
+  while os.path.lexists(path):
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.lexists(path) or time.monotonic() > deadline:
+      break
+    time.sleep(0.05)
+  time.sleep(0.05)   # a last file created after the rmtree: once more
+  if os.path.lexists(path):
+    shutil.rmtree(path, ignore_errors=True)
+  if os.path.lexists(path):
+    atexit.register(shutil.rmtree, path, True)
 
 
 def _refuse_existing(directory: str) -> None:
@@ -244,6 +343,52 @@ def user_cache_dir(*parts: str) -> str:
   downloads and the compilation cache live between runs."""
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   return os.path.join(base, "opt_jax", *parts)
+
+
+def conflict_with_inputs(path: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None],
+                         what: str) -> str | None:
+  """Why writing the output `path` would overwrite one of `inputs` ({flag: path}), None if it
+  would not: it is an input (also through a symlink), or lies inside an input folder, or holds
+  one (replacing a folder deletes what is in it). Paths are compared after resolving links."""
+  real = os.path.realpath(os.path.expanduser(os.fspath(path)))
+  for flag, given in inputs.items():
+    if given is None:
+      continue
+    source = os.path.realpath(os.path.expanduser(os.fspath(given)))
+    shown = f"{what}={os.fspath(path)}"
+    link = f" (through the link {os.fspath(path)})" if real != os.path.abspath(path) else ""
+    if real == source:
+      return f"{shown} is the input {flag}={os.fspath(given)}{link}; give a new output path"
+    if os.path.commonpath([real, source]) == source:
+      return (f"{shown} lies inside the input {flag}={os.fspath(given)}{link}; write the output "
+              "elsewhere")
+    if os.path.commonpath([real, source]) == real:
+      return (f"{shown} holds the input {flag}={os.fspath(given)}{link}; give a new output "
+              "path")
+  return None
+
+
+def check_new_output(path: str | os.PathLike, *, what: str,
+                     inputs: Mapping[str, str | os.PathLike | None], overwrite: bool,
+                     ours: Callable[[str], bool], owner: str,
+                     overwrite_flag: str = "--overwrite") -> str:
+  """The absolute path of a file output, checked before any work: `check_output`, then never one
+  of `inputs` (or inside or around one: `conflict_with_inputs`), and an existing file only with
+  `overwrite` and only when `ours(path)` recognises it as an earlier output of `owner`. Raises
+  OutputExistsError / InputError naming the conflict."""
+  path = check_output(path, folder=False, what=what)
+  conflict = conflict_with_inputs(path, inputs, what)
+  if conflict:
+    raise OutputExistsError(f"refusing to write: {conflict}")
+  if os.path.lexists(path):
+    if not overwrite:
+      raise OutputExistsError(f"{what}={path} already exists; pass {overwrite_flag} to replace "
+                              f"an earlier output of {owner}")
+    if os.path.islink(path) or not os.path.isfile(path) or not ours(path):
+      raise OutputExistsError(f"refusing to overwrite {what}={path}: it is not an output of "
+                              f"{owner} ({overwrite_flag} replaces only those); give a new "
+                              "output path")
+  return path
 
 
 def check_output(path: str | os.PathLike, *, folder: bool, what: str) -> str:

@@ -7,7 +7,13 @@ The one corpus rule, used by every binary (`--corpus`, `--input`, `--validation_
   * any other file (`.txt`, `.md`, no extension, ...) is one plain-text document;
   * a document that is empty or only whitespace has no token worth scoring: it is skipped (and
     counted in `Corpus.skipped`); a file left with no document is an error that says it is empty;
-  * files are UTF-8; a byte that is not names the file and line.
+  * files are UTF-8; a byte that is not names the file and line;
+  * Windows conventions are read as what they mean, the same for every file: a leading UTF-8
+    byte-order mark (BOM, EF BB BF) is dropped, and CRLF line endings are read as LF, so the
+    same text scores the same whichever editor saved it (a BOM would otherwise be three byte
+    tokens, each \r a token). Of a .jsonl file this is its lines; a "text" value is taken as its
+    JSON says (an escaped \r\n in it is content). What was changed is in `Corpus.notes`, which
+    the closing summary says once (`normalisation_note`), and logged as a warning once per file.
 
 Errors are opt_jax.errors classes (the binaries print them in one line, exit status 2).
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 
@@ -24,6 +31,12 @@ from opt_jax.errors import InputError, MissingFileError
 
 JSONL = ".jsonl"
 DTYPES = ("float32", "bfloat16", "float16")
+BOM = "\ufeff"
+BOM_DROPPED = "a leading UTF-8 byte-order mark dropped"
+CRLF_READ_AS_LF = "CRLF line endings read as LF"
+
+log = logging.getLogger(__name__)
+_WARNED: set[tuple[str, tuple[str, ...]]] = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +49,13 @@ class Document:
 @dataclasses.dataclass(frozen=True)
 class Corpus:
   """The documents of one file, in order. name: the file name without its extension (what tables
-  call the corpus); skipped: empty or whitespace-only documents left out."""
+  call the corpus); skipped: empty or whitespace-only documents left out; notes: what was
+  normalised (BOM_DROPPED, CRLF_READ_AS_LF; module docstring)."""
   path: str
   name: str
   documents: tuple[Document, ...]
   skipped: int = 0
+  notes: tuple[str, ...] = ()
 
   @property
   def texts(self) -> tuple[str, ...]:
@@ -70,6 +85,17 @@ def read_corpus(path: str | os.PathLike, what: str = "corpus") -> Corpus:
   """The documents of one file by the rule of the module docstring."""
   path = os.path.abspath(os.fspath(path))
   content = read_text(path, what)
+  notes = []
+  if content.startswith(BOM):
+    content = content[len(BOM):]
+    notes.append(BOM_DROPPED)
+  if "\r\n" in content:
+    notes.append(CRLF_READ_AS_LF)
+    if not path.endswith(JSONL):   # .jsonl: splitlines() below drops them with the line breaks
+      content = content.replace("\r\n", "\n")
+  if notes and (path, tuple(notes)) not in _WARNED:   # once per file, however often it is read
+    _WARNED.add((path, tuple(notes)))
+    log.warning("%s: %s", path, "; ".join(notes))
   documents: list[Document] = []
   skipped = 0
   if path.endswith(JSONL):
@@ -97,7 +123,17 @@ def read_corpus(path: str | os.PathLike, what: str = "corpus") -> Corpus:
                      + ("JSON lines with a \"text\" field" if path.endswith(JSONL)
                         else "text (any file other than .jsonl is one plain-text document)"))
   name = os.path.splitext(os.path.basename(path))[0]
-  return Corpus(path, name, tuple(documents), skipped)
+  return Corpus(path, name, tuple(documents), skipped, tuple(notes))
+
+
+def normalisation_note(corpora: Sequence[Corpus]) -> str | None:
+  """One line for a closing summary saying which files were normalised and how; None if none."""
+  parts = []
+  for note in (BOM_DROPPED, CRLF_READ_AS_LF):
+    names = [os.path.basename(c.path) for c in corpora if note in c.notes]
+    if names:
+      parts.append(f"{note} ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''})")
+  return "input normalised: " + "; ".join(parts) if parts else None
 
 
 def read_corpora(paths: Sequence[str | os.PathLike], what: str = "corpus",

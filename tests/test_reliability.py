@@ -80,8 +80,8 @@ def test_overwrite_refuses_a_folder_holding_the_input_or_anything_else(ckpts, tm
     raise AssertionError("the input was read before the output was checked")
   monkeypatch.setattr(checkpoint, "restore", must_not_read)
   for to in ("opt_jax", "hf"):
-    with pytest.raises(errors.OutputExistsError, match=f"refusing to overwrite {root}: it "
-                                                       f"contains the input {opt_a}"):
+    with pytest.raises(errors.OutputExistsError, match=f"refusing to write: --output={root} "
+                                                       f"holds the input --input={opt_a}"):
       convert.convert(opt_a, root, output_format=to, overwrite=True)
   # A folder that merely holds other things (not the input) is refused too.
   other = tmp_path / "other"

@@ -9,7 +9,9 @@ and opt_jax formats, and OPT's metaseq checkpoints to either.
   python -m tools.convert_checkpoint --input=/ckpts/opt-125m-jax --to=hf --output=/tmp/opt-125m-hf
 
 --format names the input (auto: detected from the files), --to the output. The output directory
-is written under a temporary name and renamed when complete: a failed run leaves nothing behind.
+is written under a temporary name and renamed when complete: a failed run leaves nothing behind
+(a full disk is one error line saying how much space the output needs). The output is never the
+input (also through a link), never inside or around it, never inside any checkpoint folder.
 Tokenizer files beside the input (tokenizer.json, vocab.json + merges.txt, ...; for metaseq
 gpt2-vocab.json + gpt2-merges.txt + dict.txt) are stored with the output.
 """

@@ -8,15 +8,20 @@ r"""Per-token log-probabilities of text under a checkpoint (opt_jax or HF), in s
 strings and natural-log log-probs of every token after the first (the family's prefix, e.g.
 OPT's </s>, under --conventions=native; see opt_jax.scoring.score_text_file); the totals are in
 the closing summary. The output location, the input and the windows are checked before the
-checkpoint is restored.
+checkpoint is restored. The output is never the input, never inside the checkpoint folder (or any
+other checkpoint's), and an existing file is replaced only with --overwrite and only when it is an
+earlier output of score_text. A leading UTF-8 BOM of the input is dropped and CRLF read as LF
+(opt_jax.inputs); the closing summary says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
-from opt_jax import cli, inputs
+from opt_jax import cli, files, inputs
+from opt_jax.errors import OutputExistsError
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -25,7 +30,10 @@ class Settings(cli.Settings):
                                "tokenizer files.")
   input: str = cli.option(help=".jsonl (JSON lines with a \"text\" field) or any other text file "
                           "(one document).")
-  output: str = cli.option(help="Output .jsonl (written atomically).")
+  output: str = cli.option(help="Output .jsonl (written atomically; a new file, or with "
+                           "--overwrite an earlier output of score_text).", key=False)
+  overwrite: bool = cli.option(False, "Replace --output if it is an earlier output of score_text "
+                               "(any other existing file is refused).", key=False)
   context_length: int | None = cli.option(None, "Tokens per window (default: the model's "
                                           "max_position_embeddings).", ge=2)
   stride: int | None = cli.option(None, "New tokens scored per window after the first (default: "
@@ -41,14 +49,40 @@ class Settings(cli.Settings):
                                 choices=("native", "lm_eval"))
 
 
+def is_output(path: str) -> bool:
+  """True when `path` reads as a score_text output: its first line a JSON object with the
+  fields score_text writes."""
+  try:
+    with open(path, "rb") as f:
+      first = json.loads(f.readline(64 << 20))
+  except (OSError, ValueError):
+    return False
+  return isinstance(first, dict) and {"doc", "token_ids", "logprobs"} <= set(first)
+
+
+def check_output(s: Settings) -> str:
+  """--output checked before any work (module docstring); its absolute path."""
+  from opt_jax import checkpoint  # pylint: disable=import-outside-toplevel  (--help stays fast)
+  out = files.check_new_output(s.output, what="--output", owner="tools.score_text",
+                               inputs={"--input": s.input, "--checkpoint": s.checkpoint},
+                               overwrite=s.overwrite, ours=is_output)
+  inside = checkpoint.enclosing_checkpoint(out)
+  if inside:
+    raise OutputExistsError(f"refusing to write: --output={out} lies inside the checkpoint "
+                            f"folder {inside}; write the output elsewhere")
+  return out
+
+
 def run(s: Settings) -> cli.Summary:
   from opt_jax import scoring  # pylint: disable=import-outside-toplevel
+  check_output(s)
+  note = inputs.normalisation_note([inputs.read_corpus(s.input, "--input")])
   r = scoring.score_text_file(s.checkpoint, s.input, s.output, context_length=s.context_length,
                               stride=s.stride, batch_size=s.batch_size, dtype=s.dtype,
                               attention=s.attention, conventions=s.conventions)
   return cli.Summary(
       "score_text", evaluated=[f"{r['documents']} document(s) of {s.input}, {r['num_tokens']:,} "
-                               f"tokens, with {s.checkpoint}"],
+                               f"tokens, with {s.checkpoint}", *([note] if note else [])],
       results=[f"total NLL {r['nll']:.4f} nats, {r['nll'] / max(r['num_tokens'], 1):.4f} nats per "
                f"token, perplexity {r['perplexity']:.4f}"],
       skipped=[f"{r['skipped']} empty document(s)"] if r["skipped"] else [],

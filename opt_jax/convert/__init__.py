@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from opt_jax import files
 from opt_jax.errors import InputError, OutputExistsError
+from opt_jax.families import table
 
 INPUT_FORMATS = ("auto", "hf", "metaseq", "opt_jax")
 OUTPUT_FORMATS = ("opt_jax", "hf")
@@ -137,15 +139,20 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, *,
   np_dtype = parse_dtype(dtype)
   input_path = os.path.abspath(os.fspath(input_path))
   output = os.path.abspath(os.fspath(output))
-  if output == input_path:
-    raise ConversionError(f"{output}: the output must differ from the input")
+  # What the output may not be, before asking whether it may be replaced: the input (also
+  # through a link), inside or around it, or inside any checkpoint folder.
+  conflict = files.conflict_with_inputs(output, {"--input": input_path}, "--output")
+  if conflict:
+    raise OutputExistsError(f"refusing to write: {conflict}")
+  inside = checkpoint.enclosing_checkpoint(os.path.dirname(output))
+  if inside:
+    raise OutputExistsError(f"refusing to write: --output={output} lies inside the checkpoint "
+                            f"folder {inside}; write the output elsewhere")
+  files.check_output(output, folder=True, what="--output")   # a file in the way, no permission
   if os.path.lexists(output):
     if not overwrite:
       raise OutputExistsError(f"{output} already exists; pass overwrite=True (--overwrite) to "
                               "replace it")
-    if os.path.commonpath([output, input_path]) == output:
-      raise OutputExistsError(f"refusing to overwrite {output}: it contains the input "
-                              f"{input_path}; give a new output directory")
     checkpoint.check_can_overwrite(output, output_format)
   if not os.path.exists(input_path):
     raise ConversionError(f"{input_path}: no such file or directory")
@@ -166,13 +173,19 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, *,
     config = checkpoint.load_config(input_path)
   directory = input_path if os.path.isdir(input_path) else os.path.dirname(input_path)
 
+  needed = sum(int(np.size(a)) * np.dtype(a.dtype).itemsize
+               for a in table.flatten(params).values())
+  files.check_free_space(output, needed)   # before writing: a full disk is found mid-write too
   with tempfile.TemporaryDirectory() as scratch:
     tokenizer = _tokenizer_files(directory, fmt, scratch)
-    if output_format == "opt_jax":
-      checkpoint.save(output, params, config, tokenizer_files=tokenizer, overwrite=overwrite,
-                      extra={"converted_from": input_path, "source_format": fmt})
-    else:
-      hf.write_hf(output, params, config, tokenizer_files=tokenizer, overwrite=overwrite,
-                  progress=progress,
-                  max_shard_bytes=max_shard_bytes or hf.DEFAULT_MAX_SHARD_BYTES)
+    try:
+      if output_format == "opt_jax":
+        checkpoint.save(output, params, config, tokenizer_files=tokenizer, overwrite=overwrite,
+                        extra={"converted_from": input_path, "source_format": fmt})
+      else:
+        hf.write_hf(output, params, config, tokenizer_files=tokenizer, overwrite=overwrite,
+                    progress=progress,
+                    max_shard_bytes=max_shard_bytes or hf.DEFAULT_MAX_SHARD_BYTES)
+    except files.DiskFullError as e:   # the temporary is gone; say how much the output needs
+      raise files.disk_full_error(output, needed) from e
   return output

@@ -130,6 +130,18 @@ class SafetensorsFile:
                             "file is truncated")
     return out
 
+  def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows start:stop (of the first dimension) of a tensor, read alone."""
+    dtype, shape, offset = self._entries[name]
+    out = np.empty((stop - start,) + shape[1:], dtype)
+    with open(self.path, "rb") as f:
+      f.seek(offset + start * out[:1].nbytes)
+      got = f.readinto(out.reshape(-1).view(np.uint8))
+    if got != out.nbytes:
+      raise ConversionError(f"{self.path}: tensor {name}: read {got} of {out.nbytes} bytes: the "
+                            "file is truncated")
+    return out
+
 
 def safetensors_header(entries: list[tuple[str, tuple[int, ...], np.dtype]]) -> bytes:
   header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -174,9 +186,31 @@ def torch_load(path: str, **kwargs) -> Any:
         raise
       return torch.load(path, map_location="cpu", **kwargs)  # legacy (non-zip) format
   except Exception as e:
-    raise ConversionError(f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: "
-                          f"{str(e)[:300]}): the file is truncated, corrupt or not a state dict"
-                          ) from None
+    raise ConversionError(_torch_load_problem(path, e)) from None
+
+
+# Lines of torch's weights_only refusal that are advice, not what happened: never repeated (one
+# of them suggests weights_only=False, i.e. running the file's code).
+_TORCH_ADVICE = ("Weights only load failed", "In PyTorch", "Re-running `torch.load`",
+                 "Please file an issue", "Check the documentation", "WeightsUnpickler error")
+
+
+def _torch_load_problem(path: str, e: Exception) -> str:
+  """One message for a .bin/.pt file torch.load could not read: what happened and what to do."""
+  text = str(e)
+  if "Weights only load failed" not in text:
+    return (f"{path}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {text[:300]}): "
+            "the file is truncated, corrupt or not a state dict")
+  facts = [line.strip() for line in text.splitlines()
+           if line.strip() and not line.strip().startswith(_TORCH_ADVICE)]
+  fact = " ".join(facts)[:300] or "no reason given"
+  if "GLOBAL" in fact:
+    return (f"{path}: refused to unpickle: the file asks to import code a weights file never "
+            f"needs ({fact}); opt_jax loads PyTorch files with torch's safe loader only, which "
+            "never runs code from the file. Do not load it elsewhere either unless you trust its "
+            "source; use the checkpoint's .safetensors weights instead")
+  return (f"{path}: cannot read as a PyTorch state dict ({fact}): the file is truncated, corrupt "
+          "or not a state dict")
 
 
 class TorchStateDictFile:
@@ -200,8 +234,14 @@ class TorchStateDictFile:
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self._state[name].shape)
 
+  def dtype(self, name: str) -> str:
+    return str(self._state[name].dtype).removeprefix("torch.")
+
   def read(self, name: str) -> np.ndarray:
     return torch_to_numpy(self._state[name])
+
+  def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+    return torch_to_numpy(self._state[name][start:stop])
 
 
 # A checkpoint of several files ----------------------------------------------------------------
@@ -231,6 +271,15 @@ class FileSetSource:
   def read(self, name: str) -> np.ndarray:
     return self._file_of[name].read(name)
 
+  def dtype(self, name: str) -> Any:
+    """The stored dtype of `name` (from the header; None where the file cannot say)."""
+    f = self._file_of[name]
+    return f.dtype(name) if hasattr(f, "dtype") else None
+
+  def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+    f = self._file_of[name]
+    return f.read_rows(name, start, stop) if hasattr(f, "read_rows") else f.read(name)[start:stop]
+
 
 def _open_index(index_path: str, open_file: Callable[[str], Any]) -> FileSetSource:
   try:
@@ -243,6 +292,12 @@ def _open_index(index_path: str, open_file: Callable[[str], Any]) -> FileSetSour
   directory = os.path.dirname(index_path)
   files = []
   for shard in sorted(set(weight_map.values())):
+    if (not isinstance(shard, str) or os.path.basename(shard) != shard
+        or shard in ("", ".", "..")):
+      example = next(k for k, v in weight_map.items() if v == shard)
+      raise ConversionError(f"{index_path}: lists tensor {example} in {shard!r}, which is not a "
+                            f"file name in {directory}: an index names shards beside it, never a "
+                            "path elsewhere; fix the index")
     path = os.path.join(directory, shard)
     if not os.path.isfile(path):
       example = next(k for k, v in weight_map.items() if v == shard)
@@ -315,6 +370,7 @@ def params_from_source(source: TensorSource, config: DecoderConfig, *, prefix: s
     except Exception as e:
       raise ConversionError(f"{source.where(name)}: cannot read tensor {name} "
                             f"({type(e).__name__}: {e})") from None
+    check_dtype(source, name, item.tensor, array.dtype)   # sources without a header say it here
     bar.update()
     return array
 
@@ -357,12 +413,25 @@ def match_tensors(source: TensorSource, config: DecoderConfig, *, prefix: str,
     more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
     raise ConversionError(f"{source.where(unexpected[0])}: unexpected tensor {unexpected[0]}{more};"
                           f" {config_source} describes no such {family.architecture} parameter")
+  stored_dtype = getattr(source, "dtype", None)
   for item in items:
     got = tuple(source.shape(stored[item.name]))
     if got != item.hf_shape:
       raise ConversionError(f"{source.where(stored[item.name])}: tensor {stored[item.name]} has "
                             f"shape {got}, {config_source} implies {item.hf_shape}")
+    dtype = stored_dtype(stored[item.name]) if stored_dtype else None
+    if dtype is not None:
+      check_dtype(source, stored[item.name], item.tensor, dtype)
   return stored
+
+
+def check_dtype(source: TensorSource, name: str, tensor: table.Tensor, dtype: Any) -> None:
+  """ConversionError naming the tensor when its stored dtype is not one the family's table
+  accepts for it (an integer where a float weight belongs)."""
+  problem = table.dtype_problem(tensor, dtype)
+  if problem:
+    raise ConversionError(f"{source.where(name)}: tensor {name} {problem}; the file is corrupt "
+                          "or was not written as a checkpoint of this model")
 
 
 def _embedding_row(family: families.Family) -> table.Tensor:
@@ -408,11 +477,10 @@ def _read(source: TensorSource, config: DecoderConfig, *, dtype: Any, progress: 
   family = families.get(config.family)
   prefix = layout_prefix(source, family)
   head = [family.head] if config.tie_embeddings else []
-  params = params_from_source(source, config, prefix=prefix, ignore=head, dtype=dtype,
-                              progress=progress, config_source=config_source)
-  if head and family.head in source.names():
-    _check_tied_head(source, family.head, prefix + _embedding_row(family).hf)
-  return params
+  match_tensors(source, config, prefix=prefix, ignore=head, config_source=config_source)
+  check_tied_head(source, config, prefix)   # before the long read
+  return params_from_source(source, config, prefix=prefix, ignore=head, dtype=dtype,
+                            progress=progress, config_source=config_source)
 
 
 class _DictSource:
@@ -429,6 +497,9 @@ class _DictSource:
 
   def where(self, name: str) -> str:
     return self.description
+
+  def dtype(self, name: str) -> Any:
+    return self._state[name].dtype
 
   def read(self, name: str) -> np.ndarray:
     value = self._state[name]
@@ -456,15 +527,46 @@ def expected_tensors(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
   return {item.name: item.hf_shape for item in table.items(config, prefix)}
 
 
-def _check_tied_head(source: TensorSource, head_name: str, embed_name: str) -> None:
-  head, embed = source.read(head_name), source.read(embed_name)
-  if head.shape != embed.shape or not np.array_equal(head, embed):
-    diff = (float(np.max(np.abs(head.astype(np.float32) - embed.astype(np.float32))))
-            if head.shape == embed.shape else f"shape {head.shape} vs {embed.shape}")
+_COMPARE_BYTES = 64 << 20   # rows of the head and the embedding compared at a time
+
+
+def check_tied_head(source: TensorSource, config: DecoderConfig, prefix: str) -> None:
+  """The one check of a stored LM head of a model whose config ties it to the token embedding
+  (tie_word_embeddings), made by conversion and by the in-place read (opt_jax.convert.hf_direct)
+  alike: the head must be a float tensor equal to the embedding, else ConversionError naming it
+  (the model would use the embedding and silently ignore the stored head). Compares a block of
+  rows at a time, so memory stays at two blocks whatever the vocabulary."""
+  family = families.get(config.family)
+  head_name, embed_row = family.head, _embedding_row(family)
+  embed_name = prefix + embed_row.hf
+  if not config.tie_embeddings or head_name not in source.names():
+    return
+  dtype = source.dtype(head_name) if hasattr(source, "dtype") else None
+  if dtype is not None:
+    check_dtype(source, head_name, embed_row, dtype)
+  shape, embed_shape = tuple(source.shape(head_name)), tuple(source.shape(embed_name))
+  diff = f"shape {shape} vs {embed_shape}" if shape != embed_shape else None
+  if diff is None:
+    row_bytes = max(1, math.prod(shape[1:]) * 4)
+    step = max(1, _COMPARE_BYTES // row_bytes)
+    differs, worst = False, 0.0
+    read = getattr(source, "read_rows", None)
+    whole = None if read else (source.read(head_name), source.read(embed_name))
+    for start in range(0, shape[0] if shape else 0, step):
+      stop = min(start + step, shape[0])
+      head, embed = ((read(head_name, start, stop), read(embed_name, start, stop)) if read
+                     else (whole[0][start:stop], whole[1][start:stop]))
+      if not np.array_equal(head, embed, equal_nan=True):
+        differs = True
+        gap = np.abs(head.astype(np.float32) - embed.astype(np.float32))
+        worst = max(worst, float(np.nanmax(gap)) if not np.all(np.isnan(gap)) else 0.0)
+    if differs:
+      diff = f"max abs difference {worst}"
+  if diff is not None:
     raise ConversionError(
-        f"{source.where(head_name)}: tensor {head_name} differs from {embed_name} (max abs "
-        f"difference {diff}), but config.json ties the LM head to the token embedding "
-        "(tie_word_embeddings); set tie_word_embeddings to false if the head is its own")
+        f"{source.where(head_name)}: tensor {head_name} differs from {embed_name} ({diff}), but "
+        "config.json ties the LM head to the token embedding (tie_word_embeddings); set "
+        "tie_word_embeddings to false if the head is its own")
 
 
 # Writing ------------------------------------------------------------------------------------

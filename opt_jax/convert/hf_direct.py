@@ -9,10 +9,12 @@ to the requested dtype on the way. So a process reads what its devices hold and 
 host copy of the whole model: peak host memory is one params array's local blocks (plus the
 pages of the file mapping being read) beyond what the devices hold.
 
-What is read equals what conversion (opt_jax.convert.hf.read_hf) writes, tensor for tensor. Two
-departures, both checks conversion makes that need array data: a stored LM head of a model whose
-config ties it to the embedding is not read (conversion refuses one that differs; the model uses
-the embedding either way), and nothing is hashed (opt_jax.integrity does that).
+What is read equals what conversion (opt_jax.convert.hf.read_hf) writes, tensor for tensor, and
+both make the same checks from the same functions of opt_jax.convert.hf: names, shapes and dtypes
+against the family's table (`match_tensors`: headers only, so `problem` reports them too), and a
+stored LM head of a model whose config ties it to the embedding must equal the embedding
+(`check_tied_head`: reads both, a block of rows at a time, when restoring). Nothing is hashed
+(opt_jax.integrity does that).
 
 PyTorch .bin weights are read only by conversion: unpickling needs torch and the whole file.
 """
@@ -52,6 +54,7 @@ class _Checkpoint:
   source: hf.FileSetSource
   items: tuple[table.Item, ...]
   stored: dict[str, str]                  # table name -> name in the files
+  prefix: str                             # the base model's name prefix in the files
 
 
 def _open(directory: str) -> _Checkpoint:
@@ -75,7 +78,7 @@ def _open(directory: str) -> _Checkpoint:
   head = [family.head] if config.tie_embeddings else []
   stored = hf.match_tensors(source, config, prefix=prefix, ignore=head,
                             config_source=config_path)
-  return _Checkpoint(directory, config, source, table.items(config, prefix), stored)
+  return _Checkpoint(directory, config, source, table.items(config, prefix), stored, prefix)
 
 
 def problem(directory: str) -> str | None:
@@ -127,6 +130,7 @@ def restore(directory: str, *, shardings: Any = None, dtype: Any = None) -> Any:
   Raises InputError naming the file and tensor when a header or the data cannot be read.
   """
   ckpt = _open(directory)
+  hf.check_tied_head(ckpt.source, ckpt.config, ckpt.prefix)   # as conversion does
   shapes = table.flatten(_param_shapes(ckpt.config))
   if shardings is None:
     shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -28,6 +28,10 @@ from typing import Any
 import numpy as np
 
 Shape = tuple[int, ...]
+# Every weight of every family is a float; conversion and in-place reads cast between these
+# widths as asked. Anything else (an integer, a bool) where a weight belongs is an error naming
+# the tensor: casting it would restore wrong numbers without a word.
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 Read = Callable[[tuple[slice, ...]], np.ndarray]   # a box of the HF tensor: hf[slices]
@@ -187,12 +191,14 @@ class Tensor:
     "model.decoder."), or absolute when top_level (the LM head, stored outside the base model).
   params: the params path(s) ("layers/mlp/up_kernel"); several for a fused HF tensor.
   aliases: other absolute names the tensor may be stored under (read only; written as `hf`).
+  dtypes: the stored dtypes accepted (names); every row holds float weights.
   """
   hf: str
   params: tuple[str, ...]
   transform: Transform = COPY
   top_level: bool = False
   aliases: tuple[str, ...] = ()
+  dtypes: tuple[str, ...] = FLOAT_DTYPES
 
   @property
   def per_layer(self) -> bool:
@@ -202,6 +208,15 @@ class Tensor:
 def row(hf: str, *params: str, transform: Transform = COPY, top_level: bool = False,
         aliases: tuple[str, ...] = ()) -> Tensor:
   return Tensor(hf, tuple(params), transform, top_level, aliases)
+
+
+def dtype_problem(tensor: Tensor, dtype: Any) -> str | None:
+  """Why a stored dtype (numpy dtype, torch dtype or name) cannot hold `tensor`'s weights; None
+  when it can."""
+  name = str(getattr(dtype, "name", dtype)).removeprefix("torch.")
+  if name in tensor.dtypes:
+    return None
+  return f"is stored as {name}, but it is a weight: expected a float ({', '.join(tensor.dtypes)})"
 
 
 @dataclasses.dataclass(frozen=True)
