@@ -1,7 +1,7 @@
 """opt_jax checkpoints: an orbax params pytree plus config.json, metadata and tokenizer files.
 
 A checkpoint is a directory:
-  DIR/config.json      the HF config.json of the model's family (`DecoderConfig.to_json_file`)
+  DIR/config.json      the HF config.json of the model's family (`families.write_config`)
   DIR/params/          orbax checkpoint of the params pytree (zarr, uncompressed, one file per
                        chunk of <= 64 MiB); layout in the `opt_jax.model` docstring
   DIR/opt_jax.json     {"format": 2, "dtype": "float32", "num_params": ..., **extra}; written last
@@ -46,7 +46,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from opt_jax import files
+from opt_jax import families, files
 from opt_jax.config import DecoderConfig
 from opt_jax.errors import InputError, MissingFileError, OutputExistsError
 
@@ -148,7 +148,7 @@ def save(directory: str | os.PathLike, params: Any, config: DecoderConfig, *,
     save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES), params)
     with _saving_checkpointer() as ckptr:
       ckptr.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(params, save_args))
-    config.to_json_file(os.path.join(tmp, CONFIG_FILE))
+    families.write_config(config, os.path.join(tmp, CONFIG_FILE))
     copy_files(tokenizer_files, tmp)
     with open(os.path.join(tmp, METADATA_FILE), "w") as f:
       json.dump(metadata, f, indent=2, sort_keys=True)
@@ -305,7 +305,7 @@ def _problem(directory: str) -> tuple[type[Exception], str] | None:
                         "written); convert or save it again")
   try:
     _read_metadata(directory)
-    DecoderConfig.from_json_file(os.path.join(directory, CONFIG_FILE))
+    families.read_config(os.path.join(directory, CONFIG_FILE))
   except (OSError, ValueError, KeyError, TypeError) as e:
     return InputError, f"{directory}: {e}"
   return None
@@ -343,7 +343,7 @@ def load_config(directory: str | os.PathLike) -> DecoderConfig:
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(path):
     raise MissingFileError(f"{path} not found; expected the HF config.json of the checkpoint")
-  return DecoderConfig.from_json_file(path)
+  return families.read_config(path)
 
 
 def load_metadata(directory: str | os.PathLike) -> dict[str, Any]:

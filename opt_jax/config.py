@@ -206,28 +206,6 @@ class DecoderConfig:
         changes[name] = None
     return dataclasses.replace(self, **changes)
 
-  # Until the checkpoint layer, opt_jax/convert/ and opt_jax/hf_cache.py call opt_jax.families
-  # (from_hf_dict, to_hf_dict, read_config, write_config) directly: thin forwards, to be removed
-  # then. They import opt_jax.families when called, never when this module is imported.
-
-  def to_hf_dict(self) -> dict[str, Any]:
-    from opt_jax import families  # pylint: disable=import-outside-toplevel
-    return families.to_hf_dict(self)
-
-  @classmethod
-  def from_hf_dict(cls, d: dict[str, Any], source: str = "config") -> "DecoderConfig":
-    from opt_jax import families  # pylint: disable=import-outside-toplevel
-    return families.from_hf_dict(d, source)
-
-  @classmethod
-  def from_json_file(cls, path: Any) -> "DecoderConfig":
-    from opt_jax import families  # pylint: disable=import-outside-toplevel
-    return families.read_config(path)
-
-  def to_json_file(self, path: Any) -> None:
-    from opt_jax import families  # pylint: disable=import-outside-toplevel
-    families.write_config(self, path)
-
 
 def _positive_int(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool) and value > 0

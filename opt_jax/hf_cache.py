@@ -35,7 +35,7 @@ import re
 import statistics
 from typing import Any, Iterable
 
-from opt_jax import suite_templates
+from opt_jax import families, suite_templates
 from opt_jax.errors import InputError, MissingFileError, OutputExistsError
 
 # HF weight files, in the order transformers prefers them.
@@ -419,7 +419,6 @@ def converted_path(converted_dir: str, checkpoint: CachedCheckpoint) -> str:
 
 def _model_params(checkpoints: list[CachedCheckpoint], template_params: int | None,
                   given: int | None) -> int | None:
-  from opt_jax.config import DecoderConfig  # pylint: disable=import-outside-toplevel
   counted = count_params(checkpoints[-1].path)
   if counted:
     return counted
@@ -428,7 +427,7 @@ def _model_params(checkpoints: list[CachedCheckpoint], template_params: int | No
   try:
     with open(os.path.join(checkpoints[-1].path, CONFIG_FILE)) as f:
       config = json.load(f)
-    return DecoderConfig.from_hf_dict(config).num_params()
+    return families.from_hf_dict(config).num_params()
   except (OSError, ValueError, TypeError):
     pass
   return given

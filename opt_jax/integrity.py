@@ -50,7 +50,7 @@ import re
 import zipfile
 from typing import Any, Iterable
 
-from opt_jax import files, hf_cache
+from opt_jax import families, files, hf_cache
 from opt_jax.errors import InputError
 
 FAST_WINDOWS = 8
@@ -557,7 +557,7 @@ def _check_siblings(rows: dict[int, Row], scans: dict[int, _Scan]) -> None:
     parsed = {}
     for s, sc in scans.items():
       try:
-        parsed[s] = dataclasses.asdict(DecoderConfig.from_hf_dict(sc.config))
+        parsed[s] = dataclasses.asdict(families.from_hf_dict(sc.config))
       except (ValueError, KeyError, TypeError, AttributeError):
         continue
     _check_configs({s: r for s, r in rows.items() if r.status != "config_differs"}, parsed,

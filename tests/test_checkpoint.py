@@ -149,9 +149,9 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
                                        r"expects \(2, 32, 64\)"):
     checkpoint.save(str(tmp_path / "bad"), params, CONFIG)
   # A failure after the arrays are written (here: writing config.json) removes them too.
-  def broken(self, path):
+  def broken(config, path):
     raise OSError("disk full")
-  monkeypatch.setattr(type(CONFIG), "to_json_file", broken)
+  monkeypatch.setattr(families, "write_config", broken)
   with pytest.raises(OSError, match="disk full"):
     checkpoint.save(str(tmp_path / "bad"), _random_params(CONFIG), CONFIG)
   assert os.listdir(tmp_path) == []

@@ -111,7 +111,7 @@ def test_default_run_is_two_shot_on_the_papers_tasks_with_every_checkpoint(env):
 
 def _hf_opt(path):
   config = checkpoint.load_config(path)
-  model = transformers.OPTForCausalLM(transformers.OPTConfig(**config.to_hf_dict())).eval()
+  model = transformers.OPTForCausalLM(transformers.OPTConfig(**families.to_hf_dict(config))).eval()
   state = {k: torch.from_numpy(np.array(v)) for k, v in
            hf.state_dict_from_params(checkpoint.restore(path), config).items()}
   missing, unexpected = model.load_state_dict(state, strict=False)

@@ -198,8 +198,8 @@ def test_bare_base_model_layout_is_read(tmp_path):
 
 def test_hf_config_round_trip_and_hf_reads_the_same_features():
   for name, config in oracle.FAMILY_TINY.items():
-    d = config.to_hf_dict()
-    assert DecoderConfig.from_hf_dict(json.loads(json.dumps(d))) == config, name
+    d = families.to_hf_dict(config)
+    assert families.from_hf_dict(json.loads(json.dumps(d))) == config, name
     hc = oracle.hf_config(config)
     if config.family == "gpt_neox":
       assert hc.rope_parameters["partial_rotary_factor"] == config.rotary_fraction
@@ -209,11 +209,11 @@ def test_hf_config_round_trip_and_hf_reads_the_same_features():
     assert getattr(hc, "num_key_value_heads", config.num_attention_heads) == \
         config.num_key_value_heads
   # transformers >= 5 writes rope_parameters; both forms read alike.
-  new = dict(oracle.FAMILY_TINY["neox_sequential"].to_hf_dict())
+  new = dict(families.to_hf_dict(oracle.FAMILY_TINY["neox_sequential"]))
   del new["rotary_pct"], new["rotary_emb_base"]
   new["rope_parameters"] = {"rope_type": "default", "rope_theta": 500.0,
                             "partial_rotary_factor": 0.5}
-  assert DecoderConfig.from_hf_dict(new) == oracle.FAMILY_TINY["neox_sequential"]
+  assert families.from_hf_dict(new) == oracle.FAMILY_TINY["neox_sequential"]
 
 
 # Presets -----------------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def test_unsupported_model_type_is_named_with_the_supported_ones(tmp_path, model
   what = f"model_type '{model_type}'" if model_type else "has no model_type"
   with pytest.raises(InputError, match=f"{path}: {what} is not supported; opt_jax supports "
                                        "model_type opt, gpt_neox, llama, olmo, olmo2"):
-    DecoderConfig.from_json_file(path)
+    families.read_config(path)
 
 
 @pytest.mark.parametrize("field, value, family", [
@@ -279,13 +279,13 @@ def test_unsupported_model_type_is_named_with_the_supported_ones(tmp_path, model
     ("eos_token_id", [1, 2, 3], "olmo2"),
 ])
 def test_unsupported_field_fails_naming_it(tmp_path, field, value, family):
-  d = dict(oracle.FAMILY_TINY["llama_gqa" if family == "llama" else
-                               "neox_parallel" if family == "gpt_neox" else "olmo2"].to_hf_dict())
+  d = dict(families.to_hf_dict(oracle.FAMILY_TINY["llama_gqa" if family == "llama" else
+                               "neox_parallel" if family == "gpt_neox" else "olmo2"]))
   d[field] = value
   path = _config_dir(tmp_path, d)
   name = "rope_parameters.rope_type" if field == "rope_parameters" else field
   with pytest.raises(InputError, match=f"{path}: {name}"):
-    DecoderConfig.from_json_file(path)
+    families.read_config(path)
   # Conversion fails the same way, before anything is written.
   (tmp_path / "model.safetensors").write_bytes(b"")
   out = f"{tmp_path}-out"   # beside the checkpoint: no output goes into one
@@ -297,4 +297,4 @@ def test_unsupported_field_fails_naming_it(tmp_path, field, value, family):
 def test_config_json_that_cannot_express_the_model_fails():
   llama_like = oracle.FAMILY_TINY["llama_gqa"].replace(family="opt")
   with pytest.raises(InputError, match="an OPT config.json cannot express positions='rotary'"):
-    llama_like.to_hf_dict()
+    families.to_hf_dict(llama_like)

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 import _hf_cache_util as u
-from opt_jax import hf_cache, suite, suite_templates
+from opt_jax import families, hf_cache, suite, suite_templates
 from opt_jax.config import DecoderConfig
 from opt_jax.errors import InputError, MissingFileError
 
@@ -184,7 +184,7 @@ def test_make_suite_manifest_round_trips_through_load_suite(tmp_path, sources):
   assert (a.revision(100), a.sha(100), b.revision(50)) == ("step100", sha, "step-50")
   assert a.refs == {"main": 200} and a.tokens(100) == 100_000
   with open(os.path.join(sources[0], "config.json")) as f:
-    assert a.params == DecoderConfig.from_hf_dict(json.load(f)).num_params()   # from the headers
+    assert a.params == families.from_hf_dict(json.load(f)).num_params()   # from the headers
   # to_dict writes the same object entries back.
   again = tmp_path / "again.json"
   suite.save_suite(s, again)

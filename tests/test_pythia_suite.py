@@ -27,7 +27,7 @@ from experiments import downstream_icl as D
 from experiments import token_trajectories as TT
 from experiments import validation_ppl as V
 from experiments.tasks import icl as icl_tasks
-from opt_jax import suite
+from opt_jax import families, suite
 from opt_jax.errors import InputError
 from opt_jax.tokenizer import load_tokenizer
 
@@ -254,7 +254,7 @@ def _opt_hf(path):
   from opt_jax import checkpoint  # pylint: disable=import-outside-toplevel
   from opt_jax.convert import hf  # pylint: disable=import-outside-toplevel
   config = checkpoint.load_config(path)
-  model = transformers.OPTForCausalLM(transformers.OPTConfig(**config.to_hf_dict())).eval()
+  model = transformers.OPTForCausalLM(transformers.OPTConfig(**families.to_hf_dict(config))).eval()
   state = {k: torch.from_numpy(np.array(v)) for k, v in
            hf.state_dict_from_params(checkpoint.restore(path), config).items()}
   missing, unexpected = model.load_state_dict(state, strict=False)

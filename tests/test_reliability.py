@@ -307,13 +307,12 @@ def test_killed_save_leaves_a_temporary_that_the_next_save_removes(tmp_path, cap
       import os, sys, time
       sys.path.insert(0, {os.path.join(REPO, "tests")!r})
       import _suite_util as U
-      from opt_jax import checkpoint
-      from opt_jax.config import DecoderConfig
+      from opt_jax import checkpoint, families
 
-      def hang(self, path):  # config.json is written after the params: stop there
+      def hang(config, path):  # config.json is written after the params: stop there
         open({signal_file!r}, "w").close()
         time.sleep(600)
-      DecoderConfig.to_json_file = hang
+      families.write_config = hang
       checkpoint.save({out!r}, U.random_params(U.SIZES["tiny-a"], 0), U.SIZES["tiny-a"])
   """)
   child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,

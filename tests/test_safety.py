@@ -39,7 +39,7 @@ def _hf_folder(directory, tensors=None, config=CONFIG, tokenizer=False) -> str:
            hf.state_dict_from_params(U.random_params(config, seed=3), config).items()}
   state.update(tensors or {})
   save_file(state, os.path.join(directory, "model.safetensors"))
-  config.to_json_file(os.path.join(directory, "config.json"))
+  families.write_config(config, os.path.join(directory, "config.json"))
   if tokenizer:
     U.train_tokenizer(str(directory))
   return str(directory)
@@ -132,7 +132,7 @@ def test_integer_weight_is_an_error_naming_the_tensor_in_conversion_and_in_place
   state[name] = torch.zeros(shape, dtype=torch.int32)
   (tmp_path / "bin").mkdir()
   torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
-  CONFIG.to_json_file(tmp_path / "bin" / "config.json")
+  families.write_config(CONFIG, tmp_path / "bin" / "config.json")
   with pytest.raises(InputError, match=rf"tensor {name} is stored as int32"):
     convert.convert(tmp_path / "bin", tmp_path / "out2")
 
@@ -282,7 +282,7 @@ def test_malicious_pickle_is_refused_naming_what_it_asked_for_without_torchs_adv
       return (os.system, ("echo pwned",))
   (tmp_path / "in").mkdir()
   torch.save({"model.decoder.embed_tokens.weight": Evil()}, tmp_path / "in" / "pytorch_model.bin")
-  CONFIG.to_json_file(tmp_path / "in" / "config.json")
+  families.write_config(CONFIG, tmp_path / "in" / "config.json")
   with pytest.raises(InputError) as e:
     convert.convert(tmp_path / "in", tmp_path / "out")
   text = str(e.value)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from opt_jax import programs
+from opt_jax import families, programs
 from opt_jax import scoring as S
 import oracle
 
@@ -364,7 +364,7 @@ def test_score_text_checks_output_and_windows_before_restoring(tmp_path, monkeyp
                                       num_attention_heads=2, ffn_dim=32,
                                       max_position_embeddings=32)
   (tmp_path / "ckpt").mkdir()
-  config.to_json_file(tmp_path / "ckpt" / "config.json")
+  families.write_config(config, tmp_path / "ckpt" / "config.json")
   (tmp_path / "in.txt").write_text("some text")
   monkeypatch.setattr(checkpoint, "restore", lambda *a, **k: pytest.fail("restored"))
   score = lambda **kw: S.score_text_file(str(tmp_path / "ckpt"), kw.pop("input", str(

@@ -19,7 +19,7 @@ from experiments import perplexity
 from experiments.analysis import ppl_breaks
 from experiments import validation_ppl as V
 from oracle import hf_logprobs
-from opt_jax import checkpoint, suite
+from opt_jax import checkpoint, families, suite
 from opt_jax.convert import hf
 from opt_jax.errors import InputError
 from opt_jax.tokenizer import load_tokenizer
@@ -45,7 +45,7 @@ def setup(tmp_path_factory):
 
 
 def _hf_model(params, config):
-  model = transformers.OPTForCausalLM(transformers.OPTConfig(**config.to_hf_dict())).eval()
+  model = transformers.OPTForCausalLM(transformers.OPTConfig(**families.to_hf_dict(config))).eval()
   state = {k: torch.from_numpy(np.array(v)) for k, v in
            hf.state_dict_from_params(params, config).items()}
   missing, unexpected = model.load_state_dict(state, strict=False)

@@ -464,7 +464,7 @@ def read_hf(path: str | os.PathLike, *, dtype: Any = None, progress: bool = Fals
     raise ConversionError(f"{config_path} not found: an HF checkpoint needs its config.json "
                           f"beside {os.path.basename(weights)}")
   try:
-    config = DecoderConfig.from_json_file(config_path)
+    config = families.read_config(config_path)
   except ValueError as e:
     raise ConversionError(str(e)) from None
   params = _read(open_weights(weights), config, dtype=dtype, progress=progress,
@@ -625,6 +625,6 @@ def write_hf(directory: str | os.PathLike, params: Mapping[str, Any], config: De
                "weight_map": {e[0]: names[shard_of[e[0]]] for e in entries}}
       with open(os.path.join(tmp, SAFETENSORS_INDEX), "w") as f:
         json.dump(index, f, indent=2, sort_keys=True)
-    config.to_json_file(os.path.join(tmp, "config.json"))
+    families.write_config(config, os.path.join(tmp, "config.json"))
     checkpoint.copy_files(tokenizer_files, tmp)
   return names

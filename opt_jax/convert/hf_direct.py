@@ -71,7 +71,7 @@ def _open(directory: str) -> _Checkpoint:
                        "convert them: run python -m tools.convert_checkpoint "
                        f"--input={directory} --output=DIR and use DIR")
     raise MissingFileError(f"{directory}: no HF weights ({' or '.join(SAFETENSORS_FILES)})")
-  config = DecoderConfig.from_json_file(config_path)
+  config = families.read_config(config_path)
   source = hf.open_weights(weights)
   family = families.get(config.family)
   prefix = hf.layout_prefix(source, family)

@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from opt_jax import families
 from opt_jax.config import DecoderConfig
 from opt_jax.families import opt
 from opt_jax.convert.hf import ConversionError, import_torch, params_from_source, torch_load
@@ -397,7 +398,7 @@ def read_metaseq(path: str | os.PathLike, *, config_path: str | None = None, dty
   source = MetaseqSource(find_parts(path))
   if config_path is not None:
     try:
-      config = DecoderConfig.from_json_file(config_path)
+      config = families.read_config(config_path)
     except (ValueError, FileNotFoundError) as e:
       raise ConversionError(str(e)) from None
     if config.family != opt.NAME:
