@@ -354,9 +354,10 @@ def test_an_empty_icl_context_is_the_start_token(pythia):
   # HFLM: an empty context is [prefix token] and the continuation its own encoding.
   import types  # pylint: disable=import-outside-toplevel
   tok = load_tokenizer(pythia["suite"].model("pythia-a").path(128))
-  items = [D.Item(0, "t", types.SimpleNamespace(context="", continuations=(" fox", " dog"))),
-           D.Item(0, "t", types.SimpleNamespace(context="The", continuations=(" fox",)))]
-  enc = D.encode(items, tok, 64)
+  empty = types.SimpleNamespace(context="", continuations=(" fox", " dog"))
+  items = [icl_tasks.Item(0, "t", empty),
+           icl_tasks.Item(0, "t", types.SimpleNamespace(context="The", continuations=(" fox",)))]
+  enc = icl_tasks.encode(items, tok, 64)
   hf_tok = pythia["hf_tok"]
   assert enc.pairs == [([0], _ids(hf_tok, " fox")), ([0], _ids(hf_tok, " dog")),
                        (_ids(hf_tok, "The"), _ids(hf_tok, "The fox")[len(_ids(hf_tok, "The")):])]

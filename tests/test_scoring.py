@@ -11,6 +11,7 @@ import torch
 
 from opt_jax import families, programs
 from opt_jax import scoring as S
+import _suite_util as U
 import oracle
 
 MAX_LEN = 64  # TINY's max_position_embeddings
@@ -315,13 +316,12 @@ def test_score_text_end_to_end_matches_hf(tmp_path):
   from opt_jax import checkpoint
   from opt_jax import families
   from opt_jax.tokenizer import load_tokenizer
-  from test_tokenizer import _train_bpe
   from tools import score_text
 
   config = families.get("opt").config(vocab_size=400, hidden_size=32, num_hidden_layers=2,
                                       num_attention_heads=4, ffn_dim=64, max_position_embeddings=32)
   hf = oracle.hf_model(config, seed=3)
-  _train_bpe().save(str(tmp_path / "tokenizer.json"))
+  U.train_tokenizer(str(tmp_path), vocab_size=400)   # OPT's special ids <s>=0 ... <unk>=3
   ckpt = tmp_path / "ckpt"
   checkpoint.save(ckpt, oracle.params_from_hf_model(hf, config), config,
                   tokenizer_files=[tmp_path / "tokenizer.json"])

@@ -363,8 +363,8 @@ def test_configuration_names_and_errors():
 
 
 def test_integrity_problem_stops_the_run_before_decoding(world, tmp_path):
-  """A suite whose two checkpoints hold the same weights fails the pre-check before any set is
-  decoded or any folder written."""
+  """A suite whose two checkpoints hold the same weights fails the strict pre-check before any set
+  is decoded or any folder written."""
   import shutil
   root = os.path.dirname(world["suite"])
   shutil.copytree(os.path.join(root, "ckpt", "tiny-a", "step10"), tmp_path / "copy")
@@ -375,7 +375,7 @@ def test_integrity_problem_stops_the_run_before_decoding(world, tmp_path):
   (tmp_path / "dup.json").write_text(json.dumps(suite))
   with pytest.raises(ValueError, match="integrity check"):
     S.run(world["settings"].replace(suite=str(tmp_path / "dup.json"), out=str(tmp_path / "o"),
-                                    cross_suite=None), progress=False)
+                                    cross_suite=None, strict_integrity=True), progress=False)
   assert not os.path.exists(tmp_path / "o" / "sets")
 
 
