@@ -1,5 +1,6 @@
 """The documentation's shape: README.md orients in a page and starts with the two set-up commands;
-every relative link of README.md and docs/*.md points at a file (and heading) that exists."""
+every relative link of README.md, BENCHMARKS.md and docs/*.md points at a file (and heading) that
+exists."""
 from __future__ import annotations
 
 import glob
@@ -10,7 +11,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
-DOCS = [README] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+DOCS = ([README, os.path.join(ROOT, "BENCHMARKS.md")]
+        + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))))
 
 _FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 _CODE_SPAN = re.compile(r"`[^`\n]*`")
