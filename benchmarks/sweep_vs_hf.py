@@ -108,20 +108,16 @@ def setup(work: str, revisions: int, vocab: int, chars: int) -> dict:
       info = json.load(f)
     if info["revisions"] == revisions and info["vocab"] == vocab and info["chars"] == chars:
       return info
-  import tokenizers  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
-  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, REPO)
+  from experiments.tasks import corpus as corpus_lib  # pylint: disable=import-outside-toplevel
 
   shutil.rmtree(work, ignore_errors=True)
   os.makedirs(work)
   text = _markdown_text()
-  tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  tok.train_from_iterator([text], trainers.BpeTrainer(
-      vocab_size=vocab, special_tokens=["<|endoftext|>", "<|padding|>"],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok = corpus_lib.bpe_tokenizer([text], vocab, specials=("<|endoftext|>", "<|padding|>"),
+                                 min_frequency=0)
   fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
                                               eos_token="<|endoftext|>",
                                               unk_token="<|endoftext|>")

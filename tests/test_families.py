@@ -33,6 +33,7 @@ from opt_jax.config import DecoderConfig
 from opt_jax.convert import ConversionError, convert
 from opt_jax.errors import InputError
 import oracle
+from _oracle_fixtures import twin
 
 NAMES = sorted(oracle.FAMILY_TINY)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,9 +41,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module", params=NAMES)
 def fam(request):
-  config = oracle.FAMILY_TINY[request.param]
-  hf = oracle.hf_model(config, seed=1)
-  return request.param, config, hf, oracle.params_from_hf_model(hf, config)
+  return (request.param,) + twin(oracle.FAMILY_TINY[request.param])
 
 
 def _batch(config, side, lengths=(16, 9, 4), total=16, seed=3):

@@ -28,6 +28,7 @@ from opt_jax import generation as G
 from opt_jax import model as M
 from opt_jax import programs
 import oracle
+from _oracle_fixtures import pair, twin  # noqa: F401  (pair: a pytest fixture)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MESH_CHILD = os.path.join(HERE, "_generation_mesh_child.py")
@@ -53,18 +54,9 @@ def _hf_greedy(hf, ids, mask, n, eos):
   return rows
 
 
-@pytest.fixture(scope="module", params=sorted(oracle.TINY))
-def pair(request):
-  config = oracle.TINY[request.param]
-  hf = oracle.hf_model(config, seed=1)
-  return config, hf, oracle.params_from_hf_model(hf, config)
-
-
 @pytest.fixture(scope="module")
 def pre_ln():
-  config = oracle.TINY["pre_ln"]
-  hf = oracle.hf_model(config, seed=2)
-  return config, hf, oracle.params_from_hf_model(hf, config)
+  return twin(oracle.TINY["pre_ln"], seed=2)
 
 
 def test_greedy_32_tokens_match_hf_generate_left_padded(pair):
@@ -316,11 +308,8 @@ def hf_pair(request):
   """(small, large) random HF PyTorch models of one family and one vocabulary, with their
   converted params: [(config, hf model, params), ...]."""
   out = []
-  for name, seed in zip(PAIRS[request.param], (11, 12)):
-    config = oracle.TINY.get(name) or oracle.FAMILY_TINY[name]
-    hf = oracle.hf_model(config, seed=seed)
-    out.append((config, hf, oracle.params_from_hf_model(hf, config)))
-  return out
+  return [twin(oracle.TINY.get(name) or oracle.FAMILY_TINY[name], seed)
+          for name, seed in zip(PAIRS[request.param], (11, 12))]
 
 
 def _hf_next_probs(hf, seq):

@@ -13,22 +13,14 @@ from opt_jax import families, programs
 from opt_jax import scoring as S
 import _suite_util as U
 import oracle
+from _oracle_fixtures import pair, twin  # noqa: F401  (pair: a pytest fixture)
 
 MAX_LEN = 64  # TINY's max_position_embeddings
 
 
-@pytest.fixture(scope="module", params=sorted(oracle.TINY))
-def pair(request):
-  config = oracle.TINY[request.param]
-  hf = oracle.hf_model(config, seed=1)
-  return config, hf, oracle.params_from_hf_model(hf, config)
-
-
 @pytest.fixture(scope="module")
 def pre_ln():
-  config = oracle.TINY["pre_ln"]
-  hf = oracle.hf_model(config, seed=1)
-  return config, hf, oracle.params_from_hf_model(hf, config)
+  return twin(oracle.TINY["pre_ln"], seed=1)
 
 
 def _hf_next_logprobs(hf, ids):

@@ -11,8 +11,6 @@ import jax
 import numpy as np
 import pandas as pd
 import pytest
-import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import _suite_util as U
 from experiments import sequence_generation as S
@@ -41,26 +39,13 @@ GENERATED = [f"{c}_{m}" for c in ("ps-pl", "ps", "ps+pl", "pl", "pl-ps")
              for m in ("greedy", "nucleus")]
 
 
-def _other_tokenizer(directory):
-  """A byte-level BPE of another vocabulary size: its fingerprint differs from the suite's."""
-  tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=290, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(DOCS * 4, trainer)
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, "tokenizer.json")
-  tok.save(path)
-  return path
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("seqgen"))
   suite_path = U.make_suite(os.path.join(root, "a"), steps=(10, 20, 30))
   # A second family: one size (tiny-a's shape), two checkpoints, another tokenizer.
-  tok_file = _other_tokenizer(os.path.join(root, "b", "tok"))
+  # A byte-level BPE of another vocabulary size: its fingerprint differs from the suite's.
+  tok_file = U.train_tokenizer(os.path.join(root, "b", "tok"), vocab_size=290, texts=DOCS * 4)
   config = U.SIZES["tiny-a"]
   ckpts = {}
   for j, step in enumerate((5, 15)):

@@ -1,8 +1,8 @@
 """experiments/token_trajectories.py end to end on a tiny suite, and the analysis outputs.
 
 The suite (2 tiny sizes x 4 checkpoints, HF random init with a different seed per checkpoint,
-saved with opt_jax.checkpoint.save, a byte-level BPE trained with `tokenizers`) is built once per
-module; HF PyTorch is the oracle of the per-token losses.
+saved with opt_jax.checkpoint.save, a byte-level BPE of _suite_util.train_tokenizer) is built
+once per module; HF PyTorch is the oracle of the per-token losses.
 """
 
 import glob
@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
+import _suite_util as U
 import oracle
 from _trajectory_util import log_steps, planted_losses
 from experiments import token_trajectories as tt
@@ -41,24 +41,12 @@ TEXT = (
     "and the books went home again, carried by the same small hands that had read them.")
 
 
-def _train_tokenizer(path):
-  """Byte-level BPE with OPT's special ids (<s>=0, <pad>=1, </s>=2, <unk>=3), CONTRACTS.md."""
-  tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator([TEXT] * 3, trainer)
-  assert tok.get_vocab_size() <= 320
-  tok.save(path)
-  return path
-
-
 @pytest.fixture(scope="module")
 def tiny_suite(tmp_path_factory):
   """(suite.json path, corpus path, {(model, step): HF model}, root)."""
   root = tmp_path_factory.mktemp("tiny_suite")
-  tok_file = _train_tokenizer(str(root / "tokenizer.json"))
+  # Byte-level BPE with OPT's special ids (<s>=0, <pad>=1, </s>=2, <unk>=3).
+  tok_file = U.train_tokenizer(str(root), vocab_size=320, texts=[TEXT] * 3)
   hf_models, entries = {}, []
   for i, (name, config) in enumerate(SIZES.items()):
     ckpts = {}
