@@ -25,7 +25,11 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import ml_dtypes
+import numpy as np
 
 from opt_jax.errors import InputError, MissingFileError
 
@@ -99,17 +103,7 @@ def read_corpus(path: str | os.PathLike, what: str = "corpus") -> Corpus:
   documents: list[Document] = []
   skipped = 0
   if path.endswith(JSONL):
-    for i, line in enumerate(content.splitlines(), 1):
-      if not line.strip():
-        continue
-      try:
-        item = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{i}: not valid JSON ({e.msg}, column {e.colno})") from None
-      text = item.get("text") if isinstance(item, dict) else item
-      if not isinstance(text, str):
-        raise InputError(f"{path}:{i}: expected a JSON string or an object with a string "
-                         f"\"text\" field, got {line.strip()[:80]!r}")
+    for i, text in jsonl_texts(path, content):
       if text.strip():
         documents.append(Document(text, f"{path}:{i}"))
       else:
@@ -124,6 +118,27 @@ def read_corpus(path: str | os.PathLike, what: str = "corpus") -> Corpus:
                         else "text (any file other than .jsonl is one plain-text document)"))
   name = os.path.splitext(os.path.basename(path))[0]
   return Corpus(path, name, tuple(documents), skipped, tuple(notes))
+
+
+def jsonl_texts(path: str, content: str, fields: Sequence[str] = ("text",)
+                ) -> Iterator[tuple[int, str]]:
+  """(line number, text) of each non-blank line of a JSON-lines file's `content`: a bare JSON
+  string, or an object's string under the first of `fields` it has. Errors name the file and
+  line (not valid JSON; no such string)."""
+  for i, line in enumerate(content.splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      item = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise InputError(f"{path}:{i}: not valid JSON ({e.msg}, column {e.colno})") from None
+    if isinstance(item, dict):
+      item = next((item[f] for f in fields if f in item), None)
+    if not isinstance(item, str):
+      names = " or ".join(f'"{f}"' for f in fields)
+      raise InputError(f"{path}:{i}: expected a JSON string or an object with a string {names} "
+                       f"field, got {line.strip()[:80]!r}")
+    yield i, item
 
 
 def normalisation_note(corpora: Sequence[Corpus]) -> str | None:
@@ -170,10 +185,12 @@ def digest_texts(texts: Sequence[str]) -> str:
   return h.hexdigest()
 
 
-def parse_dtype(name: str):
-  """'float32' | 'bfloat16' | 'float16' -> the jnp dtype (parameters and compute; log-probs are
-  fp32 whatever it is). InputError for anything else."""
-  if name not in DTYPES:
-    raise InputError(f"dtype {name!r}: expected one of {', '.join(DTYPES)}")
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  return jnp.dtype(name)
+def parse_dtype(dtype: Any) -> np.dtype | None:
+  """One of DTYPES ('float32' | 'bfloat16' | 'float16'), or a numpy/jax dtype -> the numpy dtype
+  (bfloat16 from ml_dtypes, the object jnp.dtype gives) of parameters and compute (log-probs are
+  fp32 whatever it is); None stays None (keep the stored dtype). InputError for any other name."""
+  if dtype is None:
+    return None
+  if isinstance(dtype, str) and dtype not in DTYPES:
+    raise InputError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+  return np.dtype(ml_dtypes.bfloat16) if str(dtype) == "bfloat16" else np.dtype(dtype)

@@ -96,22 +96,14 @@ def read_prompts(path: str) -> list[str]:
   """Prompts from a .jsonl file ({"prompt"|"text": ...} or a JSON string per line) or any other
   file (one prompt per non-empty line), UTF-8. Errors name the file and line."""
   content = inputs.read_text(path, "prompt file")
-  prompts = []
-  for i, line in enumerate(content.splitlines(), 1):
-    if not line.strip():
-      continue
-    if not path.endswith(inputs.JSONL):
-      prompts.append(line)
-      continue
-    try:
-      item = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise InputError(f"{path}:{i}: not valid JSON ({e})") from None
-    text = item.get("prompt", item.get("text")) if isinstance(item, dict) else item
-    if not isinstance(text, str) or not text.strip():
-      raise InputError(f"{path}:{i}: expected a non-empty string or an object with a "
-                       f"\"prompt\" or \"text\" string, got {line.strip()[:80]!r}")
-    prompts.append(text)
+  if not path.endswith(inputs.JSONL):
+    prompts = [line for line in content.splitlines() if line.strip()]
+  else:
+    prompts = []
+    for i, text in inputs.jsonl_texts(path, content, fields=("prompt", "text")):
+      if not text.strip():
+        raise InputError(f"{path}:{i}: expected a non-empty prompt, got {text[:80]!r}")
+      prompts.append(text)
   if not prompts:
     raise InputError(f"{path}: no prompt (the file is empty or has no non-empty line)")
   return prompts

@@ -22,10 +22,10 @@ import numpy as np
 from opt_jax import files
 from opt_jax.errors import InputError, OutputExistsError
 from opt_jax.families import table
+from opt_jax.inputs import DTYPES, parse_dtype  # noqa: F401  (DTYPES: tools.convert_checkpoint)
 
 INPUT_FORMATS = ("auto", "hf", "metaseq", "opt_jax")
 OUTPUT_FORMATS = ("opt_jax", "hf")
-DTYPES = ("float32", "bfloat16", "float16")
 _HF_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
 
 
@@ -34,17 +34,6 @@ def __getattr__(name: str) -> Any:
     from opt_jax.convert.hf import ConversionError
     return ConversionError
   raise AttributeError(name)
-
-
-def parse_dtype(dtype: Any) -> np.dtype | None:
-  """None, a numpy/jax dtype, or one of DTYPES -> numpy dtype (bfloat16 via ml_dtypes)."""
-  if dtype is None:
-    return None
-  if isinstance(dtype, str) and dtype not in DTYPES:
-    from opt_jax.convert.hf import ConversionError
-    raise ConversionError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-  import ml_dtypes
-  return np.dtype(ml_dtypes.bfloat16) if str(dtype) == "bfloat16" else np.dtype(dtype)
 
 
 def detect_format(path: str | os.PathLike) -> str:
