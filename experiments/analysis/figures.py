@@ -1,4 +1,5 @@
-"""Helpers every analysis plot shares: models in size order, and atomic PNG + PDF files.
+"""Helpers every analysis plot shares: models in size order and their colours, a grid of panels,
+and atomic PNG + PDF files.
 
 pandas + matplotlib's object API only (no pyplot state, no JAX).
 """
@@ -9,6 +10,7 @@ import math
 from collections.abc import Sequence
 
 import pandas as pd
+from matplotlib.figure import Figure
 
 from opt_jax import files
 
@@ -16,6 +18,20 @@ from opt_jax import files
 def model_order(df: pd.DataFrame) -> list[str]:
   """Model names from smallest to largest parameter count (ties keep table order)."""
   return list(df.groupby("model")["params"].first().sort_values(kind="stable").index)
+
+
+def model_colors(models: Sequence[str]) -> dict[str, str]:
+  """One colour of matplotlib's cycle (C0 ... C9, then again) per model, in the order given."""
+  return {m: f"C{i % 10}" for i, m in enumerate(models)}
+
+
+def panel_grid(panels: int, max_columns: int, width: float, height: float):
+  """A constrained-layout Figure of `panels` panels, at most `max_columns` a row, each `width` x
+  `height` inches; returns (figure, its axes as a flat array, spare ones last)."""
+  ncols = min(max_columns, panels)
+  nrows = math.ceil(panels / ncols)
+  fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+  return fig, fig.subplots(nrows, ncols, squeeze=False).ravel()
 
 
 def short_count(value: float, _pos=None) -> str:

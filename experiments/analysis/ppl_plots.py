@@ -10,7 +10,6 @@ name and renamed.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Sequence
 
@@ -35,12 +34,9 @@ def plot_ppl(df: pd.DataFrame, x: str = "steps", corpora: Sequence[str] | None =
     raise ValueError("the perplexity table is empty: nothing to plot")
   column, label = X_AXES[x]
   corpora = list(corpora or dict.fromkeys(df["corpus"]))
-  ncols = min(3, len(corpora))
-  nrows = math.ceil(len(corpora) / ncols)
-  fig = Figure(figsize=(4.2 * ncols, 3.4 * nrows), layout="constrained")
-  axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+  fig, axes = figures.panel_grid(len(corpora), 3, 4.2, 3.4)
   models = figures.model_order(df)
-  colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
+  colors = figures.model_colors(models)
   flagged_labelled = False
   for ax, corpus in zip(axes, corpora):
     sub = df[df["corpus"] == corpus]

@@ -179,12 +179,9 @@ def plot_sets(df: pd.DataFrame, sets: Sequence[str], x: str, title: str) -> Figu
   goes, or "flops"), one panel per set, one line per model size; log-log axes."""
   if x not in X_AXES:
     raise ValueError(f"x={x!r}: expected one of {list(X_AXES)}")
-  ncols = min(4, len(sets))
-  nrows = math.ceil(len(sets) / ncols)
-  fig = Figure(figsize=(3.8 * ncols, 3.2 * nrows), layout="constrained")
-  axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+  fig, axes = figures.panel_grid(len(sets), 4, 3.8, 3.2)
   models = figures.model_order(df)
-  colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
+  colors = figures.model_colors(models)
   for ax, name in zip(axes, sets):
     sub = df[df["set"] == name]
     for m in models:
