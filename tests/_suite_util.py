@@ -1,10 +1,13 @@
 """Test helpers: tiny checkpoint suites with random weights and tiny byte-level BPE tokenizers.
 
-make_suite: OPT architecture, 2 sizes x 4 steps, OPT's special tokens.
+make_suite: OPT architecture, 2 sizes x 4 steps (SIZES; ICL_SIZES: 128 positions), OPT's special
+  tokens.
 make_pythia_suite: Pythia architecture (GPT-NeoX: partial rotary, parallel residual, untied
   embed_out, vocabulary rows beyond the tokenizer), 2 sizes x 3 steps, `<|endoftext|>` as bos and
   eos and no pad token, as Pythia's config.json; each checkpoint is converted from a random HF
   GPTNeoXForCausalLM that `pythia_hf_model` rebuilds as the oracle.
+child_env, free_port: the environment and a coordinator port for tests that start JAX in
+  subprocesses.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 
 import numpy as np
 
@@ -36,6 +40,15 @@ SIZES = {
     "tiny-b": families.get("opt").config(vocab_size=320, hidden_size=48, num_hidden_layers=3,
                                          num_attention_heads=4, ffn_dim=96,
                                          max_position_embeddings=64),
+}
+# Two layers each and 128 positions: room for the cloze prompts of the ICL tests.
+ICL_SIZES = {
+    "tiny-a": families.get("opt").config(vocab_size=320, hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, ffn_dim=64,
+                                         max_position_embeddings=128),
+    "tiny-b": families.get("opt").config(vocab_size=320, hidden_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, ffn_dim=96,
+                                         max_position_embeddings=128),
 }
 STEPS = (10, 20, 30, 40)
 TOKENS_PER_STEP = 1000
@@ -111,6 +124,22 @@ def pythia_hf_model(name: str, step: int):
   return oracle.hf_model(PYTHIA_SIZES[name], seed=pythia_seed(name, step))
 
 
+def hf_opt_model(path: str):
+  """HF OPTForCausalLM (fp32, eval mode) holding the params of the opt_jax OPT checkpoint at
+  `path`, its lm_head tied to the embedding as OPT's."""
+  import torch  # pylint: disable=import-outside-toplevel  (torch: only where needed)
+  import transformers  # pylint: disable=import-outside-toplevel
+  from opt_jax.convert import hf  # pylint: disable=import-outside-toplevel
+  config = checkpoint.load_config(path)
+  model = transformers.OPTForCausalLM(transformers.OPTConfig(**families.to_hf_dict(config))).eval()
+  state = {k: torch.from_numpy(np.array(v)) for k, v in
+           hf.state_dict_from_params(checkpoint.restore(path), config).items()}
+  missing, unexpected = model.load_state_dict(state, strict=False)
+  assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+  model.tie_weights()
+  return model
+
+
 def make_pythia_suite(root: str) -> str:
   """Saves the Pythia-architecture suite (PYTHIA_SIZES x PYTHIA_STEPS) under root/ckpt with the
   tokenizer in root/tok; returns root/suite.json. Each checkpoint's params are converted from
@@ -169,6 +198,24 @@ def random_params(config: DecoderConfig, seed: int, std: float = 0.3):
 
 
 _SHAPES: dict = {}
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child_env(**extra: str) -> dict[str, str]:
+  """The environment of a subprocess that runs JAX: CPU only, the repository importable, and no
+  XLA_FLAGS of this process (a child sets its own device count; otherwise one CPU device)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def free_port() -> int:
+  """A TCP port free on 127.0.0.1 now (jax.distributed's coordinator)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def param_summary(params) -> dict[str, np.ndarray]:

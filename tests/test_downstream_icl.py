@@ -10,29 +10,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import transformers
 
-from _suite_util import make_suite
+from _suite_util import ICL_SIZES, hf_opt_model, make_suite
 from experiments import downstream_icl
 from experiments.analysis import icl
 from experiments.tasks import bigbench as bb
 from experiments.tasks import icl as icl_tasks
-from opt_jax import checkpoint, families
-from opt_jax.convert import hf
+from opt_jax import checkpoint
 from opt_jax.errors import InputError
 from opt_jax.tokenizer import load_tokenizer
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "bigbench")
 # Two of the paper's tasks in no group, one linearity and one breakthroughness task.
 TASKS = ("anachronisms", "emoji_movie", "misconceptions", "phrase_relatedness")
-SIZES = {
-    "tiny-a": families.get("opt").config(vocab_size=320, hidden_size=32, num_hidden_layers=2,
-                                         num_attention_heads=4, ffn_dim=64,
-                                         max_position_embeddings=128),
-    "tiny-b": families.get("opt").config(vocab_size=320, hidden_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, ffn_dim=96,
-                                         max_position_embeddings=128),
-}
+SIZES = ICL_SIZES
 STEPS = (10, 20, 30)
 TEXT = "\n".join(
     f"The {a} of the {b} went {c} to the {d} and said the {e} was {f}."
@@ -109,22 +100,11 @@ def test_default_run_is_two_shot_on_the_papers_tasks_with_every_checkpoint(env):
   assert f"rho {corr.loc['validation_ppl', 'spearman']:.3f} [" in text
 
 
-def _hf_opt(path):
-  config = checkpoint.load_config(path)
-  model = transformers.OPTForCausalLM(transformers.OPTConfig(**families.to_hf_dict(config))).eval()
-  state = {k: torch.from_numpy(np.array(v)) for k, v in
-           hf.state_dict_from_params(checkpoint.restore(path), config).items()}
-  missing, unexpected = model.load_state_dict(state, strict=False)
-  assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-  model.tie_weights()
-  return model, config
-
-
 def test_predictions_under_the_papers_normalisation_match_hf_pytorch(env):
   """tiny-a step 20, two tasks, 2-shot: each option's log-prob from HF OPTForCausalLM (the
   window's last max_positions tokens, as the harness truncates), the mean per token, argmax."""
   path = os.path.join(env["root"], "suite", "ckpt", "tiny-a", "step20")
-  model, config = _hf_opt(path)
+  model, config = hf_opt_model(path), checkpoint.load_config(path)
   tok = load_tokenizer(path)
   length = config.max_position_embeddings
   df = pd.read_csv(os.path.join(env["out"], "icl_results.csv"))

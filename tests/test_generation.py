@@ -11,7 +11,6 @@ second core while the in-process tests run; the mesh tests at the end collect th
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from opt_jax import model as M
 from opt_jax import programs
 import oracle
 from _oracle_fixtures import pair, twin  # noqa: F401  (pair: a pytest fixture)
+import _suite_util as U
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MESH_CHILD = os.path.join(HERE, "_generation_mesh_child.py")
@@ -380,20 +380,6 @@ def test_nucleus_draws_from_the_paper_mixture_top_p_filtered(hf_pair):
 
 # Meshes (subprocesses) -----------------------------------------------------------------------
 
-def _child_env():
-  root = os.path.dirname(HERE)
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  env.pop("XLA_FLAGS", None)   # the child sets its own device count
-  return env
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 class _MeshRuns:
   """The 8-device child and the 2-process run, started together in the background (output to
   log files, so a chatty child never blocks on a full pipe)."""
@@ -407,13 +393,13 @@ class _MeshRuns:
   def _start(self, *args):
     log = open(os.path.join(self.dir, "_".join(a for a in args if "/" not in a) + ".log"), "w")
     with log:
-      proc = subprocess.Popen([sys.executable, MESH_CHILD, *args], env=_child_env(), stdout=log,
+      proc = subprocess.Popen([sys.executable, MESH_CHILD, *args], env=U.child_env(), stdout=log,
                               stderr=subprocess.STDOUT)
     proc.log_path = log.name
     return proc
 
   def _start_multihost(self):
-    port = str(_free_port())
+    port = str(U.free_port())
     self.multihost = [self._start("multihost", os.path.join(self.dir, "multihost.json"),
                                   "--port", port, "--process_id", str(i)) for i in range(2)]
 
@@ -445,7 +431,7 @@ class _MeshRuns:
   def multihost_result(self) -> list[dict]:
     if "multihost" not in self._results:
       ok, log = self._wait(self.multihost, time.monotonic() + 600)
-      if not ok:   # a port taken between _free_port and bind is the one flaky part: retry once
+      if not ok:   # a port taken between free_port and bind is the one flaky part: retry once
         print(log)
         self._start_multihost()
         ok, log = self._wait(self.multihost, time.monotonic() + 600)

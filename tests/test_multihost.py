@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import glob
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,20 +20,12 @@ import pandas as pd
 import pytest
 
 import _suite_util as U
-from opt_jax import families
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240
 # Two tiny OPT sizes x 3 steps; 128 positions for the cloze prompts; heads (4), MLP and vocabulary
 # (320) split over model:2.
-SIZES = {
-    "tiny-a": families.get("opt").config(vocab_size=320, hidden_size=32, num_hidden_layers=2,
-                                         num_attention_heads=4, ffn_dim=64,
-                                         max_position_embeddings=128),
-    "tiny-b": families.get("opt").config(vocab_size=320, hidden_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, ffn_dim=96,
-                                         max_position_embeddings=128),
-}
+SIZES = U.ICL_SIZES
 
 
 @pytest.fixture(scope="module")
@@ -62,29 +53,16 @@ def _flags(binary: str, world) -> list[str]:
   }[binary]
 
 
-def _env(**extra: str) -> dict[str, str]:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep +
-             os.environ.get("PYTHONPATH", ""), **extra)
-  env.pop("XLA_FLAGS", None)   # one CPU device per process
-  return env
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _start(binary: str, flags: list[str], processes: int, per_process=None
            ) -> list[subprocess.Popen]:
   """The binary as `processes` processes (one: no jax.distributed); per_process(i) -> extra
   flags of process i."""
-  port = _free_port()
+  port = U.free_port()
   procs = []
   for i in range(processes):
-    env = _env() if processes == 1 else _env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                                             JAX_NUM_PROCESSES=str(processes),
-                                             JAX_PROCESS_ID=str(i))
+    env = U.child_env() if processes == 1 else U.child_env(
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
+        JAX_PROCESS_ID=str(i))
     extra = per_process(i) if per_process else []
     procs.append(subprocess.Popen([sys.executable, "-m", f"experiments.{binary}", *flags, *extra],
                                   cwd=ROOT, env=env, stdout=subprocess.PIPE,

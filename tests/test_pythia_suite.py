@@ -27,7 +27,7 @@ from experiments import downstream_icl as D
 from experiments import token_trajectories as TT
 from experiments import validation_ppl as V
 from experiments.tasks import icl as icl_tasks
-from opt_jax import families, suite
+from opt_jax import suite
 from opt_jax.errors import InputError
 from opt_jax.tokenizer import load_tokenizer
 
@@ -249,20 +249,6 @@ def _validation_csv(path, *suites):
   return str(path)
 
 
-def _opt_hf(path):
-  """HF OPTForCausalLM holding an opt_jax checkpoint's params."""
-  from opt_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  from opt_jax.convert import hf  # pylint: disable=import-outside-toplevel
-  config = checkpoint.load_config(path)
-  model = transformers.OPTForCausalLM(transformers.OPTConfig(**families.to_hf_dict(config))).eval()
-  state = {k: torch.from_numpy(np.array(v)) for k, v in
-           hf.state_dict_from_params(checkpoint.restore(path), config).items()}
-  missing, unexpected = model.load_state_dict(state, strict=False)
-  assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-  model.tie_weights()
-  return model
-
-
 def _seq_nll(out, label, model, step):
   (path,) = glob.glob(str(out / "store" / "sequence_generation" / "*" / label / model /
                           f"{step}.npz"))
@@ -325,7 +311,7 @@ def test_sequence_generation_on_pythia_with_an_opt_cross_suite(pythia, opt_suite
   opt = suite.load_suite(opt_suite)
   opt_tok = transformers.PreTrainedTokenizerFast(
       tokenizer_file=os.path.join(opt.models[0].path(10), "tokenizer.json"))
-  _check_scores(out, "tiny", sets, [(("tiny-b", 20), _opt_hf(opt.model("tiny-b").path(20)))],
+  _check_scores(out, "tiny", sets, [(("tiny-b", 20), U.hf_opt_model(opt.model("tiny-b").path(20)))],
                 lambda s: [([2] + _ids(opt_tok, c), _ids(opt_tok, t))
                            for c, t in zip(s.contexts, s.texts)])
   assert set(df["scored_by"]) == {"pythia-tiny", "tiny"}

@@ -286,12 +286,9 @@ def test_mesh_data2_model4_gives_the_same_sets_and_scores_as_one_device(world, t
                                        cross_suite=None, plots=False, configurations=("1:-1",),
                                        noise_rates=(0.6,), shuffle_rates=(), swaps_per_kind=0)
   (tmp_path / "settings.json").write_text(json.dumps(cli.as_dict(settings)))
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  env.pop("XLA_FLAGS", None)
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "_sequence_mesh_child.py"),
                          str(tmp_path / "settings.json"), str(tmp_path / "result.json")],
-                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+                        env=U.child_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   got = json.load(open(tmp_path / "result.json"))
   assert got["devices"] == 8

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -27,15 +26,9 @@ ROOT = os.path.dirname(HERE)
 CHILD = os.path.join(HERE, "_sharding_child.py")
 sys.path.insert(0, HERE)
 import _sharding_child as child  # noqa: E402  (shapes and inputs shared with the children)
+import _suite_util as U  # noqa: E402
 
 TOL = 1e-5
-
-
-def _env():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get(
-      "PYTHONPATH", ""))
-  env.pop("XLA_FLAGS", None)  # the child sets its own device count
-  return env
 
 
 def _abstract(spec: str, devices: int) -> AbstractMesh:
@@ -172,8 +165,8 @@ def test_distributed_missing_piece_is_named(dist_calls, monkeypatch):
 @pytest.fixture(scope="module")
 def devices8(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("devices8") / "out.json")
-  proc = subprocess.run([sys.executable, CHILD, "devices8", out], env=_env(), capture_output=True,
-                        text=True, timeout=600)
+  proc = subprocess.run([sys.executable, CHILD, "devices8", out], env=U.child_env(),
+                        capture_output=True, text=True, timeout=600)
   if proc.returncode:
     pytest.fail(f"8-device child failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
   with open(out) as f:
@@ -278,17 +271,12 @@ def test_gqa_kv_heads_that_do_not_split_are_replicated_not_an_error():
 
 # Two processes x 2 devices through jax.distributed + gloo --------------------------------------
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _run_two_processes(out: str, ckpt: str, timeout: float = 300) -> tuple[bool, str]:
-  port = _free_port()
+  port = U.free_port()
   procs = [subprocess.Popen([sys.executable, CHILD, "multihost", out, "--port", str(port),
-                             "--process_id", str(i), "--ckpt", ckpt], env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+                             "--process_id", str(i), "--ckpt", ckpt], env=U.child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
   deadline = time.monotonic() + timeout
   logs, ok = [], True
   try:
@@ -314,7 +302,7 @@ def _run_two_processes(out: str, ckpt: str, timeout: float = 300) -> tuple[bool,
 def test_two_processes_with_gloo_match_single_process(devices8, tmp_path):
   out = str(tmp_path / "multihost.npz")
   ok, logs = _run_two_processes(out, devices8["checkpoint"])
-  if not ok:  # a port taken between _free_port and bind is the one flaky part: retry once
+  if not ok:  # a port taken between free_port and bind is the one flaky part: retry once
     print(logs)
     ok, logs = _run_two_processes(out, devices8["checkpoint"])
   assert ok, logs
@@ -334,7 +322,7 @@ def _plan(tmp_path, mesh: str, memory_gib: float) -> tuple[str, float, bool, flo
   proc = subprocess.run(
       [sys.executable, "-m", "tools.plan_mesh", f"--model={cfg_path}", f"--mesh={mesh}",
        "--batch=8", "--length=32", "--dtype=bfloat16", f"--device_memory_gib={memory_gib}"],
-      env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+      env=U.child_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   lines = proc.stdout.strip().splitlines()
   m = re.fullmatch(r"per_device_total_gib=(\d+\.\d+) fits=(true|false)", lines[-1])
