@@ -13,6 +13,7 @@ child_env, free_port: the environment and a coordinator port for tests that star
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -41,15 +42,9 @@ SIZES = {
                                          num_attention_heads=4, ffn_dim=96,
                                          max_position_embeddings=64),
 }
-# Two layers each and 128 positions: room for the cloze prompts of the ICL tests.
-ICL_SIZES = {
-    "tiny-a": families.get("opt").config(vocab_size=320, hidden_size=32, num_hidden_layers=2,
-                                         num_attention_heads=4, ffn_dim=64,
-                                         max_position_embeddings=128),
-    "tiny-b": families.get("opt").config(vocab_size=320, hidden_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, ffn_dim=96,
-                                         max_position_embeddings=128),
-}
+# The same widths, two layers each and 128 positions: room for the cloze prompts of the ICL tests.
+ICL_SIZES = {name: dataclasses.replace(config, num_hidden_layers=2, max_position_embeddings=128)
+             for name, config in SIZES.items()}
 STEPS = (10, 20, 30, 40)
 TOKENS_PER_STEP = 1000
 
