@@ -21,16 +21,8 @@ from _trajectory_util import log_steps, planted_losses
 from experiments import token_trajectories as tt
 from experiments.analysis import trajectories, trends
 from opt_jax import checkpoint
-from opt_jax import families
 
-SIZES = {
-    "tiny-s": families.get("opt").config(vocab_size=320, hidden_size=32, num_hidden_layers=2,
-                                         num_attention_heads=4, ffn_dim=64,
-                                         max_position_embeddings=64),
-    "tiny-m": families.get("opt").config(vocab_size=320, hidden_size=48, num_hidden_layers=3,
-                                         num_attention_heads=4, ffn_dim=96,
-                                         max_position_embeddings=64),
-}
+SIZES = {"tiny-s": U.SIZES["tiny-a"], "tiny-m": U.SIZES["tiny-b"]}
 STEPS = (100, 200, 300, 400)
 CONTEXT, STRIDE = 32, 16
 TEXT = (
