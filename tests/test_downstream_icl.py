@@ -17,7 +17,8 @@ from experiments import downstream_icl
 from experiments.analysis import icl
 from experiments.tasks import bigbench as bb
 from experiments.tasks import icl as icl_tasks
-from opt_jax import checkpoint, families
+from opt_jax import families
+from opt_jax.checkpoints import checkpoint
 from opt_jax.convert import hf
 from opt_jax.errors import InputError
 from opt_jax.tokenizer import load_tokenizer

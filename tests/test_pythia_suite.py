@@ -251,7 +251,7 @@ def _validation_csv(path, *suites):
 
 def _opt_hf(path):
   """HF OPTForCausalLM holding an opt_jax checkpoint's params."""
-  from opt_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from opt_jax.checkpoints import checkpoint  # pylint: disable=import-outside-toplevel
   from opt_jax.convert import hf  # pylint: disable=import-outside-toplevel
   config = checkpoint.load_config(path)
   model = transformers.OPTForCausalLM(transformers.OPTConfig(**families.to_hf_dict(config))).eval()

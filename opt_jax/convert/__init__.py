@@ -173,7 +173,7 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, *,
     try:
       if output_format == "opt_jax":
         orbax_format.save(output, params, config, tokenizer_files=tokenizer, overwrite=overwrite,
-                        extra={"converted_from": input_path, "source_format": fmt})
+                          extra={"converted_from": input_path, "source_format": fmt})
       else:
         hf.write_hf(output, params, config, tokenizer_files=tokenizer, overwrite=overwrite,
                     progress=progress,
