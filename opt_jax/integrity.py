@@ -215,7 +215,8 @@ def _safetensors_file(path: str, deep: bool, cache: HashCache) -> dict[str, Any]
   try:
     header = safetensors_io.read_header(path)
   except safetensors_io.HeaderError as e:
-    out = {"tensors": [], "problems": [f"{path}: not a readable safetensors file ({e.reason})"]}
+    out = {"tensors": [], "problems": [f"{path}: not a readable safetensors file ({e.detail}): "
+                                       "truncated or corrupt"]}
     cache.put(key, out)
     return out
   problems, tensors = [], []

@@ -12,8 +12,9 @@ Pieces:
   optimizer       AdamW (decay on matrices and embeddings only), linear warmup + cosine decay,
                   global-norm clipping.
   train           one model: jitted step with params/opt state donated, checkpoints written by
-                  `opt_jax.checkpoints.orbax_format.save` in a background thread, validation loss at each
-                  checkpoint, tqdm bar with loss and ETA. Deterministic in (config, data, seed).
+                  `opt_jax.checkpoints.orbax_format.save` in a background thread, validation
+                  loss at each checkpoint, tqdm bar with loss and ETA. Deterministic in (config,
+                  data, seed).
   train_family    several sizes into OUT/ckpt/<name>/step<k>, OUT/suite.json, OUT/training.json;
                   sizes already complete with the same spec are skipped.
 

@@ -44,11 +44,12 @@ MAX_HEADER_BYTES = 100 << 20
 
 
 class HeaderError(ConversionError):
-  """A header that cannot be parsed; `reason` is the message without the path."""
+  """A header that cannot be parsed. `detail` is the fact alone (e.g. the length field and the
+  file size), for callers that word their own report of an unreadable file."""
 
-  def __init__(self, path: str, reason: str):
-    super().__init__(f"{path}: {reason}")
-    self.path, self.reason = path, reason
+  def __init__(self, path: str, message: str, detail: str):
+    super().__init__(f"{path}: {message}")
+    self.path, self.detail = path, detail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,14 +70,16 @@ def read_header(path: str) -> Header:
     head = f.read(8)
     n = int.from_bytes(head, "little") if len(head) == 8 else -1
     if n < 2 or n > min(size - 8, MAX_HEADER_BYTES):
-      raise HeaderError(path, f"not a valid safetensors file (header length field {n}, file "
-                        f"size {size} bytes): the file is truncated or corrupt")
+      fact = f"header length field {n}, file size {size} bytes"
+      raise HeaderError(path, f"not a valid safetensors file ({fact}): the file is truncated or "
+                        "corrupt", fact)
     try:
       header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise HeaderError(path, f"corrupt safetensors header ({e})") from None
+      raise HeaderError(path, f"corrupt safetensors header ({e})", f"header: {e}") from None
   if not isinstance(header, dict):
-    raise HeaderError(path, "corrupt safetensors header (not a JSON object)")
+    raise HeaderError(path, "corrupt safetensors header (not a JSON object)",
+                      "header: not a JSON object")
   header.pop("__metadata__", None)
   tensors = {}
   for name, e in header.items():
@@ -84,8 +87,9 @@ def read_header(path: str) -> Header:
       begin, end = (int(o) for o in e["data_offsets"])
       tensors[name] = (str(e["dtype"]), tuple(int(d) for d in e["shape"]), begin, end)
     except (KeyError, TypeError, ValueError):
+      entry = f"tensor {name}: header entry {str(e)[:200]}"
       raise HeaderError(path, f"tensor {name}: corrupt or unsupported header entry "
-                        f"{str(e)[:200]}") from None
+                        f"{str(e)[:200]}", entry) from None
   return Header(path=path, data_start=8 + n, file_size=size, tensors=tensors)
 
 
