@@ -5,7 +5,7 @@ temporary directory, then runs in fresh subprocesses, one at a time:
   import     python importing opt_jax.convert, jax and orbax only (the fixed cost)
   hf->jax    opt_jax.convert.convert(input, out)                    (what the CLI runs)
   jax->hf    opt_jax.convert.convert(out, out_hf, output_format="hf")
-  restore    opt_jax.checkpoint.restore(out) onto one CPU device
+  restore    opt_jax.checkpoints.checkpoint.restore(out) onto one CPU device
 and reports each child's peak RSS (its own getrusage ru_maxrss) as a ratio to the largest input
 file. "written" is the size of the output directory; "target" = 1.5 x input + written.
 Target (issue 2): peak < 1.5 x largest input file + the size of what is being written.
@@ -26,6 +26,7 @@ import numpy as np
 from absl import app, flags
 
 from opt_jax import families
+from opt_jax.checkpoints import layout, safetensors_io
 from opt_jax.config import DecoderConfig
 from opt_jax.convert import hf
 
@@ -36,7 +37,7 @@ _KEEP = flags.DEFINE_string("workdir", None, "Directory for the files (default: 
 
 _CHILD = r"""
 import json, resource, sys, time
-from opt_jax import checkpoint
+from opt_jax.checkpoints import checkpoint
 from opt_jax.convert import convert
 import jax
 t = time.time()
@@ -55,10 +56,10 @@ def write_random_hf(directory: str, config: DecoderConfig, seed: int = 0) -> str
   families.write_config(config, os.path.join(directory, "config.json"))
   shapes = hf.expected_tensors(config)
   entries = [(k, s, np.dtype("<f4")) for k, s in shapes.items()]
-  path = os.path.join(directory, hf.SAFETENSORS)
+  path = os.path.join(directory, layout.SAFETENSORS)
   rng = np.random.default_rng(seed)
   with open(path, "wb") as f:
-    header = hf.safetensors_header(entries)
+    header = safetensors_io.header_bytes(entries)
     f.write(len(header).to_bytes(8, "little") + header)
     for _, shape, _ in entries:
       f.write(rng.standard_normal(shape, dtype=np.float32).reshape(-1).view(np.uint8))

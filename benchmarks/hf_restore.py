@@ -4,9 +4,9 @@ Builds a random Pythia-410M-shaped GPT-NeoX checkpoint (405M parameters, fp16, o
 model.safetensors; --family/--hidden/... change it) in a temporary directory, converts it to an
 opt_jax (orbax) checkpoint, then restores each in fresh subprocesses, one at a time and `--repeats`
 times each, in their stored dtype:
-  import       python importing opt_jax.checkpoint and jax only (the fixed cost)
-  orbax        opt_jax.checkpoint.restore(orbax copy) onto one CPU device
-  hf           opt_jax.checkpoint.restore(HF folder) onto one CPU device (opt_jax.convert.hf_direct)
+  import       python importing opt_jax.checkpoints.checkpoint and jax only (the fixed cost)
+  orbax        checkpoint.restore(orbax copy) onto one CPU device
+  hf           checkpoint.restore(HF folder) onto one CPU device (opt_jax.checkpoints.hf_format)
   orbax mesh / hf mesh   the same onto a --mesh of 8 simulated CPU devices
 Each child reports its own peak RSS (VmHWM) and the seconds of the restore alone
 (imports excluded, arrays ready). The files are in the page cache (just written): restore times
@@ -29,6 +29,7 @@ import numpy as np
 from absl import app, flags
 
 from opt_jax import families
+from opt_jax.checkpoints import layout, safetensors_io
 from opt_jax.convert import convert, hf
 
 _FAMILY = flags.DEFINE_enum("family", "gpt_neox", ["gpt_neox", "opt", "llama"], "Model family.")
@@ -48,7 +49,8 @@ mode, path, mesh_spec = sys.argv[1:4]
 import jax
 if mesh_spec != "-":
   jax.config.update("jax_num_cpu_devices", 8)
-from opt_jax import checkpoint, sharding
+from opt_jax import sharding
+from opt_jax.checkpoints import checkpoint
 secs = 0.0
 if mode != "import":
   shardings = None
@@ -82,10 +84,10 @@ def write_random_hf(directory: str, config, dtype: np.dtype, seed: int = 0) -> s
   os.makedirs(directory, exist_ok=True)
   families.write_config(config, os.path.join(directory, "config.json"))
   entries = [(k, s, dtype) for k, s in hf.expected_tensors(config).items()]
-  path = os.path.join(directory, hf.SAFETENSORS)
+  path = os.path.join(directory, layout.SAFETENSORS)
   rng = np.random.default_rng(seed)
   with open(path, "wb") as f:
-    header = hf.safetensors_header(entries)
+    header = safetensors_io.header_bytes(entries)
     f.write(len(header).to_bytes(8, "little") + header)
     for _, shape, _ in entries:
       value = (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(dtype)

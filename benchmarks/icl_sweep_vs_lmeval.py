@@ -114,7 +114,7 @@ def setup(work: str, bigbench_dir: str, vocab_size: int, std: float) -> dict:
     with open(marker) as f:
       return json.load(f)
   from experiments.tasks import bigbench as bb
-  from opt_jax import checkpoint
+  from opt_jax.checkpoints import orbax_format
 
   texts = []
   for name in sorted(os.listdir(bigbench_dir))[:40]:   # enough English text for an 8k BPE
@@ -129,8 +129,8 @@ def setup(work: str, bigbench_dir: str, vocab_size: int, std: float) -> dict:
     ckpts = {}
     for j, step in enumerate(STEPS):
       rel = f"ckpt/{name}/step{step}"
-      checkpoint.save(os.path.join(work, rel), _random_params(config, 10 * i + j, std), config,
-                      tokenizer_files=[tok_file])
+      orbax_format.save(os.path.join(work, rel), _random_params(config, 10 * i + j, std), config,
+                        tokenizer_files=[tok_file])
       ckpts[str(step)] = rel
       hf = os.path.join(work, "hf", name, f"step{step}")
       subprocess.run([sys.executable, "-m", "tools.convert_checkpoint", "--to=hf",
@@ -164,7 +164,8 @@ def build_requests(bigbench_dir: str, tasks: list[str], k: int, max_examples: in
                    suite: str, seed: int = 0):
   """(items, encoded, string requests) exactly as experiments.downstream_icl.run builds them."""
   from experiments.tasks import icl as icl_tasks
-  from opt_jax import checkpoint, suite as suite_lib
+  from opt_jax import suite as suite_lib
+  from opt_jax.checkpoints import checkpoint
   from opt_jax.tokenizer import load_tokenizer
 
   task_list = icl_tasks.load_tasks(bigbench_dir, tasks)
@@ -236,7 +237,8 @@ def breakdown_worker(argv: list[str], out: str) -> None:
   from experiments import downstream_icl as icl_bin
   from experiments.analysis import icl_plots
   from experiments.tasks import icl as icl_tasks
-  from opt_jax import checkpoint, scoring, sweep, tokenizer  # noqa: F401 (imported by run)
+  from opt_jax import scoring, sweep, tokenizer  # noqa: F401 (imported by run)
+  from opt_jax.checkpoints import checkpoint  # noqa: F401 (imported by run)
   add("import opt_jax, experiments, pandas, matplotlib", time.perf_counter() - t)
 
   events = {"/jax/core/compile/jaxpr_trace_duration": "jax: trace",

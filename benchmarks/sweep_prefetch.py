@@ -3,8 +3,8 @@ r"""Does prefetching hide checkpoint restores? A 6-checkpoint sweep of an OPT-12
   python -m benchmarks.sweep_prefetch [--checkpoints=6 --preset=125m --repeats=2]
   python -m benchmarks.sweep_prefetch --simulated_read_mbps=100   # I/O-bound restores
 
-Writes --checkpoints random fp32 checkpoints of the preset's shape (opt_jax.checkpoint.save) to a
-temporary folder, measures how long one restore takes, then sizes the evaluation (Scorer.
+Writes --checkpoints random fp32 checkpoints of the preset's shape
+(opt_jax.checkpoints.orbax_format.save) to a temporary folder, measures how long one restore takes, then sizes the evaluation (Scorer.
 rolling_tokens on a fixed set of random token windows) so that evaluating a checkpoint takes about
 as long as restoring it. Then it runs the same sweep (opt_jax.sweep.run_sweep) without and with
 prefetch, --repeats times each, alternating, and reports:
@@ -36,7 +36,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from opt_jax import checkpoint, results, suite, sweep
+from opt_jax import results, suite, sweep
+from opt_jax.checkpoints import checkpoint, orbax_format
 from opt_jax import families
 from opt_jax.model import param_shapes
 
@@ -62,7 +63,7 @@ def write_checkpoints(root: str, config, n: int) -> dict[str, str]:
     rng = np.random.default_rng(i)
     params = jax.tree.map(lambda s: (0.02 * rng.standard_normal(s.shape, np.float32)), shapes)
     path = os.path.join(root, f"step{1000 * (i + 1)}")
-    checkpoint.save(path, params, config)
+    orbax_format.save(path, params, config)
     paths[str(1000 * (i + 1))] = path
     del params
   return paths

@@ -197,7 +197,8 @@ def kernel_worker(path: str, corpus: str, reps: int, out: str) -> None:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   sys.path.insert(0, REPO)
-  from opt_jax import checkpoint, programs, scoring, tokenizer  # pylint: disable=import-outside-toplevel
+  from opt_jax import programs, scoring, tokenizer  # pylint: disable=import-outside-toplevel
+  from opt_jax.checkpoints import checkpoint  # pylint: disable=import-outside-toplevel
   config = checkpoint.load_config(path)
   params = checkpoint.restore(path)
   tok = tokenizer.load_tokenizer(path, config=config)

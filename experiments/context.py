@@ -125,7 +125,8 @@ class Experiment:
   def _load(self, suite_path: str, models: Sequence[str] | None, *, own: bool = True) -> None:
     """Loads the suite of the run (own) or another (with_suite: --exclude names of models it does
     not have are not its)."""
-    from opt_jax import checkpoint, sharding, sweep  # pylint: disable=import-outside-toplevel
+    from opt_jax import sharding, sweep  # pylint: disable=import-outside-toplevel
+    from opt_jax.checkpoints import checkpoint  # pylint: disable=import-outside-toplevel
 
     self.suite, left_out = _load_suite(suite_path, models, self.settings.exclude,
                                        strict=self.settings.strict_integrity, own=own)
@@ -466,8 +467,8 @@ def _check_out_is_ours(out: str, name: str) -> None:
   """One experiment per output folder, and never a checkpoint folder: InputError before any work
   when --out is (or lies inside) a checkpoint, or holds another experiment's results or run
   manifests (its summary.md and tables would be overwritten)."""
-  from opt_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  inside = checkpoint.enclosing_checkpoint(out)
+  from opt_jax.checkpoints import layout  # pylint: disable=import-outside-toplevel
+  inside = layout.enclosing_checkpoint(out)
   if inside:
     raise InputError(f"--out={out} is or lies inside the checkpoint folder {inside}: outputs "
                      "never go into a checkpoint (later runs would find it changed); give "

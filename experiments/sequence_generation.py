@@ -161,7 +161,8 @@ def generated_sets(ctx: Experiment, docs: Sequence[str]) -> tuple[list[SequenceS
                                                                   dict[str, Any]]:
   """The generated sets from the final checkpoints of --small and --large, decoded on ctx.mesh,
   and the generation stats for the manifest."""
-  from opt_jax import checkpoint, generation, sharding  # pylint: disable=import-outside-toplevel
+  from opt_jax import generation, sharding  # pylint: disable=import-outside-toplevel
+  from opt_jax.checkpoints import checkpoint  # pylint: disable=import-outside-toplevel
 
   s = ctx.settings
   small, large = _pair(ctx)

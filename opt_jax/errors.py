@@ -25,3 +25,10 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class OutputExistsError(UserError, FileExistsError):
   """An output location is taken by something opt_jax will not overwrite."""
+
+
+class ConversionError(InputError):
+  """Checkpoint files that cannot be read as the model they claim to be (a missing, unexpected,
+  misshapen or corrupt tensor, a damaged safetensors header): raised by conversion and by the
+  in-place read of HF checkpoints alike. The message names the file and tensor at fault and what
+  was expected."""

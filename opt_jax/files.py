@@ -34,9 +34,10 @@ import secrets
 import shutil
 import socket
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from opt_jax.errors import OutputExistsError, UserError
+from opt_jax.checkpoints import layout
+from opt_jax.errors import MissingFileError, OutputExistsError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -410,3 +411,98 @@ def check_output(path: str | os.PathLike, *, folder: bool, what: str) -> str:
   if not os.access(existing, os.W_OK | os.X_OK):
     raise InputError(f"{what}={path}: cannot write into {existing} (permission denied)")
   return path
+
+
+# Checkpoint outputs ---------------------------------------------------------------------------
+
+def file_pairs(paths: Iterable[str | os.PathLike | tuple[str | os.PathLike, str]]
+               ) -> list[tuple[str, str]]:
+  """(source path, name in the output) for each tokenizer file of a checkpoint output: a path
+  keeps its base name. MissingFileError for a path that is not a file."""
+  pairs = []
+  for f in paths:
+    src, name = (f if isinstance(f, tuple) else (f, os.path.basename(os.fspath(f))))
+    src = os.fspath(src)
+    if not os.path.isfile(src):
+      raise MissingFileError(f"tokenizer file not found: {src}")
+    pairs.append((src, name))
+  return pairs
+
+
+def copy_files(pairs: Iterable[tuple[str, str]], directory: str) -> None:
+  """Copies each (source path, name) of `file_pairs` into `directory` under its name."""
+  for src, name in pairs:
+    shutil.copyfile(src, os.path.join(directory, name))
+
+
+@contextlib.contextmanager
+def atomic_checkpoint_directory(directory: str | os.PathLike, *, overwrite: bool = False,
+                                kind: str | None = None) -> Iterator[str]:
+  """`atomic_directory` for a checkpoint output: yields a hidden temporary sibling of `directory`
+  to fill; renames it to `directory` when the block completes, removes it when the block raises.
+
+  overwrite: replace an existing `directory` if `check_can_overwrite(directory, kind)` allows it
+  (checked before the block runs and again before the replace); otherwise it is an
+  OutputExistsError. kind: 'opt_jax', 'hf' or None (either).
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if os.path.lexists(directory) and not overwrite:
+    raise OutputExistsError(f"{directory} already exists; pass overwrite=True to replace it")
+  may_replace = (lambda d: check_can_overwrite(d, kind)) if overwrite else None
+  with atomic_directory(directory, may_replace=may_replace) as tmp:
+    yield tmp
+
+
+def check_checkpoint_output(directory: str, overwrite: bool, kind: str | None) -> None:
+  """Before writing a checkpoint to `directory`: OutputExistsError unless it is absent, or
+  `overwrite` is set and `check_can_overwrite(directory, kind)` allows replacing it."""
+  if not os.path.lexists(directory):
+    return
+  if not overwrite:
+    raise OutputExistsError(f"{directory} already exists; pass overwrite=True to replace it")
+  check_can_overwrite(directory, kind)
+
+
+def check_can_overwrite(directory: str | os.PathLike, kind: str | None = "opt_jax") -> None:
+  """Raises OutputExistsError unless `directory` is absent or recognisably an earlier output of
+  `kind` with nothing else in it, so that replacing it deletes only what opt_jax wrote.
+
+  kind 'opt_jax': a complete opt_jax checkpoint (config.json, opt_jax.json, params/, tokenizer
+  files); 'hf': config.json + model.safetensors (or numbered shards + their index) + tokenizer
+  files, as opt_jax.convert.hf.write_hf writes; None: either.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if not os.path.lexists(directory):
+    return
+  kinds = ("opt_jax", "hf") if kind is None else (kind,)
+  refusal = f"refusing to overwrite {directory}"
+  if not os.path.isdir(directory) or os.path.islink(directory):
+    raise OutputExistsError(f"{refusal}: it is not a directory; give another output directory")
+  entries = sorted(os.listdir(directory))
+  reasons = []
+  for k in kinds:
+    if k == "opt_jax":
+      # A damaged earlier checkpoint is still recognisably ours: a rerun is what replaces it.
+      parts = (layout.CONFIG_FILE, layout.METADATA_FILE, layout.PARAMS_DIR)
+      allowed = lambda e: e in parts or e in layout.TOKENIZER_FILES
+      lacks = [p for p in parts if p not in entries]
+      what = "an opt_jax checkpoint"
+    elif k == "hf":
+      allowed = lambda e: e in layout.TOKENIZER_FILES or layout.HF_OUTPUT.fullmatch(e) is not None
+      lacks = [] if layout.CONFIG_FILE in entries else [layout.CONFIG_FILE]
+      if not {"model.safetensors", "model.safetensors.index.json"} & set(entries):
+        lacks.append("model.safetensors")
+      what = "an HF safetensors checkpoint as opt_jax writes it"
+    else:
+      raise ValueError(f"kind must be 'opt_jax', 'hf' or None, got {kind!r}")
+    others = [e + ("/" if os.path.isdir(os.path.join(directory, e)) else "")
+              for e in entries if not allowed(e)]
+    if not lacks and not others:
+      return
+    if lacks:
+      reasons.append(f"it is not {what} (it lacks {', '.join(lacks)})")
+    else:
+      reasons.append(f"it holds {', '.join(others[:8])}{' ...' if len(others) > 8 else ''} "
+                     f"besides the files of {what}")
+  raise OutputExistsError(f"{refusal}: {'; '.join(reasons)}; overwrite replaces only an earlier "
+                          "output of the same kind, nothing else: give a new output directory")

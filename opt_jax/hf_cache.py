@@ -36,22 +36,16 @@ import statistics
 from typing import Any, Iterable
 
 from opt_jax import families, suite_templates
+from opt_jax.checkpoints import safetensors_io
+from opt_jax.checkpoints.layout import (CONFIG_FILE, SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN,
+                                        WEIGHT_FILES)
 from opt_jax.errors import InputError, MissingFileError, OutputExistsError
-
-# HF weight files, in the order transformers prefers them.
-SAFETENSORS = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-TORCH_BIN = "pytorch_model.bin"
-TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
-WEIGHT_FILES = (SAFETENSORS_INDEX, SAFETENSORS, TORCH_BIN_INDEX, TORCH_BIN)
-CONFIG_FILE = "config.json"
 
 # Non-parameter buffers that some checkpoints store (causal-mask and rotary tables of GPT-2 /
 # GPT-NeoX / Llama exports): not counted as parameters and never expected to change in training.
 BUFFER_SUFFIXES = (".attention.bias", ".attention.masked_bias", ".attn.bias", ".attn.masked_bias",
                    ".rotary_emb.inv_freq")
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-_MAX_HEADER_BYTES = 100 << 20
 STAGE2_MODES = ("separate", "drop")
 # How the files written from a cache scan start, so that a re-run replaces only its own files.
 MANIFEST_MARK = "HF cache "
@@ -155,47 +149,6 @@ def estimate_tokens_per_step(revisions: Iterable[Revision]) -> int | None:
 # Snapshot folders -----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class SafetensorsHeader:
-  """A .safetensors header: tensors maps name -> (dtype, shape, begin, end), offsets relative to
-  data_start; file_size is the file's size in bytes."""
-  path: str
-  data_start: int
-  file_size: int
-  tensors: dict[str, tuple[str, tuple[int, ...], int, int]]
-
-
-def read_safetensors_header(path: str) -> SafetensorsHeader:
-  """Parses the header (u64 little-endian length N, then N bytes of JSON) without reading data.
-
-  Read here rather than through the `safetensors` library because the integrity check needs the
-  raw byte ranges of each tensor, which its API does not expose. Raises InputError naming the file
-  when the header is unreadable; a file shorter than its header says is reported by the caller.
-  """
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
-    head = f.read(8)
-    n = int.from_bytes(head, "little") if len(head) == 8 else -1
-    if n < 2 or n > min(size - 8, _MAX_HEADER_BYTES):
-      raise InputError(f"{path}: not a readable safetensors file (header length field {n}, file "
-                       f"size {size} bytes): truncated or corrupt")
-    try:
-      header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise InputError(f"{path}: corrupt safetensors header ({e})") from None
-  if not isinstance(header, dict):
-    raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
-  header.pop("__metadata__", None)
-  tensors = {}
-  for name, e in header.items():
-    try:
-      begin, end = (int(o) for o in e["data_offsets"])
-      tensors[name] = (str(e["dtype"]), tuple(int(d) for d in e["shape"]), begin, end)
-    except (KeyError, TypeError, ValueError):
-      raise InputError(f"{path}: tensor {name}: corrupt header entry {str(e)[:200]}") from None
-  return SafetensorsHeader(path=path, data_start=8 + n, file_size=size, tensors=tensors)
-
-
 def is_buffer(name: str, dtype: str) -> bool:
   """Stored tensors that are not trained parameters: non-float dtypes and known buffers."""
   return dtype not in _FLOAT_DTYPES or name.endswith(BUFFER_SUFFIXES)
@@ -258,7 +211,7 @@ def count_params(directory: str) -> int | None:
   total = 0
   try:
     for path in files:
-      for name, (dtype, shape, _, _) in read_safetensors_header(path).tensors.items():
+      for name, (dtype, shape, _, _) in safetensors_io.read_header(path).tensors.items():
         if not is_buffer(name, dtype):
           total += math.prod(shape)
   except (OSError, InputError):

@@ -51,6 +51,7 @@ import zipfile
 from typing import Any, Iterable
 
 from opt_jax import families, files, hf_cache
+from opt_jax.checkpoints import safetensors_io
 from opt_jax.errors import InputError
 
 FAST_WINDOWS = 8
@@ -212,9 +213,10 @@ def _safetensors_file(path: str, deep: bool, cache: HashCache) -> dict[str, Any]
   if cached is not None:
     return cached
   try:
-    header = hf_cache.read_safetensors_header(path)
-  except InputError as e:
-    out = {"tensors": [], "problems": [str(e)]}
+    header = safetensors_io.read_header(path)
+  except safetensors_io.HeaderError as e:
+    out = {"tensors": [], "problems": [f"{path}: not a readable safetensors file ({e.detail}): "
+                                       "truncated or corrupt"]}
     cache.put(key, out)
     return out
   problems, tensors = [], []

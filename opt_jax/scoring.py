@@ -46,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -589,7 +589,8 @@ class Scorer:
 def score_text_file(checkpoint_dir: str, input_path: str, output_path: str, *,
                     context_length: int | None = None, stride: int | None = None,
                     batch_size: int = 8, dtype: str = "float32", attention: str = "auto",
-                    conventions: str = "native", progress: bool = True) -> dict[str, Any]:
+                    conventions: str = "native", progress: bool = True,
+                    names: Mapping[str, str] | None = None) -> dict[str, Any]:
   """Scores every document of `input_path` (opt_jax.inputs: .jsonl is JSON lines with a "text"
   field, any other file one plain-text document) with the checkpoint.
 
@@ -601,27 +602,31 @@ def score_text_file(checkpoint_dir: str, input_path: str, output_path: str, *,
   log-probs in nats, each token scored once in sliding windows (`Scorer.rolling_tokens`).
   Returns {"nll", "num_tokens", "perplexity", "documents", "skipped"}: totals over all documents
   (perplexity = exp(nll / num_tokens)), empty documents skipped. The input, the output location
-  and the windows are checked before any restore.
+  and the windows are checked before any restore; a message names the argument at fault by its
+  name here, or by what `names` calls it ({"context_length": "--context_length", ...}: a binary
+  passes its flags).
   """
   import json  # pylint: disable=import-outside-toplevel
 
-  from opt_jax import checkpoint, files, inputs  # pylint: disable=import-outside-toplevel
+  from opt_jax import files, inputs  # pylint: disable=import-outside-toplevel
+  from opt_jax.checkpoints import checkpoint  # pylint: disable=import-outside-toplevel
   from opt_jax.errors import InputError  # pylint: disable=import-outside-toplevel
   from opt_jax.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
 
-  output_path = files.check_output(output_path, folder=False, what="--output")
-  corpus = inputs.read_corpus(input_path, "--input")
+  name = lambda argument: (names or {}).get(argument, argument)
+  output_path = files.check_output(output_path, folder=False, what=name("output_path"))
+  corpus = inputs.read_corpus(input_path, name("input_path"))
   compute = inputs.parse_dtype(dtype)
   config = checkpoint.load_config(checkpoint_dir)
   positions = config.max_position_embeddings
   if context_length is not None and not 2 <= context_length <= positions:
-    raise InputError(f"--context_length={context_length}: expected 2 to {positions} (the "
+    raise InputError(f"{name('context_length')}={context_length}: expected 2 to {positions} (the "
                      f"model's max_position_embeddings)")
   if stride is not None and not 1 <= stride <= (context_length or positions):
-    raise InputError(f"--stride={stride}: expected 1 to the context length "
+    raise InputError(f"{name('stride')}={stride}: expected 1 to the context length "
                      f"({context_length or positions})")
   if batch_size < 1:
-    raise InputError(f"--batch_size={batch_size}: expected an integer >= 1")
+    raise InputError(f"{name('batch_size')}={batch_size}: expected an integer >= 1")
   tok = load_tokenizer(checkpoint_dir, config=config, conventions=conventions)
   token_lists = tok.encode_documents(list(corpus.texts))
   params = checkpoint.restore(checkpoint_dir, dtype=compute)

@@ -502,7 +502,7 @@ def _parse_checkpoint_entry(entry: _Pairs, step: int, where: str, revisions: dic
 
 
 def _check_checkpoints(m: SuiteModel) -> list[str]:
-  """Missing directories, entries opt_jax cannot read (opt_jax.checkpoint.checkpoint_problem:
+  """Missing directories, entries opt_jax cannot read (opt_jax.checkpoints' checkpoint_problem:
   e.g. an unconverted HF folder), configs that differ within the model, params far from the
   config's."""
   per_step, model_problems = _checkpoint_problems(m)
@@ -511,7 +511,7 @@ def _check_checkpoints(m: SuiteModel) -> list[str]:
 
 def _checkpoint_problems(m: SuiteModel) -> tuple[dict[int, str], list[str]]:
   """({step: why it cannot be read or differs}, [problems of the model as a whole])."""
-  from opt_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from opt_jax.checkpoints import checkpoint  # pylint: disable=import-outside-toplevel
   per_step: dict[int, str] = {}
   problems: list[str] = []
   configs: dict[int, DecoderConfig] = {}
@@ -563,7 +563,7 @@ def readable(suite: Suite) -> tuple[Suite, list[str]]:
   """(the suite without the checkpoints opt_jax cannot read, one line per checkpoint left out).
 
   The cheap checks of `load_suite(check_paths=True)`, per checkpoint: a missing directory, an
-  entry `opt_jax.checkpoint.checkpoint_problem` refuses (a .bin-only or truncated HF snapshot),
+  entry opt_jax.checkpoints' `checkpoint_problem` refuses (a .bin-only or truncated HF snapshot),
   a config.json unlike the model's other checkpoints. Models left with no checkpoint are dropped.
   Raises SuiteError for problems of a model as a whole (params far from its config's) and when
   nothing is left to evaluate."""

@@ -28,7 +28,7 @@ skip is decided once, up front, from the shared store (the processes check that 
 same); only the main process writes, and every process waits at a barrier at the end of the
 sweep, so results are written before any process reads them. Collectives come from the main
 thread only: the prefetching restore reads each process's own slices and issues none
-(opt_jax.checkpoint.restore). Whether a checkpoint restored is agreed by all processes before it
+(opt_jax.checkpoints' restore). Whether a checkpoint restored is agreed by all processes before it
 is evaluated (a file one process cannot read fails it on every process); an evaluation error
 stops the run on every process, since the others may be inside a collective of that evaluation
 (the binaries end every process with the same one-line error: sharding.fail_together).
@@ -53,7 +53,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from opt_jax import checkpoint, files, programs, sharding
+from opt_jax import files, programs, sharding
+from opt_jax.checkpoints import checkpoint
 from opt_jax.config import DecoderConfig
 from opt_jax.errors import InputError, UserError
 from opt_jax.results import CorruptResultError, Key, ResultStore
@@ -254,7 +255,7 @@ def run_sweep(suite: Suite, evaluate: Evaluate, store: ResultStore, *,
     device.
   dtype: cast parameters while restoring (e.g. jnp.bfloat16); None keeps the stored dtype.
   run_info: flags etc. recorded in the run manifest, written to out_dir (default store.root)/runs/.
-  restore: replaces opt_jax.checkpoint.restore (signature restore(path, shardings=, dtype=)).
+  restore: replaces opt_jax.checkpoints' restore (signature restore(path, shardings=, dtype=)).
   stop_on_failure: raise the first restore or evaluation error (after recording it) instead of
     recording it in SweepReport.failed and the run manifest and going on.
   """

@@ -12,8 +12,9 @@ Pieces:
   optimizer       AdamW (decay on matrices and embeddings only), linear warmup + cosine decay,
                   global-norm clipping.
   train           one model: jitted step with params/opt state donated, checkpoints written by
-                  `opt_jax.checkpoint.save` in a background thread, validation loss at each
-                  checkpoint, tqdm bar with loss and ETA. Deterministic in (config, data, seed).
+                  `opt_jax.checkpoints.orbax_format.save` in a background thread, validation
+                  loss at each checkpoint, tqdm bar with loss and ETA. Deterministic in (config,
+                  data, seed).
   train_family    several sizes into OUT/ckpt/<name>/step<k>, OUT/suite.json, OUT/training.json;
                   sizes already complete with the same spec are skipped.
 
@@ -40,7 +41,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from opt_jax import checkpoint, families, files
+from opt_jax import families, files
+from opt_jax.checkpoints import checkpoint, orbax_format
 from opt_jax import model as model_lib
 from opt_jax.config import DecoderConfig
 
@@ -319,7 +321,7 @@ def train(config: DecoderConfig, train_ids: np.ndarray, tc: TrainConfig, *, peak
           path = os.path.join(checkpoint_dir, f"step{step}")
           extra = {"step": step, "tokens": step * tc.tokens_per_step,
                    "train_loss": train_loss, "val_loss": history[-1]["val_loss"]}
-          pending.append(saver.submit(checkpoint.save, path, host, config,
+          pending.append(saver.submit(orbax_format.save, path, host, config,
                                       tokenizer_files=tokenizer_files, extra=extra,
                                       overwrite=True))
           checkpoints[step] = path

@@ -30,12 +30,13 @@ def main(work: str, out_path: str) -> None:
   import _sharding_child as sc  # the tiny family shapes that divide 8
   import ml_dtypes
   import oracle
-  from opt_jax import checkpoint, sharding
-  from opt_jax.convert import convert, hf_direct
+  from opt_jax import sharding
+  from opt_jax.checkpoints import checkpoint, safetensors_io
+  from opt_jax.convert import convert
   from opt_jax.families import table
 
   read = {"bytes": 0}
-  real_open = hf_direct.safe_open
+  real_open = safetensors_io.safe_open
 
   class Counting:
     """safe_open whose slices count the bytes they return."""
@@ -60,7 +61,7 @@ def main(work: str, out_path: str) -> None:
           return value
       return Slice()
 
-  hf_direct.safe_open = Counting
+  safetensors_io.safe_open = Counting
   configs = {"opt": sc.config(), **{f: sc.family_config(f) for f in sc.FAMILY_CONFIGS}}
   results = {}
   for name, config in configs.items():

@@ -180,7 +180,8 @@ def compiled_hlo(cfg, mesh, batch=4, length=16) -> str:
 
 def run_devices8(out_path: str) -> None:
   import jax
-  from opt_jax import checkpoint, model, scoring, sharding
+  from opt_jax import model, scoring, sharding
+  from opt_jax.checkpoints import checkpoint, orbax_format
   assert jax.device_count() == 8, jax.devices()
   cfg = config()
   params = params_for(cfg)
@@ -218,7 +219,7 @@ def run_devices8(out_path: str) -> None:
   # Restore onto a 4 x 2 (and a 2 x 2 x 2 fsdp) mesh: each device holds only its shards.
   result["restore"] = {}
   path = os.path.join(os.path.dirname(os.path.abspath(out_path)), "ckpt")
-  checkpoint.save(path, params, cfg, overwrite=True)  # kept: the multi-host children restore it
+  orbax_format.save(path, params, cfg, overwrite=True)  # kept: the multi-host children restore it
   for spec in ("data:4,model:2", "data:2,fsdp:2,model:2"):
     m = sharding.make_mesh(spec)
     restored = checkpoint.restore(path, shardings=sharding.param_shardings(cfg, m))
@@ -273,7 +274,8 @@ def run_families() -> dict:
 
 def run_multihost(out_path: str, port: int, process_id: int, ckpt: str | None) -> None:
   import jax
-  from opt_jax import checkpoint, sharding
+  from opt_jax import sharding
+  from opt_jax.checkpoints import checkpoint
   sharding.initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
   assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
   cfg = config()

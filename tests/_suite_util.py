@@ -21,7 +21,7 @@ import socket
 import numpy as np
 
 from experiments.tasks import corpus
-from opt_jax import checkpoint
+from opt_jax.checkpoints import checkpoint, orbax_format
 from opt_jax import families
 from opt_jax.model import param_shapes
 
@@ -98,7 +98,7 @@ def make_suite(root: str, sizes: dict[str, DecoderConfig] | None = None, steps=S
     for j, step in enumerate(steps):
       params = random_params(config, seed=100 * i + j, std=std)
       rel = f"ckpt/{name}/step{step}"
-      checkpoint.save(os.path.join(root, rel), params, config, tokenizer_files=[tok_file])
+      orbax_format.save(os.path.join(root, rel), params, config, tokenizer_files=[tok_file])
       ckpts[str(step)] = rel
     models_.append({"name": name, "params": config.num_params(),
                     "tokens_per_step": TOKENS_PER_STEP, "aliases": [f"org/{name}"],
@@ -147,7 +147,7 @@ def make_pythia_suite(root: str) -> str:
     for step in PYTHIA_STEPS:
       params = oracle.params_from_hf_model(pythia_hf_model(name, step), config)
       rel = f"ckpt/{name}/step{step}"
-      checkpoint.save(os.path.join(root, rel), params, config, tokenizer_files=[tok_file])
+      orbax_format.save(os.path.join(root, rel), params, config, tokenizer_files=[tok_file])
       ckpts[str(step)] = rel
     models_.append({"name": name, "params": config.num_params(),
                     "tokens_per_step": PYTHIA_TOKENS_PER_STEP,

@@ -10,7 +10,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from opt_jax import checkpoint, families
+from opt_jax import families
+from opt_jax.checkpoints import checkpoint, layout, orbax_format
 import oracle
 
 CONFIG = oracle.TINY["post_ln_350m"]  # has project_in/out: every kind of leaf.
@@ -36,7 +37,7 @@ def saved(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("ckpt") / "model")
   tok = tmp_path_factory.mktemp("tok") / "tokenizer.json"
   tok.write_text('{"fake": true}')
-  checkpoint.save(path, params, CONFIG, tokenizer_files=[tok], extra={"source": "test"})
+  orbax_format.save(path, params, CONFIG, tokenizer_files=[tok], extra={"source": "test"})
   return path, params
 
 
@@ -94,7 +95,7 @@ _FOUR_DEVICES = textwrap.dedent("""
     import sys
     import jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from opt_jax import checkpoint
+    from opt_jax.checkpoints import checkpoint
     path = sys.argv[1]
     assert jax.device_count() == 4, jax.devices()
     mesh = Mesh(np.array(jax.devices()), ("model",))
@@ -131,11 +132,11 @@ def test_restore_sharded_over_four_simulated_devices(saved, tmp_path):
 def test_save_refuses_existing_directory_unless_overwrite(saved, tmp_path):
   path = str(tmp_path / "ckpt")
   first = _random_params(CONFIG, seed=1)
-  checkpoint.save(path, first, CONFIG)
+  orbax_format.save(path, first, CONFIG)
   with pytest.raises(FileExistsError, match="already exists"):
-    checkpoint.save(path, first, CONFIG)
+    orbax_format.save(path, first, CONFIG)
   second = _random_params(CONFIG, seed=2)
-  checkpoint.save(path, second, CONFIG, overwrite=True)
+  orbax_format.save(path, second, CONFIG, overwrite=True)
   got = checkpoint.restore(path)
   np.testing.assert_array_equal(np.asarray(got["embed"]["embedding"]),
                                 second["embed"]["embedding"])
@@ -147,13 +148,13 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
   params["layers"]["mlp"]["up_kernel"] = params["layers"]["mlp"]["up_kernel"][:, :, :3]
   with pytest.raises(ValueError, match=r"layers/mlp/up_kernel has shape \(2, 32, 3\), config "
                                        r"expects \(2, 32, 64\)"):
-    checkpoint.save(str(tmp_path / "bad"), params, CONFIG)
+    orbax_format.save(str(tmp_path / "bad"), params, CONFIG)
   # A failure after the arrays are written (here: writing config.json) removes them too.
   def broken(config, path):
     raise OSError("disk full")
   monkeypatch.setattr(families, "write_config", broken)
   with pytest.raises(OSError, match="disk full"):
-    checkpoint.save(str(tmp_path / "bad"), _random_params(CONFIG), CONFIG)
+    orbax_format.save(str(tmp_path / "bad"), _random_params(CONFIG), CONFIG)
   assert os.listdir(tmp_path) == []
 
 
@@ -196,5 +197,5 @@ def test_hf_directory_with_a_damaged_weights_file_is_refused_naming_it(tmp_path)
   with pytest.raises(ValueError, match=r"model.safetensors: not a valid safetensors file.*"
                                        r"truncated or corrupt"):
     checkpoint.restore(tmp_path)
-  assert checkpoint.checkpoint_kind(tmp_path) == "hf" and not checkpoint.is_checkpoint(tmp_path)
+  assert layout.checkpoint_kind(tmp_path) == "hf" and not checkpoint.is_checkpoint(tmp_path)
   assert checkpoint.load_config(tmp_path) == CONFIG  # config alone is still readable

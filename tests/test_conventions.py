@@ -24,7 +24,8 @@ import torch
 import transformers
 
 import _suite_util as U
-from opt_jax import checkpoint, families
+from opt_jax import families
+from opt_jax.checkpoints import orbax_format
 from opt_jax import scoring as S
 from opt_jax import tokenizer as T
 import oracle
@@ -146,7 +147,7 @@ def test_native_conventions_of_each_family(case):
 def test_score_text_file_with_lm_eval_convention(case, tmp_path):
   name, config, d, hf, params, hf_tok, _ = case
   ckpt = tmp_path / "ckpt"
-  checkpoint.save(ckpt, params, config, tokenizer_files=[d / "tokenizer.json"])
+  orbax_format.save(ckpt, params, config, tokenizer_files=[d / "tokenizer.json"])
   (tmp_path / "in.txt").write_text(TEXTS[1])
   out = tmp_path / "out.jsonl"
   totals = S.score_text_file(str(ckpt), str(tmp_path / "in.txt"), str(out), batch_size=2,

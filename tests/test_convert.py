@@ -14,7 +14,8 @@ import safetensors.torch
 import torch
 import transformers
 
-from opt_jax import checkpoint, families
+from opt_jax import families
+from opt_jax.checkpoints import checkpoint
 from opt_jax import model as M
 from opt_jax.convert import ConversionError, convert, hf, metaseq
 import oracle

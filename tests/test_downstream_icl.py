@@ -16,7 +16,7 @@ from experiments import downstream_icl
 from experiments.analysis import icl
 from experiments.tasks import bigbench as bb
 from experiments.tasks import icl as icl_tasks
-from opt_jax import checkpoint
+from opt_jax.checkpoints import checkpoint
 from opt_jax.errors import InputError
 from opt_jax.tokenizer import load_tokenizer
 

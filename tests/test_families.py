@@ -25,7 +25,8 @@ import safetensors
 import torch
 import transformers
 
-from opt_jax import checkpoint, families
+from opt_jax import families
+from opt_jax.checkpoints import checkpoint
 from opt_jax import generation as G
 from opt_jax import model as M
 from opt_jax import scoring as S

@@ -1,6 +1,6 @@
-"""HF safetensors checkpoints evaluated in place (opt_jax.convert.hf_direct through
-opt_jax.checkpoint), against conversion (the orbax copy) and HF transformers (the oracle), and
-checkpoint identities of HF-cache snapshots (their commit sha)."""
+"""HF safetensors checkpoints evaluated in place (opt_jax.checkpoints.hf_format through
+opt_jax.checkpoints.checkpoint), against conversion (the orbax copy) and HF transformers (the
+oracle), and checkpoint identities of HF-cache snapshots (their commit sha)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import torch
 import _hf_cache_util as u
 import _suite_util
 import oracle
-from opt_jax import checkpoint, families, results, scoring, suite, sweep
+from opt_jax import families, results, scoring, suite, sweep
+from opt_jax.checkpoints import checkpoint, layout
 from opt_jax.convert import convert, hf
 from opt_jax.errors import InputError
 from opt_jax.families import table
@@ -91,7 +92,7 @@ def hf_dirs(tmp_path_factory):
 @pytest.mark.parametrize("name", list(ALL_TINY))
 def test_direct_restore_equals_conversion_bit_for_bit(hf_dirs, name):
   _, path = hf_dirs[name]
-  assert checkpoint.checkpoint_kind(path) == "hf" and checkpoint.checkpoint_problem(path) is None
+  assert layout.checkpoint_kind(path) == "hf" and checkpoint.checkpoint_problem(path) is None
   ref, config = hf.read_hf(path)
   assert checkpoint.load_config(path) == config
   direct = _flat(checkpoint.restore(path))

@@ -22,13 +22,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("opt_jax", "experiments", "tools")
 
-# Cycles through imports inside functions that remain until (1) the checkpoint layer stops
-# calling the HF readers of opt_jax/convert/, (2) DecoderConfig's config.json forwards go (their
-# callers then call opt_jax.families) and (3) families/table.py's `items` is handed the family
-# instead of looking it up in opt_jax.families: a found component within one of these is known.
+# Cycles through imports inside functions that remain until (1) DecoderConfig's config.json
+# forwards go (their callers then call opt_jax.families) and (2) families/table.py's `items` is
+# handed the family instead of looking it up in opt_jax.families: a found component within one of
+# these is known.
 KNOWN_LOCAL_CYCLES = (
-    {"opt_jax.checkpoint", "opt_jax.convert", "opt_jax.convert.hf", "opt_jax.convert.hf_direct",
-     "opt_jax.convert.metaseq"},
     {"opt_jax.families", "opt_jax.families.base", "opt_jax.families.table",
      "opt_jax.families.gpt_neox", "opt_jax.families.llama", "opt_jax.families.olmo",
      "opt_jax.families.olmo2", "opt_jax.families.opt", "opt_jax.model"},
@@ -158,8 +156,7 @@ def test_no_import_cycle():
 
 
 @pytest.mark.xfail(strict=True, reason="cycles through imports inside functions: "
-                   "opt_jax.checkpoint <-> opt_jax.convert.hf_direct (checkpoint reads HF "
-                   "checkpoints through convert/), opt_jax.config <-> opt_jax.families "
+                   "opt_jax.config <-> opt_jax.families "
                    "(DecoderConfig's config.json forwards) and opt_jax.families.table <-> "
                    "opt_jax.families (table.items looks the family up)")
 def test_no_import_cycle_through_imports_inside_functions():

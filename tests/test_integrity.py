@@ -14,7 +14,8 @@ import sys
 import pytest
 
 import _hf_cache_util as u
-from opt_jax import hf_cache, integrity, suite
+from opt_jax import integrity, suite
+from opt_jax.checkpoints import safetensors_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +55,7 @@ def _copy(src, dst):
 
 
 def _tensor_offset(path, name):
-  header = hf_cache.read_safetensors_header(path)
+  header = safetensors_io.read_header(path)
   dtype, shape, begin, end = header.tensors[name]
   return header.data_start + begin, header.data_start + end
 
@@ -313,7 +314,7 @@ def test_step_order_problems_are_found(tmp_path, sources):
 def test_orbax_checkpoints_are_hashed_and_a_missing_chunk_is_found(tmp_path):
   import numpy as np  # pylint: disable=import-outside-toplevel
   from _suite_util import random_params  # pylint: disable=import-outside-toplevel
-  from opt_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from opt_jax.checkpoints import orbax_format  # pylint: disable=import-outside-toplevel
   from opt_jax import families  # pylint: disable=import-outside-toplevel
   config = families.get("opt").config(vocab_size=64, hidden_size=16, num_hidden_layers=2,
                                       num_attention_heads=2, ffn_dim=32,
@@ -321,7 +322,7 @@ def test_orbax_checkpoints_are_hashed_and_a_missing_chunk_is_found(tmp_path):
   paths = {}
   for step, seed in ((1, 1), (2, 2), (3, 3)):
     paths[step] = str(tmp_path / f"ck{step}")
-    checkpoint.save(paths[step], random_params(config, seed=seed), config)
+    orbax_format.save(paths[step], random_params(config, seed=seed), config)
   paths[4] = _copy(paths[2], tmp_path / "copy_of_2")
   params = os.path.join(paths[3], "params")
   chunk = os.path.join(params, "embed.embedding", "0.0")

@@ -18,7 +18,8 @@ import pytest
 from jax.sharding import AbstractMesh
 
 import _suite_util as U
-from opt_jax import checkpoint, convert, errors, files, results, sharding, suite, sweep
+from opt_jax import convert, errors, files, results, sharding, suite, sweep
+from opt_jax.checkpoints import checkpoint, orbax_format
 
 CONFIG = U.SIZES["tiny-a"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +34,7 @@ def ckpts(tmp_path_factory):
   out = {}
   for step in STEPS:
     out[step] = str(root / f"step{step}")
-    checkpoint.save(out[step], U.random_params(CONFIG, seed=step), CONFIG)
+    orbax_format.save(out[step], U.random_params(CONFIG, seed=step), CONFIG)
   return out
 
 
@@ -92,7 +93,7 @@ def test_overwrite_refuses_a_folder_holding_the_input_or_anything_else(ckpts, tm
     convert.convert(opt_a, other, overwrite=True)
   monkeypatch.undo()
   with pytest.raises(errors.OutputExistsError, match="refusing to overwrite"):
-    checkpoint.save(root, U.random_params(CONFIG, seed=9), CONFIG, overwrite=True)
+    orbax_format.save(root, U.random_params(CONFIG, seed=9), CONFIG, overwrite=True)
   assert _tree(root) == before
   assert (other / "NOTES").read_text() == "keep" and checkpoint.is_checkpoint(other / "opt-b")
 
@@ -268,7 +269,7 @@ def test_result_of_a_changed_checkpoint_path_or_dtype_is_stale_and_recomputed(ck
   sweep.run_sweep(s, evaluate, store, progress=False)
   assert evaluated == [(1, "float32")]                              # unchanged: reused
   # Re-converted in place: other weights at the same path.
-  checkpoint.save(ckpt, U.random_params(CONFIG, seed=77), CONFIG, overwrite=True)
+  orbax_format.save(ckpt, U.random_params(CONFIG, seed=77), CONFIG, overwrite=True)
   with caplog.at_level(logging.WARNING, logger="opt_jax.sweep"):
     report = sweep.run_sweep(s, evaluate, store, progress=False)
   assert report.recomputed == [key] and len(evaluated) == 2
@@ -291,7 +292,7 @@ def test_result_of_a_changed_checkpoint_path_or_dtype_is_stale_and_recomputed(ck
   assert len(evaluated) == 4
 
   # A stale result whose recomputation fails is moved aside, not left to pass for a valid one.
-  checkpoint.save(moved, U.random_params(CONFIG, seed=78), CONFIG, overwrite=True)
+  orbax_format.save(moved, U.random_params(CONFIG, seed=78), CONFIG, overwrite=True)
   os.remove(os.path.join(moved, "params", "layers.mlp.up_kernel", "0.0.0"))
   report = sweep.run_sweep(s2, evaluate, store, progress=False)
   assert list(report.failed) == [key] and not store.has(key)
@@ -307,13 +308,14 @@ def test_killed_save_leaves_a_temporary_that_the_next_save_removes(tmp_path, cap
       import os, sys, time
       sys.path.insert(0, {os.path.join(REPO, "tests")!r})
       import _suite_util as U
-      from opt_jax import checkpoint, families
+      from opt_jax import families
+      from opt_jax.checkpoints import orbax_format
 
       def hang(config, path):  # config.json is written after the params: stop there
         open({signal_file!r}, "w").close()
         time.sleep(600)
       families.write_config = hang
-      checkpoint.save({out!r}, U.random_params(U.SIZES["tiny-a"], 0), U.SIZES["tiny-a"])
+      orbax_format.save({out!r}, U.random_params(U.SIZES["tiny-a"], 0), U.SIZES["tiny-a"])
   """)
   child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": REPO})
@@ -333,7 +335,7 @@ def test_killed_save_leaves_a_temporary_that_the_next_save_removes(tmp_path, cap
   assert len(left) == 1 and f"-{child.pid}." in left[0]
   assert os.path.isdir(tmp_path / left[0] / "params")             # the bulk of the model
   with caplog.at_level(logging.WARNING, logger="opt_jax.files"):
-    checkpoint.save(out, U.random_params(CONFIG, 1), CONFIG)
+    orbax_format.save(out, U.random_params(CONFIG, 1), CONFIG)
   assert sorted(os.listdir(tmp_path)) == ["model", "params_written"]
   assert [r.getMessage() for r in caplog.records] == [
       f"removed {tmp_path / left[0]}, left by an interrupted run (process "
@@ -422,7 +424,7 @@ def test_outputs_honour_the_umask(ckpts, tmp_path):
   old = os.umask(0o027)
   try:
     ckpt = tmp_path / "ckpt"
-    checkpoint.save(ckpt, U.random_params(CONFIG, seed=5), CONFIG)
+    orbax_format.save(ckpt, U.random_params(CONFIG, seed=5), CONFIG)
     store = results.ResultStore(tmp_path / "store")
     report = sweep.run_sweep(_suite(tmp_path, {1: str(ckpt)}), _summary, store, progress=False)
     hf_dir = tmp_path / "hf"

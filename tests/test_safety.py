@@ -23,8 +23,9 @@ from safetensors.numpy import save_file
 import _suite_util as U
 from experiments import context
 from experiments import validation_ppl as V
-from opt_jax import checkpoint, cli, convert, families, files, inputs, results
-from opt_jax.convert import hf, hf_direct
+from opt_jax import cli, convert, families, files, inputs, results
+from opt_jax.checkpoints import checkpoint, hf_format, layout, orbax_format, safetensors_io
+from opt_jax.convert import hf
 from opt_jax.errors import InputError, OutputExistsError
 from tools import score_text
 
@@ -57,8 +58,8 @@ def made(tmp_path_factory):
   steps = {}
   for step in (1, 2):
     steps[step] = str(root / "ckpt" / f"step{step}")
-    checkpoint.save(steps[step], U.random_params(CONFIG, seed=step), CONFIG,
-                    tokenizer_files=[os.path.join(hf_dir, "tokenizer.json")])
+    orbax_format.save(steps[step], U.random_params(CONFIG, seed=step), CONFIG,
+                      tokenizer_files=[os.path.join(hf_dir, "tokenizer.json")])
   manifest = {"name": "t", "models": [{"name": "m", "params": CONFIG.num_params(),
                                        "tokens_per_step": 1,
                                        "checkpoints": {str(s): p for s, p in steps.items()}}]}
@@ -107,8 +108,8 @@ def test_score_text_never_writes_over_an_input_a_checkpoint_or_a_foreign_file(ma
   assert score_text.check_output(settings(earlier, overwrite=True)) == str(earlier)
   # A folder that merely has a params/ subfolder is no checkpoint.
   (tmp_path / "params").mkdir()
-  assert checkpoint.enclosing_checkpoint(tmp_path / "params" / "new.jsonl") is None
-  assert checkpoint.enclosing_checkpoint(made["steps"][1]) == made["steps"][1]
+  assert layout.enclosing_checkpoint(tmp_path / "params" / "new.jsonl") is None
+  assert layout.enclosing_checkpoint(made["steps"][1]) == made["steps"][1]
 
 
 # 2-3. Integer weights and a differing tied head: the same error, converted or read in place ----
@@ -124,7 +125,7 @@ def test_integer_weight_is_an_error_naming_the_tensor_in_conversion_and_in_place
   assert not os.path.exists(tmp_path / "out")
   assert "is stored as int32" in checkpoint.checkpoint_problem(bad)
   with pytest.raises(InputError, match=message):
-    hf_direct.restore(bad)
+    hf_format.restore(bad)
   # A .bin state dict holding it is refused the same way.
   torch = pytest.importorskip("torch")
   state = {k: torch.from_numpy(np.array(v)) for k, v in
@@ -146,11 +147,11 @@ def test_tied_head_that_differs_is_refused_in_place_as_in_conversion(made, tmp_p
   with pytest.raises(InputError, match=message):
     convert.convert(bad, tmp_path / "out")
   with pytest.raises(InputError, match=message):
-    hf_direct.restore(bad)
+    hf_format.restore(bad)
   # The same head equal to the embedding (read back as stored) is accepted by both.
-  same = hf.SafetensorsFile(os.path.join(made["hf"], "model.safetensors")).read(embed)
+  same = safetensors_io.SafetensorsFile(os.path.join(made["hf"], "model.safetensors")).read(embed)
   good = _hf_folder(tmp_path / "good", {"lm_head.weight": same})
-  restored = hf_direct.restore(good)
+  restored = hf_format.restore(good)
   np.testing.assert_array_equal(np.asarray(restored["embed"]["embedding"]), same)
   convert.convert(good, tmp_path / "out_good")
 
@@ -293,7 +294,7 @@ def test_malicious_pickle_is_refused_naming_what_it_asked_for_without_torchs_adv
 def test_index_naming_a_file_outside_the_folder_is_named_once(made, tmp_path):
   d = _hf_folder(tmp_path / "ckpt")
   os.rename(os.path.join(d, "model.safetensors"), tmp_path / "outside.safetensors")
-  names = hf.SafetensorsFile(str(tmp_path / "outside.safetensors")).names()
+  names = safetensors_io.SafetensorsFile(str(tmp_path / "outside.safetensors")).names()
   (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(json.dumps(
       {"weight_map": {n: "../outside.safetensors" for n in names}}))
   with pytest.raises(InputError, match=r"lists tensor .* in '../outside.safetensors', which is "

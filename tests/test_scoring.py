@@ -305,8 +305,8 @@ def test_rolling_windows_cover_each_token_once():
 # tools/score_text ------------------------------------------------------------------------------
 
 def test_score_text_end_to_end_matches_hf(tmp_path):
-  from opt_jax import checkpoint
   from opt_jax import families
+  from opt_jax.checkpoints import orbax_format
   from opt_jax.tokenizer import load_tokenizer
   from tools import score_text
 
@@ -315,8 +315,8 @@ def test_score_text_end_to_end_matches_hf(tmp_path):
   hf = oracle.hf_model(config, seed=3)
   U.train_tokenizer(str(tmp_path), vocab_size=400)   # OPT's special ids <s>=0 ... <unk>=3
   ckpt = tmp_path / "ckpt"
-  checkpoint.save(ckpt, oracle.params_from_hf_model(hf, config), config,
-                  tokenizer_files=[tmp_path / "tokenizer.json"])
+  orbax_format.save(ckpt, oracle.params_from_hf_model(hf, config), config,
+                    tokenizer_files=[tmp_path / "tokenizer.json"])
   texts = ["Zebras vex 17 jumping wizards; 9 quirky gnomes fly back, 0 to 42 km.",
            "Perplexity predicts behaviour."]
   (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -348,9 +348,10 @@ def test_score_text_end_to_end_matches_hf(tmp_path):
 
 
 def test_score_text_checks_output_and_windows_before_restoring(tmp_path, monkeypatch):
-  from opt_jax import checkpoint
   from opt_jax import families
+  from opt_jax.checkpoints import checkpoint
   from opt_jax.errors import InputError
+  from tools import score_text
 
   config = families.get("opt").config(vocab_size=320, hidden_size=16, num_hidden_layers=1,
                                       num_attention_heads=2, ffn_dim=32,
@@ -359,7 +360,7 @@ def test_score_text_checks_output_and_windows_before_restoring(tmp_path, monkeyp
   families.write_config(config, tmp_path / "ckpt" / "config.json")
   (tmp_path / "in.txt").write_text("some text")
   monkeypatch.setattr(checkpoint, "restore", lambda *a, **k: pytest.fail("restored"))
-  score = lambda **kw: S.score_text_file(str(tmp_path / "ckpt"), kw.pop("input", str(
+  score = lambda **kw: score_text.score_text_file(str(tmp_path / "ckpt"), kw.pop("input", str(
       tmp_path / "in.txt")), kw.pop("output", str(tmp_path / "o.jsonl")), **kw)
   with pytest.raises(InputError, match=r"--output=.* is a folder; expected the path of a file"):
     score(output=str(tmp_path))

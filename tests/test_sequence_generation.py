@@ -16,7 +16,8 @@ import _suite_util as U
 from experiments import sequence_generation as S
 from experiments.analysis import sequences as A
 from experiments.tasks import sequences as T
-from opt_jax import checkpoint, generation
+from opt_jax import generation
+from opt_jax.checkpoints import checkpoint, orbax_format
 from opt_jax import model as M
 from opt_jax.tokenizer import load_tokenizer
 
@@ -50,8 +51,8 @@ def world(tmp_path_factory):
   ckpts = {}
   for j, step in enumerate((5, 15)):
     rel = f"ckpt/step{step}"
-    checkpoint.save(os.path.join(root, "b", rel), U.random_params(config, seed=900 + j), config,
-                    tokenizer_files=[tok_file])
+    orbax_format.save(os.path.join(root, "b", rel), U.random_params(config, seed=900 + j), config,
+                      tokenizer_files=[tok_file])
     ckpts[str(step)] = rel
   cross_path = os.path.join(root, "b", "suite.json")
   with open(cross_path, "w") as f:

@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from opt_jax import checkpoint, families, results, suite
+from opt_jax import families, results, suite
+from opt_jax.checkpoints import orbax_format
 
 TINY = families.get("opt").config(vocab_size=64, hidden_size=16, num_hidden_layers=1,
                                   num_attention_heads=2, ffn_dim=32, max_position_embeddings=32)
@@ -14,10 +15,10 @@ TINY = families.get("opt").config(vocab_size=64, hidden_size=16, num_hidden_laye
 
 def _fake_checkpoint(directory, config=TINY):
   # Manifest validation reads config.json and opt_jax.json and checks that orbax's metadata file
-  # is there (opt_jax.checkpoint.checkpoint_problem); it reads no arrays.
+  # is there (opt_jax.checkpoints.checkpoint.checkpoint_problem); it reads no arrays.
   os.makedirs(os.path.join(directory, "params"), exist_ok=True)
   families.write_config(config, os.path.join(directory, "config.json"))
-  _write(os.path.join(directory, "opt_jax.json"), json.dumps({"format": checkpoint.FORMAT_VERSION}))
+  _write(os.path.join(directory, "opt_jax.json"), json.dumps({"format": orbax_format.FORMAT_VERSION}))
   _write(os.path.join(directory, "params", "_METADATA"), "{}")
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import _suite_util as U
-from opt_jax import checkpoint, families, results, scoring, sharding, suite, sweep
+from opt_jax import families, results, scoring, sharding, suite, sweep
+from opt_jax.checkpoints import checkpoint
 from opt_jax.tokenizer import load_tokenizer
 
 SCORER_KW = dict(batch_size=4, max_length=32)

@@ -1,8 +1,8 @@
 """experiments/token_trajectories.py end to end on a tiny suite, and the analysis outputs.
 
 The suite (2 tiny sizes x 4 checkpoints, HF random init with a different seed per checkpoint,
-saved with opt_jax.checkpoint.save, a byte-level BPE of _suite_util.train_tokenizer) is built
-once per module; HF PyTorch is the oracle of the per-token losses.
+saved with opt_jax.checkpoints.orbax_format.save, a byte-level BPE of the tests' one trainer)
+is built once per module; HF PyTorch is the oracle of the per-token losses.
 """
 
 import glob
@@ -20,7 +20,7 @@ import oracle
 from _trajectory_util import log_steps, planted_losses
 from experiments import token_trajectories as tt
 from experiments.analysis import trajectories, trends
-from opt_jax import checkpoint
+from opt_jax.checkpoints import orbax_format
 
 SIZES = {"tiny-s": U.SIZES["tiny-a"], "tiny-m": U.SIZES["tiny-b"]}
 STEPS = (100, 200, 300, 400)
@@ -46,8 +46,8 @@ def tiny_suite(tmp_path_factory):
       hf = oracle.hf_model(config, seed=10 * i + j + 1)
       hf_models[(name, step)] = hf
       rel = f"ckpt/{name}/step{step}"
-      checkpoint.save(str(root / rel), oracle.params_from_hf_model(hf, config), config,
-                      tokenizer_files=[tok_file])
+      orbax_format.save(str(root / rel), oracle.params_from_hf_model(hf, config), config,
+                        tokenizer_files=[tok_file])
       ckpts[str(step)] = rel
     entries.append({"name": name, "params": config.num_params(), "tokens_per_step": 2048,
                     "aliases": [f"org/{name}"], "checkpoints": ckpts})

@@ -15,7 +15,8 @@ import torch
 import oracle
 from experiments import training
 from experiments.tasks import corpus
-from opt_jax import checkpoint, suite
+from opt_jax import suite
+from opt_jax.checkpoints import checkpoint, layout
 from opt_jax import model as model_lib
 from opt_jax import train as train_lib
 from opt_jax import families
@@ -234,7 +235,7 @@ def test_second_run_reuses_finished_sizes(family, data, tokenizer_file, monkeypa
   assert open(path).read() == before
   # A size whose checkpoints are incomplete is trained again; the other is kept.
   step_dir = os.path.join(out, "ckpt", "tiny-b", f"step{TC.steps}")
-  os.remove(os.path.join(step_dir, checkpoint.METADATA_FILE))
+  os.remove(os.path.join(step_dir, layout.METADATA_FILE))
   again()
   assert len(calls) == 1 and "tiny-b" in calls[0]
   assert checkpoint.is_checkpoint(step_dir)

@@ -19,7 +19,8 @@ from experiments import perplexity
 from experiments.analysis import ppl_breaks
 from experiments import validation_ppl as V
 from oracle import hf_logprobs
-from opt_jax import checkpoint, families, suite
+from opt_jax import families, suite
+from opt_jax.checkpoints import checkpoint
 from opt_jax.convert import hf
 from opt_jax.errors import InputError
 from opt_jax.tokenizer import load_tokenizer

@@ -22,7 +22,7 @@ import dataclasses
 import os
 
 from opt_jax import cli, convert
-from opt_jax.errors import InputError, MissingFileError, OutputExistsError, UserError
+from opt_jax.errors import MissingFileError, OutputExistsError, UserError
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,10 +52,8 @@ def run(s: Settings) -> cli.Summary:
     out = convert.convert(s.input, s.output, input_format=s.format, output_format=s.to,
                           dtype=s.dtype, config_path=s.config, overwrite=s.overwrite,
                           progress=True, max_shard_bytes=int(s.max_shard_gb * 1e9))
-  except UserError:
+  except UserError:   # ConversionError included: it names the file and tensor at fault
     raise
-  except convert.ConversionError as e:   # names the file and tensor at fault
-    raise InputError(str(e)) from None
   except FileExistsError as e:
     raise OutputExistsError(str(e)) from None
   except FileNotFoundError as e:   # the message names the missing input

@@ -20,8 +20,15 @@ import dataclasses
 import json
 import os
 
+from typing import Any
+
 from opt_jax import cli, files, inputs
+from opt_jax.checkpoints import layout
 from opt_jax.errors import OutputExistsError
+
+# What opt_jax.scoring.score_text_file's messages call its arguments: this tool's flags.
+FLAGS = {"input_path": "--input", "output_path": "--output", "context_length": "--context_length",
+         "stride": "--stride", "batch_size": "--batch_size"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -62,24 +69,30 @@ def is_output(path: str) -> bool:
 
 def check_output(s: Settings) -> str:
   """--output checked before any work (module docstring); its absolute path."""
-  from opt_jax import checkpoint  # pylint: disable=import-outside-toplevel  (--help stays fast)
   out = files.check_new_output(s.output, what="--output", owner="tools.score_text",
                                inputs={"--input": s.input, "--checkpoint": s.checkpoint},
                                overwrite=s.overwrite, ours=is_output)
-  inside = checkpoint.enclosing_checkpoint(out)
+  inside = layout.enclosing_checkpoint(out)
   if inside:
     raise OutputExistsError(f"refusing to write: --output={out} lies inside the checkpoint "
                             f"folder {inside}; write the output elsewhere")
   return out
 
 
+def score_text_file(checkpoint_dir: str, input_path: str, output_path: str,
+                    **options: Any) -> dict[str, Any]:
+  """opt_jax.scoring.score_text_file (same arguments and result) with this tool's flags named in
+  its messages."""
+  from opt_jax import scoring  # pylint: disable=import-outside-toplevel  (--help stays fast)
+  return scoring.score_text_file(checkpoint_dir, input_path, output_path, names=FLAGS, **options)
+
+
 def run(s: Settings) -> cli.Summary:
-  from opt_jax import scoring  # pylint: disable=import-outside-toplevel
   check_output(s)
-  note = inputs.normalisation_note([inputs.read_corpus(s.input, "--input")])
-  r = scoring.score_text_file(s.checkpoint, s.input, s.output, context_length=s.context_length,
-                              stride=s.stride, batch_size=s.batch_size, dtype=s.dtype,
-                              attention=s.attention, conventions=s.conventions)
+  note = inputs.normalisation_note([inputs.read_corpus(s.input, FLAGS["input_path"])])
+  r = score_text_file(s.checkpoint, s.input, s.output, context_length=s.context_length,
+                      stride=s.stride, batch_size=s.batch_size, dtype=s.dtype,
+                      attention=s.attention, conventions=s.conventions)
   return cli.Summary(
       "score_text", evaluated=[f"{r['documents']} document(s) of {s.input}, {r['num_tokens']:,} "
                                f"tokens, with {s.checkpoint}", *([note] if note else [])],

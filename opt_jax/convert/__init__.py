@@ -6,7 +6,8 @@
   convert   one call from any input format to an opt_jax checkpoint or HF safetensors
             (what `python -m tools.convert_checkpoint` runs)
 
-Submodules import lazily so that importing this package stays light.
+Submodules (and the checkpoint readers, which import JAX) import lazily so that importing this
+package stays light (`python -m tools.convert_checkpoint --help`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from opt_jax import files
-from opt_jax.errors import InputError, OutputExistsError
+from opt_jax.checkpoints import layout
+from opt_jax.errors import ConversionError, InputError, OutputExistsError
 from opt_jax.families import table
 from opt_jax.inputs import DTYPES, parse_dtype  # noqa: F401  (DTYPES: tools.convert_checkpoint)
 
@@ -29,24 +31,18 @@ OUTPUT_FORMATS = ("opt_jax", "hf")
 _HF_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
 
 
-def __getattr__(name: str) -> Any:
-  if name == "ConversionError":
-    from opt_jax.convert.hf import ConversionError
-    return ConversionError
-  raise AttributeError(name)
 
 
 def detect_format(path: str | os.PathLike) -> str:
   """'opt_jax', 'hf' or 'metaseq' from what `path` holds; ConversionError when none fits."""
-  from opt_jax import checkpoint
-  from opt_jax.convert.hf import WEIGHT_FILES, ConversionError
+  from opt_jax.checkpoints import checkpoint  # pylint: disable=import-outside-toplevel
   path = os.path.abspath(os.fspath(path))
   if not os.path.exists(path):
     raise ConversionError(f"{path}: no such file or directory")
   if os.path.isdir(path):
-    if checkpoint.checkpoint_kind(path) == "opt_jax" and checkpoint.is_checkpoint(path):
+    if layout.checkpoint_kind(path) == "opt_jax" and checkpoint.is_checkpoint(path):
       return "opt_jax"
-    if any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES):
+    if any(os.path.isfile(os.path.join(path, f)) for f in layout.WEIGHT_FILES):
       return "hf"
     if glob.glob(os.path.join(glob.escape(path), "*.pt")):
       return "metaseq"
@@ -56,14 +52,13 @@ def detect_format(path: str | os.PathLike) -> str:
     return "metaseq"
   raise ConversionError(
       f"{path}: unknown checkpoint format; expected an HF checkpoint (config.json + "
-      f"{' | '.join(WEIGHT_FILES)}), metaseq .pt file(s) (consolidated or *model_part-N.pt), or "
-      "an opt_jax checkpoint directory")
+      f"{' | '.join(layout.WEIGHT_FILES)}), metaseq .pt file(s) (consolidated or "
+      "*model_part-N.pt), or an opt_jax checkpoint directory")
 
 
 def _not_opt_jax(path: str) -> str:
   """Why `path`, given as opt_jax input, is not one: what it holds instead, or what it lacks."""
-  from opt_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  from opt_jax.convert.hf import ConversionError  # pylint: disable=import-outside-toplevel
+  from opt_jax.checkpoints import checkpoint  # pylint: disable=import-outside-toplevel
   try:
     found = detect_format(path)
   except ConversionError:
@@ -76,8 +71,7 @@ def _not_opt_jax(path: str) -> str:
 
 def _tokenizer_files(directory: str, input_format: str, scratch: str) -> list[tuple[str, str]]:
   """(path, name) of the tokenizer files to store with the output."""
-  from opt_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  present = [f for f in checkpoint.TOKENIZER_FILES if os.path.isfile(os.path.join(directory, f))]
+  present = [f for f in layout.TOKENIZER_FILES if os.path.isfile(os.path.join(directory, f))]
   if present or input_format != "metaseq":
     return [(os.path.join(directory, f), f) for f in present]
   # metaseq ships GPT-2's vocab with GPT-2 ids plus fairseq's dict.txt mapping them to model ids.
@@ -104,20 +98,21 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, *,
   """Converts a checkpoint; returns the absolute output directory.
 
   input_format: 'hf' | 'metaseq' | 'opt_jax' | 'auto' (detected from the files).
-  output_format: 'opt_jax' (orbax params + config.json + tokenizer, see opt_jax.checkpoint) or
+  output_format: 'opt_jax' (orbax params + config.json + tokenizer, see
+    opt_jax.checkpoints.orbax_format) or
     'hf' (config.json + safetensors that the family's HF class loads with from_pretrained).
   dtype: 'float32' | 'bfloat16' | 'float16' (or a dtype) to cast to; None keeps the stored one.
   config_path: metaseq only: an HF-style config.json instead of the inferred config.
   max_shard_bytes: hf output only: largest safetensors shard.
   overwrite: replace `output` if it is an earlier output of `output_format` with nothing else in
-    it (opt_jax.checkpoint.check_can_overwrite), never a folder holding the input or anything
+    it (opt_jax.files.check_can_overwrite), never a folder holding the input or anything
     else; checked before the input is read (OutputExistsError).
   Tokenizer files found beside the input are stored with the output. The output is written under
   a temporary name and renamed when complete; on any error nothing is left behind.
   """
-  from opt_jax import checkpoint
-  from opt_jax.convert import hf, metaseq
-  from opt_jax.convert.hf import ConversionError
+  # pylint: disable-next=import-outside-toplevel
+  from opt_jax.checkpoints import checkpoint, orbax_format
+  from opt_jax.convert import hf, metaseq  # pylint: disable=import-outside-toplevel
 
   if input_format not in INPUT_FORMATS:
     raise ConversionError(f"unknown input format {input_format!r}; expected one of "
@@ -133,7 +128,7 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, *,
   conflict = files.conflict_with_inputs(output, {"--input": input_path}, "--output")
   if conflict:
     raise OutputExistsError(f"refusing to write: {conflict}")
-  inside = checkpoint.enclosing_checkpoint(os.path.dirname(output))
+  inside = layout.enclosing_checkpoint(os.path.dirname(output))
   if inside:
     raise OutputExistsError(f"refusing to write: --output={output} lies inside the checkpoint "
                             f"folder {inside}; write the output elsewhere")
@@ -142,13 +137,13 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, *,
     if not overwrite:
       raise OutputExistsError(f"{output} already exists; pass overwrite=True (--overwrite) to "
                               "replace it")
-    checkpoint.check_can_overwrite(output, output_format)
+    files.check_can_overwrite(output, output_format)
   if not os.path.exists(input_path):
     raise ConversionError(f"{input_path}: no such file or directory")
   fmt = detect_format(input_path) if input_format == "auto" else input_format
   if config_path is not None and fmt != "metaseq":
     raise ConversionError(f"a config file is only used for metaseq input, not {fmt}")
-  if fmt == "opt_jax" and (checkpoint.checkpoint_kind(input_path) != "opt_jax"
+  if fmt == "opt_jax" and (layout.checkpoint_kind(input_path) != "opt_jax"
                           or not checkpoint.is_checkpoint(input_path)):
     raise InputError(_not_opt_jax(input_path))
 
@@ -169,8 +164,8 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, *,
     tokenizer = _tokenizer_files(directory, fmt, scratch)
     try:
       if output_format == "opt_jax":
-        checkpoint.save(output, params, config, tokenizer_files=tokenizer, overwrite=overwrite,
-                        extra={"converted_from": input_path, "source_format": fmt})
+        orbax_format.save(output, params, config, tokenizer_files=tokenizer, overwrite=overwrite,
+                          extra={"converted_from": input_path, "source_format": fmt})
       else:
         hf.write_hf(output, params, config, tokenizer_files=tokenizer, overwrite=overwrite,
                     progress=progress,

@@ -50,8 +50,9 @@ import numpy as np
 
 from opt_jax import families
 from opt_jax.config import DecoderConfig
+from opt_jax.errors import ConversionError
 from opt_jax.families import opt
-from opt_jax.convert.hf import ConversionError, import_torch, params_from_source, torch_load
+from opt_jax.convert.hf import import_torch, params_from_source, torch_load
 from opt_jax.convert.hf import torch_to_numpy
 
 PART_RE = re.compile(r"^(?P<prefix>.*)model_part-(?P<part>\d+)\.pt$")
@@ -201,7 +202,7 @@ def find_parts(path: str | os.PathLike) -> list[str]:
 
 class MetaseqSource:
   """The tensors of a metaseq checkpoint (1 or M parts) under HF decoder names (no prefix),
-  merged and split on read; implements `hf.TensorSource`."""
+  merged and split on read; implements `opt_jax.checkpoints.hf_tensors.TensorSource`."""
 
   def __init__(self, paths: list[str]):
     self.paths = paths

@@ -1,20 +1,21 @@
 """HF safetensors checkpoints evaluated in place: restored onto devices without a converted copy.
 
 A directory with config.json and model.safetensors (or model.safetensors.index.json and its
-shards), e.g. an HF-cache snapshot, is read like an opt_jax checkpoint (opt_jax.checkpoint
-dispatches here). Each params array is built with `jax.make_array_from_callback`: for every block
-a local device holds, the family's table (opt_jax.families.table, `Transform.read_slice`) says
-which box of which HF tensor holds it, and only that box is read (safetensors' `get_slice`), cast
-to the requested dtype on the way. So a process reads what its devices hold and never holds a
-host copy of the whole model: peak host memory is one params array's local blocks (plus the
-pages of the file mapping being read) beyond what the devices hold.
+shards), e.g. an HF-cache snapshot, is read like an opt_jax checkpoint
+(opt_jax.checkpoints.checkpoint dispatches here). Each params array is built with
+`jax.make_array_from_callback`: for every block a local device holds, the family's table
+(opt_jax.families.table, `Transform.read_slice`) says which box of which HF tensor holds it, and
+only that box is read (`safetensors_io.open_slices`), cast to the requested dtype on the way. So
+a process reads what its devices hold and never holds a host copy of the whole model: peak host
+memory is one params array's local blocks (plus the pages of the file mapping being read) beyond
+what the devices hold.
 
 What is read equals what conversion (opt_jax.convert.hf.read_hf) writes, tensor for tensor, and
-both make the same checks from the same functions of opt_jax.convert.hf: names, shapes and dtypes
-against the family's table (`match_tensors`: headers only, so `problem` reports them too), and a
-stored LM head of a model whose config ties it to the embedding must equal the embedding
-(`check_tied_head`: reads both, a block of rows at a time, when restoring). Nothing is hashed
-(opt_jax.integrity does that).
+both make the same checks from the same functions of opt_jax.checkpoints.hf_tensors: names,
+shapes and dtypes against the family's table (`match_tensors`: headers only, so `problem` reports
+them too), and a stored LM head of a model whose config ties it to the embedding must equal the
+embedding (`check_tied_head`: reads both, a block of rows at a time, when restoring). Nothing is
+hashed (opt_jax.integrity does that).
 
 PyTorch .bin weights are read only by conversion: unpickling needs torch and the whole file.
 """
@@ -28,22 +29,13 @@ from typing import Any
 
 import jax
 import numpy as np
-from safetensors import safe_open
 
-from opt_jax import families
+from opt_jax import families, model
+from opt_jax.checkpoints import hf_tensors, safetensors_io
+from opt_jax.checkpoints.layout import CONFIG_FILE, METADATA_FILE, SAFETENSORS_FILES, TORCH_FILES
 from opt_jax.config import DecoderConfig
-from opt_jax.convert import hf
 from opt_jax.errors import InputError, MissingFileError
 from opt_jax.families import table
-
-CONFIG_FILE = "config.json"
-SAFETENSORS_FILES = (hf.SAFETENSORS_INDEX, hf.SAFETENSORS)
-TORCH_FILES = (hf.TORCH_BIN_INDEX, hf.TORCH_BIN)
-
-
-def has_weights(directory: str) -> bool:
-  """True if `directory` holds HF weights of any format (safetensors or .bin)."""
-  return any(os.path.lexists(os.path.join(directory, f)) for f in hf.WEIGHT_FILES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +43,7 @@ class _Checkpoint:
   """A validated HF safetensors checkpoint: its config, where each tensor of the table is."""
   directory: str
   config: DecoderConfig
-  source: hf.FileSetSource
+  source: hf_tensors.FileSetSource
   items: tuple[table.Item, ...]
   stored: dict[str, str]                  # table name -> name in the files
   prefix: str                             # the base model's name prefix in the files
@@ -72,23 +64,32 @@ def _open(directory: str) -> _Checkpoint:
                        f"--input={directory} --output=DIR and use DIR")
     raise MissingFileError(f"{directory}: no HF weights ({' or '.join(SAFETENSORS_FILES)})")
   config = families.read_config(config_path)
-  source = hf.open_weights(weights)
+  source = hf_tensors.open_safetensors(weights)
   family = families.get(config.family)
-  prefix = hf.layout_prefix(source, family)
+  prefix = hf_tensors.layout_prefix(source, family)
   head = [family.head] if config.tie_embeddings else []
-  stored = hf.match_tensors(source, config, prefix=prefix, ignore=head,
-                            config_source=config_path)
+  stored = hf_tensors.match_tensors(source, config, prefix=prefix, ignore=head,
+                                    config_source=config_path)
   return _Checkpoint(directory, config, source, table.items(config, prefix), stored, prefix)
 
 
-def problem(directory: str) -> str | None:
-  """Why `directory` is not an HF safetensors checkpoint opt_jax can restore, in one line naming
-  the file at fault; None when it is. Reads config.json and the safetensors headers only."""
+def problem(directory: str) -> tuple[type[Exception], str] | None:
+  """(error class, message): why `directory` is not an HF safetensors checkpoint opt_jax can
+  restore, in one line naming the file at fault; None when it is. Reads config.json and the
+  safetensors headers only."""
   try:
     _open(directory)
   except (OSError, ValueError, KeyError, TypeError) as e:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    has_config = os.path.isfile(os.path.join(directory, CONFIG_FILE))
+    cls = InputError if has_config else MissingFileError
+    return cls, text if text.startswith(directory) else f"{directory}: {text}"
   return None
+
+
+def metadata(directory: str) -> dict[str, Any]:
+  """Refused: the metadata file is opt_jax's (an HF checkpoint's facts are in its config.json)."""
+  raise InputError(f"{directory} is an HF checkpoint: it has no {METADATA_FILE}")
 
 
 def _stored_dtypes(ckpt: _Checkpoint) -> dict[str, np.dtype]:
@@ -96,16 +97,15 @@ def _stored_dtypes(ckpt: _Checkpoint) -> dict[str, np.dtype]:
   out: dict[str, np.dtype] = {}
   for item in ckpt.items:
     name = ckpt.stored[item.name]
-    f = ckpt.source._file_of[name]   # pylint: disable=protected-access
     for path in item.tensor.params:
-      out.setdefault(path, f.dtype(name))
+      out.setdefault(path, ckpt.source.dtype(name))
   return out
 
 
 def param_metadata(directory: str) -> Any:
   """Pytree of jax.ShapeDtypeStruct of the params the checkpoint holds (stored dtype)."""
   ckpt = _open(directory)
-  shapes = table.flatten(_param_shapes(ckpt.config))
+  shapes = table.flatten(model.param_shapes(ckpt.config))
   dtypes = _stored_dtypes(ckpt)
   return table.nest({p: jax.ShapeDtypeStruct(tuple(s.shape), dtypes[p]) for p, s in shapes.items()})
 
@@ -114,11 +114,6 @@ def stored_dtype(directory: str) -> str:
   """The dtype the weights are stored in ('float16', ...; 'mixed:a,b' when they differ)."""
   names = sorted({d.name for d in _stored_dtypes(_open(directory)).values()})
   return names[0] if len(names) == 1 else "mixed:" + ",".join(names)
-
-
-def _param_shapes(config: DecoderConfig) -> Any:
-  from opt_jax import model  # pylint: disable=import-outside-toplevel
-  return model.param_shapes(config)
 
 
 def restore(directory: str, *, shardings: Any = None, dtype: Any = None) -> Any:
@@ -130,8 +125,8 @@ def restore(directory: str, *, shardings: Any = None, dtype: Any = None) -> Any:
   Raises InputError naming the file and tensor when a header or the data cannot be read.
   """
   ckpt = _open(directory)
-  hf.check_tied_head(ckpt.source, ckpt.config, ckpt.prefix)   # as conversion does
-  shapes = table.flatten(_param_shapes(ckpt.config))
+  hf_tensors.check_tied_head(ckpt.source, ckpt.config, ckpt.prefix)   # as conversion does
+  shapes = table.flatten(model.param_shapes(ckpt.config))
   if shardings is None:
     shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if isinstance(shardings, jax.sharding.Sharding):
@@ -173,7 +168,7 @@ def _restore_leaf(ckpt: _Checkpoint, items: list[table.Item], part: int, shape: 
     name = ckpt.stored[item.name]
     file = ckpt.source.where(name)
     if file not in handles:
-      handles[file] = files.enter_context(safe_open(file, framework="np"))
+      handles[file] = files.enter_context(safetensors_io.open_slices(file))
     tensor = handles[file].get_slice(name)
     try:
       value = item.tensor.transform.read_slice(lambda box: tensor[box], list(item.shapes), part,
