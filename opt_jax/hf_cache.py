@@ -45,7 +45,6 @@ from opt_jax.errors import InputError, MissingFileError, OutputExistsError
 # GPT-NeoX / Llama exports): not counted as parameters and never expected to change in training.
 BUFFER_SUFFIXES = (".attention.bias", ".attention.masked_bias", ".attn.bias", ".attn.masked_bias",
                    ".rotary_emb.inv_freq")
-_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 STAGE2_MODES = ("separate", "drop")
 # How the files written from a cache scan start, so that a re-run replaces only its own files.
 MANIFEST_MARK = "HF cache "
@@ -151,7 +150,7 @@ def estimate_tokens_per_step(revisions: Iterable[Revision]) -> int | None:
 
 def is_buffer(name: str, dtype: str) -> bool:
   """Stored tensors that are not trained parameters: non-float dtypes and known buffers."""
-  return dtype not in _FLOAT_DTYPES or name.endswith(BUFFER_SUFFIXES)
+  return dtype not in safetensors_io.FLOAT_NAMES or name.endswith(BUFFER_SUFFIXES)
 
 
 def weight_files(directory: str) -> tuple[str | None, list[str], list[str]]:

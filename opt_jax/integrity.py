@@ -83,8 +83,6 @@ BIN_ONLY_NOTE = ("PyTorch .bin weights only: experiments leave it out (python -m
                  "copy)")
 CSV_COLUMNS = ("model", "step", "revision", "sha", "status", "duplicate_of", "problem")
 
-_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
-                "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 
 
 # Reading ------------------------------------------------------------------------------------
@@ -232,7 +230,7 @@ def _safetensors_file(path: str, deep: bool, cache: HashCache) -> dict[str, Any]
       file_hash.update(_read(f, 0, header.data_start))
     pos = 0
     for name, (dtype, shape, begin, end) in items:
-      itemsize = _ST_ITEMSIZE.get(dtype)
+      itemsize = safetensors_io.ITEMSIZE.get(dtype)
       if itemsize is None or begin < 0 or end - begin != math.prod(shape) * itemsize:
         problems.append(f"{path}: tensor {name}: header byte range {begin}..{end} does not fit "
                         f"shape {list(shape)} of {dtype}")
@@ -555,7 +553,6 @@ def _check_siblings(rows: dict[int, Row], scans: dict[int, _Scan]) -> None:
     _check_configs(rows, {s: {k: v for k, v in sc.config.items() if k not in IGNORED_CONFIG_FIELDS}
                           for s, sc in scans.items() if sc.config is not None and sc.format == fmt})
   if len(formats) > 1:  # across formats: the architecture opt_jax reads from it
-    from opt_jax.config import DecoderConfig  # pylint: disable=import-outside-toplevel
     parsed = {}
     for s, sc in scans.items():
       try:

@@ -46,11 +46,8 @@ _DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, KeyError, ValueError)
 
 
 def _is_main_process() -> bool:
-  try:
-    from opt_jax.sharding import is_main_process  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    import jax  # pylint: disable=import-outside-toplevel
-    return jax.process_index() == 0
+  # sharding imports JAX: only a store that writes needs it, not one read by the analysis.
+  from opt_jax.sharding import is_main_process  # pylint: disable=import-outside-toplevel
   return is_main_process()
 
 

@@ -40,6 +40,11 @@ DTYPES: dict[str, np.dtype] = {
     "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# Every dtype name a safetensors header may hold: bytes per element (checks of byte ranges), and
+# the floating ones (weights; the rest are buffers or corrupt).
+ITEMSIZE: dict[str, int] = {**{k: v.itemsize for k, v in DTYPES.items()}, "F8_E4M3": 1,
+                            "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+FLOAT_NAMES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 MAX_HEADER_BYTES = 100 << 20
 
 
